@@ -1,0 +1,128 @@
+#include "cpu_features.h"
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#define PK_X86 1
+#endif
+
+namespace pk {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::portable:
+      return "portable";
+    case Isa::avx2:
+      return "avx2";
+    case Isa::avx512:
+      return "avx512";
+    case Isa::amx:
+      return "amx";
+  }
+  return "unknown";
+}
+
+bool isa_from_name(const std::string& name, Isa* out) {
+  for (Isa i : {Isa::portable, Isa::avx2, Isa::avx512, Isa::amx}) {
+    if (name == isa_name(i)) {
+      *out = i;
+      return true;
+    }
+  }
+  return false;
+}
+
+namespace {
+
+#ifdef PK_X86
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+// Linux keeps AMX tile data disabled per process until it is requested.
+bool request_amx_permission() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
+
+Isa detect() {
+#ifdef PK_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::portable;
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!osxsave) return Isa::portable;
+  const uint64_t xcr0 = xgetbv0();
+  const bool os_avx = (xcr0 & 0x6) == 0x6;
+  const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;
+  const bool os_amx = (xcr0 & 0x60000) == 0x60000;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::portable;
+  const bool avx2 = b & (1u << 5);
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
+  const bool amx = (d & (1u << 24)) && (d & (1u << 25));
+  if (!(os_avx && avx2 && fma && f16c)) return Isa::portable;
+  if (!(os_avx512 && avx512)) return Isa::avx2;
+  if (os_amx && amx && request_amx_permission()) return Isa::amx;
+  return Isa::avx512;
+#else
+  return Isa::portable;
+#endif
+}
+
+Isa initial_cap() {
+  const char* env = std::getenv("PYKERNELS_CPU_ISA");
+  Isa cap = Isa::amx;
+  if (env && *env) isa_from_name(env, &cap);  // unknown names are reported by Python
+  return cap;
+}
+
+std::atomic<int> g_cap{static_cast<int>(initial_cap())};
+
+}  // namespace
+
+Isa detected_isa() {
+  static const Isa d = detect();
+  return d;
+}
+
+std::vector<Isa> compiled_isas() {
+  std::vector<Isa> v{Isa::portable};
+#ifdef PK_HAVE_AVX2
+  v.push_back(Isa::avx2);
+#endif
+#ifdef PK_HAVE_AVX512
+  v.push_back(Isa::avx512);
+#endif
+#ifdef PK_HAVE_AMX
+  v.push_back(Isa::amx);
+#endif
+  return v;
+}
+
+Isa active_isa() {
+  int best = 0;
+  for (Isa i : compiled_isas()) {
+    const int v = static_cast<int>(i);
+    if (v <= static_cast<int>(detected_isa()) && v <= g_cap.load()) best = v > best ? v : best;
+  }
+  return static_cast<Isa>(best);
+}
+
+void set_isa_cap(Isa cap) { g_cap.store(static_cast<int>(cap)); }
+Isa isa_cap() { return static_cast<Isa>(g_cap.load()); }
+
+}  // namespace pk

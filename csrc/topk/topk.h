@@ -1,0 +1,45 @@
+// Top-k sparsification by magnitude: the torch-free API of the topk family.
+//
+// Selects the k entries of largest |x| of a flat array of n elements and
+// writes their values (in x's dtype, signed) and int64 indices, indices in
+// ascending order. Ties in magnitude are broken towards the lower index, so
+// the result is deterministic. NaN ranks above +-inf (as in torch.topk).
+//
+// With a residual (fp32, n elements; error feedback), selection is over
+// y = x + residual and the residual is overwritten in the same pass with the
+// part of y that was not sent: y where not selected, and y - value (the
+// rounding remainder, 0 for fp32) where selected, so that
+// x + residual_old == densify(values) + residual_new.
+#pragma once
+#include <cstdint>
+
+struct CUstream_st;  // cudaStream_t without the CUDA headers
+
+namespace pk {
+namespace topk {
+
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
+
+struct Args {
+  const void* x = nullptr;  // n elements of dtype
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  int64_t k = 0;             // 0 <= k <= n
+  bool approx = false;       // sampled threshold, one pass over x, >= 90% overlap
+  float* residual = nullptr;  // optional, n fp32, updated in place
+  void* values = nullptr;     // k elements of dtype
+  int64_t* indices = nullptr;  // k int64
+};
+
+// Throws std::invalid_argument on bad arguments. Thread-safe.
+void sparsify_cpu(const Args& args);
+
+// Same contract on device pointers, ordered on `stream`; synchronises the
+// stream (the candidate count decides the next launch sizes).
+void sparsify_cuda(const Args& args, CUstream_st* stream);
+
+// Checks shared by both entry points.
+void check_args(const Args& args);
+
+}  // namespace topk
+}  // namespace pk

@@ -1,0 +1,24 @@
+"""pykernels: native kernels for model compression.
+
+``pk.ops`` holds the functional API (custom ops that work under
+``torch.compile``), ``pk.info()`` says what was built and which backend each
+family will use. See README.md.
+"""
+
+from . import backends, nn, ops
+from .info import info, version
+
+__version__ = version()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the native CPU kernels use (OpenMP), independent of torch's."""
+    from . import _native
+
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    if _native.C is not None:
+        _native.C.set_num_threads(n)
+
+
+__all__ = ["backends", "info", "nn", "ops", "set_num_threads", "version", "__version__"]

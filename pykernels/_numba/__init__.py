@@ -1,0 +1,1 @@
+"""Numba fallbacks, one module per family, same signatures as the C++ family."""

@@ -1,0 +1,105 @@
+"""Reference implementations: the test oracle and the backend of last resort.
+
+Written for clarity, not speed, and independently of the kernels: a full
+stable sort instead of a selection, torch's own dtype conversions instead of
+the kernels' bit manipulation. Same buffer signatures as the native family
+(raw bits in NumPy arrays), so every backend is called the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+# dtype codes shared with csrc/topk/topk.h
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+BITS_DTYPE = {0: np.uint32, 1: np.uint16, 2: np.uint16}
+KEY_MASK = {0: 0x7FFFFFFF, 1: 0x7FFF, 2: 0x7FFF}
+TORCH_DTYPE = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def bits_to_float32(bits: np.ndarray, dtype: int) -> np.ndarray:
+    """Raw bits of `dtype` -> float32 values, through torch's conversion."""
+    if dtype == 0:
+        return bits.view(np.float32)
+    t = torch.from_numpy(bits.view(np.int16)).view(TORCH_DTYPE[dtype])
+    return t.float().numpy()
+
+
+def float32_to_bits(y: np.ndarray, dtype: int) -> np.ndarray:
+    """float32 values -> raw bits of `dtype`, rounded to nearest even by torch."""
+    if dtype == 0:
+        return y.astype(np.float32).view(np.uint32)
+    t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(TORCH_DTYPE[dtype])
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def topk_order(keys: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest keys, ties to the lower index, ascending."""
+    idx = np.arange(keys.size, dtype=np.int64)
+    order = np.lexsort((idx, -keys.astype(np.int64)))  # key descending, then index
+    return np.sort(order[:k])
+
+
+def topk_sparsify(
+    x: np.ndarray,
+    dtype: int,
+    k: int,
+    approx: bool,
+    residual: Optional[np.ndarray],
+    values: np.ndarray,
+    indices: np.ndarray,
+) -> None:
+    """Fills values (raw bits of dtype) and indices; updates residual in place.
+
+    `approx` is accepted for signature parity; the reference is always exact.
+    """
+    del approx
+    if residual is None:
+        keys = x & KEY_MASK[dtype]
+        sel = topk_order(keys, k)
+        values[:] = x[sel]
+        indices[:] = sel
+        return
+    y = (bits_to_float32(x, dtype) + residual).astype(np.float32)
+    sel = topk_order(y.view(np.uint32) & 0x7FFFFFFF, k)
+    sent_bits = float32_to_bits(y[sel], dtype)
+    sent = bits_to_float32(sent_bits, dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        remainder = np.where(np.isfinite(sent) & np.isfinite(y[sel]), y[sel] - sent, 0.0)
+    residual[:] = y
+    residual[sel] = remainder.astype(np.float32)
+    values[:] = sent_bits
+    indices[:] = sel
+
+
+def topk_sparsify_tensor(
+    x: torch.Tensor, k: int, residual: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle on tensors: (values, indices); residual (if given) updated in place."""
+    code = DTYPE_CODES[x.dtype]
+    bits = _bits(x.detach().reshape(-1).contiguous().cpu())
+    values = np.empty(k, dtype=BITS_DTYPE[code])
+    indices = np.empty(k, dtype=np.int64)
+    r = None if residual is None else residual.detach().reshape(-1).cpu().numpy().copy()
+    topk_sparsify(bits, code, k, False, r, values, indices)
+    if residual is not None:
+        residual.copy_(torch.from_numpy(r).view(residual.shape))
+    v = torch.from_numpy(values.view(np.int32 if code == 0 else np.int16)).view(x.dtype)
+    return v.to(x.device), torch.from_numpy(indices).to(x.device)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float32:
+        return t.view(torch.int32).numpy().view(np.uint32)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def topk_densify(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Dense tensor of `shape` with values summed at indices (flat)."""
+    numel = int(np.prod(shape)) if len(shape) else 1
+    out = np.zeros(numel, dtype=np.float64)
+    np.add.at(out, indices.cpu().numpy(), values.detach().cpu().double().numpy())
+    return torch.from_numpy(out).to(values.dtype).view(shape)

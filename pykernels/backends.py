@@ -1,0 +1,114 @@
+"""Which backend runs a call.
+
+Backends, in order of preference: ``native-cuda`` (CUDA tensors),
+``native-cpu``, ``numba``, ``reference``. Each declares the families and
+devices it supports and says why it refuses a call. ``PYKERNELS_BACKEND``
+(``native``, ``numba`` or ``reference``, read at each call) forces one kind; a
+forced backend that cannot run raises :class:`BackendUnavailable` naming why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _native
+
+FAMILIES = ("topk",)
+KINDS = ("native", "numba", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """No backend (or not the forced one) can run this call."""
+
+
+def _numba_error() -> Optional[str]:
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    kind: str
+    device_type: str  # "cuda" or "cpu"; reference moves CUDA data to the CPU
+    families: tuple[str, ...]
+
+    def unavailable(self) -> Optional[str]:
+        """Why this backend cannot run at all here, or None."""
+        if self.name == "native-cpu" and _native.C is None:
+            return f"pykernels._C is not available ({_native.C_error})"
+        if self.name == "native-cuda":
+            if _native.C_cuda is None:
+                return f"pykernels._C_cuda is not available ({_native.C_cuda_error})"
+            if not torch.cuda.is_available():
+                return "no CUDA device is visible to torch"
+        if self.name == "numba":
+            return _numba_error()
+        return None
+
+    def refuses(self, family: str, device: torch.device) -> Optional[str]:
+        """Why this backend will not run `family` on `device`, or None."""
+        if family not in self.families:
+            return f"{self.name} has no {family} kernels"
+        if self.kind == "reference":
+            if device.type not in ("cpu", "cuda"):
+                return f"reference runs on cpu or cuda tensors, not {device.type}"
+        elif device.type != self.device_type:
+            return f"{self.name} runs on {self.device_type} tensors, not {device.type}"
+        return self.unavailable()
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("native-cuda", "native", "cuda", ("topk",)),
+    Backend("native-cpu", "native", "cpu", ("topk",)),
+    Backend("numba", "numba", "cpu", ("topk",)),
+    Backend("reference", "reference", "cpu", ("topk",)),
+)
+
+
+def forced_kind() -> Optional[str]:
+    kind = os.environ.get("PYKERNELS_BACKEND", "").strip().lower()
+    if not kind or kind == "auto":
+        return None
+    if kind not in KINDS:
+        raise BackendUnavailable(
+            f"PYKERNELS_BACKEND={kind!r} is not one of auto, {', '.join(KINDS)}"
+        )
+    return kind
+
+
+def choose(family: str, device: torch.device | str) -> Backend:
+    """The backend that runs `family` on `device` now."""
+    device = torch.device(device)
+    kind = forced_kind()
+    reasons = []
+    for b in BACKENDS:
+        if kind is not None and b.kind != kind:
+            continue
+        why = b.refuses(family, device)
+        if why is None:
+            return b
+        reasons.append(f"{b.name}: {why}")
+    forced = f" (PYKERNELS_BACKEND={kind})" if kind else ""
+    raise BackendUnavailable(
+        f"no backend{forced} can run {family} on {device.type}: " + "; ".join(reasons)
+    )
+
+
+def plan() -> dict[str, dict[str, str]]:
+    """For each family and device type, the backend a call would use (or why none)."""
+    out: dict[str, dict[str, str]] = {}
+    for family in FAMILIES:
+        out[family] = {}
+        for dev in ("cpu", "cuda"):
+            try:
+                out[family][dev] = choose(family, dev).name
+            except BackendUnavailable as e:
+                out[family][dev] = f"none ({e})"
+    return out

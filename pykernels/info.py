@@ -1,0 +1,56 @@
+"""What was built, what this machine has, and which backend each family uses."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from . import _native, backends
+
+
+def version() -> str:
+    try:
+        return metadata.version("pykernels")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def info() -> dict[str, Any]:
+    """The same facts ``python -m pykernels info`` prints, as a dict."""
+    d: dict[str, Any] = {
+        "version": version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "native_cpu": _native.C is not None,
+        "native_cuda": _native.C_cuda is not None,
+    }
+    if _native.C is not None:
+        cpu = _native.C.cpu_info()
+        d.update(
+            isa_compiled=list(cpu["isa_compiled"]),
+            isa_detected=cpu["isa_detected"],
+            isa_cap=cpu["isa_cap"],
+            isa_active=cpu["isa_active"],
+            threads=cpu["threads"],
+            openmp=cpu["openmp"],
+        )
+    else:
+        d.update(native_cpu_error=_native.C_error, threads=torch.get_num_threads())
+    if _native.C_cuda is not None:
+        cu = _native.C_cuda.cuda_info()
+        d.update(
+            cuda_archs_compiled=cu["archs_compiled"],
+            cuda_runtime=cu["runtime_version"],
+            cuda_driver=cu["driver_version"],
+        )
+    else:
+        d["native_cuda_error"] = _native.C_cuda_error
+    d["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    d["backend_forced"] = os.environ.get("PYKERNELS_BACKEND") or None
+    d["backends"] = backends.plan()
+    return d

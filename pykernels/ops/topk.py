@@ -1,0 +1,276 @@
+"""Top-k sparsification and its inverse, for model-update compression.
+
+``topk_sparsify`` keeps the k entries of largest magnitude of a flattened
+tensor; ``topk_densify`` scatters them back. With a ``residual`` the
+selection does error feedback in the same pass over memory. Both are
+``torch.library`` custom ops, so they work under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _native, _reference, backends
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BITS_VIEW = {torch.float32: (torch.int32, np.uint32), torch.float16: (torch.int16, np.uint16)}
+_BITS_VIEW[torch.bfloat16] = _BITS_VIEW[torch.float16]
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a contiguous CPU tensor's raw bits."""
+    as_int, as_np = _BITS_VIEW[t.dtype]
+    return t.view(as_int).numpy().view(as_np)
+
+
+def _cpu_impl(backend: str):
+    if backend == "native-cpu":
+        return _native.C.topk_sparsify
+    if backend == "numba":
+        from .._numba import topk as numba_topk
+
+        return numba_topk.topk_sparsify
+    return _reference.topk_sparsify
+
+
+def _run(x: Tensor, residual: Optional[Tensor], k: int, approx: bool) -> tuple[Tensor, Tensor]:
+    flat = x.detach().reshape(-1).contiguous()
+    values = torch.empty(k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(k, dtype=torch.int64, device=x.device)
+    # The kernels need a contiguous residual; a strided one is updated through
+    # a copy.
+    work = None if residual is None else residual.detach().reshape(-1)
+    if work is not None and not residual.is_contiguous():
+        work = work.contiguous()
+    backend = backends.choose("topk", x.device)
+    code = _reference.DTYPE_CODES[x.dtype]
+    if backend.name == "native-cuda":
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        with torch.cuda.device(x.device):
+            _native.C_cuda.topk_sparsify(
+                flat.data_ptr(),
+                code,
+                flat.numel(),
+                k,
+                approx,
+                0 if work is None else work.data_ptr(),
+                values.data_ptr(),
+                indices.data_ptr(),
+                stream,
+            )
+    else:
+        on_cpu = x.device.type == "cpu"
+        src = flat if on_cpu else flat.cpu()
+        r = None if work is None else (work if on_cpu else work.cpu())
+        v = values if on_cpu else torch.empty_like(values, device="cpu")
+        i = indices if on_cpu else torch.empty_like(indices, device="cpu")
+        _cpu_impl(backend.name)(
+            _bits(src), code, k, approx, None if r is None else r.numpy(), _bits(v), i.numpy()
+        )
+        if not on_cpu:
+            values.copy_(v)
+            indices.copy_(i)
+            if r is not None:
+                work.copy_(r)
+    if work is not None and work.data_ptr() != residual.data_ptr():
+        residual.copy_(work.view(residual.shape))
+    return values, indices
+
+
+@torch.library.custom_op("pykernels::topk_sparsify", mutates_args=())
+def _topk_sparsify_op(x: Tensor, k: int, approx: bool) -> tuple[Tensor, Tensor]:
+    return _run(x, None, k, approx)
+
+
+@_topk_sparsify_op.register_fake
+def _(x: Tensor, k: int, approx: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(k), x.new_empty(k, dtype=torch.int64)
+
+
+@torch.library.custom_op("pykernels::topk_sparsify_ef", mutates_args=("residual",))
+def _topk_sparsify_ef_op(
+    x: Tensor, residual: Tensor, k: int, approx: bool
+) -> tuple[Tensor, Tensor]:
+    return _run(x, residual, k, approx)
+
+
+@_topk_sparsify_ef_op.register_fake
+def _(x: Tensor, residual: Tensor, k: int, approx: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(k), x.new_empty(k, dtype=torch.int64)
+
+
+def _resolve_k(x: Tensor, k: Optional[int], ratio: Optional[float]) -> int:
+    n = x.numel()
+    if (k is None) == (ratio is None):
+        raise ValueError("topk_sparsify: give exactly one of k and ratio")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"topk_sparsify: k must be an int, got {type(k).__name__}")
+        if not 0 <= k <= n:
+            raise ValueError(f"topk_sparsify: k must be in [0, numel={n}], got {k}")
+        return int(k)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)):
+        raise TypeError(f"topk_sparsify: ratio must be a float, got {type(ratio).__name__}")
+    if not (0.0 <= ratio <= 1.0):  # also rejects NaN
+        raise ValueError(f"topk_sparsify: ratio must be in [0, 1], got {ratio}")
+    return int(math.floor(ratio * n))
+
+
+def _check_x(x: Tensor, fn: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def topk_sparsify(
+    x: Tensor,
+    k: Optional[int] = None,
+    ratio: Optional[float] = None,
+    approx: bool = False,
+    residual: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """The k entries of largest magnitude of ``x.flatten()``.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape, on CPU or CUDA;
+            non-contiguous views are fine.
+        k: how many entries to keep, ``0 <= k <= x.numel()``.
+        ratio: alternatively, keep ``floor(ratio * x.numel())`` entries.
+        approx: select through a sampled threshold in one pass over memory.
+            Still returns exactly k entries; at least 90% of them belong to the
+            exact top-k on Gaussian, Laplace or gradient-like data.
+        residual: error feedback. A float32 tensor of x's shape and device.
+            Selection is over ``x + residual``; ``residual`` is overwritten in
+            place with what was not sent (entries not selected keep
+            ``x + residual``, selected ones keep only the rounding remainder of
+            the value to x's dtype, 0 for float32), so that
+            ``x + residual_before == topk_densify(values, indices) + residual_after``.
+
+    Returns:
+        ``(values, indices)``: values signed, in x's dtype (for error feedback,
+        ``x + residual`` rounded to x's dtype); indices int64 into the
+        flattened tensor, ascending.
+
+    Exact mode returns the same set as ``torch.topk(x.abs().flatten(), k)`` up
+    to ties; entries of equal magnitude are taken lowest index first, so the
+    result is deterministic. NaN ranks above every other value, inf included,
+    as in ``torch.topk``; ``-0.0`` and ``0.0`` tie.
+    """
+    _check_x(x, "topk_sparsify")
+    k = _resolve_k(x, k, ratio)
+    if not isinstance(approx, bool):
+        raise TypeError(f"topk_sparsify: approx must be a bool, got {type(approx).__name__}")
+    if residual is None:
+        return torch.ops.pykernels.topk_sparsify(x, k, approx)
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"topk_sparsify: residual must be a torch.Tensor, got {type(residual)}")
+    if residual.dtype != torch.float32:
+        raise TypeError(f"topk_sparsify: residual must be float32, got {residual.dtype}")
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"topk_sparsify: residual must have x's shape {tuple(x.shape)}, "
+            f"got {tuple(residual.shape)}"
+        )
+    if residual.device != x.device:
+        raise ValueError(
+            f"topk_sparsify: residual must be on x's device {x.device}, got {residual.device}"
+        )
+    return torch.ops.pykernels.topk_sparsify_ef(x, residual, k, approx)
+
+
+@torch.library.custom_op("pykernels::topk_densify", mutates_args=())
+def _topk_densify_op(values: Tensor, indices: Tensor, shape: Sequence[int]) -> Tensor:
+    out = values.new_zeros(math.prod(shape))
+    out.index_add_(0, indices, values)
+    return out.view(shape)
+
+
+@_topk_densify_op.register_fake
+def _(values: Tensor, indices: Tensor, shape: Sequence[int]) -> Tensor:
+    return values.new_empty(shape)
+
+
+@torch.library.custom_op("pykernels::topk_densify_into", mutates_args=("out",))
+def _topk_densify_into_op(values: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
+    flat = out.view(-1) if out.is_contiguous() else out.reshape(-1).clone()
+    if not accumulate:
+        flat.zero_()
+    flat.index_add_(0, indices, values.to(out.dtype))
+    if flat.data_ptr() != out.data_ptr():
+        out.copy_(flat.view(out.shape))
+
+
+@_topk_densify_into_op.register_fake
+def _(values: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
+    return None
+
+
+def topk_densify(
+    values: Tensor,
+    indices: Tensor,
+    shape: Optional[Sequence[int]] = None,
+    out: Optional[Tensor] = None,
+    accumulate: bool = False,
+) -> Tensor:
+    """Scatters ``(values, indices)`` from :func:`topk_sparsify` into a dense tensor.
+
+    Args:
+        values: 1-D float tensor.
+        indices: 1-D int64 tensor of the same length, flat indices into ``shape``.
+        shape: shape of the dense result (may be omitted when ``out`` is given).
+        out: write into this tensor instead of a new one. With
+            ``accumulate=True`` the values are added to what ``out`` holds, so
+            several workers' updates sum into one dense tensor.
+        accumulate: see ``out``; requires ``out``.
+
+    Duplicate indices are summed. Returns the dense tensor (``out`` if given).
+    """
+    if not isinstance(values, Tensor):
+        raise TypeError(f"topk_densify: values must be a torch.Tensor, got {type(values)}")
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"topk_densify: indices must be a torch.Tensor, got {type(indices)}")
+    if values.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"topk_densify: values must be a float tensor, got {values.dtype}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"topk_densify: indices must be int64, got {indices.dtype}")
+    if values.dim() != 1 or indices.dim() != 1 or values.numel() != indices.numel():
+        raise ValueError(
+            "topk_densify: values and indices must be 1-D of equal length, got "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}"
+        )
+    if values.device != indices.device:
+        raise ValueError("topk_densify: values and indices must be on the same device")
+    if out is None:
+        if accumulate:
+            raise ValueError("topk_densify: accumulate=True needs out")
+        if shape is None:
+            raise ValueError("topk_densify: give shape or out")
+        shape = tuple(int(s) for s in (shape if isinstance(shape, Sequence) else [shape]))
+        if any(s < 0 for s in shape):
+            raise ValueError(f"topk_densify: shape must be non-negative, got {shape}")
+        numel = math.prod(shape)
+    else:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"topk_densify: out must be a torch.Tensor, got {type(out)}")
+        if shape is not None and tuple(shape) != tuple(out.shape):
+            raise ValueError(f"topk_densify: shape {tuple(shape)} != out.shape {tuple(out.shape)}")
+        if out.device != values.device:
+            raise ValueError("topk_densify: out must be on the device of values")
+        if out.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"topk_densify: out must be a float tensor, got {out.dtype}")
+        numel = out.numel()
+    if indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= numel:
+            raise ValueError(f"topk_densify: indices must be in [0, {numel}), got [{lo}, {hi}]")
+    if out is None:
+        return torch.ops.pykernels.topk_densify(values, indices, list(shape))
+    torch.ops.pykernels.topk_densify_into(values, indices, out, accumulate)
+    return out
