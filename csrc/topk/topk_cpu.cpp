@@ -238,37 +238,101 @@ class Selector {
     return std::max<uint32_t>(keys[r], 1u);  // t = 0 would admit everything
   }
 
-  void exact_fallback() {
-    const int shift = key_bits() - kHistBits;
-    const int bins = 1 << kHistBits;
+  // Per-thread histograms of key digit (key >> shift) & (2^d - 1) over the
+  // entries whose higher bits equal `prefix`.
+  std::vector<int64_t> digit_histograms(int shift, int d, uint32_t prefix) const {
+    const size_t bins = size_t(1) << d;
     std::vector<int64_t> hist(size_t(nt_) * bins, 0);
+    const uint32_t mask = key_mask(), digit = uint32_t(bins - 1);
 #pragma omp parallel for num_threads(nt_) schedule(static, 1)
     for (int i = 0; i < nt_; ++i) {
       int64_t b, e;
       range(i, &b, &e);
       int64_t* h = hist.data() + size_t(i) * bins;
-      const uint32_t mask = key_mask();
-      if (u16_) {
-        const uint16_t* p = static_cast<const uint16_t*>(src_);
-        for (int64_t j = b; j < e; ++j) ++h[(p[j] & mask) >> shift];
-      } else {
-        const uint32_t* p = static_cast<const uint32_t*>(src_);
-        for (int64_t j = b; j < e; ++j) ++h[(p[j] & mask) >> shift];
+      auto count = [&](const auto* p) {
+        for (int64_t j = b; j < e; ++j) {
+          const uint32_t key = p[j] & mask;
+          if ((uint64_t(key) >> (shift + d)) == prefix) ++h[(key >> shift) & digit];
+        }
+      };
+      if (u16_)
+        count(static_cast<const uint16_t*>(src_));
+      else
+        count(static_cast<const uint32_t*>(src_));
+    }
+    return hist;
+  }
+
+  // Picks the bin of the k-th key from per-thread histograms; adds each
+  // thread's count above that bin to greater[i].
+  uint32_t pick_bin_threads(const std::vector<int64_t>& hist, int d, int64_t* total_greater,
+                            std::vector<int64_t>* greater) const {
+    const size_t bins = size_t(1) << d;
+    std::vector<int64_t> sum(bins, 0);
+    for (int i = 0; i < nt_; ++i)
+      for (size_t b = 0; b < bins; ++b) sum[b] += hist[size_t(i) * bins + b];
+    const uint32_t bin = pick_bin(sum, d, total_greater);
+    for (int i = 0; i < nt_; ++i)
+      for (size_t b = bin + 1; b < bins; ++b) (*greater)[i] += hist[size_t(i) * bins + b];
+    return bin;
+  }
+
+  // Histogram select over all of the data. When the bin of the k-th key is
+  // small, its members go through the candidate path; when it is large (many
+  // ties), further digits find the exact k-th key and one more pass emits
+  // straight from the data, so memory stays O(k) whatever the input.
+  void exact_fallback() {
+    std::vector<int64_t> greater(size_t(nt_), 0);
+    int64_t total_greater = 0;
+    int remaining = key_bits();
+    int d = std::min(kHistBits, remaining);
+    int shift = remaining - d;
+    auto hist = digit_histograms(shift, d, 0);
+    uint32_t prefix = pick_bin_threads(hist, d, &total_greater, &greater);
+    std::vector<int64_t> caps(size_t(nt_), 0);
+    int64_t cands = 0;
+    for (int i = 0; i < nt_; ++i) {
+      caps[i] = greater[i] + hist[size_t(i) * (size_t(1) << d) + prefix];
+      cands += caps[i];
+    }
+    if (cands <= 2 * a_.k + (int64_t(1) << 20)) {
+      collect(prefix << shift, caps, /*fused=*/false);
+      return select_and_emit();
+    }
+    std::vector<int64_t> eq(size_t(nt_), 0);
+    for (int i = 0; i < nt_; ++i) eq[i] = hist[size_t(i) * (size_t(1) << d) + prefix];
+    for (remaining = shift; remaining > 0; remaining = shift) {
+      d = std::min(kHistBits, remaining);
+      shift = remaining - d;
+      hist = digit_histograms(shift, d, prefix);
+      const uint32_t bin = pick_bin_threads(hist, d, &total_greater, &greater);
+      prefix = (prefix << d) | bin;
+      for (int i = 0; i < nt_; ++i) eq[i] = hist[size_t(i) * (size_t(1) << d) + bin];
+    }
+    emit_from_data(prefix, total_greater, greater, eq);
+  }
+
+  void emit_from_data(uint32_t kth, int64_t total_greater, const std::vector<int64_t>& gt,
+                      const std::vector<int64_t>& eq) {
+    const int64_t need = a_.k - total_greater;
+    std::vector<int64_t> out(static_cast<size_t>(nt_)), ties(static_cast<size_t>(nt_));
+    int64_t g_before = 0, q_before = 0;
+    for (int i = 0; i < nt_; ++i) {
+      out[i] = g_before + std::min(q_before, need);
+      ties[i] = std::max<int64_t>(0, std::min(eq[i], need - q_before));
+      g_before += gt[i];
+      q_before += eq[i];
+    }
+    const uint32_t mask = key_mask();
+#pragma omp parallel for num_threads(nt_) schedule(static, 1)
+    for (int i = 0; i < nt_; ++i) {
+      int64_t b, e, o = out[i], t = ties[i];
+      range(i, &b, &e);
+      for (int64_t j = b; j < e; ++j) {
+        const uint32_t bits = raw_bits(j), key = bits & mask;
+        if (key > kth || (key == kth && t-- > 0)) write(o++, bits, j);
       }
     }
-    int64_t acc = 0;
-    int bin = bins - 1;
-    for (; bin > 0; --bin) {
-      int64_t c = 0;
-      for (int i = 0; i < nt_; ++i) c += hist[size_t(i) * bins + bin];
-      if (acc + c >= a_.k) break;
-      acc += c;
-    }
-    std::vector<int64_t> caps(size_t(nt_), 0);
-    for (int i = 0; i < nt_; ++i)
-      for (int j = bin; j < bins; ++j) caps[i] += hist[size_t(i) * bins + j];
-    collect(uint32_t(bin) << shift, caps, /*fused=*/false);
-    select_and_emit();
   }
 
   // --- selection among the candidates -----------------------------------------

@@ -1,0 +1,73 @@
+"""``python -m pykernels info | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+
+def _info(args: argparse.Namespace) -> int:
+    from . import info
+
+    d = info()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for key, value in d.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for fam, per_dev in value.items():
+                print(f"  {fam}: " + ", ".join(f"{dev} -> {b}" for dev, b in per_dev.items()))
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench, info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        from . import set_num_threads
+
+        set_num_threads(args.threads)
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    families = tuple(args.family) if args.family else bench.FAMILIES
+    cases = [c for d in devices for c in bench.collect_cases(families, d, args.quick)]
+    results = bench.run(cases)
+    print(bench.table(results, {c.name: c.baseline for c in cases}))
+    meta = {k: v for k, v in info().items() if not isinstance(v, dict)}
+    meta["torch_threads"] = torch.get_num_threads()
+    if args.json:
+        bench.write_json(args.json, results, meta)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(args.plot, results)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pykernels")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_info = sub.add_parser("info", help="what was built and which backend each family uses")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    p_info.set_defaults(fn=_info)
+    p_bench = sub.add_parser("bench", help="each family against its peers, with ratios")
+    p_bench.add_argument("--family", action="append", choices=["topk"], help="repeatable")
+    p_bench.add_argument("--device", choices=["cpu", "cuda"])
+    p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
+    p_bench.add_argument("--threads", type=int, help="threads for torch and pykernels")
+    p_bench.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p_bench.add_argument("--plot", metavar="PATH.png", help="write a chart (needs matplotlib)")
+    p_bench.set_defaults(fn=_bench)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Benchmark cases shared by ``python -m pykernels bench`` and ``benchmarks/``.
+
+Each family module defines ``cases(device, quick)`` returning :class:`Case`
+objects: one problem, several implementations (pykernels and its peers) run
+on the same data, and the peer that ratios are quoted against.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+FAMILIES = ("topk",)
+
+
+@dataclass
+class Case:
+    family: str
+    name: str  # the problem, e.g. "n=16000000 k=1%"
+    device: str
+    impls: dict[str, Callable[[], Any]]
+    baseline: str  # impl the ratios divide by
+    bytes_moved: int = 0  # fewest bytes an implementation must move (floor)
+    reps: int = 5
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    family: str
+    case: str
+    device: str
+    impl: str
+    median_ms: float
+    speedup: float  # baseline time / this time
+    gbps: Optional[float]
+
+
+def time_call(fn: Callable[[], Any], device: str, reps: int) -> float:
+    """Median milliseconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def collect_cases(families: tuple[str, ...], device: str, quick: bool) -> list[Case]:
+    import importlib
+
+    out: list[Case] = []
+    for fam in families:
+        mod = importlib.import_module(f"pykernels.bench.{fam}")
+        out.extend(mod.cases(device, quick))
+    return out
+
+
+def run(cases: list[Case], progress: bool = True) -> list[Result]:
+    results: list[Result] = []
+    total = sum(len(c.impls) for c in cases)
+    done = 0
+    for case in cases:
+        times: dict[str, float] = {}
+        for impl, fn in case.impls.items():
+            done += 1
+            if progress:
+                print(
+                    f"[{done}/{total}] {case.family} {case.name} {impl} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            times[impl] = time_call(fn, case.device, case.reps)
+        base = times[case.baseline]
+        for impl, ms in times.items():
+            gbps = case.bytes_moved / (ms * 1e6) if case.bytes_moved else None
+            results.append(Result(case.family, case.name, case.device, impl, ms, base / ms, gbps))
+    return results
+
+
+def table(results: list[Result], baselines: dict[str, str]) -> str:
+    rows = [("family", "case", "device", "impl", "median ms", "x baseline", "GB/s")]
+    for r in results:
+        rows.append(
+            (
+                r.family,
+                r.case,
+                r.device,
+                r.impl + (" (baseline)" if baselines.get(r.case) == r.impl else ""),
+                f"{r.median_ms:.3f}",
+                f"{r.speedup:.2f}",
+                "" if r.gbps is None else f"{r.gbps:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str, results: list[Result], meta: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [r.__dict__ for r in results]}, f, indent=2)
+
+
+def plot(path: str, results: list[Result]) -> None:
+    """Bar chart of speedups over each case's baseline (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'pykernels[plot]'") from e
+    cases = list(dict.fromkeys((r.family, r.case, r.device) for r in results))
+    fig, axes = plt.subplots(len(cases), 1, figsize=(8, 2.2 * len(cases)), squeeze=False)
+    for ax, (fam, case, dev) in zip(axes[:, 0], cases):
+        rs = [r for r in results if (r.family, r.case, r.device) == (fam, case, dev)]
+        ax.barh([r.impl for r in rs], [r.speedup for r in rs], color="tab:blue")
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{fam}: {case} ({dev}) - speedup over baseline", fontsize=9)
+        for i, r in enumerate(rs):
+            ax.text(r.speedup, i, f" {r.speedup:.2f}x", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
