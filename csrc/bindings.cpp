@@ -56,8 +56,8 @@ void topk_sparsify(py::array x, int dtype, int64_t k, bool approx, py::object re
 pk::Isa parse_isa(const std::string& name) {
   pk::Isa isa;
   if (!pk::isa_from_name(name, &isa))
-    throw std::invalid_argument("cpu isa must be one of portable, avx2, avx512, amx; got '" +
-                                name + "'");
+    throw std::invalid_argument("cpu isa must be one of portable, avx2, avx512, amx; got '" + name +
+                                "'");
   return isa;
 }
 

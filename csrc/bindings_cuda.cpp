@@ -52,8 +52,8 @@ py::dict cuda_info() {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pykernels CUDA kernels (torch-free, over device pointers and streams)";
-  m.def("topk_sparsify", &topk_sparsify, py::arg("x"), py::arg("dtype"), py::arg("n"),
-        py::arg("k"), py::arg("approx"), py::arg("residual"), py::arg("values"),
-        py::arg("indices"), py::arg("stream"));
+  m.def("topk_sparsify", &topk_sparsify, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("k"),
+        py::arg("approx"), py::arg("residual"), py::arg("values"), py::arg("indices"),
+        py::arg("stream"));
   m.def("cuda_info", &cuda_info);
 }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -35,7 +34,9 @@ def _bench(args: argparse.Namespace) -> int:
         from . import set_num_threads
 
         set_num_threads(args.threads)
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = (
+        [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     families = tuple(args.family) if args.family else bench.FAMILIES
     cases = [c for d in devices for c in bench.collect_cases(families, d, args.quick)]
     results = bench.run(cases)
@@ -51,7 +52,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="what was built and which backend each family uses")

@@ -41,7 +41,7 @@ def library_path() -> Path:
     return Path(__file__).resolve().parent / "libpykernels.so"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> Any:
     """The loaded C library; raises OSError if the package was built without it."""
     path = library_path()

@@ -11,12 +11,11 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Optional
 
 ISA_NAMES = ("portable", "avx2", "avx512", "amx")
 
 
-def _load(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module(f"pykernels.{name}"), None
     except ImportError as e:  # not built, or built for another Python

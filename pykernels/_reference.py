@@ -8,8 +8,6 @@ the kernels' bit manipulation. Same buffer signatures as the native family
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -48,7 +46,7 @@ def topk_sparsify(
     dtype: int,
     k: int,
     approx: bool,
-    residual: Optional[np.ndarray],
+    residual: np.ndarray | None,
     values: np.ndarray,
     indices: np.ndarray,
 ) -> None:
@@ -76,7 +74,7 @@ def topk_sparsify(
 
 
 def topk_sparsify_tensor(
-    x: torch.Tensor, k: int, residual: Optional[torch.Tensor] = None
+    x: torch.Tensor, k: int, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle on tensors: (values, indices); residual (if given) updated in place."""
     code = DTYPE_CODES[x.dtype]
@@ -97,7 +95,9 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def topk_densify(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def topk_densify(
+    values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
     """Dense tensor of `shape` with values summed at indices (flat)."""
     numel = int(np.prod(shape)) if len(shape) else 1
     out = np.zeros(numel, dtype=np.float64)

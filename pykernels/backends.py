@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ class BackendUnavailable(RuntimeError):
     """No backend (or not the forced one) can run this call."""
 
 
-def _numba_error() -> Optional[str]:
+def _numba_error() -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
     return None
@@ -39,7 +38,7 @@ class Backend:
     device_type: str  # "cuda" or "cpu"; reference moves CUDA data to the CPU
     families: tuple[str, ...]
 
-    def unavailable(self) -> Optional[str]:
+    def unavailable(self) -> str | None:
         """Why this backend cannot run at all here, or None."""
         if self.name == "native-cpu" and _native.C is None:
             return f"pykernels._C is not available ({_native.C_error})"
@@ -52,7 +51,7 @@ class Backend:
             return _numba_error()
         return None
 
-    def refuses(self, family: str, device: torch.device) -> Optional[str]:
+    def refuses(self, family: str, device: torch.device) -> str | None:
         """Why this backend will not run `family` on `device`, or None."""
         if family not in self.families:
             return f"{self.name} has no {family} kernels"
@@ -72,7 +71,7 @@ BACKENDS: tuple[Backend, ...] = (
 )
 
 
-def forced_kind() -> Optional[str]:
+def forced_kind() -> str | None:
     kind = os.environ.get("PYKERNELS_BACKEND", "").strip().lower()
     if not kind or kind == "auto":
         return None

@@ -266,7 +266,9 @@ def test_native_rejects_bad_buffers_with_value_error():
         pytest.skip("native CPU kernels not built")
     x = np.ones(10, np.uint32)
     with pytest.raises(ValueError, match="k must satisfy"):
-        _native.C.topk_sparsify(x, 0, 11, False, None, np.empty(11, np.uint32), np.empty(11, np.int64))
+        _native.C.topk_sparsify(
+            x, 0, 11, False, None, np.empty(11, np.uint32), np.empty(11, np.int64)
+        )
     with pytest.raises(ValueError, match="indices"):
         _native.C.topk_sparsify(x, 0, 2, False, None, np.empty(2, np.uint32), np.empty(3, np.int64))
     with pytest.raises(ValueError, match="values"):
@@ -278,8 +280,22 @@ def test_native_rejects_bad_buffers_with_value_error():
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.lists(
-        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, float("inf"), -float("inf"),
-                         float("nan"), 65504.0, 3e38]),
+        st.sampled_from(
+            [
+                0.0,
+                -0.0,
+                1.0,
+                -1.0,
+                2.5,
+                -2.5,
+                1e-30,
+                float("inf"),
+                -float("inf"),
+                float("nan"),
+                65504.0,
+                3e38,
+            ]
+        ),
         min_size=0,
         max_size=300,
     ),
@@ -332,14 +348,18 @@ def test_densify_accumulates_workers(gen):
     torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6)
     # duplicate indices are summed
     out = torch.zeros(5)
-    pk.ops.topk_densify(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([3, 3, 0]), out=out, accumulate=True)
+    pk.ops.topk_densify(
+        torch.tensor([1.0, 2.0, 4.0]), torch.tensor([3, 3, 0]), out=out, accumulate=True
+    )
     assert out.tolist() == [4.0, 0.0, 0.0, 3.0, 0.0]
     # without accumulate, out is overwritten
     pk.ops.topk_densify(torch.tensor([1.0]), torch.tensor([2]), out=out)
     assert out.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
     # non-contiguous out
     base = torch.zeros(4, 6)
-    pk.ops.topk_densify(torch.tensor([1.0, 2.0]), torch.tensor([1, 5]), out=base.t(), accumulate=True)
+    pk.ops.topk_densify(
+        torch.tensor([1.0, 2.0]), torch.tensor([1, 5]), out=base.t(), accumulate=True
+    )
     assert base.t().flatten()[1] == 1.0 and base.t().flatten()[5] == 2.0
 
 
@@ -356,18 +376,40 @@ def test_densify_matches_reference(gen):
     [
         (lambda: pk.ops.topk_densify([1.0], torch.tensor([0]), (3,)), TypeError, "values"),
         (lambda: pk.ops.topk_densify(torch.ones(1), [0], (3,)), TypeError, "indices"),
-        (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0], dtype=torch.int32), (3,)),
-         TypeError, "int64"),
+        (
+            lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0], dtype=torch.int32), (3,)),
+            TypeError,
+            "int64",
+        ),
         (lambda: pk.ops.topk_densify(torch.ones(2), torch.tensor([0]), (3,)), ValueError, "equal"),
-        (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([3]), (3,)), ValueError, "indices must be in"),
-        (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([-1]), (3,)), ValueError, "indices must be in"),
+        (
+            lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([3]), (3,)),
+            ValueError,
+            "indices must be in",
+        ),
+        (
+            lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([-1]), (3,)),
+            ValueError,
+            "indices must be in",
+        ),
         (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0])), ValueError, "shape or out"),
-        (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0]), (3,), accumulate=True),
-         ValueError, "accumulate=True needs out"),
-        (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0]), (4,), out=torch.zeros(3)),
-         ValueError, "shape"),
-        (lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0]), out=torch.zeros(3, dtype=torch.int64)),
-         TypeError, "out must be a float"),
+        (
+            lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0]), (3,), accumulate=True),
+            ValueError,
+            "accumulate=True needs out",
+        ),
+        (
+            lambda: pk.ops.topk_densify(torch.ones(1), torch.tensor([0]), (4,), out=torch.zeros(3)),
+            ValueError,
+            "shape",
+        ),
+        (
+            lambda: pk.ops.topk_densify(
+                torch.ones(1), torch.tensor([0]), out=torch.zeros(3, dtype=torch.int64)
+            ),
+            TypeError,
+            "out must be a float",
+        ),
     ],
 )
 def test_densify_bad_arguments(call, exc, match):
@@ -383,7 +425,9 @@ def test_opcheck(gen):
     ops = torch.ops.pykernels
     torch.library.opcheck(ops.topk_sparsify.default, (x, 40, False))
     torch.library.opcheck(ops.topk_sparsify.default, (x.half(), 40, True))
-    torch.library.opcheck(ops.topk_sparsify_ef.default, (x, torch.randn(4000, generator=gen), 40, False))
+    torch.library.opcheck(
+        ops.topk_sparsify_ef.default, (x, torch.randn(4000, generator=gen), 40, False)
+    )
     v, i = pk.ops.topk_sparsify(x, k=40)
     torch.library.opcheck(ops.topk_densify.default, (v, i, [40, 100]))
     torch.library.opcheck(ops.topk_densify_into.default, (v, i, torch.zeros(4000), True))

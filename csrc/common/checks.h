@@ -17,7 +17,7 @@ template <class... Parts>
 
 }  // namespace pk
 
-#define PK_CHECK_ARG(cond, ...)           \
-  do {                                    \
+#define PK_CHECK_ARG(cond, ...)               \
+  do {                                        \
     if (!(cond)) ::pk::fail_arg(__VA_ARGS__); \
   } while (0)

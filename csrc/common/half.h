@@ -47,8 +47,8 @@ inline uint16_t f32_to_f16(float f) {
   const uint32_t abs = b & 0x7fffffffu;
   if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
   if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to inf
-  if (abs < 0x38800000u) {                                   // subnormal or zero in fp16
-    if (abs < 0x33000000u) return sign;                      // below half the smallest subnormal
+  if (abs < 0x38800000u) {                                  // subnormal or zero in fp16
+    if (abs < 0x33000000u) return sign;                     // below half the smallest subnormal
     const uint32_t exp = abs >> 23;
     const uint32_t man = (abs & 0x7fffffu) | 0x800000u;
     const uint32_t shift = 126u - exp;  // 14..24

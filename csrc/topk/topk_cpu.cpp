@@ -43,7 +43,7 @@ namespace {
 
 constexpr int64_t kSampleMinN = int64_t(1) << 15;
 constexpr int64_t kSampleSize = 16384;
-constexpr int64_t kSampleRun = 16;  // contiguous keys per sampled place
+constexpr int64_t kSampleRun = 16;            // contiguous keys per sampled place
 constexpr int64_t kGrain = int64_t(1) << 16;  // elements per thread, at least
 constexpr int kHistBits = 11;
 constexpr int kFirstDigitBits = 16;
@@ -145,7 +145,8 @@ class Selector {
   }
   // Key of entry i, also before the error-feedback pass has run.
   uint32_t key_at(int64_t i) const {
-    if (ef_ && !fused_) return f32_to_bits(to_f32(a_.x, a_.dtype, i) + a_.residual[i]) & 0x7fffffffu;
+    if (ef_ && !fused_)
+      return f32_to_bits(to_f32(a_.x, a_.dtype, i) + a_.residual[i]) & 0x7fffffffu;
     return raw_bits(i) & key_mask();
   }
   void to_residual_view() {
@@ -227,7 +228,8 @@ class Selector {
     std::vector<uint32_t> keys(static_cast<size_t>(m));
     for (int64_t j = 0; j < runs; ++j) {
       const int64_t slack = stride - kSampleRun + 1;
-      const int64_t start = (j * stride + int64_t(mix(uint64_t(j)) % uint64_t(slack))) & ~int64_t(15);
+      const int64_t start =
+          (j * stride + int64_t(mix(uint64_t(j)) % uint64_t(slack))) & ~int64_t(15);
       for (int64_t q = 0; q < kSampleRun; ++q) keys[j * kSampleRun + q] = key_at(start + q);
     }
     const double e = double(a_.k) * double(m) / double(a_.n);

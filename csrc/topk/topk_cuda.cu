@@ -9,14 +9,14 @@
 //   5. Count + scan + write over the candidates: keys > T, and the first
 //      k - greater keys == T by index, in index order.
 // Three reads of x; the small host round trips size the next launches.
-#include <cub/block/block_load.cuh>
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cub/block/block_load.cuh>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -28,12 +28,12 @@ namespace pk {
 namespace topk {
 namespace {
 
-#define PK_CUDA_CHECK(expr)                                                              \
-  do {                                                                                   \
-    const cudaError_t err_ = (expr);                                                     \
-    if (err_ != cudaSuccess)                                                             \
-      throw std::runtime_error(std::string("CUDA error in top-k: ") +                   \
-                               cudaGetErrorString(err_) + " (" #expr ")");              \
+#define PK_CUDA_CHECK(expr)                                                                      \
+  do {                                                                                           \
+    const cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess)                                                                     \
+      throw std::runtime_error(std::string("CUDA error in top-k: ") + cudaGetErrorString(err_) + \
+                               " (" #expr ")");                                                  \
   } while (0)
 
 constexpr int kThreads = 256;
@@ -84,7 +84,8 @@ __global__ void hist_kernel(const K* __restrict__ src, int64_t n, uint32_t mask,
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const uint32_t key = uint32_t(src[i]) & mask;
-    if ((uint64_t(key) >> (shift + d)) == prefix) atomicAdd(&local[(key >> shift) & (bins - 1)], 1u);
+    if ((uint64_t(key) >> (shift + d)) == prefix)
+      atomicAdd(&local[(key >> shift) & (bins - 1)], 1u);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < bins; i += blockDim.x)
@@ -234,7 +235,8 @@ __global__ void emit_kernel(const uint32_t* __restrict__ cb, const int64_t* __re
       const uint32_t key = items[j] & mask;
       const long long g = g0 + rg, q = q0 + rq;  // keys > kth / == kth before this entry
       if (key > kth) {
-        write_out<DT, EF, U16>(g + (q < need ? q : need), items[j], ci[base + pos], values, indices, r);
+        write_out<DT, EF, U16>(g + (q < need ? q : need), items[j], ci[base + pos], values, indices,
+                               r);
         ++rg;
       } else if (key == kth) {
         if (q < need) write_out<DT, EF, U16>(g + q, items[j], ci[base + pos], values, indices, r);

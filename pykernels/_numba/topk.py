@@ -6,8 +6,6 @@ result is exact (a valid approximate answer).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numba
 import numpy as np
 
@@ -81,7 +79,7 @@ def topk_sparsify(
     dtype: int,
     k: int,
     approx: bool,
-    residual: Optional[np.ndarray],
+    residual: np.ndarray | None,
     values: np.ndarray,
     indices: np.ndarray,
 ) -> None:

@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -39,7 +39,7 @@ class Result:
     impl: str
     median_ms: float
     speedup: float  # baseline time / this time
-    gbps: Optional[float]
+    gbps: float | None
 
 
 def time_call(fn: Callable[[], Any], device: str, reps: int) -> float:

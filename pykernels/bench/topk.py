@@ -47,7 +47,11 @@ def cases(device: str, quick: bool = False) -> list[Case]:
         }
         if device == "cpu":
             a = x.numpy()
-            impls["numpy.argpartition"] = lambda k=k: _argpartition(a, k)
+            impls["numpy.argpartition"] = lambda k=k, a=a: _argpartition(a, k)
+        # Memory floors on this machine: one read of x (what selection needs),
+        # and read x + read/write r (what error feedback needs).
+        impls["floor: read x"] = lambda: torch.sum(x)
+        impls["floor: r += x"] = lambda: residual.add_(x, alpha=0.0)
         impls["pk exact"] = lambda k=k: ops.topk_sparsify(x, k=k)
         impls["pk approx"] = lambda k=k: ops.topk_sparsify(x, k=k, approx=True)
         impls["pk exact+EF"] = lambda k=k: ops.topk_sparsify(x, k=k, residual=residual)

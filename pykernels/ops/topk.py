@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ def _cpu_impl(backend: str):
     return _reference.topk_sparsify
 
 
-def _run(x: Tensor, residual: Optional[Tensor], k: int, approx: bool) -> tuple[Tensor, Tensor]:
+def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tensor, Tensor]:
     flat = x.detach().reshape(-1).contiguous()
     values = torch.empty(k, dtype=x.dtype, device=x.device)
     indices = torch.empty(k, dtype=torch.int64, device=x.device)
@@ -105,7 +104,7 @@ def _(x: Tensor, residual: Tensor, k: int, approx: bool) -> tuple[Tensor, Tensor
     return x.new_empty(k), x.new_empty(k, dtype=torch.int64)
 
 
-def _resolve_k(x: Tensor, k: Optional[int], ratio: Optional[float]) -> int:
+def _resolve_k(x: Tensor, k: int | None, ratio: float | None) -> int:
     n = x.numel()
     if (k is None) == (ratio is None):
         raise ValueError("topk_sparsify: give exactly one of k and ratio")
@@ -131,10 +130,10 @@ def _check_x(x: Tensor, fn: str) -> None:
 
 def topk_sparsify(
     x: Tensor,
-    k: Optional[int] = None,
-    ratio: Optional[float] = None,
+    k: int | None = None,
+    ratio: float | None = None,
     approx: bool = False,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The k entries of largest magnitude of ``x.flatten()``.
 
@@ -215,8 +214,8 @@ def _(values: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
 def topk_densify(
     values: Tensor,
     indices: Tensor,
-    shape: Optional[Sequence[int]] = None,
-    out: Optional[Tensor] = None,
+    shape: Sequence[int] | None = None,
+    out: Tensor | None = None,
     accumulate: bool = False,
 ) -> Tensor:
     """Scatters ``(values, indices)`` from :func:`topk_sparsify` into a dense tensor.

@@ -1,0 +1,118 @@
+"""Backend choice, forced backends, and a package that lost its extension."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import _native, backends
+
+
+def test_native_is_built_unless_disabled():
+    # CI installs from source: a missing extension there is a build failure,
+    # not something to fall back from silently.
+    if os.environ.get("PYKERNELS_NO_NATIVE") == "1":
+        pytest.skip("pure-Python install requested")
+    assert _native.C is not None, _native.C_error
+    assert backends.choose("topk", "cpu").name == "native-cpu"
+
+
+def test_auto_order_prefers_native(monkeypatch):
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    assert backends.choose("topk", torch.device("cpu")).name == "native-cpu"
+
+
+def test_forced_backends(monkeypatch):
+    for kind, name in [("numba", "numba"), ("reference", "reference")]:
+        monkeypatch.setenv("PYKERNELS_BACKEND", kind)
+        assert backends.choose("topk", "cpu").name == name
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("PYKERNELS_BACKEND", "native")
+    monkeypatch.setattr(_native, "C", None)
+    monkeypatch.setattr(_native, "C_error", "ImportError: test removed it")
+    with pytest.raises(backends.BackendUnavailable, match="test removed it"):
+        pk.ops.topk_sparsify(torch.randn(10), k=2)
+    monkeypatch.setenv("PYKERNELS_BACKEND", "numba")
+    with pytest.raises(backends.BackendUnavailable, match="runs on cpu tensors, not meta"):
+        backends.choose("topk", "meta")
+
+
+def test_unknown_backend_name(monkeypatch):
+    monkeypatch.setenv("PYKERNELS_BACKEND", "fastest")
+    with pytest.raises(backends.BackendUnavailable, match="not one of"):
+        pk.ops.topk_sparsify(torch.randn(10), k=2)
+
+
+def test_cuda_without_gpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("PYKERNELS_BACKEND", "native")
+    with pytest.raises(backends.BackendUnavailable, match="native-cuda"):
+        backends.choose("topk", "cuda")
+    monkeypatch.delenv("PYKERNELS_BACKEND")
+    assert backends.choose("topk", "cuda").name == "reference"
+
+
+def test_set_cpu_isa_rejects_unknown_names():
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    with pytest.raises(ValueError, match="cpu isa must be one of"):
+        _native.C.set_cpu_isa("sse9")
+
+
+def test_isa_cap_from_environment():
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    code = "import pykernels as pk; print(pk.info()['isa_active'])"
+    env = dict(os.environ, PYKERNELS_CPU_ISA="portable")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "portable"
+
+
+def test_import_survives_a_missing_extension():
+    """A broken or missing _C warns once, and top-k still works through Numba."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['pykernels._C'] = None\n"  # makes the import fail
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import pykernels as pk\n"
+        "    import pykernels._native\n"
+        "import torch\n"
+        "from pykernels import _reference\n"
+        "x = torch.randn(5000)\n"
+        "v, i = pk.ops.topk_sparsify(x, k=50)\n"
+        "rv, ri = _reference.topk_sparsify_tensor(x, 50)\n"
+        "assert torch.equal(i, ri) and torch.equal(v, rv)\n"
+        "print(sum('native CPU kernels unavailable' in str(m.message) for m in w),"
+        " pk.backends.choose('topk', 'cpu').name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYKERNELS_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "numba"]
+
+
+def test_set_num_threads():
+    with pytest.raises(ValueError, match="positive int"):
+        pk.set_num_threads(0)
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    before = _native.C.get_num_threads()
+    try:
+        pk.set_num_threads(1)
+        assert pk.info()["threads"] == 1
+        x = torch.randn(1 << 20)
+        pk.ops.topk_sparsify(x, k=100)
+    finally:
+        pk.set_num_threads(before)
