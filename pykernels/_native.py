@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 ISA_NAMES = ("portable", "avx2", "avx512", "amx")
@@ -33,9 +34,17 @@ if _isa and _isa not in ISA_NAMES:
         stacklevel=2,
     )
 
+_hint = ""
+if (Path(__file__).resolve().parent.parent / "setup.py").exists():
+    # Python put the current directory first and found the source checkout.
+    _hint = (
+        f" (this is the source checkout at {Path(__file__).resolve().parent}: "
+        "build it in place with `pip install -e .`, or run from another directory)"
+    )
+
 if C is None and os.environ.get("PYKERNELS_NO_NATIVE", "0") != "1":
     warnings.warn(
-        f"pykernels: native CPU kernels unavailable ({C_error}); "
+        f"pykernels: native CPU kernels unavailable ({C_error}){_hint}; "
         "falling back to the Numba and reference backends",
         RuntimeWarning,
         stacklevel=2,

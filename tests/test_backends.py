@@ -69,17 +69,19 @@ def test_set_cpu_isa_rejects_unknown_names():
         _native.C.set_cpu_isa("sse9")
 
 
-def test_isa_cap_from_environment():
+def test_isa_cap_from_environment(tmp_path):
     if _native.C is None:
         pytest.skip("native CPU kernels not built")
     code = "import pykernels as pk; print(pk.info()['isa_active'])"
     env = dict(os.environ, PYKERNELS_CPU_ISA="portable")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "portable"
 
 
-def test_import_survives_a_missing_extension():
+def test_import_survives_a_missing_extension(tmp_path):
     """A broken or missing _C warns once, and top-k still works through Numba."""
     code = (
         "import sys, warnings\n"
@@ -98,7 +100,9 @@ def test_import_survives_a_missing_extension():
         " pk.backends.choose('topk', 'cpu').name)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYKERNELS_BACKEND"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "numba"]
 

@@ -22,9 +22,13 @@ def test_info_fields():
         assert "portable" in d["isa_compiled"]
 
 
-def test_cli_info_prints_the_same_facts():
+def test_cli_info_prints_the_same_facts(tmp_path):
+    # From another directory, so the installed package is what runs.
     out = subprocess.run(
-        [sys.executable, "-m", "pykernels", "info", "--json"], capture_output=True, text=True
+        [sys.executable, "-m", "pykernels", "info", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
