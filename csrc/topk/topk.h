@@ -25,7 +25,7 @@ struct Args {
   DType dtype = DType::f32;
   int64_t n = 0;
   int64_t k = 0;               // 0 <= k <= n
-  bool approx = false;         // sampled threshold, one pass over x, >= 90% overlap
+  bool approx = false;         // tighter sampled margin; see topk_cpu.cpp
   float* residual = nullptr;   // optional, n fp32, updated in place
   void* values = nullptr;      // k elements of dtype
   int64_t* indices = nullptr;  // k int64

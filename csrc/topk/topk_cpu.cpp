@@ -8,8 +8,9 @@
 //   exact fallback (small n, large k, or an unlucky sample): a histogram pass
 //     on the top 11 key bits gives a threshold that provably admits >= k
 //     entries, then the same collect and select. Three passes at most.
-//   approx: the fast path with a smaller margin and no fallback pass; a
-//     shortfall is filled with the lowest-index unselected entries.
+//   approx: the fast path with a smaller margin, so fewer candidates; an
+//     unlucky sample still ends in the exact fallback, so the result is never
+//     worse than a sampled threshold would give.
 //
 // Keys are the bit patterns with the sign cleared: for IEEE floats their
 // unsigned order is the order of magnitudes, with NaN above inf.
@@ -119,7 +120,9 @@ class Selector {
     if (a_.k == a_.n) return emit_all();
     const bool fast = a_.n >= kSampleMinN && a_.k <= a_.n / 8;
     if (fast) {
-      const double z = a_.approx ? 2.0 : 4.0, c = a_.approx ? 2.0 : 8.0;
+      // approx trades a smaller safety margin (fewer candidates to sort out)
+      // for a higher chance of needing the fallback.
+      const double z = a_.approx ? 2.5 : 4.0, c = a_.approx ? 4.0 : 8.0;
       int64_t expected = 0;
       const uint32_t t = sample_threshold(z, c, &expected);
       if (t != 0) {
@@ -129,7 +132,6 @@ class Selector {
         if (ef_) to_residual_view();
         const int64_t stored = stored_total();
         if (!overflowed() && stored >= a_.k) return select_and_emit();
-        if (a_.approx) return stored >= a_.k ? select_and_emit() : emit_with_padding();
       }
     }
     if (ef_ && !fused_) ef_pass_only();
@@ -468,21 +470,6 @@ class Selector {
         if (key > kth || (key == kth && t-- > 0)) write(o++, bits_[j], idx_[j]);
       }
     }
-  }
-
-  // Approx shortfall: every candidate plus the lowest-index other entries,
-  // merged so that indices stay ascending.
-  void emit_with_padding() {
-    int64_t pad = a_.k - stored_total(), o = 0, next = 0;
-    auto emit_pads_below = [&](int64_t limit) {
-      for (; pad > 0 && next < limit; ++next, --pad) write(o++, raw_bits(next), next);
-    };
-    for_each_candidate([&](uint32_t bits, int64_t index) {
-      emit_pads_below(index);
-      write(o++, bits, index);
-      next = index + 1;
-    });
-    emit_pads_below(a_.n);
   }
 
   void emit_all() {

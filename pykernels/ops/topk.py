@@ -142,9 +142,12 @@ def topk_sparsify(
             non-contiguous views are fine.
         k: how many entries to keep, ``0 <= k <= x.numel()``.
         ratio: alternatively, keep ``floor(ratio * x.numel())`` entries.
-        approx: select through a sampled threshold in one pass over memory.
-            Still returns exactly k entries; at least 90% of them belong to the
-            exact top-k on Gaussian, Laplace or gradient-like data.
+        approx: select through a sampled threshold with a tighter safety margin
+            (fewer candidates to sort out, 10-25% faster at small k). Returns
+            exactly k entries. An unlucky sample falls back to the exact
+            selection instead of returning a worse set, so today the result
+            equals exact mode; the contract is only that at least 90% of the
+            entries belong to the exact top-k. On CUDA it is exact mode.
         residual: error feedback. A float32 tensor of x's shape and device.
             Selection is over ``x + residual``; ``residual`` is overwritten in
             place with what was not sent (entries not selected keep
