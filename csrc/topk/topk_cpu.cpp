@@ -316,17 +316,27 @@ class Selector {
     emit_from_data(prefix, total_greater, greater, eq);
   }
 
-  void emit_from_data(uint32_t kth, int64_t total_greater, const std::vector<int64_t>& gt,
-                      const std::vector<int64_t>& eq) {
-    const int64_t need = a_.k - total_greater;
-    std::vector<int64_t> out(static_cast<size_t>(nt_)), ties(static_cast<size_t>(nt_));
+  // Where each thread's slice starts in the output, and how many of its keys
+  // equal to the k-th it takes: ties go to the lowest indices, and slices are
+  // in index order.
+  void emission_offsets(const std::vector<int64_t>& gt, const std::vector<int64_t>& eq,
+                        int64_t need, std::vector<int64_t>* out, std::vector<int64_t>* ties) const {
+    out->assign(size_t(nt_), 0);
+    ties->assign(size_t(nt_), 0);
     int64_t g_before = 0, q_before = 0;
     for (int i = 0; i < nt_; ++i) {
-      out[i] = g_before + std::min(q_before, need);
-      ties[i] = std::max<int64_t>(0, std::min(eq[i], need - q_before));
+      (*out)[i] = g_before + std::min(q_before, need);
+      (*ties)[i] = std::max<int64_t>(0, std::min(eq[i], need - q_before));
       g_before += gt[i];
       q_before += eq[i];
     }
+  }
+
+  void emit_from_data(uint32_t kth, int64_t total_greater, const std::vector<int64_t>& gt,
+                      const std::vector<int64_t>& eq) {
+    const int64_t need = a_.k - total_greater;
+    std::vector<int64_t> out, ties;
+    emission_offsets(gt, eq, need, &out, &ties);
     const uint32_t mask = key_mask();
 #pragma omp parallel for num_threads(nt_) schedule(static, 1)
     for (int i = 0; i < nt_; ++i) {
@@ -454,14 +464,8 @@ class Selector {
       eq[i] = q;
     }
     const int64_t need = a_.k - greater;
-    std::vector<int64_t> out(static_cast<size_t>(nt_)), ties(static_cast<size_t>(nt_));
-    int64_t g_before = 0, q_before = 0;
-    for (int i = 0; i < nt_; ++i) {
-      out[i] = g_before + std::min(q_before, need);
-      ties[i] = std::max<int64_t>(0, std::min(eq[i], need - q_before));
-      g_before += gt[i];
-      q_before += eq[i];
-    }
+    std::vector<int64_t> out, ties;
+    emission_offsets(gt, eq, need, &out, &ties);
 #pragma omp parallel for num_threads(nt_) schedule(static, 1)
     for (int i = 0; i < nt_; ++i) {
       int64_t o = out[i], t = ties[i];
