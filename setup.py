@@ -44,13 +44,16 @@ class CMakeBuild(build_ext):
             f"-DPYKERNELS_VERSION={version}",
         ]
         try:
-            import ninja  # noqa: F401
+            import ninja
 
-            args.append("-GNinja")
+            # Name the program: a cached path from an earlier, since-deleted
+            # isolated build environment would otherwise be reused.
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}"]
         except ImportError:
             pass
         jobs = os.environ.get("PYKERNELS_BUILD_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        # --fresh: each pip build may run in a new build environment.
+        subprocess.run(["cmake", "--fresh", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
         if self.inplace or getattr(self, "editable_mode", False):
             # setuptools copies only the declared extension back into the source
