@@ -9,6 +9,7 @@
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
+#include "int8/int8.h"
 #include "topk/topk.h"
 
 namespace py = pybind11;
@@ -53,6 +54,48 @@ void topk_sparsify(py::array x, int dtype, int64_t k, bool approx, py::object re
   pk::topk::sparsify_cpu(a);
 }
 
+// A 2-D buffer with unit stride along rows: (pointer, rows, cols, ld).
+template <class T>
+T* matrix(py::array& a, const char* name, int64_t* rows, int64_t* cols, int64_t* ld,
+          bool writable) {
+  if (!py::isinstance<py::array_t<T>>(a))
+    throw std::invalid_argument(std::string(name) + ": unexpected buffer dtype");
+  if (a.ndim() != 2) throw std::invalid_argument(std::string(name) + ": expected a 2-D buffer");
+  *rows = a.shape(0);
+  *cols = a.shape(1);
+  const int64_t es = int64_t(sizeof(T));
+  if (*cols > 1 && a.strides(1) != es)
+    throw std::invalid_argument(std::string(name) + ": rows must be contiguous");
+  *ld = *rows > 1 ? a.strides(0) / es : *cols;
+  if (*rows > 1 && (a.strides(0) % es != 0 || *ld < *cols))
+    throw std::invalid_argument(std::string(name) + ": unsupported row stride");
+  if (writable && !a.writeable())
+    throw std::invalid_argument(std::string(name) + ": buffer must be writable");
+  return static_cast<T*>(writable ? a.mutable_data() : const_cast<void*>(a.data()));
+}
+
+void quantize_per_row(py::array x, py::array q, py::array scale) {
+  int64_t r, c, ld, qr, qc, qld;
+  const float* px = matrix<float>(x, "x", &r, &c, &ld, false);
+  int8_t* pq = matrix<int8_t>(q, "q", &qr, &qc, &qld, true);
+  if (qr != r || qc != c || qld != c)
+    throw std::invalid_argument("q: expected a contiguous buffer of x's shape");
+  float* ps = data_of<float>(scale, "scale", r, true);
+  py::gil_scoped_release nogil;
+  pk::int8::quantize_per_row_cpu(px, r, c, ld, pq, ps);
+}
+
+void int8_gemm(py::array a, py::array b, py::array c) {
+  int64_t m, k, lda, n, kb, ldb, cm, cn, ldc;
+  const int8_t* pa = matrix<int8_t>(a, "a", &m, &k, &lda, false);
+  const int8_t* pb = matrix<int8_t>(b, "b", &n, &kb, &ldb, false);
+  int32_t* pc = matrix<int32_t>(c, "c", &cm, &cn, &ldc, true);
+  if (kb != k) throw std::invalid_argument("b: K differs from a's");
+  if (cm != m || cn != n) throw std::invalid_argument("c: expected shape [M, N]");
+  py::gil_scoped_release nogil;
+  pk::int8::gemm_s8s8s32_cpu(pa, pb, pc, m, n, k, lda, ldb, ldc);
+}
+
 pk::Isa parse_isa(const std::string& name) {
   pk::Isa isa;
   if (!pk::isa_from_name(name, &isa))
@@ -69,6 +112,7 @@ py::dict cpu_info() {
   d["isa_detected"] = pk::isa_name(pk::detected_isa());
   d["isa_cap"] = pk::isa_name(pk::isa_cap());
   d["isa_active"] = pk::isa_name(pk::active_isa());
+  d["avx512_vnni"] = pk::has_avx512_vnni();
   d["threads"] = pk::max_threads();
 #ifdef _OPENMP
   d["openmp"] = true;
@@ -85,6 +129,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_sparsify", &topk_sparsify, py::arg("x"), py::arg("dtype"), py::arg("k"),
         py::arg("approx"), py::arg("residual"), py::arg("values"), py::arg("indices"),
         "Top-k by magnitude of the raw bits in x (uint32 for f32, uint16 for f16/bf16).");
+  m.def("quantize_per_row", &quantize_per_row, py::arg("x"), py::arg("q"), py::arg("scale"),
+        "Symmetric int8 per-row quantization of a float32 [rows, cols] buffer.");
+  m.def("int8_gemm", &int8_gemm, py::arg("a"), py::arg("b"), py::arg("c"),
+        "c[M, N] = a[M, K] @ b[N, K].T in int32, exact.");
   m.def("cpu_info", &cpu_info);
   m.def(
       "set_cpu_isa", [](const std::string& name) { pk::set_isa_cap(parse_isa(name)); },

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(fn=_info)
     p_bench = sub.add_parser("bench", help="each family against its peers, with ratios")
-    p_bench.add_argument("--family", action="append", choices=["topk"], help="repeatable")
+    p_bench.add_argument("--family", action="append", choices=["int8", "topk"], help="repeatable")
     p_bench.add_argument("--device", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
     p_bench.add_argument("--threads", type=int, help="threads for torch and pykernels")

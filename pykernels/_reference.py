@@ -103,3 +103,25 @@ def topk_densify(
     out = np.zeros(numel, dtype=np.float64)
     np.add.at(out, indices.cpu().numpy(), values.detach().cpu().double().numpy())
     return torch.from_numpy(out).to(values.dtype).view(shape)
+
+
+# --- int8 -------------------------------------------------------------------
+
+
+def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> None:
+    """Symmetric per-row int8: scale = max|row| / 127 (fp32), q = rint(x / scale)."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        amax = np.abs(x).max(axis=1, initial=np.float32(0))
+        s = (amax / np.float32(127)).astype(np.float32)
+        s[np.isnan(x).any(axis=1)] = np.nan
+        usable = (s > 0) & np.isfinite(s)
+        ratio = np.where(usable[:, None], x / np.where(usable, s, 1)[:, None], 0)
+    q[:] = np.clip(np.rint(ratio), -127, 127).astype(np.int8)
+    scale[:] = s
+
+
+def int8_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
+    """c = a @ b.T, computed in int64 and checked to fit int32."""
+    full = a.astype(np.int64) @ b.astype(np.int64).T
+    c[:] = full.astype(np.int32)

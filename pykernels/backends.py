@@ -17,7 +17,7 @@ import torch
 
 from . import _native
 
-FAMILIES = ("topk",)
+FAMILIES = ("int8", "topk")
 KINDS = ("native", "numba", "reference")
 
 
@@ -65,9 +65,9 @@ class Backend:
 
 BACKENDS: tuple[Backend, ...] = (
     Backend("native-cuda", "native", "cuda", ("topk",)),
-    Backend("native-cpu", "native", "cpu", ("topk",)),
-    Backend("numba", "numba", "cpu", ("topk",)),
-    Backend("reference", "reference", "cpu", ("topk",)),
+    Backend("native-cpu", "native", "cpu", ("int8", "topk")),
+    Backend("numba", "numba", "cpu", ("int8", "topk")),
+    Backend("reference", "reference", "cpu", ("int8", "topk")),
 )
 
 

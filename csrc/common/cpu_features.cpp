@@ -122,6 +122,19 @@ Isa active_isa() {
   return static_cast<Isa>(best);
 }
 
+bool has_avx512_vnni() {
+#ifdef PK_X86
+  static const bool vnni = [] {
+    unsigned a, b, c, d;
+    return detected_isa() >= Isa::avx512 && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+           (c & (1u << 11));
+  }();
+  return vnni;
+#else
+  return false;
+#endif
+}
+
 void set_isa_cap(Isa cap) { g_cap.store(static_cast<int>(cap)); }
 Isa isa_cap() { return static_cast<Isa>(g_cap.load()); }
 

@@ -22,6 +22,8 @@ std::vector<Isa> compiled_isas();
 // min(detected, compiled, cap). The cap starts from PYKERNELS_CPU_ISA.
 Isa active_isa();
 void set_isa_cap(Isa cap);
+// AVX-512 VNNI (vpdpbusd), which the int8 kernels need on top of avx512.
+bool has_avx512_vnni();
 Isa isa_cap();
 
 }  // namespace pk

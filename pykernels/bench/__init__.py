@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("topk",)
+FAMILIES = ("int8", "topk")
 
 
 @dataclass
