@@ -444,7 +444,9 @@ def test_torch_compile_fullgraph_matches_eager(gen):
     r2 = r1.clone()
     eager = step(x, r1)
     comp = compiled(x, r2)
-    assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
+    assert torch.equal(eager[0], comp[0])
+    # inductor may sum in another order
+    torch.testing.assert_close(eager[1], comp[1], rtol=1e-5, atol=1e-5)
     assert torch.equal(r1, r2)
 
     plain = torch.compile(lambda t: pk.ops.topk_sparsify(t, k=77), fullgraph=True)
