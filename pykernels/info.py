@@ -36,6 +36,7 @@ def info() -> dict[str, Any]:
             isa_detected=cpu["isa_detected"],
             isa_cap=cpu["isa_cap"],
             isa_active=cpu["isa_active"],
+            avx512_vnni=cpu["avx512_vnni"],
             threads=cpu["threads"],
             openmp=cpu["openmp"],
         )
