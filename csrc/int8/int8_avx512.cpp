@@ -43,9 +43,15 @@ void gemm(const int8_t* a, const int8_t* b, int32_t* c, const int32_t* comp, int
       if (full_n && m1 - i >= kMr) {
         tile<kMr, kNr>(a, b, c, comp, i, j, k, lda, ldb, ldc);
       } else {
-        for (int64_t ii = i; ii < i + kMr && ii < m1; ++ii)
-          for (int64_t jj = j; jj < j + kNr && jj < n1; ++jj)
-            tile<1, 1>(a, b, c, comp, ii, jj, k, lda, ldb, ldc);
+        // Leftover rows (all of them when M < 4, e.g. a single token) still
+        // share each load of a across kNr rows of b.
+        for (int64_t ii = i; ii < i + kMr && ii < m1; ++ii) {
+          if (full_n) {
+            tile<1, kNr>(a, b, c, comp, ii, j, k, lda, ldb, ldc);
+          } else {
+            for (int64_t jj = j; jj < n1; ++jj) tile<1, 1>(a, b, c, comp, ii, jj, k, lda, ldb, ldc);
+          }
+        }
       }
     }
   }
