@@ -78,7 +78,7 @@ def topk_sparsify_tensor(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle on tensors: (values, indices); residual (if given) updated in place."""
     code = DTYPE_CODES[x.dtype]
-    bits = _bits(x.detach().reshape(-1).contiguous().cpu())
+    bits = tensor_bits(x.detach().reshape(-1).contiguous().cpu())
     values = np.empty(k, dtype=BITS_DTYPE[code])
     indices = np.empty(k, dtype=np.int64)
     r = None if residual is None else residual.detach().reshape(-1).cpu().numpy().copy()
@@ -89,7 +89,8 @@ def topk_sparsify_tensor(
     return v.to(x.device), torch.from_numpy(indices).to(x.device)
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
+def tensor_bits(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a contiguous CPU float tensor's raw bits."""
     if t.dtype == torch.float32:
         return t.view(torch.int32).numpy().view(np.uint32)
     return t.view(torch.int16).numpy().view(np.uint16)

@@ -9,9 +9,11 @@ forced backend that cannot run raises :class:`BackendUnavailable` naming why.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -69,6 +71,23 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("numba", "numba", "cpu", ("int8", "topk")),
     Backend("reference", "reference", "cpu", ("int8", "topk")),
 )
+
+
+def cpu_function(backend: Backend, family: str, name: str) -> Callable[..., None]:
+    """The buffer-level function `name` of `family` on a CPU backend.
+
+    native-cpu, numba and reference share signatures (NumPy buffers, outputs
+    last), so an op calls whichever was chosen the same way.
+    """
+    if backend.name == "native-cpu":
+        return getattr(_native.C, name)
+    if backend.name == "numba":
+        return getattr(importlib.import_module(f"pykernels._numba.{family}"), name)
+    if backend.kind == "reference":
+        from . import _reference
+
+        return getattr(_reference, name)
+    raise BackendUnavailable(f"{backend.name} has no CPU function {family}.{name}")
 
 
 def forced_kind() -> str | None:

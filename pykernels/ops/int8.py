@@ -11,21 +11,11 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _native, _reference, backends
+from .. import backends
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _impl(name: str, fn: str):
-    if name == "native-cpu":
-        return getattr(_native.C, fn)
-    if name == "numba":
-        from .._numba import int8 as numba_int8
-
-        return getattr(numba_int8, fn)
-    return getattr(_reference, fn)
 
 
 def _cpu_call(device: torch.device, fn: str, *tensors: Tensor) -> None:
@@ -34,7 +24,7 @@ def _cpu_call(device: torch.device, fn: str, *tensors: Tensor) -> None:
     # the reference backend, which runs on copies in host memory.
     backend = backends.choose("int8", device)
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
-    _impl(backend.name, fn)(*[t.numpy() for t in cpu])
+    backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu])
     for t, c in zip(tensors, cpu):
         if c is not t:
             t.copy_(c)

@@ -18,24 +18,6 @@ from torch import Tensor
 from .. import _native, _reference, backends
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BITS_VIEW = {torch.float32: (torch.int32, np.uint32), torch.float16: (torch.int16, np.uint16)}
-_BITS_VIEW[torch.bfloat16] = _BITS_VIEW[torch.float16]
-
-
-def _bits(t: Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a contiguous CPU tensor's raw bits."""
-    as_int, as_np = _BITS_VIEW[t.dtype]
-    return t.view(as_int).numpy().view(as_np)
-
-
-def _cpu_impl(backend: str):
-    if backend == "native-cpu":
-        return _native.C.topk_sparsify
-    if backend == "numba":
-        from .._numba import topk as numba_topk
-
-        return numba_topk.topk_sparsify
-    return _reference.topk_sparsify
 
 
 def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tensor, Tensor]:
@@ -69,8 +51,14 @@ def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tens
         r = None if work is None else (work if on_cpu else work.cpu())
         v = values if on_cpu else torch.empty_like(values, device="cpu")
         i = indices if on_cpu else torch.empty_like(indices, device="cpu")
-        _cpu_impl(backend.name)(
-            _bits(src), code, k, approx, None if r is None else r.numpy(), _bits(v), i.numpy()
+        backends.cpu_function(backend, "topk", "topk_sparsify")(
+            _reference.tensor_bits(src),
+            code,
+            k,
+            approx,
+            None if r is None else r.numpy(),
+            _reference.tensor_bits(v),
+            i.numpy(),
         )
         if not on_cpu:
             values.copy_(v)
