@@ -96,6 +96,65 @@ void int8_gemm(py::array a, py::array b, py::array c) {
   pk::int8::gemm_s8s8s32_cpu(pa, pb, pc, m, n, k, lda, ldb, ldc);
 }
 
+// A float matrix of element type `code` (FType: fp32, or fp16/bf16 as uint16).
+void* float_matrix(py::array& a, const char* name, int code, int64_t* rows, int64_t* cols,
+                   int64_t* ld, bool writable) {
+  if (code == int(pk::int8::FType::f32)) return matrix<float>(a, name, rows, cols, ld, writable);
+  if (code == int(pk::int8::FType::f16) || code == int(pk::int8::FType::bf16))
+    return matrix<uint16_t>(a, name, rows, cols, ld, writable);
+  throw std::invalid_argument(std::string(name) + ": unknown float type code");
+}
+
+void int8_pack_weight(py::array w, py::array packed, py::array comp) {
+  int64_t n, k, ldw;
+  const int8_t* pw = matrix<int8_t>(w, "w", &n, &k, &ldw, false);
+  int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), true);
+  int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), true);
+  py::gil_scoped_release nogil;
+  pk::int8::pack_weight_cpu(pw, n, k, ldw, pp, pc);
+}
+
+void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
+                 py::object bias, py::array y, int yt) {
+  int64_t m, k, ldx, ym, n, ldy;
+  const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
+  void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
+  if (ym != m || ldy != n) throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
+  const int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), false);
+  const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
+  const float* ps = data_of<float>(w_scale, "w_scale", n, false);
+  const float* pb = nullptr;
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    pb = data_of<float>(b, "bias", n, false);
+  }
+  py::gil_scoped_release nogil;
+  pk::int8::linear_dynamic_cpu(px, pk::int8::FType(xt), m, k, ldx, pp, pc, ps, pb, n, py_,
+                               pk::int8::FType(yt));
+}
+
+void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py::object bias,
+                        py::array y, int yt) {
+  int64_t m, k, ldx, n, kw, ldw, ym, yn, ldy;
+  const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
+  const int8_t* pw = matrix<int8_t>(w, "w", &n, &kw, &ldw, false);
+  void* py_ = float_matrix(y, "y", yt, &ym, &yn, &ldy, true);
+  if (kw != k || ldw != k) throw std::invalid_argument("w: expected a contiguous [N, K] buffer");
+  if (ym != m || yn != n || ldy != n)
+    throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
+  const float* ps = data_of<float>(w_scale, "w_scale", n, false);
+  const float* pb = nullptr;
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    pb = data_of<float>(b, "bias", n, false);
+  }
+  py::gil_scoped_release nogil;
+  pk::int8::linear_weight_only_cpu(px, pk::int8::FType(xt), m, k, ldx, pw, ps, pb, n, py_,
+                                   pk::int8::FType(yt));
+}
+
 pk::Isa parse_isa(const std::string& name) {
   pk::Isa isa;
   if (!pk::isa_from_name(name, &isa))
@@ -133,6 +192,14 @@ PYBIND11_MODULE(_C, m) {
         "Symmetric int8 per-row quantization of a float32 [rows, cols] buffer.");
   m.def("int8_gemm", &int8_gemm, py::arg("a"), py::arg("b"), py::arg("c"),
         "c[M, N] = a[M, K] @ b[N, K].T in int32, exact.");
+  m.def("int8_pack_weight", &int8_pack_weight, py::arg("w"), py::arg("packed"), py::arg("comp"),
+        "Packs an int8 [N, K] weight into the k4n16 layout and its compensation.");
+  m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("xtype"), py::arg("packed"),
+        py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
+        "Dynamic W8A8 linear over a packed weight.");
+  m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("xtype"), py::arg("w"),
+        py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
+        "Weight-only int8 linear (float activations).");
   m.def("cpu_info", &cpu_info);
   m.def(
       "set_cpu_isa", [](const std::string& name) { pk::set_isa_cap(parse_isa(name)); },

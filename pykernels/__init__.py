@@ -7,6 +7,7 @@ family will use. See README.md.
 
 from . import backends, nn, ops
 from .info import info, version
+from .nn import quantize_int8
 
 __version__ = version()
 
@@ -21,4 +22,13 @@ def set_num_threads(n: int) -> None:
         _native.C.set_num_threads(n)
 
 
-__all__ = ["backends", "info", "nn", "ops", "set_num_threads", "version", "__version__"]
+__all__ = [
+    "backends",
+    "info",
+    "nn",
+    "ops",
+    "quantize_int8",
+    "set_num_threads",
+    "version",
+    "__version__",
+]

@@ -126,3 +126,68 @@ def int8_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
     """c = a @ b.T, computed in int64 and checked to fit int32."""
     full = a.astype(np.int64) @ b.astype(np.int64).T
     c[:] = full.astype(np.int32)
+
+
+def packed_shape(n: int, k: int) -> tuple[int, int]:
+    """(N, K) padded as the packed weight layout pads them (16 and 4)."""
+    return -(-n // 16) * 16, -(-k // 4) * 4
+
+
+def packed_offsets(n: int, k: int) -> np.ndarray:
+    """Byte offset of w[n, k] in the packed "k4n16" layout (csrc/int8/int8.h)."""
+    np_, kp = packed_shape(n, k)
+    rows = np.arange(n, dtype=np.int64)
+    cols = np.arange(k, dtype=np.int64)
+    panel, lane = rows // 16, rows % 16
+    block, j = panel // 4, panel % 4
+    nv = np.minimum(4, np_ // 16 - 4 * block)
+    row_part = 64 * block * kp + 64 * j + 4 * lane
+    return row_part[:, None] + 64 * (cols[None, :] // 4) * nv[:, None] + cols[None, :] % 4
+
+
+def int8_pack_weight(w: np.ndarray, packed: np.ndarray, comp: np.ndarray) -> None:
+    """The packed layout by index arithmetic, independent of the C++ loops."""
+    n, k = w.shape
+    packed[:] = 0
+    packed[packed_offsets(n, k).ravel()] = w.ravel()
+    comp[:] = 0
+    comp[:n] = 128 * w.astype(np.int64).sum(axis=1)
+
+
+def int8_unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The int8 [N, K] weight back from its packed form, on packed's device."""
+    off = torch.from_numpy(packed_offsets(n, k)).to(packed.device)
+    return packed.reshape(-1)[off.reshape(-1)].view(n, k)
+
+
+def quantize_rows_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_row in torch on any device: (q as float32, scale float32)."""
+    xf = x.float()
+    s = xf.abs().amax(dim=1) / 127 if xf.shape[1] else xf.new_zeros(xf.shape[0])
+    s = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(s, float("nan")), s)
+    usable = (s > 0) & torch.isfinite(s)
+    ratio = xf / torch.where(usable, s, torch.ones_like(s))[:, None]
+    q = torch.where(usable[:, None], torch.round(ratio).clamp(-127, 127), torch.zeros_like(xf))
+    return q, s
+
+
+def int8_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Dynamic W8A8 linear in float64 from the same integers and scales."""
+    q, s = quantize_rows_tensor(x)
+    acc = q.double() @ w_q.double().T
+    y = acc * s.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def int8_weight_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Weight-only linear in float64: x @ (w_q * w_scale[:, None]).T + bias."""
+    y = x.double() @ (w_q.double() * w_scale.double()[:, None]).T
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)

@@ -1,33 +1,35 @@
 // Scalar fp16 / bf16 <-> fp32 conversions, bit-exact with IEEE round to
 // nearest even, written out so the kernels need no compiler half type and the
-// portable build stays portable.
+// portable build stays portable. Internal linkage (static): the per-ISA
+// files include this too, and an ISA-flagged copy must never be the one the
+// linker keeps for portable callers.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 namespace pk {
 
-inline float bits_to_f32(uint32_t b) {
+static inline float bits_to_f32(uint32_t b) {
   float f;
   std::memcpy(&f, &b, 4);
   return f;
 }
-inline uint32_t f32_to_bits(float f) {
+static inline uint32_t f32_to_bits(float f) {
   uint32_t b;
   std::memcpy(&b, &f, 4);
   return b;
 }
 
-inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
+static inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
 
-inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t f32_to_bf16(float f) {
   uint32_t b = f32_to_bits(f);
   if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40);  // quiet NaN
   b += 0x7fffu + ((b >> 16) & 1u);
   return uint16_t(b >> 16);
 }
 
-inline float f16_to_f32(uint16_t h) {
+static inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t man = h & 0x3ffu;
@@ -41,7 +43,7 @@ inline float f16_to_f32(uint16_t h) {
   return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
 }
 
-inline uint16_t f32_to_f16(float f) {
+static inline uint16_t f32_to_f16(float f) {
   const uint32_t b = f32_to_bits(f);
   const uint16_t sign = uint16_t((b >> 16) & 0x8000u);
   const uint32_t abs = b & 0x7fffffffu;

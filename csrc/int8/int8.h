@@ -1,5 +1,6 @@
-// int8 family, torch-free API: symmetric per-row quantization and the exact
-// int8 x int8 -> int32 GEMM that the W8A8 layers are built on.
+// int8 family, torch-free API: symmetric per-row quantization, the exact
+// int8 x int8 -> int32 GEMM, and the W8A8 / W8A16 linear layers built on a
+// prepacked weight.
 #pragma once
 #include <cstdint>
 
@@ -9,9 +10,12 @@ namespace int8 {
 // K at or above this could overflow int32 (128 * 128 * K >= 2^31): refused.
 constexpr int64_t kMaxK = 131072;
 
+// Element type of float activations and outputs (same codes as topk's DType).
+enum class FType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
 // scale[r] = max|x[r, :]| / 127 (fp32); q = round_half_even(x / scale),
 // clamped to [-127, 127]; rows of zeros get scale 0 and q 0. Rows are `ld`
-// elements apart. NaN/inf in a row make that row's scale NaN/inf.
+// elements apart. NaN/inf in a row make that row's scale NaN/inf and its q 0.
 void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld, int8_t* q,
                           float* scale);
 
@@ -19,6 +23,36 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
 // row-major with leading dimensions lda / ldb; c: M x N with ldc). Exact.
 void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k,
                       int64_t lda, int64_t ldb, int64_t ldc);
+
+// Packed weight layout "k4n16", the one every CPU path reads. N is padded to
+// a multiple of 16 (a panel), K to a multiple of 4 (a group), both with zeros.
+// Within a panel, group g is 64 bytes holding w[16p + j, 4g + i] at byte
+// 4j + i: one 64-byte load is 16 output channels x 4 k, the operand of one
+// VNNI dot-product instruction. Panels go in blocks of four (the last block
+// may hold fewer, nv), interleaved by group: block b starts at byte
+// 64 * b * kp, and its group g of panel 4b + j is at 64 * (g * nv + j) from
+// there. The kernel then reads one stream per block, not four streams a
+// power of two apart, which would share one L1 set.
+// comp[n] = 128 * sum_k w[n, k]: the correction for activations stored as
+// unsigned bytes (a + 128), which is what the VNNI instruction multiplies.
+inline int64_t packed_n(int64_t n) { return (n + 15) / 16 * 16; }
+inline int64_t packed_k(int64_t k) { return (k + 3) / 4 * 4; }
+void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed,
+                     int32_t* comp);
+
+// Dynamic W8A8 linear: y[m, n] = sum_k q(x)[m, k] * w[n, k] * x_scale[m] *
+// w_scale[n] + bias[n], with x quantized per row as quantize_per_row does.
+// x: M x K of `xt` with row stride ldx; y: M x N of `yt` (row stride n);
+// bias may be null. NaN/inf in a row of x give NaN in that row of y.
+void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+                        const int8_t* packed, const int32_t* comp, const float* w_scale,
+                        const float* bias, int64_t n, void* y, FType yt);
+
+// Weight-only W8A16 linear: y = x @ (w * w_scale[:, None]).T + bias with x in
+// float, the int8 weight row-major (N x K) and dequantized in registers.
+void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+                            const int8_t* w, const float* w_scale, const float* bias, int64_t n,
+                            void* y, FType yt);
 
 }  // namespace int8
 }  // namespace pk

@@ -2,10 +2,12 @@
 // over blocks of N (so M = 1 still uses every core), ISA choice per call.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/cpu_features.h"
+#include "../common/half.h"
 #include "../common/parallel.h"
 #include "int8.h"
 #include "int8_isa.h"
@@ -42,6 +44,89 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
   }
 }
 
+#ifndef PK_PACK_MIN_ROWS
+#define PK_PACK_MIN_ROWS 8
+#endif
+
+namespace {
+
+const GemmKernels* kernels() {
+#ifdef PK_HAVE_AVX512
+  if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return gemm_kernels_avx512_vnni();
+#endif
+#ifdef PK_HAVE_AVX2
+  if (active_isa() >= Isa::avx2) return gemm_kernels_avx2();
+#endif
+  return gemm_kernels_portable();
+}
+
+// Scratch that lives as long as the calling thread and only grows: fresh
+// multi-megabyte allocations cost page faults on every call (a 16 MiB
+// buffer, first touched, costs more here than packing into it).
+template <class T>
+T* scratch(int slot, int64_t count) {
+  static thread_local std::vector<T> bufs[3];
+  std::vector<T>& v = bufs[slot];
+  if (int64_t(v.size()) < count) v.resize(static_cast<size_t>(count));
+  return v.data();
+}
+
+// Below this many rows of a, int8_gemm runs on the row-major operands: with
+// few rows, packing b would cost more than it saves.
+constexpr int64_t kPackMinRows = int64_t(PK_PACK_MIN_ROWS);
+
+// Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
+// width of one register tile) and, when there are fewer blocks than threads,
+// chunks of rows too. Each block of b is then streamed by one thread only.
+void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
+  const int64_t panels = packed_n(g.n) / 16;
+  const int64_t nblocks = (panels + 3) / 4;
+  const int nt = threads_for(m * panels * 16 * g.kp, int64_t(1) << 19);
+  const int64_t mchunks = std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, m));
+  const int64_t tasks = nblocks * mchunks;
+  const int64_t rows = (m + mchunks - 1) / mchunks;
+#pragma omp parallel for num_threads(std::max(1, int(std::min<int64_t>(nt, tasks)))) \
+    schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t blk = t / mchunks, mc = t % mchunks;
+    const int64_t m0 = mc * rows, m1 = std::min(m, m0 + rows);
+    if (m0 < m1) kern->gemm_packed(g, m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
+  }
+}
+
+// Quantizes x (M x K) into unsigned bytes in rows of ldq.
+void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, int64_t k,
+                   int64_t ldx, uint8_t* q, int64_t ldq, float* scale) {
+  const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 15), m)));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int t = 0; t < nt; ++t) {
+    int64_t r0, r1;
+    split_range(m, nt, t, 1, &r0, &r1);
+    if (r0 < r1) kern->quantize_u8(x, xt, ldx, k, q, ldq, scale, r0, r1);
+  }
+}
+
+}  // namespace
+
+void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed,
+                     int32_t* comp) {
+  PK_CHECK_ARG(n >= 0 && k >= 0, "w: negative shape");
+  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
+  PK_CHECK_ARG(ldw >= k, "w: row stride ", ldw, " is smaller than the row length ", k);
+  if (n == 0) return;
+  PK_CHECK_ARG(packed && comp && (k == 0 || w), "w, packed and comp must not be null");
+  const GemmKernels* kern = kernels();
+  const int64_t panels = packed_n(n) / 16;
+  const int nt = std::max(
+      1, int(std::min<int64_t>(threads_for(packed_n(n) * packed_k(k), int64_t(1) << 18), panels)));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int t = 0; t < nt; ++t) {
+    int64_t p0, p1;
+    split_range(panels, nt, t, 1, &p0, &p1);
+    if (p0 < p1) kern->pack(w, n, k, ldw, packed, comp, p0, p1);
+  }
+}
+
 void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k,
                       int64_t lda, int64_t ldb, int64_t ldc) {
   PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative GEMM size");
@@ -49,9 +134,24 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
   PK_CHECK_ARG(lda >= k && ldb >= k && ldc >= n, "leading dimensions too small");
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(c && (k == 0 || (a && b)), "a, b and c must not be null");
-  const GemmKernels* kern = (active_isa() >= Isa::avx512 && has_avx512_vnni())
-                                ? gemm_kernels_avx512_vnni()
-                                : gemm_kernels_portable();
+  const GemmKernels* kern = kernels();
+  if (m >= kPackMinRows) {
+    // Pack b and bias a to unsigned once; the packed kernel then reads both
+    // at full width. O(NK + MK) extra work against O(MNK).
+    const int64_t kp = packed_k(k);
+    int8_t* bp = scratch<int8_t>(0, packed_n(n) * kp);
+    int32_t* comp = scratch<int32_t>(1, packed_n(n));
+    pack_weight_cpu(b, n, k, ldb, bp, comp);
+    const int64_t ldu = scratch_ld(kp);
+    uint8_t* au = scratch<uint8_t>(2, m * ldu);
+    for (int64_t i = 0; i < m; ++i) {
+      uint8_t* dst = au + i * ldu;
+      for (int64_t p = 0; p < ldu; ++p) dst[p] = p < k ? uint8_t(a[i * lda + p] ^ 0x80) : 128;
+    }
+    PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
+    run_packed(kern, g, m);
+    return;
+  }
   // Blocks of 64 columns of c; each thread streams its share of b once per
   // block of rows of a.
   constexpr int64_t kNb = 64;
@@ -72,6 +172,57 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
       }
     }
     kern->gemm(a, b + n0 * ldb, c + n0, comp, 0, m, 0, n1 - n0, k, lda, ldb, ldc);
+  }
+}
+
+void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+                        const int8_t* packed, const int32_t* comp, const float* w_scale,
+                        const float* bias, int64_t n, void* y, FType yt) {
+  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
+  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
+  PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
+  if (m == 0 || n == 0) return;
+  PK_CHECK_ARG(x && packed && comp && w_scale && y, "x, weight, scales and y must not be null");
+  const GemmKernels* kern = kernels();
+  const int64_t kp = packed_k(k), ldq = scratch_ld(kp);
+  uint8_t* q = scratch<uint8_t>(2, m * ldq);
+  float* xs = scratch<float>(0, m);
+  quantize_rows(kern, x, xt, m, k, ldx, q, ldq, xs);
+  PackedGemm g{q, ldq, packed, kp, comp, n, y, n, xs, w_scale, bias, yt};
+  run_packed(kern, g, m);
+}
+
+void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+                            const int8_t* w, const float* w_scale, const float* bias, int64_t n,
+                            void* y, FType yt) {
+  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
+  PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
+  if (m == 0 || n == 0) return;
+  PK_CHECK_ARG(x && w && w_scale && y, "x, weight, scales and y must not be null");
+  const GemmKernels* kern = kernels();
+  // The kernel reads fp32 rows of length k; other inputs are widened once
+  // (M is small on this path, so the copy is cheap next to the weight).
+  std::vector<float> xf;
+  const float* xp = static_cast<const float*>(x);
+  if (xt != FType::f32 || ldx != k) {
+    xf.resize(static_cast<size_t>(m * k));
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t p = 0; p < k; ++p) {
+        const int64_t o = i * ldx + p;
+        const auto* h = static_cast<const uint16_t*>(x);
+        xf[i * k + p] = xt == FType::f32   ? static_cast<const float*>(x)[o]
+                        : xt == FType::f16 ? f16_to_f32(h[o])
+                                           : bf16_to_f32(h[o]);
+      }
+    xp = xf.data();
+  }
+  const int nt =
+      std::max(1, int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 18), (n + 63) / 64)));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int t = 0; t < nt; ++t) {
+    int64_t n0, n1;
+    split_range(n, nt, t, 4, &n0, &n1);
+    if (n0 < n1) kern->weight_only(xp, m, k, w, w_scale, bias, y, yt, n, n0, n1);
   }
 }
 

@@ -1,21 +1,72 @@
-// Per-ISA int8 GEMM micro-kernels, compiled once per instruction set (see
-// topk_isa.h for why nothing here touches the standard library).
+// Per-ISA int8 kernels, compiled once per instruction set (see topk_isa.h for
+// why nothing here touches the standard library).
 #pragma once
 #include <cstdint>
+
+#include "int8.h"
 
 namespace pk {
 namespace int8 {
 
+// One GEMM over a packed weight (layout in int8.h) with its epilogue.
+struct PackedGemm {
+  const uint8_t* a;  // M x kp activations stored as unsigned bytes (a + 128)
+  int64_t lda;
+  const int8_t* b;  // packed weight
+  int64_t kp;
+  const int32_t* comp;  // packed_n(n) entries, zero past n
+  int64_t n;            // real N: columns past it are computed, never stored
+  void* c;
+  int64_t ldc;
+  // a_scale null: c = int32 (acc - comp). Otherwise c, of type yt, =
+  // float(acc - comp) * a_scale[m] * b_scale[n] + bias[n] (bias may be null).
+  const float* a_scale;
+  const float* b_scale;
+  const float* bias;
+  FType yt;
+};
+
+// Panel p of a packed weight of np_ / 16 panels: its first byte, and the
+// distance from one group to the next (layout in int8.h). Internal linkage:
+// every ISA file compiles its own copy.
+static inline const int8_t* panel_base(const int8_t* b, int64_t kp, int64_t np_, int64_t p,
+                                       int64_t* group_stride) {
+  const int64_t blk = p / 4, panels = np_ / 16;
+  const int64_t nv = panels - 4 * blk < 4 ? panels - 4 * blk : 4;
+  *group_stride = 64 * nv;
+  return b + 64 * blk * kp + 64 * (p % 4);
+}
+
+// Row stride of the unsigned activation scratch: kp, plus a cache line when
+// kp is a multiple of 256, so that the rows a tile reads together do not all
+// fall into one L1 set.
+static inline int64_t scratch_ld(int64_t kp) { return kp % 256 == 0 ? kp + 64 : kp; }
+
 struct GemmKernels {
-  // c[i, j] for rows i in [m0, m1) of a and rows j in [n0, n1) of b.
-  // comp[j] = 128 * sum_k b[j, k] (kernels that bias a to unsigned use it).
+  // Row-major operands, no packing: c[i, j] for rows i in [m0, m1) of a and
+  // rows j in [n0, n1) of b. comp[j] = 128 * sum_k b[j, k] when needs_comp.
   void (*gemm)(const int8_t* a, const int8_t* b, int32_t* c, const int32_t* comp, int64_t m0,
                int64_t m1, int64_t n0, int64_t n1, int64_t k, int64_t lda, int64_t ldb,
                int64_t ldc);
   bool needs_comp;
+  // Rows [m0, m1) and 16-column panels [p0, p1) of a packed GEMM; p0 is a
+  // multiple of 4 and p1 ends a block of four panels (or the last block).
+  void (*gemm_packed)(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+  // Panels [p0, p1) of pack_weight_cpu (layout and comp in int8.h).
+  void (*pack)(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed, int32_t* comp,
+               int64_t p0, int64_t p1);
+  // Rows [r0, r1) of x quantized as quantize_per_row does, stored as q + 128
+  // in rows of ldq bytes (the bytes past k set to 128, i.e. zero).
+  void (*quantize_u8)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+                      float* scale, int64_t r0, int64_t r1);
+  // Weight-only linear for output columns [n0, n1): x is M x K fp32 (row
+  // stride k), w row-major N x K int8.
+  void (*weight_only)(const float* x, int64_t m, int64_t k, const int8_t* w, const float* w_scale,
+                      const float* bias, void* y, FType yt, int64_t n, int64_t n0, int64_t n1);
 };
 
 const GemmKernels* gemm_kernels_portable();
+const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512_vnni();
 
 }  // namespace int8

@@ -52,3 +52,51 @@ def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> None:
 
 def int8_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
     _gemm(a, b, c)
+
+
+@numba.njit(cache=True, nogil=True)
+def _linear_epilogue(acc, xs, ws, bias, has_bias, y):
+    m, n = acc.shape
+    for i in range(m):
+        for j in range(n):
+            v = np.float32(acc[i, j]) * (xs[i] * ws[j])
+            if has_bias:
+                v += bias[j]
+            y[i, j] = v
+
+
+@numba.njit(cache=True, nogil=True)
+def _weight_only(x, w, ws, bias, has_bias, y):
+    m, k = x.shape
+    n = w.shape[0]
+    for i in range(m):
+        for j in range(n):
+            s = np.float32(0.0)
+            for p in range(k):
+                s += x[i, p] * np.float32(w[j, p])
+            v = s * ws[j]
+            if has_bias:
+                v += bias[j]
+            y[i, j] = v
+
+
+def int8_linear(
+    x: np.ndarray, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray
+) -> None:
+    """Dynamic W8A8 on float32 x and a row-major int8 weight into float32 y."""
+    m, k = x.shape
+    q = np.empty((m, k), dtype=np.int8)
+    xs = np.empty(m, dtype=np.float32)
+    _quantize(x, q, xs)
+    acc = np.empty((m, w.shape[0]), dtype=np.int32)
+    _gemm(q, w, acc)
+    b = bias if bias is not None else w_scale
+    _linear_epilogue(acc, xs, w_scale, b, bias is not None, y)
+
+
+def int8_weight_linear(
+    x: np.ndarray, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray
+) -> None:
+    """Weight-only linear on float32 x and a row-major int8 weight into float32 y."""
+    b = bias if bias is not None else w_scale
+    _weight_only(x, w, w_scale, b, bias is not None, y)

@@ -1,4 +1,5 @@
-"""Drop-in compressed layers (Int8Linear, SparseLinear, LowRankLinear) arrive
-with their kernel families; see DESIGN.md."""
+"""Drop-in compressed layers."""
 
-__all__: list[str] = []
+from .int8 import Int8Linear, quantize_int8
+
+__all__ = ["Int8Linear", "quantize_int8"]

@@ -1,6 +1,24 @@
 """The functional API, one module per kernel family."""
 
-from .int8 import int8_gemm, quantize_per_row
+from .int8 import (
+    Int8PackedWeight,
+    int8_gemm,
+    int8_linear,
+    int8_weight_linear,
+    pack_int8_weight,
+    quantize_per_row,
+    unpack_int8_weight,
+)
 from .topk import topk_densify, topk_sparsify
 
-__all__ = ["int8_gemm", "quantize_per_row", "topk_densify", "topk_sparsify"]
+__all__ = [
+    "Int8PackedWeight",
+    "int8_gemm",
+    "int8_linear",
+    "int8_weight_linear",
+    "pack_int8_weight",
+    "quantize_per_row",
+    "topk_densify",
+    "topk_sparsify",
+    "unpack_int8_weight",
+]

@@ -1,17 +1,23 @@
-"""int8 family, first part: per-row quantization and the exact int8 GEMM.
+"""int8 family: per-row quantization, the exact int8 GEMM, and the dynamic
+(W8A8) and weight-only (W8A16) linear layers over a prepacked weight.
 
-``int8_linear``, weight-only mode, prepacked weights, CUDA kernels and
-``pk.nn.Int8Linear`` are still to come (issue 3).
+Every function here is a ``torch.library`` custom op with a fake
+implementation, so it traces under ``torch.compile`` without a graph break.
+CPU runs the native kernels (AVX-512 VNNI, AVX2 or portable, chosen at run
+time), else Numba, else the reference; CUDA tensors run the reference in
+torch on the device (no native CUDA int8 kernel yet).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _reference, backends
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
@@ -104,3 +110,285 @@ def int8_gemm(a_q: Tensor, b_q: Tensor) -> Tensor:
             f"int8_gemm: K = {a_q.shape[1]} could overflow int32 accumulation (limit {MAX_K})"
         )
     return torch.ops.pykernels.int8_gemm(a_q, b_q)
+
+
+# --- packed weights and the linear layers -------------------------------------
+
+_FTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/int8/int8.h FType
+
+
+class Int8PackedWeight(NamedTuple):
+    """An int8 [N, K] weight in the layout the CPU kernels read.
+
+    ``packed`` (int8, ``packed_n(N) * packed_k(K)`` bytes) holds the weight in
+    blocks of 16 output channels x 4 k (layout in ``csrc/int8/int8.h``);
+    ``comp`` (int32, ``packed_n(N)``) holds ``128 * sum_k w[n, k]``, the
+    correction the VNNI kernel needs. Build it with :func:`pack_int8_weight`;
+    :func:`unpack_int8_weight` gives the [N, K] weight back exactly.
+    """
+
+    packed: Tensor
+    comp: Tensor
+    n: int
+    k: int
+
+
+def _fbuf(t: Tensor) -> np.ndarray:
+    """NumPy view of a CPU float tensor for the bindings (16-bit floats as uint16)."""
+    if t.dtype == torch.float32:
+        return t.numpy()
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+@torch.library.custom_op("pykernels::int8_pack_weight", mutates_args=())
+def _pack_op(w: Tensor) -> tuple[Tensor, Tensor]:
+    n, k = w.shape
+    np_, kp = _reference.packed_shape(n, k)
+    w = w.contiguous()
+    backend = backends.choose("int8", w.device)
+    if backend.name == "native-cpu":
+        packed = torch.empty(np_ * kp, dtype=torch.int8)
+        comp = torch.empty(np_, dtype=torch.int32)
+        backends.cpu_function(backend, "int8", "int8_pack_weight")(
+            w.numpy(), packed.numpy(), comp.numpy()
+        )
+        return packed, comp
+    # Numba and reference: the layout by index arithmetic, in torch on w's device.
+    off = torch.from_numpy(_reference.packed_offsets(n, k)).to(w.device)
+    packed = torch.zeros(np_ * kp, dtype=torch.int8, device=w.device)
+    packed[off.reshape(-1)] = w.reshape(-1)
+    comp = torch.zeros(np_, dtype=torch.int32, device=w.device)
+    comp[:n] = 128 * w.sum(dim=1, dtype=torch.int32)
+    return packed, comp
+
+
+@_pack_op.register_fake
+def _(w: Tensor) -> tuple[Tensor, Tensor]:
+    np_, kp = _reference.packed_shape(*w.shape)
+    return w.new_empty(np_ * kp, dtype=torch.int8), w.new_empty(np_, dtype=torch.int32)
+
+
+def _no_backward(name: str):
+    def backward(ctx, grad):  # noqa: ARG001
+        raise RuntimeError(
+            f"pykernels.ops.{name} is inference-only: it has no backward (the int8 rounding "
+            "has no useful gradient). Call it under torch.no_grad() or torch.inference_mode(), "
+            "or keep the float layer for training; quantization-aware training will come with "
+            "a straight-through estimator in a later release."
+        )
+
+    return backward
+
+
+@torch.library.custom_op("pykernels::int8_linear", mutates_args=())
+def _linear_op(
+    x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    m, k = x.shape
+    n = w_scale.shape[0]
+    backend = backends.choose("int8", x.device)
+    if backend.name == "native-cpu":
+        y = torch.empty(m, n, dtype=x.dtype)
+        backends.cpu_function(backend, "int8", "int8_linear")(
+            _fbuf(x),
+            _FTYPE[x.dtype],
+            packed.numpy(),
+            comp.numpy(),
+            w_scale.numpy(),
+            None if bias is None else bias.numpy(),
+            _fbuf(y),
+            _FTYPE[x.dtype],
+        )
+        return y
+    w = _reference.int8_unpack_weight(packed, n, k)
+    if backend.name == "numba":
+        from .._numba import int8 as nb
+
+        y = torch.empty(m, n, dtype=torch.float32)
+        nb.int8_linear(
+            x.float().numpy(),
+            w.numpy(),
+            w_scale.numpy(),
+            None if bias is None else bias.numpy(),
+            y.numpy(),
+        )
+        return y.to(x.dtype)
+    return _reference.int8_linear(x, w, w_scale, bias)
+
+
+@_linear_op.register_fake
+def _(x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w_scale.shape[0])
+
+
+@torch.library.custom_op("pykernels::int8_weight_linear", mutates_args=())
+def _weight_linear_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    m = x.shape[0]
+    n = w.shape[0]
+    backend = backends.choose("int8", x.device)
+    if backend.name == "native-cpu":
+        y = torch.empty(m, n, dtype=x.dtype)
+        backends.cpu_function(backend, "int8", "int8_weight_linear")(
+            _fbuf(x),
+            _FTYPE[x.dtype],
+            w.numpy(),
+            w_scale.numpy(),
+            None if bias is None else bias.numpy(),
+            _fbuf(y),
+            _FTYPE[x.dtype],
+        )
+        return y
+    if backend.name == "numba":
+        from .._numba import int8 as nb
+
+        y = torch.empty(m, n, dtype=torch.float32)
+        nb.int8_weight_linear(
+            x.float().numpy(),
+            w.numpy(),
+            w_scale.numpy(),
+            None if bias is None else bias.numpy(),
+            y.numpy(),
+        )
+        return y.to(x.dtype)
+    return _reference.int8_weight_linear(x, w, w_scale, bias)
+
+
+@_weight_linear_op.register_fake
+def _(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ARG001
+    pass
+
+
+torch.library.register_autograd(
+    "pykernels::int8_linear", _no_backward("int8_linear"), setup_context=_setup
+)
+torch.library.register_autograd(
+    "pykernels::int8_weight_linear", _no_backward("int8_weight_linear"), setup_context=_setup
+)
+
+
+def _check_weight(fn: str, w_q: Tensor) -> None:
+    if not isinstance(w_q, Tensor):
+        raise TypeError(f"{fn}: w_q must be a torch.Tensor, got {type(w_q).__name__}")
+    if w_q.dtype != torch.int8:
+        raise TypeError(f"{fn}: w_q must be int8, got {w_q.dtype}")
+    if w_q.dim() != 2:
+        raise ValueError(f"{fn}: w_q must be 2-D [N, K], got shape {tuple(w_q.shape)}")
+    if w_q.shape[1] >= MAX_K:
+        raise ValueError(
+            f"{fn}: K = {w_q.shape[1]} could overflow int32 accumulation (limit {MAX_K})"
+        )
+
+
+def pack_int8_weight(w_q: Tensor) -> Int8PackedWeight:
+    """Packs an int8 [N, K] weight once for :func:`int8_linear` (see Int8PackedWeight)."""
+    _check_weight("pack_int8_weight", w_q)
+    packed, comp = torch.ops.pykernels.int8_pack_weight(w_q)
+    return Int8PackedWeight(packed, comp, int(w_q.shape[0]), int(w_q.shape[1]))
+
+
+def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
+    """The int8 [N, K] weight of a packed weight, exactly as it was packed."""
+    if not isinstance(w, Int8PackedWeight):
+        raise TypeError(
+            f"unpack_int8_weight: w must be an Int8PackedWeight, got {type(w).__name__}"
+        )
+    return _reference.int8_unpack_weight(w.packed, w.n, w.k)
+
+
+def _check_linear_args(
+    fn: str, x: Tensor, n: int, k: int, device: torch.device, w_scale: Tensor, bias: Tensor | None
+) -> Tensor | None:
+    """Validates x, w_scale and bias against a weight of shape [n, k]; returns bias as fp32."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{fn}: x must have K = {k} in its last dimension, got {tuple(x.shape)}")
+    if not isinstance(w_scale, Tensor):
+        raise TypeError(f"{fn}: w_scale must be a torch.Tensor, got {type(w_scale).__name__}")
+    if w_scale.dtype != torch.float32:
+        raise TypeError(f"{fn}: w_scale must be float32, got {w_scale.dtype}")
+    if w_scale.shape != (n,):
+        raise ValueError(f"{fn}: w_scale must have shape ({n},), got {tuple(w_scale.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: bias must be a float tensor, got {bias.dtype}")
+        if bias.shape != (n,):
+            raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the weight is on {device}")
+    return None if bias is None else bias.float().contiguous()
+
+
+def int8_linear(
+    x: Tensor, w_q: Tensor | Int8PackedWeight, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Dynamic W8A8 linear: ``x @ (w_q * w_scale[:, None]).T + bias`` with x quantized.
+
+    Each row (token) of x is quantized as :func:`quantize_per_row` does, the
+    int8 GEMM accumulates exactly in int32, and the result is dequantized by
+    ``x_scale[m] * w_scale[n]`` and biased, in one call. ``x``: float32,
+    float16 or bfloat16 ``[..., K]``; ``w_q``: int8 ``[N, K]`` or, faster when
+    called repeatedly, an :class:`Int8PackedWeight` from
+    :func:`pack_int8_weight`; ``w_scale``: float32 ``[N]``; ``bias``: ``[N]``
+    or None. Returns ``[..., N]`` in x's dtype. A row of x holding NaN or inf
+    gives NaN in that row of the output only. Inference only: no backward.
+    """
+    fn = "int8_linear"
+    if isinstance(w_q, Int8PackedWeight):
+        n, k, device = w_q.n, w_q.k, w_q.packed.device
+        np_, kp = _reference.packed_shape(n, k)
+        if w_q.packed.dtype != torch.int8 or w_q.packed.numel() != np_ * kp:
+            raise ValueError(f"{fn}: w_q.packed must be int8 with {np_ * kp} elements")
+        if w_q.comp.dtype != torch.int32 or w_q.comp.shape != (np_,):
+            raise ValueError(f"{fn}: w_q.comp must be int32 of shape ({np_},)")
+    else:
+        _check_weight(fn, w_q)
+        n, k = w_q.shape
+        device = w_q.device
+    bias32 = _check_linear_args(fn, x, n, k, device, w_scale, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), k)
+    if x2.shape[0] == 0 or n == 0 or k == 0:  # K = 0: an empty sum, so only the bias
+        y = x.new_zeros(*lead, n)
+        return y if bias32 is None or k else (y + bias32).to(x.dtype)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if not isinstance(w_q, Int8PackedWeight):
+        w_q = pack_int8_weight(w_q)
+    y = torch.ops.pykernels.int8_linear(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
+    return y.view(*lead, n)
+
+
+def int8_weight_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Weight-only (W8A16) linear: ``x @ (w_q * w_scale[:, None]).T + bias``.
+
+    Activations stay in float; the int8 ``[N, K]`` weight is dequantized in
+    registers, so memory traffic is a quarter of fp32's. This is the path for
+    one to a few rows (token-by-token decoding); for larger batches the
+    dynamic :func:`int8_linear` is much faster. Output in x's dtype.
+    Inference only: no backward.
+    """
+    fn = "int8_weight_linear"
+    _check_weight(fn, w_q)
+    n, k = w_q.shape
+    bias32 = _check_linear_args(fn, x, n, k, w_q.device, w_scale, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), k)
+    if x2.shape[0] == 0 or n == 0 or k == 0:  # K = 0: an empty sum, so only the bias
+        y = x.new_zeros(*lead, n)
+        return y if bias32 is None or k else (y + bias32).to(x.dtype)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.ops.pykernels.int8_weight_linear(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
+    return y.view(*lead, n)

@@ -1,0 +1,177 @@
+// The int8 kernels written once in plain C++ and compiled per ISA file with
+// that file's flags (the portable and AVX2 builds use all of it, the AVX-512
+// build only the weight-only kernel). Everything is in an anonymous
+// namespace: each ISA file gets its own copy and no flagged copy can leak
+// into another file.
+#pragma once
+#include <cstdint>
+
+#include "../common/half.h"
+#include "int8_isa.h"
+
+namespace pk {
+namespace int8 {
+namespace {
+
+inline float load_f(const void* p, FType t, int64_t i) {
+  switch (t) {
+    case FType::f16:
+      return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case FType::bf16:
+      return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+inline void store_f(void* p, FType t, int64_t i, float v) {
+  switch (t) {
+    case FType::f16:
+      static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+      break;
+    case FType::bf16:
+      static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+      break;
+    default:
+      static_cast<float*>(p)[i] = v;
+  }
+}
+
+// The packed GEMM epilogue for one element (acc already has comp removed).
+inline void store_out(const PackedGemm& g, int64_t row, int64_t col, int32_t acc) {
+  if (!g.a_scale) {
+    static_cast<int32_t*>(g.c)[row * g.ldc + col] = acc;
+    return;
+  }
+  float v = float(acc) * (g.a_scale[row] * g.b_scale[col]);
+  if (g.bias) v += g.bias[col];
+  store_f(g.c, g.yt, row * g.ldc + col, v);
+}
+
+// Row-major operands, no packing: plain dot products widened to int32.
+[[maybe_unused]] void gemm_rowmajor_generic(const int8_t* a, const int8_t* b, int32_t* c,
+                                            const int32_t*, int64_t m0, int64_t m1, int64_t n0,
+                                            int64_t n1, int64_t k, int64_t lda, int64_t ldb,
+                                            int64_t ldc) {
+  for (int64_t i = m0; i < m1; ++i) {
+    const int8_t* ai = a + i * lda;
+    for (int64_t j = n0; j < n1; ++j) {
+      const int8_t* bj = b + j * ldb;
+      int32_t s = 0;
+      for (int64_t p = 0; p < k; ++p) s += int32_t(ai[p]) * int32_t(bj[p]);
+      c[i * ldc + j] = s;
+    }
+  }
+}
+
+template <int MR>
+void packed_tile_generic(const PackedGemm& g, int64_t i0, int64_t p) {
+  // With a biased to unsigned, the running sum can pass 2^31 before comp is
+  // subtracted; unsigned arithmetic wraps where signed would be undefined,
+  // and the final difference is exact (it fits int32 whenever K < kMaxK).
+  uint32_t acc[MR][16] = {};
+  int64_t gs;
+  const int8_t* b = panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
+  for (int64_t q = 0; q < g.kp / 4; ++q) {
+    const int8_t* bq = b + q * gs;
+    for (int i = 0; i < MR; ++i) {
+      const uint8_t* aq = g.a + (i0 + i) * g.lda + 4 * q;
+      for (int j = 0; j < 16; ++j)
+        acc[i][j] += uint32_t(int32_t(aq[0]) * bq[4 * j] + int32_t(aq[1]) * bq[4 * j + 1] +
+                              int32_t(aq[2]) * bq[4 * j + 2] + int32_t(aq[3]) * bq[4 * j + 3]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 16 && p * 16 + j < g.n; ++j)
+      store_out(g, i0 + i, p * 16 + j, int32_t(acc[i][j] - uint32_t(g.comp[p * 16 + j])));
+}
+
+[[maybe_unused]] void gemm_packed_generic(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0,
+                                          int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t i = m0;
+    for (; i + 4 <= m1; i += 4) packed_tile_generic<4>(g, i, p);
+    for (; i < m1; ++i) packed_tile_generic<1>(g, i, p);
+  }
+}
+
+[[maybe_unused]] void pack_generic(const int8_t* w, int64_t n, int64_t k, int64_t ldw,
+                                   int8_t* packed, int32_t* comp, int64_t p0, int64_t p1) {
+  const int64_t kp = packed_k(k), np = packed_n(n);
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t gs;
+    int8_t* base = const_cast<int8_t*>(panel_base(packed, kp, np, p, &gs));
+    for (int j = 0; j < 16; ++j) {
+      const int64_t row = p * 16 + j;
+      int32_t sum = 0;
+      for (int64_t q = 0; q < kp / 4; ++q)
+        for (int i = 0; i < 4; ++i) {
+          const int64_t c = 4 * q + i;
+          const int8_t v = (row < n && c < k) ? w[row * ldw + c] : int8_t(0);
+          base[q * gs + 4 * j + i] = v;
+          sum += v;
+        }
+      comp[row] = 128 * sum;
+    }
+  }
+}
+
+inline float abs_f(float v) { return v < 0.0f ? -v : v; }
+
+[[maybe_unused]] void quantize_u8_generic(const void* x, FType xt, int64_t ldx, int64_t k,
+                                          uint8_t* q, int64_t ldq, float* scale, int64_t r0,
+                                          int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float amax = 0.0f;
+    bool nan = false;
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = load_f(x, xt, r * ldx + c);
+      nan |= v != v;
+      amax = amax < abs_f(v) ? abs_f(v) : amax;
+    }
+    const float s = nan ? __builtin_nanf("") : amax / 127.0f;
+    scale[r] = s;
+    uint8_t* qr = q + r * ldq;
+    const bool usable = s > 0.0f && s <= 3.4028234663852886e38f;  // not 0, NaN or inf
+    for (int64_t c = 0; c < k; ++c) {
+      float v = usable ? __builtin_nearbyintf(load_f(x, xt, r * ldx + c) / s) : 0.0f;
+      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      qr[c] = uint8_t(int32_t(v) + 128);
+    }
+    for (int64_t c = k; c < ldq; ++c) qr[c] = 128;
+  }
+}
+
+// Four output columns at a time so each load of x serves four weight rows.
+[[maybe_unused]] void weight_only_generic(const float* x, int64_t m, int64_t k, const int8_t* w,
+                                          const float* w_scale, const float* bias, void* y,
+                                          FType yt, int64_t n, int64_t n0, int64_t n1) {
+  for (int64_t j = n0; j < n1; j += 4) {
+    const int nj = int(n1 - j < 4 ? n1 - j : 4);
+    const int8_t* w0 = w + j * k;
+    const int8_t* w1 = nj > 1 ? w0 + k : w0;
+    const int8_t* w2 = nj > 2 ? w0 + 2 * k : w0;
+    const int8_t* w3 = nj > 3 ? w0 + 3 * k : w0;
+    for (int64_t i = 0; i < m; ++i) {
+      const float* xi = x + i * k;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t p = 0; p < k; ++p) {
+        s0 += xi[p] * float(w0[p]);
+        s1 += xi[p] * float(w1[p]);
+        s2 += xi[p] * float(w2[p]);
+        s3 += xi[p] * float(w3[p]);
+      }
+      const float s[4] = {s0, s1, s2, s3};
+      for (int t = 0; t < nj; ++t) {
+        float v = s[t] * w_scale[j + t];
+        if (bias) v += bias[j + t];
+        store_f(y, yt, i * n + j + t, v);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace int8
+}  // namespace pk

@@ -1,0 +1,221 @@
+"""Int8Linear: a drop-in int8 replacement for ``nn.Linear`` in inference, and
+``quantize_int8``, which swaps it into a model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.int8 import Int8PackedWeight
+
+MODES = ("dynamic", "weight_only")
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W stored as int8 and one float32 scale per output channel.
+
+    ``mode="dynamic"`` (W8A8) quantizes each row of x on the fly and runs an
+    exact int8 GEMM (:func:`pykernels.ops.int8_linear`); ``mode="weight_only"``
+    (W8A16) keeps x in float and dequantizes W in registers
+    (:func:`pykernels.ops.int8_weight_linear`), the more accurate choice for
+    one to a few rows. Build it with :meth:`from_linear`.
+
+    Storage: in dynamic mode the weight is held only in the packed layout the
+    kernels read (prepacked once, here); in weight-only mode it is the int8
+    ``[N, K]`` matrix itself. ``state_dict`` always stores the plain int8
+    ``weight [N, K]``, ``weight_scale [N]`` (float32) and ``bias``, whatever
+    the layout, and loading repacks: the saved file does not depend on the
+    CPU, the device or the kernel version. Inference only: backward raises.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: str = "dynamic",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"Int8Linear: {name} must be a non-negative int, got {v!r}")
+        if mode not in MODES:
+            raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.mode = mode
+        w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self._set_weight(w)
+        self.register_buffer(
+            "weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device)
+        )
+        if bias:
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=torch.float32, device=device)
+            )
+        else:
+            self.bias = None
+
+    # --- weight storage -------------------------------------------------
+
+    def _set_weight(self, w_q: Tensor) -> None:
+        """Stores an int8 [N, K] weight in this mode's layout (non-persistent buffers)."""
+        if self.mode == "dynamic":
+            p = ops.pack_int8_weight(w_q)
+            self.register_buffer("weight_packed", p.packed, persistent=False)
+            self.register_buffer("weight_comp", p.comp, persistent=False)
+        else:
+            self.register_buffer("weight", w_q.contiguous(), persistent=False)
+
+    def _packed(self) -> Int8PackedWeight:
+        return Int8PackedWeight(
+            self.weight_packed, self.weight_comp, self.out_features, self.in_features
+        )
+
+    def weight_int8(self) -> Tensor:
+        """The int8 [N, K] weight (unpacked from the kernel layout when needed)."""
+        if self.mode == "dynamic":
+            return ops.unpack_int8_weight(self._packed())
+        return self.weight
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 [N, K] weight this layer computes with: int8 * scale."""
+        return self.weight_int8().float() * self.weight_scale[:, None]
+
+    # --- construction ---------------------------------------------------
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "dynamic") -> Int8Linear:
+        """Quantizes ``linear``'s weight symmetrically per output channel.
+
+        ``scale[n] = max|W[n, :]| / 127`` and ``W_q = round_half_even(W / scale)``
+        (one scale per row beats one per tensor when some rows hold outliers).
+        The bias is kept in float32. ``linear`` is not modified.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"Int8Linear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}"
+            )
+        w = linear.weight.detach()
+        if not w.is_floating_point() or w.device.type == "meta":
+            raise ValueError(
+                "Int8Linear.from_linear: linear.weight must be a float tensor with data, "
+                f"got {w.dtype} on {w.device}"
+            )
+        if not torch.isfinite(w).all():
+            raise ValueError("Int8Linear.from_linear: linear.weight holds NaN or inf")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            mode=mode,
+            device=w.device,
+        )
+        with torch.no_grad():
+            if w.numel():
+                w_q, scale = ops.quantize_per_row(w.float())
+            else:
+                w_q = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
+                scale = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+            layer._set_weight(w_q)
+            layer.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    # --- forward ----------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "dynamic":
+            return ops.int8_linear(x, self._packed(), self.weight_scale, self.bias)
+        return ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+
+    # --- module protocol ---------------------------------------------------
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds: weight (packed or not), scales, bias."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode}, "
+            f"weight=int8 per-channel, nbytes={self.nbytes()}"
+        )
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        # .half() / .to(dtype) convert float buffers; the kernels want float32
+        # scales and the bias is kept in float32 (converted per call anyway).
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = self.weight_scale.float()
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        destination[prefix + "weight"] = self.weight_int8().detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            shape = (self.out_features, self.in_features)
+            if not isinstance(w, Tensor) or w.dtype != torch.int8 or tuple(w.shape) != shape:
+                error_msgs.append(
+                    f"size or dtype mismatch for {key}: expected int8 {shape}, got "
+                    f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}"
+                )
+            else:
+                device = self.weight_scale.device
+                with torch.no_grad():
+                    self._set_weight(w.detach().to(device))
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def quantize_int8(
+    model: nn.Module,
+    mode: str = "dynamic",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replaces every ``nn.Linear`` that ``filter_fn(module, fqn)`` accepts with an Int8Linear.
+
+    ``fqn`` is the module's dotted name in ``model`` (``""`` for the model
+    itself). Without ``filter_fn`` every Linear is converted. The model is
+    deep-copied first unless ``inplace=True``; the converted model is
+    returned (an Int8Linear when ``model`` is itself a Linear).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"quantize_int8: mode must be one of {MODES}, got {mode!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("quantize_int8: filter_fn must be callable or None")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def accept(m: nn.Module, fqn: str) -> bool:
+        return isinstance(m, nn.Linear) and (filter_fn is None or bool(filter_fn(m, fqn)))
+
+    if accept(model, ""):
+        return Int8Linear.from_linear(model, mode=mode)
+    for fqn, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            child_fqn = f"{fqn}.{name}" if fqn else name
+            if accept(child, child_fqn):
+                setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    return model

@@ -1,0 +1,292 @@
+"""Packed weights, int8_linear and int8_weight_linear against the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import _reference
+from pykernels.ops.int8 import MAX_K
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# M, K, N: single tokens, every leftover of the 6-row x 64-column register
+# tile, K not a multiple of 4 (packing pads it) or at a power of two (the
+# padded scratch stride), N not a multiple of 16.
+SHAPES = [(1, 1, 1), (1, 256, 64), (5, 3, 17), (6, 130, 70), (13, 255, 65), (64, 1024, 48)]
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal to float rounding: 1e-5 relative in fp32, one output ulp in 16-bit."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if y.dtype == torch.float32:
+        assert rel_err(y, ref) <= 1e-5
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    else:
+        eps = torch.finfo(y.dtype).eps
+        torch.testing.assert_close(
+            y.float(), ref.float(), rtol=eps, atol=eps * float(ref.float().abs().max())
+        )
+
+
+def make(m, k, n, dtype, gen, bias=True):
+    x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, w, ws, b
+
+
+@pytest.mark.parametrize("nk", [(1, 1), (16, 4), (17, 5), (70, 130), (130, 1027)])
+def test_pack_matches_reference_and_unpacks(backend, nk, gen):
+    n, k = nk
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    p = pk.ops.pack_int8_weight(w)
+    packed = np.empty(p.packed.numel(), np.int8)
+    comp = np.empty(p.comp.numel(), np.int32)
+    _reference.int8_pack_weight(w.numpy(), packed, comp)
+    assert np.array_equal(p.packed.numpy(), packed)
+    assert np.array_equal(p.comp.numpy(), comp)
+    assert torch.equal(pk.ops.unpack_int8_weight(p), w)
+
+
+def test_pack_every_isa(cpu_isa, gen):
+    w = torch.randint(-128, 128, (100, 333), dtype=torch.int8, generator=gen)[:, 7:300]
+    p = pk.ops.pack_int8_weight(w)  # a strided view: rows 333 bytes apart
+    packed = np.empty(p.packed.numel(), np.int8)
+    comp = np.empty(p.comp.numel(), np.int32)
+    _reference.int8_pack_weight(w.contiguous().numpy(), packed, comp)
+    assert np.array_equal(p.packed.numpy(), packed) and np.array_equal(p.comp.numpy(), comp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", SHAPES)
+def test_linear_matches_reference(backend, dtype, mkn, gen):
+    m, k, n = mkn
+    x, w, ws, b = make(m, k, n, dtype, gen)
+    ref = _reference.int8_linear(x, w, ws, b)
+    assert_matches(pk.ops.int8_linear(x, w, ws, b), ref)
+    assert_matches(pk.ops.int8_linear(x, pk.ops.pack_int8_weight(w), ws, b), ref)
+    assert_matches(pk.ops.int8_linear(x, w, ws), _reference.int8_linear(x, w, ws, None))
+
+
+@pytest.mark.parametrize("mkn", [(1, 64, 64), (7, 100, 33), (12, 512, 128), (31, 260, 200)])
+def test_linear_every_isa(cpu_isa, mkn, gen):
+    m, k, n = mkn
+    for dtype in DTYPES:
+        x, w, ws, b = make(m, k, n, dtype, gen)
+        assert_matches(pk.ops.int8_linear(x, w, ws, b), _reference.int8_linear(x, w, ws, b))
+        assert_matches(
+            pk.ops.int8_weight_linear(x, w, ws, b), _reference.int8_weight_linear(x, w, ws, b)
+        )
+
+
+def test_linear_integers_are_exact(cpu_isa, gen):
+    """With unit scales the dequantized output is the int32 GEMM of the integers."""
+    m, k, n = 9, 300, 40
+    x = torch.randint(-127, 128, (m, k), generator=gen).float()
+    x[:, 0] = 127  # every row's max is 127, so its scale is exactly 1
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    y = pk.ops.int8_linear(x, w, torch.ones(n))
+    exact = (x.long() @ w.long().T).float()
+    assert torch.equal(y, exact)
+
+
+def test_linear_at_the_int32_limit(cpu_isa):
+    k = MAX_K - 1
+    x = torch.full((8, k), 127.0)
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    y = pk.ops.int8_linear(x, w, torch.ones(3))
+    assert float(y[0, 0]) == float(-127 * 128 * k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(1, 4096, 64), (3, 129, 70), (16, 64, 5)])
+def test_weight_linear_matches_reference(backend, dtype, mkn, gen):
+    m, k, n = mkn
+    x, w, ws, b = make(m, k, n, dtype, gen)
+    ref = _reference.int8_weight_linear(x, w, ws, b)
+    y = pk.ops.int8_weight_linear(x, w, ws, b)
+    assert y.dtype == dtype
+    if dtype == torch.float32:
+        assert rel_err(y, ref) <= 1e-5
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(
+            y.float(), ref.float(), rtol=eps, atol=eps * float(ref.float().abs().max())
+        )
+
+
+def test_batches_views_and_empty(gen):
+    x, w, ws, b = make(24, 40, 12, torch.float32, gen)
+    xb = x.view(2, 3, 4, 40)
+    for fn, ref in (
+        (pk.ops.int8_linear, _reference.int8_linear),
+        (pk.ops.int8_weight_linear, _reference.int8_weight_linear),
+    ):
+        y = fn(xb, w, ws, b)
+        assert y.shape == (2, 3, 4, 12)
+        assert_matches(y.reshape(24, 12), ref(x, w, ws, b))
+        wide = torch.randn(24, 60, generator=gen)
+        view = wide[:, 10:50]  # rows 60 apart
+        assert_matches(fn(view, w, ws, b), ref(view.contiguous(), w, ws, b))
+        assert fn(x[:0], w, ws, b).shape == (0, 12)
+        assert fn(xb[:, :0], w, ws, b).shape == (2, 0, 4, 12)
+        empty_k = fn(torch.randn(3, 0), w[:, :0], ws, b)
+        assert torch.equal(empty_k, b.expand(3, 12))  # an empty sum leaves the bias
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_rows_stay_in_their_row(backend, bad, gen):
+    x, w, ws, b = make(6, 50, 20, torch.float32, gen)
+    x[2, 11] = bad
+    y = pk.ops.int8_linear(x, w, ws, b)
+    assert torch.isnan(y[2]).all()  # documented: NaN across the whole row
+    others = [0, 1, 3, 4, 5]
+    assert_matches(y[others], _reference.int8_linear(x[others], w, ws, b))
+    yw = pk.ops.int8_weight_linear(x, w, ws, b)
+    assert not torch.isfinite(yw[2]).all()
+    assert torch.isfinite(yw[others]).all()
+
+
+def test_opcheck_and_compile(gen):
+    x, w, ws, b = make(7, 40, 20, torch.float32, gen)
+    p = pk.ops.pack_int8_weight(w)
+    torch.library.opcheck(torch.ops.pykernels.int8_pack_weight.default, (w,))
+    torch.library.opcheck(
+        torch.ops.pykernels.int8_linear.default,
+        (x, p.packed, p.comp, ws, b),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+    torch.library.opcheck(
+        torch.ops.pykernels.int8_weight_linear.default,
+        (x, w, ws, None),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+
+    def f(x):
+        return torch.relu(pk.ops.int8_linear(x, p, ws, b)) + pk.ops.int8_weight_linear(x, w, ws)
+
+    assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), rtol=1e-6, atol=1e-6)
+
+
+def test_backward_raises(gen):
+    x, w, ws, b = make(3, 16, 4, torch.float32, gen)
+    x.requires_grad_()
+    for fn in (pk.ops.int8_linear, pk.ops.int8_weight_linear):
+        with pytest.raises(RuntimeError, match="inference-only"):
+            fn(x, w, ws, b).sum().backward()
+
+
+W = torch.zeros(4, 8, dtype=torch.int8)
+S = torch.ones(4)
+X = torch.ones(2, 8)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((X.int(), W, S), TypeError, "x must be float32"),
+        (([1.0], W, S), TypeError, "x must be a torch.Tensor"),
+        ((X, W.float(), S), TypeError, "w_q must be int8"),
+        ((X, W[0], S), ValueError, "w_q must be 2-D"),
+        ((torch.ones(2, 7), W, S), ValueError, "K = 8"),
+        ((X, W, torch.ones(5)), ValueError, "w_scale must have shape"),
+        ((X, W, S.double()), TypeError, "w_scale must be float32"),
+        ((X, W, S, torch.ones(3)), ValueError, "bias must have shape"),
+        ((X, W, S, torch.ones(4, dtype=torch.int32)), TypeError, "bias must be a float"),
+        ((X.to("meta"), W, S), ValueError, "x is on meta"),
+        ((X, W, S.to("meta")), ValueError, "w_scale is on meta"),
+        (
+            (torch.ones(1, MAX_K), torch.zeros(1, MAX_K, dtype=torch.int8), S[:1]),
+            ValueError,
+            "overflow",
+        ),
+    ],
+)
+def test_bad_arguments(args, exc, match):
+    for fn in (pk.ops.int8_linear, pk.ops.int8_weight_linear):
+        with pytest.raises(exc, match=match):
+            fn(*args)
+
+
+def test_bad_packed_weight():
+    p = pk.ops.pack_int8_weight(W)
+    with pytest.raises(ValueError, match="w_q.comp"):
+        pk.ops.int8_linear(X, p._replace(comp=p.comp[:-1]), S)
+    with pytest.raises(ValueError, match="w_q.packed"):
+        pk.ops.int8_linear(X, p._replace(packed=p.packed.int()), S)
+    with pytest.raises(TypeError, match="Int8PackedWeight"):
+        pk.ops.unpack_int8_weight(W)
+
+
+def per_tensor_error(x, wf):
+    """Relative error of int8_linear with one scale for the whole weight."""
+    s = wf.abs().max() / 127
+    w_q = torch.round(wf / s).clamp(-127, 127).to(torch.int8)
+    y = pk.ops.int8_linear(x, w_q, torch.full((wf.shape[0],), float(s)))
+    return rel_err(y, x.double() @ wf.double().T)
+
+
+def test_per_channel_beats_per_tensor_on_outlier_rows(gen):
+    x = torch.randn(64, 512, generator=gen)
+    wf = torch.randn(256, 512, generator=gen) * 0.05
+    wf[torch.randperm(256, generator=gen)[:4]] *= 40  # a few outlier output channels
+    w_q, ws = pk.ops.quantize_per_row(wf)
+    per_channel = rel_err(pk.ops.int8_linear(x, w_q, ws), x.double() @ wf.double().T)
+    per_tensor = per_tensor_error(x, wf)
+    assert per_channel < per_tensor / 3, (per_channel, per_tensor)
+
+
+def test_accuracy_no_worse_than_quantize_dynamic(gen):
+    from torch.ao.quantization import quantize_dynamic
+
+    lin = torch.nn.Linear(512, 256)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(256, 512, generator=gen) * 0.05)
+        lin.bias.copy_(torch.randn(256, generator=gen) * 0.1)
+    x = torch.randn(64, 512, generator=gen)
+    with torch.no_grad():
+        ref = lin(x).double()
+        ours = rel_err(pk.nn.Int8Linear.from_linear(lin)(x), ref)
+        theirs = min(
+            rel_err(_quantize_dynamic(quantize_dynamic, lin, engine)(x), ref)
+            for engine in _engines()
+        )
+    assert ours <= theirs, (ours, theirs)
+
+
+def _engines() -> list[str]:
+    return [
+        e for e in ("x86", "fbgemm", "onednn") if e in torch.backends.quantized.supported_engines
+    ]
+
+
+def _quantize_dynamic(quantize_dynamic, lin, engine):
+    import copy
+    import warnings
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = quantize_dynamic(
+                torch.nn.Sequential(copy.deepcopy(lin)), {torch.nn.Linear}, dtype=torch.qint8
+            )
+    finally:
+        torch.backends.quantized.engine = previous
+
+    def run(x):
+        torch.backends.quantized.engine = engine
+        try:
+            return q(x)
+        finally:
+            torch.backends.quantized.engine = previous
+
+    return run
