@@ -101,9 +101,29 @@ def forced_kind() -> str | None:
     return kind
 
 
+# Choices already made, keyed by everything they depend on (availability does
+# not change within a process, except where tests remove the extension): the
+# search costs more than a small kernel call.
+_CHOSEN: dict[tuple, Backend] = {}
+
+
 def choose(family: str, device: torch.device | str) -> Backend:
     """The backend that runs `family` on `device` now."""
     device = torch.device(device)
+    key = (
+        family,
+        device.type,
+        os.environ.get("PYKERNELS_BACKEND", ""),
+        _native.C is None,
+        _native.C_cuda is None,
+    )
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _search(family, device)
+    return chosen
+
+
+def _search(family: str, device: torch.device) -> Backend:
     kind = forced_kind()
     reasons = []
     for b in BACKENDS:

@@ -7,9 +7,8 @@ namespace pk {
 namespace int8 {
 
 const GemmKernels* gemm_kernels_avx2() {
-  static const GemmKernels table{&gemm_rowmajor_generic, false,
-                                 &gemm_packed_generic,   &pack_generic,
-                                 &quantize_u8_generic,   &weight_only_generic};
+  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed_generic, &pack_generic,
+                                 &quantize_u8_generic, &weight_only_generic};
   return &table;
 }
 

@@ -1,6 +1,6 @@
-// AVX-512 VNNI int8 GEMM. vpdpbusd multiplies unsigned by signed bytes, so a
-// is biased to unsigned (a + 128, an xor with 0x80) and 128 * sum_k b[j, k]
-// is subtracted at the end. int32 arithmetic wraps, so the result is exact
+// AVX-512 VNNI int8 kernels. vpdpbusd multiplies unsigned by signed bytes, so
+// a is biased to unsigned (a + 128) and 128 * sum_k b[j, k] is subtracted at
+// the end. int32 arithmetic wraps, so the result is exact
 // whenever the true sum fits in int32 (K < kMaxK guarantees it).
 #include <immintrin.h>
 
@@ -10,48 +10,93 @@ namespace pk {
 namespace int8 {
 namespace {
 
-constexpr int kMr = 4, kNr = 4;
-
-template <int MR, int NR>
-void tile(const int8_t* a, const int8_t* b, int32_t* c, const int32_t* comp, int64_t i0, int64_t j0,
-          int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
-  const __m512i bias = _mm512_set1_epi8(char(0x80));
-  __m512i acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
-  for (int64_t p = 0; p < k; p += 64) {
-    const __mmask64 mask = k - p >= 64 ? ~__mmask64(0) : ((__mmask64(1) << (k - p)) - 1);
-    __m512i av[MR], bv[NR];
-    for (int i = 0; i < MR; ++i)
-      // Masked-off bytes load as 0 and become 128 after the bias; b's are 0,
-      // so they add nothing.
-      av[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a + (i0 + i) * lda + p), bias);
-    for (int j = 0; j < NR; ++j) bv[j] = _mm512_maskz_loadu_epi8(mask, b + (j0 + j) * ldb + p);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], bv[j]);
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j)
-      c[(i0 + i) * ldc + j0 + j] = _mm512_reduce_add_epi32(acc[i][j]) - comp[j0 + j];
+// GCC 12 copies and spills the accumulator of _mm512_dpbusd_epi32 when it
+// lives in an array (every iteration stored to the stack: 2.5x slower). The
+// same instruction as inline asm, accumulator tied in place, stays in its
+// register, and the tiles below name their accumulators one by one.
+inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
 }
 
-void gemm(const int8_t* a, const int8_t* b, int32_t* c, const int32_t* comp, int64_t m0, int64_t m1,
-          int64_t n0, int64_t n1, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
-  for (int64_t j = n0; j < n1; j += kNr) {
-    const bool full_n = n1 - j >= kNr;
-    for (int64_t i = m0; i < m1; i += kMr) {
-      if (full_n && m1 - i >= kMr) {
-        tile<kMr, kNr>(a, b, c, comp, i, j, k, lda, ldb, ldc);
-      } else {
-        // Leftover rows (all of them when M < 4, e.g. a single token) still
-        // share each load of a across kNr rows of b.
-        for (int64_t ii = i; ii < i + kMr && ii < m1; ++ii) {
-          if (full_n) {
-            tile<1, kNr>(a, b, c, comp, ii, j, k, lda, ldb, ldc);
-          } else {
-            for (int64_t jj = j; jj < n1; ++jj) tile<1, 1>(a, b, c, comp, ii, jj, k, lda, ldb, ldc);
-          }
-        }
+// ---- Row-major operands (int8_gemm with few rows of a) ------------------
+// Dot products along K: an MR x 4 tile of c, 64 bytes of k per step. The
+// tile sums its four rows of b itself (one more dot product with ones per
+// row of b), so a single token never pays a separate pass over b for the
+// compensation.
+constexpr int kRowNr = 4;
+
+#define PK_RACC(i) __m512i r##i##0, r##i##1, r##i##2, r##i##3;
+#define PK_RZERO(i) r##i##0 = r##i##1 = r##i##2 = r##i##3 = _mm512_setzero_si512();
+#define PK_RDOT(i)                                                                     \
+  if (MR > i) {                                                                        \
+    const __m512i av =                                                                 \
+        _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a + (i0 + i) * lda + p), bias); \
+    dpbusd(r##i##0, av, b0);                                                           \
+    dpbusd(r##i##1, av, b1);                                                           \
+    dpbusd(r##i##2, av, b2);                                                           \
+    dpbusd(r##i##3, av, b3);                                                           \
+  }
+#define PK_RROW(i) {r##i##0, r##i##1, r##i##2, r##i##3}
+
+template <int MR>
+void row_tile(const int8_t* a, const int8_t* b, int32_t* c, int64_t i0, int64_t j0, int64_t nj,
+              int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  const __m512i bias = _mm512_set1_epi8(char(0x80)), ones = _mm512_set1_epi8(1);
+  // clang-format off
+  PK_RACC(0) PK_RACC(1) PK_RACC(2) PK_RACC(3)
+  PK_RZERO(0) PK_RZERO(1) PK_RZERO(2) PK_RZERO(3);
+  // clang-format on
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  // Columns past nj read row j0 again (in bounds) and are never stored.
+  const int8_t* b0p = b + j0 * ldb;
+  const int8_t* b1p = nj > 1 ? b0p + ldb : b0p;
+  const int8_t* b2p = nj > 2 ? b0p + 2 * ldb : b0p;
+  const int8_t* b3p = nj > 3 ? b0p + 3 * ldb : b0p;
+  for (int64_t p = 0; p < k; p += 64) {
+    // Masked-off bytes load as 0: a's become 128 after the bias, b's are 0,
+    // so they add nothing.
+    const __mmask64 mask = k - p >= 64 ? ~__mmask64(0) : ((__mmask64(1) << (k - p)) - 1);
+    const __m512i b0 = _mm512_maskz_loadu_epi8(mask, b0p + p);
+    const __m512i b1 = _mm512_maskz_loadu_epi8(mask, b1p + p);
+    const __m512i b2 = _mm512_maskz_loadu_epi8(mask, b2p + p);
+    const __m512i b3 = _mm512_maskz_loadu_epi8(mask, b3p + p);
+    dpbusd(s0, ones, b0);
+    dpbusd(s1, ones, b1);
+    dpbusd(s2, ones, b2);
+    dpbusd(s3, ones, b3);
+    // clang-format off
+    PK_RDOT(0) PK_RDOT(1) PK_RDOT(2) PK_RDOT(3);
+    // clang-format on
+  }
+  const __m512i acc[4][4] = {PK_RROW(0), PK_RROW(1), PK_RROW(2), PK_RROW(3)};
+  const int32_t comp[4] = {128 * _mm512_reduce_add_epi32(s0), 128 * _mm512_reduce_add_epi32(s1),
+                           128 * _mm512_reduce_add_epi32(s2), 128 * _mm512_reduce_add_epi32(s3)};
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nj; ++j)
+      c[(i0 + i) * ldc + j0 + j] = _mm512_reduce_add_epi32(acc[i][j]) - comp[j];
+}
+#undef PK_RACC
+#undef PK_RZERO
+#undef PK_RDOT
+#undef PK_RROW
+
+void gemm(const int8_t* a, const int8_t* b, int32_t* c, int64_t m0, int64_t m1, int64_t n0,
+          int64_t n1, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  for (int64_t j = n0; j < n1; j += kRowNr) {
+    const int64_t nj = n1 - j < kRowNr ? n1 - j : kRowNr;
+    for (int64_t i = m0; i < m1; i += 4) {
+      switch (m1 - i < 4 ? m1 - i : 4) {
+        case 4:
+          row_tile<4>(a, b, c, i, j, nj, k, lda, ldb, ldc);
+          break;
+        case 3:
+          row_tile<3>(a, b, c, i, j, nj, k, lda, ldb, ldc);
+          break;
+        case 2:
+          row_tile<2>(a, b, c, i, j, nj, k, lda, ldb, ldc);
+          break;
+        default:
+          row_tile<1>(a, b, c, i, j, nj, k, lda, ldb, ldc);
       }
     }
   }
@@ -63,14 +108,6 @@ void gemm(const int8_t* a, const int8_t* b, int32_t* c, const int32_t* comp, int
 // bytes. 6 x 4 keeps 24 accumulators, 4 weight vectors and a broadcast in
 // the 32 registers: 10 loads per 24 dot products.
 constexpr int kPackMr = 6, kPackNv = 4;
-
-// GCC 12 copies and spills the accumulator of _mm512_dpbusd_epi32 when it
-// lives in an array (every iteration stored to the stack: 2.5x slower). The
-// same instruction as inline asm, accumulator tied in place, stays in its
-// register.
-inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
-  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-}
 
 inline __m512i load_u32_bcast(const uint8_t* p) {
   uint32_t v;
@@ -313,8 +350,7 @@ void quantize_u8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, in
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx512_vnni() {
-  static const GemmKernels table{&gemm, true,         &gemm_packed,
-                                 &pack, &quantize_u8, &weight_only_generic};
+  static const GemmKernels table{&gemm, &gemm_packed, &pack, &quantize_u8, &weight_only_generic};
   return &table;
 }
 

@@ -45,7 +45,7 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
 }
 
 #ifndef PK_PACK_MIN_ROWS
-#define PK_PACK_MIN_ROWS 8
+#define PK_PACK_MIN_ROWS 24
 #endif
 
 namespace {
@@ -72,7 +72,8 @@ T* scratch(int slot, int64_t count) {
 }
 
 // Below this many rows of a, int8_gemm runs on the row-major operands: with
-// few rows, packing b would cost more than it saves.
+// few rows, packing b would cost more than it saves. Measured crossover here
+// (Zen 4, 2 threads): 16 to 32 rows depending on the shape.
 constexpr int64_t kPackMinRows = int64_t(PK_PACK_MIN_ROWS);
 
 // Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
@@ -152,27 +153,15 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
     run_packed(kern, g, m);
     return;
   }
-  // Blocks of 64 columns of c; each thread streams its share of b once per
-  // block of rows of a.
+  // Few rows: the row-major kernel, threads over blocks of 64 columns of c
+  // (so a single token still uses every core).
   constexpr int64_t kNb = 64;
   const int64_t nblocks = (n + kNb - 1) / kNb;
   const int nt =
       int(std::min<int64_t>(threads_for(m * n * std::max<int64_t>(k, 1), 1 << 18), nblocks));
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t n0 = blk * kNb, n1 = std::min(n, n0 + kNb);
-    // The weight-sum compensation of this block's rows of b, computed by the
-    // thread about to stream those rows anyway (index j - n0 below).
-    int32_t comp[kNb];
-    if (kern->needs_comp) {
-      for (int64_t j = n0; j < n1; ++j) {
-        int32_t s = 0;
-        for (int64_t p = 0; p < k; ++p) s += b[j * ldb + p];
-        comp[j - n0] = 128 * s;
-      }
-    }
-    kern->gemm(a, b + n0 * ldb, c + n0, comp, 0, m, 0, n1 - n0, k, lda, ldb, ldc);
-  }
+  for (int64_t blk = 0; blk < nblocks; ++blk)
+    kern->gemm(a, b, c, 0, m, blk * kNb, std::min(n, blk * kNb + kNb), k, lda, ldb, ldc);
 }
 
 void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
@@ -218,11 +207,12 @@ void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64
   }
   const int nt =
       std::max(1, int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 18), (n + 63) / 64)));
+  float* wf = scratch<float>(1, int64_t(nt) * 4 * k);  // each thread's fp32 weight rows
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int t = 0; t < nt; ++t) {
     int64_t n0, n1;
     split_range(n, nt, t, 4, &n0, &n1);
-    if (n0 < n1) kern->weight_only(xp, m, k, w, w_scale, bias, y, yt, n, n0, n1);
+    if (n0 < n1) kern->weight_only(xp, m, k, w, w_scale, bias, y, yt, n, n0, n1, wf + t * 4 * k);
   }
 }
 

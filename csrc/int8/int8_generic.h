@@ -50,9 +50,8 @@ inline void store_out(const PackedGemm& g, int64_t row, int64_t col, int32_t acc
 
 // Row-major operands, no packing: plain dot products widened to int32.
 [[maybe_unused]] void gemm_rowmajor_generic(const int8_t* a, const int8_t* b, int32_t* c,
-                                            const int32_t*, int64_t m0, int64_t m1, int64_t n0,
-                                            int64_t n1, int64_t k, int64_t lda, int64_t ldb,
-                                            int64_t ldc) {
+                                            int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                            int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
   for (int64_t i = m0; i < m1; ++i) {
     const int8_t* ai = a + i * lda;
     for (int64_t j = n0; j < n1; ++j) {
@@ -143,31 +142,88 @@ inline float abs_f(float v) { return v < 0.0f ? -v : v; }
 }
 
 // Four output columns at a time so each load of x serves four weight rows.
+// With one or two rows of x the int8 weight is converted as it streams by;
+// with more, each block of four weight rows is converted to fp32 once (into
+// `wf`, 4 * k floats) and a 4 x 4 tile of dot products reuses it for every
+// four rows of x.
 [[maybe_unused]] void weight_only_generic(const float* x, int64_t m, int64_t k, const int8_t* w,
                                           const float* w_scale, const float* bias, void* y,
-                                          FType yt, int64_t n, int64_t n0, int64_t n1) {
+                                          FType yt, int64_t n, int64_t n0, int64_t n1, float* wf) {
   for (int64_t j = n0; j < n1; j += 4) {
     const int nj = int(n1 - j < 4 ? n1 - j : 4);
+    // Rows past n1 repeat row j (in bounds) and are never stored.
     const int8_t* w0 = w + j * k;
     const int8_t* w1 = nj > 1 ? w0 + k : w0;
     const int8_t* w2 = nj > 2 ? w0 + 2 * k : w0;
     const int8_t* w3 = nj > 3 ? w0 + 3 * k : w0;
-    for (int64_t i = 0; i < m; ++i) {
-      const float* xi = x + i * k;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t p = 0; p < k; ++p) {
-        s0 += xi[p] * float(w0[p]);
-        s1 += xi[p] * float(w1[p]);
-        s2 += xi[p] * float(w2[p]);
-        s3 += xi[p] * float(w3[p]);
-      }
-      const float s[4] = {s0, s1, s2, s3};
+    auto finish = [&](int64_t i, const float* s) {
       for (int t = 0; t < nj; ++t) {
         float v = s[t] * w_scale[j + t];
         if (bias) v += bias[j + t];
         store_f(y, yt, i * n + j + t, v);
       }
+    };
+    if (m <= 2) {
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xi = x + i * k;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t p = 0; p < k; ++p) {
+          s0 += xi[p] * float(w0[p]);
+          s1 += xi[p] * float(w1[p]);
+          s2 += xi[p] * float(w2[p]);
+          s3 += xi[p] * float(w3[p]);
+        }
+        const float s[4] = {s0, s1, s2, s3};
+        finish(i, s);
+      }
+      continue;
+    }
+    float* f0 = wf;
+    float* f1 = wf + k;
+    float* f2 = wf + 2 * k;
+    float* f3 = wf + 3 * k;
+#pragma omp simd
+    for (int64_t p = 0; p < k; ++p) {
+      f0[p] = float(w0[p]);
+      f1[p] = float(w1[p]);
+      f2[p] = float(w2[p]);
+      f3[p] = float(w3[p]);
+    }
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      const float* xa = x + i * k;
+      const float* xb = xa + k;
+      const float* xc = xa + 2 * k;
+      const float* xd = xa + 3 * k;
+      float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+      float c0 = 0, c1 = 0, c2 = 0, c3 = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3)
+      for (int64_t p = 0; p < k; ++p) {
+        a0 += xa[p] * f0[p], a1 += xa[p] * f1[p], a2 += xa[p] * f2[p], a3 += xa[p] * f3[p];
+        b0 += xb[p] * f0[p], b1 += xb[p] * f1[p], b2 += xb[p] * f2[p], b3 += xb[p] * f3[p];
+        c0 += xc[p] * f0[p], c1 += xc[p] * f1[p], c2 += xc[p] * f2[p], c3 += xc[p] * f3[p];
+        d0 += xd[p] * f0[p], d1 += xd[p] * f1[p], d2 += xd[p] * f2[p], d3 += xd[p] * f3[p];
+      }
+      const float sa[4] = {a0, a1, a2, a3}, sb[4] = {b0, b1, b2, b3};
+      const float sc[4] = {c0, c1, c2, c3}, sd[4] = {d0, d1, d2, d3};
+      finish(i, sa);
+      finish(i + 1, sb);
+      finish(i + 2, sc);
+      finish(i + 3, sd);
+    }
+    for (; i < m; ++i) {
+      const float* xi = x + i * k;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t p = 0; p < k; ++p) {
+        s0 += xi[p] * f0[p];
+        s1 += xi[p] * f1[p];
+        s2 += xi[p] * f2[p];
+        s3 += xi[p] * f3[p];
+      }
+      const float s[4] = {s0, s1, s2, s3};
+      finish(i, s);
     }
   }
 }

@@ -44,11 +44,9 @@ static inline int64_t scratch_ld(int64_t kp) { return kp % 256 == 0 ? kp + 64 : 
 
 struct GemmKernels {
   // Row-major operands, no packing: c[i, j] for rows i in [m0, m1) of a and
-  // rows j in [n0, n1) of b. comp[j] = 128 * sum_k b[j, k] when needs_comp.
-  void (*gemm)(const int8_t* a, const int8_t* b, int32_t* c, const int32_t* comp, int64_t m0,
-               int64_t m1, int64_t n0, int64_t n1, int64_t k, int64_t lda, int64_t ldb,
-               int64_t ldc);
-  bool needs_comp;
+  // rows j in [n0, n1) of b.
+  void (*gemm)(const int8_t* a, const int8_t* b, int32_t* c, int64_t m0, int64_t m1, int64_t n0,
+               int64_t n1, int64_t k, int64_t lda, int64_t ldb, int64_t ldc);
   // Rows [m0, m1) and 16-column panels [p0, p1) of a packed GEMM; p0 is a
   // multiple of 4 and p1 ends a block of four panels (or the last block).
   void (*gemm_packed)(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
@@ -60,9 +58,10 @@ struct GemmKernels {
   void (*quantize_u8)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                       float* scale, int64_t r0, int64_t r1);
   // Weight-only linear for output columns [n0, n1): x is M x K fp32 (row
-  // stride k), w row-major N x K int8.
+  // stride k), w row-major N x K int8; wf is 4 * k floats of scratch.
   void (*weight_only)(const float* x, int64_t m, int64_t k, const int8_t* w, const float* w_scale,
-                      const float* bias, void* y, FType yt, int64_t n, int64_t n0, int64_t n1);
+                      const float* bias, void* y, FType yt, int64_t n, int64_t n0, int64_t n1,
+                      float* wf);
 };
 
 const GemmKernels* gemm_kernels_portable();

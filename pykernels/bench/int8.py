@@ -1,14 +1,25 @@
-"""int8 GEMM against torch._int_mm (PERFORMANCE.md shapes, M x K x N).
+"""int8 against its peers on PERFORMANCE.md's shapes (M x K x N, Y = X W^T).
 
-The baseline is ``torch._int_mm(a, b.T)``; both compute int32 exactly.
-``Int8Linear`` against quantize_dynamic and bf16 arrives with the layer.
+* ``gemm``: ``pk.ops.int8_gemm`` vs ``torch._int_mm`` (both exact int32).
+* ``linear``: ``pk.nn.Int8Linear`` forward, activation quantization and
+  dequantization included, vs ``torch.ao.quantization.quantize_dynamic``
+  with each engine (x86, fbgemm, onednn; ratios are over the fastest in the
+  same run), bf16 and fp32 ``F.linear``. Weight-only mode is shown where it
+  is meant to be used (M <= 16).
+* ``linear cold``: the same with several weight copies rotated per call (as
+  a model's many layers are), so no weight is still in cache.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from .. import ops
+from ..nn import Int8Linear
 from . import Case
 
 SHAPES = [
@@ -18,14 +29,110 @@ SHAPES = [
     (512, 1024, 1024),
     (2048, 768, 3072),
 ]
+ENGINES = ("x86", "fbgemm", "onednn")
+COLD_COPIES = 4  # 4 x 16 MiB of int8 weights (64 MiB fp32 each) > the 32 MiB L3 here
+
+
+def _engines() -> list[str]:
+    return [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
+
+
+def _quantize_dynamic(lin: torch.nn.Linear, engine: str):
+    """A quantize_dynamic copy of `lin` packed with `engine`, and a call that runs it there."""
+    from torch.ao.quantization import quantize_dynamic
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = quantize_dynamic(
+                torch.nn.Sequential(copy.deepcopy(lin)), {torch.nn.Linear}, dtype=torch.qint8
+            )
+    finally:
+        torch.backends.quantized.engine = previous
+    return q
+
+
+def _rotating(calls):
+    """One callable that runs calls[0], calls[1], ... in turn."""
+    state = {"i": 0}
+
+    def run():
+        i = state["i"]
+        state["i"] = (i + 1) % len(calls)
+        return calls[i]()
+
+    return run
+
+
+def _with_engine(engine: str, fn):
+    def run():
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            return fn()
+        finally:
+            torch.backends.quantized.engine = previous
+
+    return run
+
+
+def _linear_case(m: int, k: int, n: int, copies: int, reps: int, gen) -> Case:
+    lins = []
+    for _ in range(copies):
+        lin = torch.nn.Linear(k, n)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+        lins.append(lin)
+    x = torch.randn(m, k, generator=gen)
+    xb = x.bfloat16()
+    impls = {}
+    with torch.no_grad():
+        w32 = [(lin.weight.detach(), lin.bias.detach()) for lin in lins]
+        w16 = [(w.bfloat16(), b.bfloat16()) for w, b in w32]
+        impls["fp32 F.linear"] = _rotating([lambda w=w, b=b: F.linear(x, w, b) for w, b in w32])
+        impls["bf16 F.linear"] = _rotating([lambda w=w, b=b: F.linear(xb, w, b) for w, b in w16])
+        for engine in _engines():
+            qs = [_quantize_dynamic(lin, engine) for lin in lins]
+            impls[f"quantize_dynamic {engine}"] = _with_engine(
+                engine, _rotating([lambda q=q: q(x) for q in qs])
+            )
+        dyn = [Int8Linear.from_linear(lin) for lin in lins]
+        impls["pk Int8Linear"] = _rotating([lambda q=q: q(x) for q in dyn])
+        impls["pk Int8Linear bf16"] = _rotating([lambda q=q: q(xb) for q in dyn])
+        if m <= 16:
+            wo = [Int8Linear.from_linear(lin, mode="weight_only") for lin in lins]
+            impls["pk Int8Linear weight_only"] = _rotating([lambda q=q: q(x) for q in wo])
+    label = "linear cold" if copies > 1 else "linear"
+    return Case(
+        family="int8",
+        name=f"{label} {m}x{k}x{n}",
+        device="cpu",
+        impls={name: _no_grad(fn) for name, fn in impls.items()},
+        baseline=tuple(f"quantize_dynamic {e}" for e in _engines()),
+        bytes_moved=m * k * 4 + n * k + m * n * 4,
+        reps=reps,
+        notes={"copies": str(copies)},
+    )
+
+
+def _no_grad(fn):
+    def run():
+        with torch.inference_mode():
+            return fn()
+
+    return run
 
 
 def cases(device: str, quick: bool = False) -> list[Case]:
     if device != "cpu":
         return []  # no CUDA int8 kernels yet
     gen = torch.Generator().manual_seed(0)
+    shapes = SHAPES[:3] if quick else SHAPES
+    reps = 3 if quick else 7
     out = []
-    for m, k, n in SHAPES[:3] if quick else SHAPES:
+    for m, k, n in shapes:
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
         b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
         bt = b.t()
@@ -40,7 +147,12 @@ def cases(device: str, quick: bool = False) -> list[Case]:
                 },
                 baseline="torch._int_mm",
                 bytes_moved=m * k + n * k + 4 * m * n,
-                reps=3 if quick else 5,
+                reps=reps,
             )
         )
+    for m, k, n in shapes:
+        out.append(_linear_case(m, k, n, 1, reps, gen))
+    if not quick:
+        for m, k, n in SHAPES[:2]:  # where the weight, not the arithmetic, is the cost
+            out.append(_linear_case(m, k, n, COLD_COPIES, reps, gen))
     return out

@@ -180,8 +180,7 @@ def _no_backward(name: str):
     return backward
 
 
-@torch.library.custom_op("pykernels::int8_linear", mutates_args=())
-def _linear_op(
+def _linear_impl(
     x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None
 ) -> Tensor:
     m, k = x.shape
@@ -216,13 +215,19 @@ def _linear_op(
     return _reference.int8_linear(x, w, w_scale, bias)
 
 
+@torch.library.custom_op("pykernels::int8_linear", mutates_args=())
+def _linear_op(
+    x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    return _linear_impl(x, packed, comp, w_scale, bias)
+
+
 @_linear_op.register_fake
 def _(x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], w_scale.shape[0])
 
 
-@torch.library.custom_op("pykernels::int8_weight_linear", mutates_args=())
-def _weight_linear_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def _weight_linear_impl(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     m = x.shape[0]
     n = w.shape[0]
     backend = backends.choose("int8", x.device)
@@ -253,6 +258,11 @@ def _weight_linear_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None
     return _reference.int8_weight_linear(x, w, w_scale, bias)
 
 
+@torch.library.custom_op("pykernels::int8_weight_linear", mutates_args=())
+def _weight_linear_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return _weight_linear_impl(x, w, w_scale, bias)
+
+
 @_weight_linear_op.register_fake
 def _(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
@@ -268,6 +278,15 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "pykernels::int8_weight_linear", _no_backward("int8_weight_linear"), setup_context=_setup
 )
+
+
+def _direct(x: Tensor) -> bool:
+    """Whether an eager call may skip the dispatcher (about 10 us a call).
+
+    Only when nothing traces (torch.compile, export) and no gradient is
+    wanted: the custom op is what compiles and what raises on backward.
+    """
+    return not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _check_weight(fn: str, w_q: Tensor) -> None:
@@ -364,7 +383,8 @@ def int8_linear(
         x2 = x2.contiguous()
     if not isinstance(w_q, Int8PackedWeight):
         w_q = pack_int8_weight(w_q)
-    y = torch.ops.pykernels.int8_linear(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
+    op = _linear_impl if _direct(x2) else torch.ops.pykernels.int8_linear
+    y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
     return y.view(*lead, n)
 
 
@@ -390,5 +410,6 @@ def int8_weight_linear(
         return y if bias32 is None or k else (y + bias32).to(x.dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.ops.pykernels.int8_weight_linear(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
+    op = _weight_linear_impl if _direct(x2) else torch.ops.pykernels.int8_weight_linear
+    y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
     return y.view(*lead, n)
