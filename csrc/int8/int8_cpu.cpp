@@ -145,9 +145,13 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
     pack_weight_cpu(b, n, k, ldb, bp, comp);
     const int64_t ldu = scratch_ld(kp);
     uint8_t* au = scratch<uint8_t>(2, m * ldu);
+    const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 16), m)));
+#pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < m; ++i) {
       uint8_t* dst = au + i * ldu;
-      for (int64_t p = 0; p < ldu; ++p) dst[p] = p < k ? uint8_t(a[i * lda + p] ^ 0x80) : 128;
+      const int8_t* src = a + i * lda;
+      for (int64_t p = 0; p < k; ++p) dst[p] = uint8_t(src[p]) ^ 0x80;
+      for (int64_t p = k; p < ldu; ++p) dst[p] = 128;
     }
     PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
     run_packed(kern, g, m);
