@@ -7,7 +7,8 @@ family will use. See README.md.
 
 from . import backends, nn, ops
 from .info import info, version
-from .nn import quantize_int8
+from .nn import quantize_int8, sparsify
+from .ops.sparse import prune
 
 __version__ = version()
 
@@ -27,8 +28,10 @@ __all__ = [
     "info",
     "nn",
     "ops",
+    "prune",
     "quantize_int8",
     "set_num_threads",
+    "sparsify",
     "version",
     "__version__",
 ]

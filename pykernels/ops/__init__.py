@@ -9,6 +9,7 @@ from .int8 import (
     quantize_per_row,
     unpack_int8_weight,
 )
+from .sparse import SparseWeight, prune, sparse_linear, to_dense, to_sparse
 from .topk import topk_densify, topk_sparsify
 
 __all__ = [
@@ -17,7 +18,12 @@ __all__ = [
     "int8_linear",
     "int8_weight_linear",
     "pack_int8_weight",
+    "prune",
     "quantize_per_row",
+    "SparseWeight",
+    "sparse_linear",
+    "to_dense",
+    "to_sparse",
     "topk_densify",
     "topk_sparsify",
     "unpack_int8_weight",

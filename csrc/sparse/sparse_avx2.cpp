@@ -1,0 +1,14 @@
+// Sparse kernels for the avx2 build: sparse_generic.h compiled with this
+// file's flags (set in CMakeLists.txt).
+#include "sparse_generic.h"
+
+namespace pk {
+namespace sparse {
+
+const Kernels* kernels_avx2() {
+  static const Kernels table{&forward_generic, &backward_x_generic, &sddmm_generic};
+  return &table;
+}
+
+}  // namespace sparse
+}  // namespace pk

@@ -1,0 +1,141 @@
+// CPU sparse driver: checks, the transposed activation chunks the kernels
+// read, threads split by stored values (not rows, so skewed rows balance),
+// ISA choice per call.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/cpu_features.h"
+#include "../common/parallel.h"
+#include "sparse.h"
+#include "sparse_isa.h"
+
+namespace pk {
+namespace sparse {
+namespace {
+
+const Kernels* kernels() {
+#ifdef PK_HAVE_AVX512
+  if (active_isa() >= Isa::avx512) return kernels_avx512();
+#endif
+#ifdef PK_HAVE_AVX2
+  if (active_isa() >= Isa::avx2) return kernels_avx2();
+#endif
+  return kernels_portable();
+}
+
+template <class T>
+T* scratch(int slot, int64_t count) {
+  static thread_local std::vector<T> bufs[4];
+  std::vector<T>& v = bufs[slot];
+  if (int64_t(v.size()) < count) v.resize(static_cast<size_t>(count));
+  return v.data();
+}
+
+int64_t stored_rows(const Matrix& w) { return w.block == 1 ? w.n : (w.n + kBlock - 1) / kBlock; }
+
+// First row of part t of nt, cutting where the stored values are split evenly.
+int64_t balanced_cut(const Matrix& w, int64_t rows, int t, int nt) {
+  if (t <= 0) return 0;
+  if (t >= nt) return rows;
+  const int64_t target = w.row_ptr[rows] / nt * t;
+  return std::lower_bound(w.row_ptr, w.row_ptr + rows + 1, target) - w.row_ptr;
+}
+
+// xt[c][i] = x[m0 + i][c] for i < mc, zero for mc <= i < mc_pad.
+void transpose_chunk(const float* x, int64_t ldx, int64_t m0, int64_t mc, int64_t cols, int mc_pad,
+                     float* xt, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    const int64_t c1 = std::min(cols, c0 + 64);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = mc; i < mc_pad; ++i) xt[c * mc_pad + i] = 0.0f;
+    for (int64_t i = 0; i < mc; ++i) {
+      const float* xr = x + (m0 + i) * ldx;
+      for (int64_t c = c0; c < c1; ++c) xt[c * mc_pad + i] = xr[c];
+    }
+  }
+}
+
+void check(const Matrix& w) {
+  PK_CHECK_ARG(w.n >= 0 && w.k >= 0, "weight: negative shape");
+  PK_CHECK_ARG(w.block == 1 || w.block == kBlock, "weight: block size must be 1 or ", kBlock);
+  PK_CHECK_ARG(!w.col16 || w.k <= 65536, "weight: 16-bit column indices need K <= 65536");
+  PK_CHECK_ARG(w.row_ptr, "weight: row_ptr must not be null");
+}
+
+}  // namespace
+
+void linear_cpu(const Matrix& w, const float* x, int64_t m, int64_t ldx, const float* bias,
+                float* y) {
+  check(w);
+  PK_CHECK_ARG(m >= 0, "x: negative number of rows");
+  PK_CHECK_ARG(ldx >= w.k, "x: row stride ", ldx, " is smaller than K = ", w.k);
+  if (m == 0 || w.n == 0) return;
+  const Kernels* kern = kernels();
+  const int64_t rows = stored_rows(w), nnz = w.row_ptr[rows];
+  const int nt = std::max(1, int(std::min<int64_t>(threads_for(nnz * m + w.n, 1 << 16), rows)));
+  const int mc_pad = m == 1 ? 1 : (m <= 16 ? 16 : 32);
+  float* xt = mc_pad == 1 ? nullptr : scratch<float>(0, w.k * mc_pad);
+  for (int64_t m0 = 0; m0 < m; m0 += mc_pad) {
+    const int64_t mc = std::min<int64_t>(mc_pad, m - m0);
+    const float* src = x + m0 * ldx;  // one token: its row is already contiguous
+    if (mc_pad != 1) {
+      transpose_chunk(x, ldx, m0, mc, w.k, mc_pad, xt, nt);
+      src = xt;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int t = 0; t < nt; ++t) {
+      const int64_t r0 = balanced_cut(w, rows, t, nt), r1 = balanced_cut(w, rows, t + 1, nt);
+      if (r0 < r1) kern->forward(w, src, mc_pad, mc, bias, y + m0 * w.n, w.n, r0, r1);
+    }
+  }
+}
+
+void linear_backward_cpu(const Matrix& w, const float* dy, const float* x, int64_t m, int64_t ldx,
+                         float* dx, float* dvalues) {
+  check(w);
+  PK_CHECK_ARG(w.block == 1, "backward takes CSR; expand blocks first");
+  PK_CHECK_ARG(m >= 0 && ldx >= w.k, "x: bad shape or row stride");
+  const int64_t rows = w.n, nnz = w.row_ptr[rows];
+  if (dvalues) std::memset(dvalues, 0, sizeof(float) * size_t(nnz));
+  if (dx) std::memset(dx, 0, sizeof(float) * size_t(m * w.k));
+  if (m == 0 || w.n == 0) return;
+  const Kernels* kern = kernels();
+  const int nt =
+      std::max(1, int(std::min<int64_t>(threads_for(nnz * m + w.n + w.k, 1 << 16), rows)));
+  const int mc_pad = m == 1 ? 1 : (m <= 16 ? 16 : 32);
+  float* xt = scratch<float>(0, w.k * mc_pad);
+  float* dyt = scratch<float>(1, w.n * mc_pad);
+  // dx: each thread scatters its rows into a private K x mc_pad buffer; the
+  // buffers are summed after (no two threads write one element).
+  float* dxt = dx ? scratch<float>(2, int64_t(nt) * w.k * mc_pad) : nullptr;
+  for (int64_t m0 = 0; m0 < m; m0 += mc_pad) {
+    const int64_t mc = std::min<int64_t>(mc_pad, m - m0);
+    transpose_chunk(dy, w.n, m0, mc, w.n, mc_pad, dyt, nt);
+    if (dvalues) transpose_chunk(x, ldx, m0, mc, w.k, mc_pad, xt, nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int t = 0; t < nt; ++t) {
+      const int64_t r0 = balanced_cut(w, rows, t, nt), r1 = balanced_cut(w, rows, t + 1, nt);
+      if (dvalues && r0 < r1) kern->sddmm(w, dyt, xt, mc_pad, dvalues, r0, r1);
+      if (dx) {
+        float* mine = dxt + int64_t(t) * w.k * mc_pad;
+        std::memset(mine, 0, sizeof(float) * size_t(w.k * mc_pad));
+        if (r0 < r1) kern->backward_x(w, dyt, mc_pad, mine, r0, r1);
+      }
+    }
+    if (dx) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t c = 0; c < w.k; ++c)
+        for (int64_t i = 0; i < mc; ++i) {
+          float s = 0.0f;
+          for (int t = 0; t < nt; ++t) s += dxt[(int64_t(t) * w.k + c) * mc_pad + i];
+          dx[(m0 + i) * w.k + c] = s;
+        }
+    }
+  }
+}
+
+}  // namespace sparse
+}  // namespace pk

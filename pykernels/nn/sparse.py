@@ -1,0 +1,179 @@
+"""SparseLinear: a pruned ``nn.Linear`` stored sparse, faster in forward and
+backward, trainable with its mask fixed; and ``sparsify``, which swaps it into
+a model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import sparse as sp
+
+SCOPES = ("layer", "global")
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with W stored sparse (CSR, or 4x4 BSR for the block pattern).
+
+    The stored values are the layer's trainable ``values`` parameter: an
+    optimizer step updates them and never the pattern, so fine-tuning keeps
+    the sparsity. The backward pass computes dX by a transposed sparse
+    product and the gradient of the stored values only (an SDDMM), never a
+    dense weight gradient. Build it with :meth:`from_linear`.
+    """
+
+    def __init__(self, weight: sp.SparseWeight, bias: Tensor | None, pattern: str) -> None:
+        super().__init__()
+        if pattern not in sp.PATTERNS:
+            raise ValueError(f"SparseLinear: pattern must be one of {sp.PATTERNS}, got {pattern!r}")
+        self.in_features = weight.k
+        self.out_features = weight.n
+        self.pattern = pattern
+        self.block = weight.block
+        self.values = nn.Parameter(weight.values.detach().clone())
+        self.register_buffer("col", weight.col.clone())
+        self.register_buffer("row_ptr", weight.row_ptr.clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, sparsity: float | None = None, pattern: str = "unstructured"
+    ) -> SparseLinear:
+        """Prunes ``linear`` by magnitude to ``sparsity`` (see :func:`pykernels.prune`).
+
+        With ``sparsity=None`` the weight's existing zeros are kept as they are
+        (for ``"2:4"`` the pattern is applied, its sparsity being 0.5). The
+        block pattern stores 4x4 blocks. ``linear`` is not modified.
+        """
+        if not isinstance(linear, nn.Linear):
+            got = type(linear).__name__
+            raise TypeError(f"SparseLinear.from_linear: linear must be an nn.Linear, got {got}")
+        if pattern not in sp.PATTERNS:
+            raise ValueError(f"SparseLinear.from_linear: pattern must be one of {sp.PATTERNS}")
+        w = linear.weight.detach()
+        if sparsity is not None or pattern == "2:4":
+            w = sp.prune(w, sparsity, pattern)
+        block = sp.BLOCK if pattern == "block" else 1
+        return cls(sp.to_sparse(w, block), linear.bias, pattern)
+
+    def sparse_weight(self) -> sp.SparseWeight:
+        return sp.SparseWeight(
+            self.values, self.col, self.row_ptr, self.out_features, self.in_features, self.block
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sp.sparse_linear(x, self.sparse_weight(), self.bias)
+
+    def to_dense(self) -> Tensor:
+        """The dense (pruned) float32 weight [out_features, in_features]."""
+        with torch.no_grad():
+            return sp.to_dense(self.sparse_weight())
+
+    def density(self) -> float:
+        """Fraction of the weight's entries that are non-zero."""
+        total = self.in_features * self.out_features
+        return float((self.to_dense() != 0).sum()) / total if total else 0.0
+
+    def nbytes(self) -> int:
+        """Bytes held: stored values, column indices, row pointers, bias."""
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+
+    def extra_repr(self) -> str:
+        fmt = "csr" if self.block == 1 else f"bsr {self.block}x{self.block}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, pattern={self.pattern}, format={fmt}, "
+            f"density={self.density():.4f}, nbytes={self.nbytes()}"
+        )
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # The number of stored values depends on the weight, so loading takes
+        # the sizes of what it loads (dtypes and the row count must match).
+        for name in ("values", "col", "row_ptr"):
+            t = state_dict.get(prefix + name)
+            mine = getattr(self, name)
+            if isinstance(t, Tensor) and t.shape != mine.shape and t.dtype == mine.dtype:
+                if name == "row_ptr":
+                    continue  # a different row count is an error, reported below
+                fresh = torch.empty(t.shape, dtype=mine.dtype, device=mine.device)
+                if name == "values":
+                    self.values = nn.Parameter(fresh, requires_grad=mine.requires_grad)
+                else:
+                    setattr(self, name, fresh)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def sparsify(
+    model: nn.Module,
+    sparsity: float,
+    pattern: str = "unstructured",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    scope: str = "layer",
+    inplace: bool = False,
+) -> nn.Module:
+    """Prunes every ``nn.Linear`` that ``filter_fn(module, fqn)`` accepts and swaps in SparseLinear.
+
+    ``scope="layer"`` prunes each layer to ``sparsity``; ``scope="global"``
+    uses one magnitude threshold across all selected layers (as
+    ``torch.nn.utils.prune.global_unstructured`` does; for the block pattern
+    one block-norm threshold), so layers end up with different densities and
+    the selected weights as a whole have ``sparsity``. 2:4 is per group of
+    four, so its scope does not matter. Deep-copies the model unless
+    ``inplace=True``; returns the converted model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
+    if pattern not in sp.PATTERNS:
+        raise ValueError(f"sparsify: pattern must be one of {sp.PATTERNS}, got {pattern!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"sparsify: scope must be one of {SCOPES}, got {scope!r}")
+    if pattern != "2:4":
+        sparsity = sp._check_sparsity("sparsify", sparsity)
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def accept(m: nn.Module, fqn: str) -> bool:
+        return isinstance(m, nn.Linear) and (filter_fn is None or bool(filter_fn(m, fqn)))
+
+    if accept(model, ""):
+        return SparseLinear.from_linear(model, sparsity if pattern != "2:4" else None, pattern)
+    targets = []
+    for fqn, parent in model.named_modules():
+        for name, child in parent.named_children():
+            child_fqn = f"{fqn}.{name}" if fqn else name
+            if accept(child, child_fqn):
+                targets.append((parent, name, child))
+    block = sp.BLOCK if pattern == "block" else 1
+    masks = None
+    if scope == "global" and pattern != "2:4" and targets:
+        if pattern == "unstructured":
+            scores = [c.weight.detach().abs().float().reshape(-1) for _, _, c in targets]
+        else:
+            scores = [sp.block_norms(c.weight).reshape(-1) for _, _, c in targets]
+        flat = torch.cat([s.cpu() for s in scores])
+        keep = sp.magnitude_keep(flat, sp._keep_count(flat.numel(), sparsity))
+        masks, start = [], 0
+        for (_, _, c), s in zip(targets, scores):
+            part = keep[start : start + s.numel()]
+            start += s.numel()
+            if pattern == "unstructured":
+                masks.append(part.view(c.weight.shape))
+            else:
+                nb, kb = -(-c.out_features // sp.BLOCK), -(-c.in_features // sp.BLOCK)
+                masks.append(sp.expand_block_mask(part.view(nb, kb), *c.weight.shape))
+    for i, (parent, name, child) in enumerate(targets):
+        if masks is not None:
+            w = child.weight.detach()
+            pruned = torch.where(masks[i].to(w.device), w, torch.zeros_like(w))
+            layer = SparseLinear(sp.to_sparse(pruned, block), child.bias, pattern)
+        else:
+            layer = SparseLinear.from_linear(child, sparsity if pattern != "2:4" else None, pattern)
+        setattr(parent, name, layer)
+    return model

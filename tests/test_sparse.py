@@ -1,0 +1,318 @@
+"""sparse family: formats, pruning, sparse_linear forward/backward, every backend and ISA."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import pykernels as pk
+from pykernels.ops import sparse as sp
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (17, 130, 70), (40, 64, 33)]  # M, K, N
+
+
+def random_sparse(n, k, density, gen, block=1):
+    w = torch.randn(n, k, generator=gen)
+    if block == 1:
+        w[torch.rand(n, k, generator=gen) >= density] = 0
+    else:
+        keep = torch.rand(-(-n // 4), -(-k // 4), generator=gen) < density
+        w = w * sp.expand_block_mask(keep, n, k)
+    return w
+
+
+def dense_grads(x, w, b, g):
+    """x, W, b gradients of F.linear by dense autograd (W's restricted to the mask later)."""
+    xr = x.detach().clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+    br = None if b is None else b.detach().clone().requires_grad_()
+    torch.nn.functional.linear(xr, wr, br).backward(g)
+    return xr.grad, wr.grad, None if br is None else br.grad
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("nk", [(1, 1), (5, 7), (70, 130), (64, 64)])
+def test_to_sparse_round_trip_is_exact(block, nk, gen):
+    n, k = nk
+    w = random_sparse(n, k, 0.3, gen, block)
+    sw = pk.ops.to_sparse(w, block)
+    assert torch.equal(sw.to_dense(), w)
+    assert sw.col.dtype == torch.int16 and sw.values.dtype == torch.float32
+    if block == 1:
+        assert sw.nnz() == int((w != 0).sum())
+    ref = w.to_sparse_csr() if block == 1 else None
+    if ref is not None:
+        assert torch.equal(sw.row_ptr, ref.crow_indices())
+        assert torch.equal(sp.col_as_int64(sw.col), ref.col_indices())
+
+
+def test_wide_k_uses_32_bit_columns_and_unsigned_16(gen):
+    w = torch.zeros(3, 70000)
+    w[0, 69999] = 2.0
+    w[1, 40000] = -1.0  # above 32767: read back as unsigned
+    w[2, 5] = 3.0
+    sw = pk.ops.to_sparse(w)
+    assert sw.col.dtype == torch.int32
+    assert torch.equal(sw.to_dense(), w)
+    x = torch.randn(2, 70000, generator=gen)
+    torch.testing.assert_close(pk.ops.sparse_linear(x, sw), x @ w.T)
+    w16 = torch.zeros(2, 65536)
+    w16[0, 65535] = 1.5
+    w16[1, 40000] = 2.5
+    s16 = pk.ops.to_sparse(w16)
+    assert s16.col.dtype == torch.int16
+    x16 = torch.randn(3, 65536, generator=gen)
+    torch.testing.assert_close(pk.ops.sparse_linear(x16, s16), x16 @ w16.T)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("mkn", SHAPES)
+def test_forward_and_backward_match_dense(backend, block, mkn, gen):
+    m, k, n = mkn
+    w = random_sparse(n, k, 0.3, gen, block)
+    sw = pk.ops.to_sparse(w, block)
+    x = torch.randn(m, k, generator=gen, requires_grad=True)
+    b = torch.randn(n, generator=gen, requires_grad=True)
+    values = sw.values.clone().requires_grad_()
+    y = pk.ops.sparse_linear(x, sw._replace(values=values), b)
+    torch.testing.assert_close(y, x.detach().double().matmul(w.double().T).add(b.detach()).float())
+    g = torch.randn(m, n, generator=gen)
+    y.backward(g)
+    gx, gw, gb = dense_grads(x, w, b, g)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, gb)
+    stored = sw._replace(values=torch.ones_like(values)).to_dense() != 0
+    got = sw._replace(values=values.grad).to_dense()
+    torch.testing.assert_close(got, gw * stored, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 33, 70])
+def test_every_isa_and_chunk_width(cpu_isa, block, m, gen):
+    n, k = 37, 129  # edges: 4x4 blocks past n and k, chunks of 16 and 32 rows of x
+    w = random_sparse(n, k, 0.2, gen, block)
+    sw = pk.ops.to_sparse(w, block)
+    x = torch.randn(m, k, generator=gen, requires_grad=True)
+    y = pk.ops.sparse_linear(x, sw)
+    torch.testing.assert_close(y, (x.detach().double() @ w.double().T).float())
+    g = torch.randn(m, n, generator=gen)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_views_dtypes_and_empty(gen):
+    w = random_sparse(20, 48, 0.2, gen)
+    sw = pk.ops.to_sparse(w)
+    x = torch.randn(2, 3, 48, generator=gen)
+    torch.testing.assert_close(pk.ops.sparse_linear(x, sw), x @ w.T)
+    wide = torch.randn(6, 60, generator=gen)
+    torch.testing.assert_close(pk.ops.sparse_linear(wide[:, 5:53], sw), wide[:, 5:53] @ w.T)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = pk.ops.sparse_linear(x.to(dtype), sw)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), x.to(dtype).float() @ w.T, rtol=1e-2, atol=1e-2)
+    assert pk.ops.sparse_linear(x[:, :0], sw).shape == (2, 0, 20)
+    zero = pk.ops.to_sparse(torch.zeros(20, 48))
+    assert zero.nnz() == 0
+    b = torch.randn(20, generator=gen)
+    torch.testing.assert_close(pk.ops.sparse_linear(x, zero, b), b.expand(2, 3, 20))
+
+
+def test_nan_reaches_only_the_outputs_it_touches(backend, gen):
+    w = torch.zeros(6, 10)
+    w[0, 3] = 1.0
+    w[2, 3] = -2.0
+    w[4, 7] = 1.0
+    x = torch.randn(3, 10, generator=gen)
+    x[1, 3] = float("nan")
+    y = pk.ops.sparse_linear(x, pk.ops.to_sparse(w))
+    assert torch.isnan(y[1, [0, 2]]).all()
+    assert torch.isfinite(y[[0, 2]]).all() and torch.isfinite(y[1, [1, 3, 4, 5]]).all()
+
+
+def test_prune_unstructured_is_exact_magnitude(gen):
+    w = torch.randn(64, 100, generator=gen)
+    p = pk.prune(w, 0.9)
+    keep = int((p != 0).sum())
+    assert keep == 6400 - int(0.9 * 6400)
+    kept = w[p != 0].abs()
+    dropped = w[p == 0].abs()
+    assert float(kept.min()) >= float(dropped.max())
+    assert torch.equal(p[p != 0], w[p != 0])
+
+
+def test_prune_block_and_2_4(gen):
+    w = torch.randn(30, 42, generator=gen)
+    p = pk.prune(w, 0.75, "block")
+    norms = sp.block_norms(w)
+    kept_blocks = sp.block_norms(p) != 0
+    assert int(kept_blocks.sum()) == norms.numel() - int(0.75 * norms.numel())
+    assert float(norms[kept_blocks].min()) >= float(norms[~kept_blocks].max())
+    w4 = torch.randn(8, 16, generator=gen)
+    p4 = pk.prune(w4, pattern="2:4")
+    groups = (p4 != 0).view(8, 4, 4).sum(dim=2)
+    assert torch.all(groups == 2)
+    top2 = w4.abs().view(8, 4, 4).topk(2, dim=2).values.sum(dim=2)
+    torch.testing.assert_close(p4.abs().view(8, 4, 4).sum(dim=2), top2)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((torch.randn(4, 4), 1.0), ValueError, r"\[0, 1\)"),
+        ((torch.randn(4, 4), -0.1), ValueError, r"\[0, 1\)"),
+        ((torch.randn(4, 4), "half"), TypeError, "sparsity must be a float"),
+        ((torch.randn(4, 6), None, "2:4"), ValueError, "divisible by 4"),
+        ((torch.randn(4, 8), 0.7, "2:4"), ValueError, "sparsity 0.5"),
+        ((torch.randn(4, 4), 0.5, "3:4"), ValueError, "pattern must be one of"),
+        ((torch.randn(4), 0.5), ValueError, "2-D float"),
+        ((torch.randn(4, 4), None), ValueError, "needs a sparsity"),
+    ],
+)
+def test_prune_bad_arguments(args, exc, match):
+    with pytest.raises(exc, match=match):
+        pk.prune(*args)
+
+
+def test_sparse_linear_bad_arguments(gen):
+    sw = pk.ops.to_sparse(random_sparse(8, 12, 0.5, gen))
+    x = torch.randn(3, 12, generator=gen)
+    with pytest.raises(ValueError, match="K = 12"):
+        pk.ops.sparse_linear(torch.randn(3, 11), sw)
+    with pytest.raises(TypeError, match="x must be float32"):
+        pk.ops.sparse_linear(x.int(), sw)
+    with pytest.raises(TypeError, match="SparseWeight"):
+        pk.ops.sparse_linear(x, torch.randn(8, 12))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        pk.ops.sparse_linear(x, sw, torch.randn(7))
+    with pytest.raises(ValueError, match="x is on meta"):
+        pk.ops.sparse_linear(x.to("meta"), sw)
+    with pytest.raises(ValueError, match="row_ptr"):
+        pk.ops.sparse_linear(x, sw._replace(row_ptr=sw.row_ptr[:-1]))
+    bad_col = sw.col.clone()
+    bad_col[0] = 12  # past K: the native binding refuses it instead of reading out of bounds
+    with pytest.raises(ValueError, match="out of range"):
+        pk.ops.sparse_linear(x, sw._replace(col=bad_col))
+    with pytest.raises(ValueError, match="block must be"):
+        pk.ops.to_sparse(torch.randn(4, 4), block=2)
+
+
+def test_opcheck_and_compile(gen):
+    sw = pk.ops.to_sparse(random_sparse(20, 36, 0.3, gen))
+    x = torch.randn(5, 36, generator=gen)
+    b = torch.randn(20, generator=gen)
+    torch.library.opcheck(
+        torch.ops.pykernels.sparse_linear.default,
+        (x, sw.values, sw.col, sw.row_ptr, b, 20, 1),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+    layer = pk.nn.SparseLinear(sw, b, "unstructured")
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    xg = x.clone().requires_grad_()
+    compiled(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.ones(5, 20) @ sw.to_dense())
+
+
+# --- the layer ---------------------------------------------------------------
+
+
+def linear(k, n, gen):
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen))
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    return lin
+
+
+@pytest.mark.parametrize(
+    "pattern, sparsity", [("unstructured", 0.9), ("block", 0.75), ("2:4", None)]
+)
+def test_layer_forward_backward_state_dict(pattern, sparsity, gen):
+    lin = linear(64, 40, gen)
+    layer = pk.nn.SparseLinear.from_linear(lin, sparsity, pattern)
+    dense = layer.to_dense()
+    assert torch.equal(dense, pk.prune(lin.weight.detach(), sparsity, pattern))
+    x = torch.randn(9, 64, generator=gen, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, dense, lin.bias))
+    y.sum().backward()
+    assert layer.values.grad is not None and layer.bias.grad is not None
+    r = repr(layer)
+    assert f"pattern={pattern}" in r and "density=" in r
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = pk.nn.SparseLinear.from_linear(linear(64, 40, gen), sparsity, pattern)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_state_dict_resizes_when_counts_differ(gen):
+    a = pk.nn.SparseLinear.from_linear(linear(32, 16, gen))  # keeps zeros: dense here
+    lin = linear(32, 16, gen)
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 1] = 0
+    b = pk.nn.SparseLinear.from_linear(lin)
+    assert a.values.shape != b.values.shape
+    a.load_state_dict(b.state_dict())
+    x = torch.randn(4, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_optimizer_keeps_the_pattern(gen):
+    layer = pk.nn.SparseLinear.from_linear(linear(48, 24, gen), 0.8)
+    stored = layer.sparse_weight()._replace(values=torch.ones_like(layer.values)).to_dense() != 0
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 48, generator=gen)
+    target = torch.randn(16, 24, generator=gen)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (layer(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert not bool((layer.to_dense() != 0)[~stored].any())
+
+
+def test_nbytes_at_90_percent(gen):
+    layer = pk.nn.SparseLinear.from_linear(linear(1024, 1024, gen), 0.9)
+    dense_bytes = 4 * 1024 * 1024 + 4 * 1024
+    assert layer.nbytes() <= 0.2 * dense_bytes
+
+
+def test_sparsify_layer_and_global_scope(gen):
+    model = nn.Sequential(linear(64, 64, gen), nn.ReLU(), nn.Sequential(linear(64, 32, gen)))
+    with torch.no_grad():
+        model[2][0].weight.mul_(10)  # a layer of larger weights: global scope prunes it less
+    per_layer = pk.sparsify(model, 0.8)
+    assert isinstance(model[0], nn.Linear)  # a copy by default
+    densities = [m.density() for m in per_layer.modules() if isinstance(m, pk.nn.SparseLinear)]
+    assert all(abs(d - 0.2) < 1e-3 for d in densities)
+    glob = pk.sparsify(model, 0.8, scope="global")
+    layers = [m for m in glob.modules() if isinstance(m, pk.nn.SparseLinear)]
+    kept = sum(int((m.to_dense() != 0).sum()) for m in layers)
+    total = 64 * 64 + 64 * 32
+    assert kept == total - int(0.8 * total)
+    assert layers[1].density() > layers[0].density()
+    only_first = pk.sparsify(model, 0.5, filter_fn=lambda m, fqn: fqn == "0", inplace=True)
+    assert only_first is model and isinstance(model[0], pk.nn.SparseLinear)
+    assert isinstance(model[2][0], nn.Linear)
+    with pytest.raises(ValueError, match="scope"):
+        pk.sparsify(model, 0.5, scope="model")
+
+
+@pytest.mark.cuda
+def test_layer_to_cuda(gen):
+    layer = pk.nn.SparseLinear.from_linear(linear(64, 32, gen), 0.9)
+    x = torch.randn(5, 64, generator=gen)
+    ref = layer(x)
+    g = layer.to("cuda")
+    torch.testing.assert_close(g(x.cuda()).cpu(), ref, rtol=1e-5, atol=1e-5)
