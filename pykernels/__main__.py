@@ -41,6 +41,13 @@ def _bench(args: argparse.Namespace) -> int:
     cases = [c for d in devices for c in bench.collect_cases(families, d, args.quick)]
     results = bench.run(cases)
     print(bench.table(results, {c.name: c.baseline for c in cases}))
+    import importlib
+
+    for fam in families:
+        mod = importlib.import_module(f"pykernels.bench.{fam}")
+        if hasattr(mod, "summary") and any(r.family == fam for r in results):
+            print()
+            print(mod.summary(results))
     meta = {k: v for k, v in info().items() if not isinstance(v, dict)}
     meta["torch_threads"] = torch.get_num_threads()
     if args.json:
@@ -49,6 +56,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         bench.plot(args.plot, results)
         print(f"wrote {args.plot}", file=sys.stderr)
+        for fam in families:
+            mod = importlib.import_module(f"pykernels.bench.{fam}")
+            if hasattr(mod, "plot") and any(r.family == fam for r in results):
+                extra = args.plot.rsplit(".", 1)[0] + f"_{fam}.png"
+                mod.plot(extra, results)
+                print(f"wrote {extra}", file=sys.stderr)
     return 0
 
 
@@ -59,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(fn=_info)
     p_bench = sub.add_parser("bench", help="each family against its peers, with ratios")
-    p_bench.add_argument("--family", action="append", choices=["int8", "topk"], help="repeatable")
+    p_bench.add_argument(
+        "--family", action="append", choices=["int8", "sparse", "topk"], help="repeatable"
+    )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
     p_bench.add_argument("--threads", type=int, help="threads for torch and pykernels")
