@@ -12,6 +12,7 @@
 #include "common/parallel.h"
 #include "int8/int8.h"
 #include "sparse/sparse.h"
+#include "svd/svd.h"
 #include "topk/topk.h"
 
 namespace py = pybind11;
@@ -245,6 +246,37 @@ void sparse_linear_backward(py::array dy, py::array x, py::array row_ptr, py::ar
   pk::sparse::linear_backward_cpu(w, pdy, px, m, ldx, pdx, pdv);
 }
 
+// A C-contiguous buffer of `count` elements of T, any shape.
+template <class T>
+T* contiguous_of(py::array& a, const char* name, int64_t count, bool writable) {
+  if (!py::isinstance<py::array_t<T>>(a))
+    throw std::invalid_argument(std::string(name) + ": unexpected buffer dtype");
+  if (a.size() != count || !(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + ": expected a contiguous buffer of " +
+                                std::to_string(count) + " elements");
+  if (writable && !a.writeable())
+    throw std::invalid_argument(std::string(name) + ": buffer must be writable");
+  return static_cast<T*>(writable ? a.mutable_data() : const_cast<void*>(a.data()));
+}
+
+// a [B, m, n] contiguous; u [B, m, k], s [B, k], vh [B, k, n] (float32 or float64).
+template <class T>
+int batched_svd_typed(py::array& a, py::array& u, py::array& s, py::array& vh) {
+  if (a.ndim() != 3) throw std::invalid_argument("a: expected [B, m, n]");
+  const int64_t b = a.shape(0), m = a.shape(1), n = a.shape(2), k = std::min(m, n);
+  const T* pa = contiguous_of<T>(a, "a", b * m * n, false);
+  T* pu = contiguous_of<T>(u, "u", b * m * k, true);
+  T* ps = contiguous_of<T>(s, "s", b * k, true);
+  T* pv = contiguous_of<T>(vh, "vh", b * k * n, true);
+  py::gil_scoped_release nogil;
+  return pk::svd::batched_svd_cpu(pa, b, m, n, pu, ps, pv);
+}
+
+int batched_svd(py::array a, py::array u, py::array s, py::array vh) {
+  if (py::isinstance<py::array_t<float>>(a)) return batched_svd_typed<float>(a, u, s, vh);
+  return batched_svd_typed<double>(a, u, s, vh);
+}
+
 pk::Isa parse_isa(const std::string& name) {
   pk::Isa isa;
   if (!pk::isa_from_name(name, &isa))
@@ -296,6 +328,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_linear_backward", &sparse_linear_backward, py::arg("dy"), py::arg("x"),
         py::arg("row_ptr"), py::arg("col"), py::arg("values"), py::arg("n"), py::arg("dx"),
         py::arg("dvalues"), "dx = dy @ W and the gradient of W's stored values (CSR).");
+  m.def("batched_svd", &batched_svd, py::arg("a"), py::arg("u"), py::arg("s"), py::arg("vh"),
+        "One-sided Jacobi SVD of each matrix of a [B, m, n]; returns the sweeps needed.");
   m.def("cpu_info", &cpu_info);
   m.def(
       "set_cpu_isa", [](const std::string& name) { pk::set_isa_cap(parse_isa(name)); },

@@ -7,7 +7,7 @@ family will use. See README.md.
 
 from . import backends, nn, ops
 from .info import info, version
-from .nn import quantize_int8, sparsify
+from .nn import factorize, quantize_int8, sparsify
 from .ops.sparse import prune
 
 __version__ = version()
@@ -25,6 +25,7 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "backends",
+    "factorize",
     "info",
     "nn",
     "ops",

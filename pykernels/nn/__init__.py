@@ -2,5 +2,14 @@
 
 from .int8 import Int8Linear, quantize_int8
 from .sparse import SparseLinear, sparsify
+from .svd import LowRankLinear, TuckerConv2d, factorize
 
-__all__ = ["Int8Linear", "SparseLinear", "quantize_int8", "sparsify"]
+__all__ = [
+    "Int8Linear",
+    "LowRankLinear",
+    "SparseLinear",
+    "TuckerConv2d",
+    "factorize",
+    "quantize_int8",
+    "sparsify",
+]

@@ -10,18 +10,22 @@ from .int8 import (
     unpack_int8_weight,
 )
 from .sparse import SparseWeight, prune, sparse_linear, to_dense, to_sparse
+from .svd import batched_svd, randomized_svd, svd_rank
 from .topk import topk_densify, topk_sparsify
 
 __all__ = [
     "Int8PackedWeight",
+    "batched_svd",
     "int8_gemm",
     "int8_linear",
     "int8_weight_linear",
     "pack_int8_weight",
     "prune",
     "quantize_per_row",
+    "randomized_svd",
     "SparseWeight",
     "sparse_linear",
+    "svd_rank",
     "to_dense",
     "to_sparse",
     "topk_densify",

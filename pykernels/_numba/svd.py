@@ -1,0 +1,95 @@
+"""Numba svd: the one-sided Jacobi of csrc/svd/svd_cpu.cpp, same signature as
+``pykernels._C.batched_svd`` (computed in float64, returns the sweeps needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+MAX_SWEEPS = 60
+TOL = 1e-13
+
+
+@numba.njit(cache=True, nogil=True)
+def _jacobi(w, v):
+    cols, rows = w.shape
+    for j in range(cols):
+        for i in range(cols):
+            v[j, i] = 1.0 if i == j else 0.0
+    norm2 = np.empty(cols)
+    for sweep in range(1, MAX_SWEEPS + 1):
+        for j in range(cols):
+            norm2[j] = np.dot(w[j], w[j])
+        rotated = False
+        for p in range(cols - 1):
+            for q in range(p + 1, cols):
+                alpha, beta = norm2[p], norm2[q]
+                gamma = np.dot(w[p], w[q])
+                if alpha == 0.0 or beta == 0.0 or abs(gamma) <= TOL * math.sqrt(alpha * beta):
+                    continue
+                rotated = True
+                zeta = (beta - alpha) / (2.0 * gamma)
+                t = math.copysign(1.0, zeta) / (abs(zeta) + math.sqrt(1.0 + zeta * zeta))
+                c = 1.0 / math.sqrt(1.0 + t * t)
+                s = c * t
+                for i in range(rows):
+                    a, b = w[p, i], w[q, i]
+                    w[p, i] = c * a - s * b
+                    w[q, i] = s * a + c * b
+                for i in range(cols):
+                    a, b = v[p, i], v[q, i]
+                    v[p, i] = c * a - s * b
+                    v[q, i] = s * a + c * b
+                norm2[p] = max(0.0, alpha - t * gamma)
+                norm2[q] = beta + t * gamma
+        if not rotated:
+            return sweep
+    return MAX_SWEEPS + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _one(a, u, s, vh):
+    m, n = a.shape
+    k = min(m, n)
+    wide = m < n
+    w = np.ascontiguousarray(a.astype(np.float64) if wide else a.T.astype(np.float64))
+    rows = w.shape[1]
+    v = np.empty((k, k))
+    sweeps = _jacobi(w, v)
+    sv = np.sqrt(np.sum(w * w, axis=1))
+    order = np.argsort(-sv, kind="mergesort")
+    left = np.zeros((k, rows))
+    for r in range(k):
+        j = order[r]
+        if sv[j] > 0.0:
+            left[r] = w[j] / sv[j]
+        else:  # complete with unit vectors, orthogonalised against the columns so far
+            for e in range(rows):
+                d = np.zeros(rows)
+                d[e] = 1.0
+                for _ in range(2):
+                    for q in range(r):
+                        d -= np.dot(left[q], d) * left[q]
+                nn = math.sqrt(np.dot(d, d))
+                if nn > 0.5:
+                    left[r] = d / nn
+                    break
+    for r in range(k):
+        j = order[r]
+        s[r] = sv[j]
+        if not wide:
+            u[:, r] = left[r]
+            vh[r, :] = v[j]
+        else:
+            u[:, r] = v[j]
+            vh[r, :] = left[r]
+    return sweeps
+
+
+def batched_svd(a: np.ndarray, u: np.ndarray, s: np.ndarray, vh: np.ndarray) -> int:
+    worst = 0
+    for b in range(a.shape[0]):
+        worst = max(worst, _one(a[b], u[b], s[b], vh[b]))
+    return worst

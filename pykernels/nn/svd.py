@@ -1,0 +1,252 @@
+"""Low-rank layers: LowRankLinear (W ~ U S V^T as two thin factors), TuckerConv2d
+(Tucker-2 of a convolution kernel) and ``factorize``, which swaps them into a
+model where they are smaller."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import svd as ops_svd
+
+
+def _one_of(fn: str, rank, energy, tol) -> None:
+    if sum(v is not None for v in (rank, energy, tol)) != 1:
+        raise ValueError(f"{fn}: give exactly one of rank, energy and tol")
+
+
+def _factor(w: Tensor, rank: int | None, energy: float | None, tol: float | None):
+    """(u, s, vh) of the 2-D w truncated by rank, energy or relative error."""
+    if rank is not None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        rank = min(rank, min(w.shape))
+        return ops_svd.randomized_svd(w, rank)
+    _, u, s, vh = ops_svd.svd_rank(w, tol=tol, energy=energy)
+    return u, s, vh
+
+
+class LowRankLinear(nn.Module):
+    """``y = up(down(x)) + b``: ``down = sqrt(S) V^T`` [rank, in], ``up = U sqrt(S)`` [out, rank].
+
+    The two factors are ordinary parameters (balanced by sqrt(S), which
+    trains better than putting S on one side), so fine-tuning works with
+    autograd. Build it with :meth:`from_linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LowRankLinear: {name} must be a positive int, got {v!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"LowRankLinear: rank must be a non-negative int, got {rank!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.down = nn.Parameter(torch.zeros(rank, in_features))
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.energy_kept = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int | None = None,
+        energy: float | None = None,
+        tol: float | None = None,
+    ) -> LowRankLinear:
+        """Truncated SVD of ``linear.weight``: a fixed ``rank``, the smallest rank keeping
+        ``energy`` of ``||W||_F^2``, or the smallest with relative error ``<= tol``."""
+        if not isinstance(linear, nn.Linear):
+            got = type(linear).__name__
+            raise TypeError(f"LowRankLinear.from_linear: linear must be an nn.Linear, got {got}")
+        _one_of("LowRankLinear.from_linear", rank, energy, tol)
+        w = linear.weight.detach().float()
+        u, s, vh = _factor(w, rank, energy, tol)
+        layer = cls(linear.in_features, linear.out_features, s.numel(), linear.bias is not None)
+        root = s.sqrt()
+        with torch.no_grad():
+            layer.down.copy_(root[:, None] * vh)
+            layer.up.copy_(u * root[None, :])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        total = float(w.double().pow(2).sum())
+        layer.energy_kept = float(s.double().pow(2).sum()) / total if total else 1.0
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def to_dense(self) -> Tensor:
+        """The dense [out, in] weight this layer computes with."""
+        with torch.no_grad():
+            return self.up @ self.down
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, "
+            f"energy_kept={self.energy_kept:.4f}, nbytes={self.nbytes()}"
+        )
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A rank chosen by energy or tol differs between weights: take the loaded one.
+        down, up = state_dict.get(prefix + "down"), state_dict.get(prefix + "up")
+        if isinstance(down, Tensor) and isinstance(up, Tensor) and down.shape[0] == up.shape[1]:
+            r = down.shape[0]
+            if r != self.rank and down.shape[1] == self.in_features:
+                dev, dt = self.down.device, self.down.dtype
+                self.down = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
+                self.up = nn.Parameter(torch.empty(self.out_features, r, device=dev, dtype=dt))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class TuckerConv2d(nn.Module):
+    """Tucker-2 of a Conv2d: 1x1 (in -> r_in), k x k core (r_in -> r_out), 1x1 (r_out -> out).
+
+    The factors are the leading left singular vectors of the kernel unfolded
+    along its input and output channels (HOSVD); the core is the kernel
+    projected onto them. Stride, padding, dilation and bias are kept.
+    """
+
+    def __init__(self, first: nn.Conv2d, core: nn.Conv2d, last: nn.Conv2d) -> None:
+        super().__init__()
+        self.first, self.core, self.last = first, core, last
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(r_out, r_in)."""
+        return self.core.out_channels, self.core.in_channels
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        ranks: tuple[int, int] | None = None,
+        energy: float | None = None,
+    ) -> TuckerConv2d:
+        """``ranks=(r_out, r_in)``, or the smallest ranks keeping ``energy`` of each unfolding."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"TuckerConv2d.from_conv: conv must be an nn.Conv2d, got {type(conv)}")
+        if conv.groups != 1:
+            raise ValueError(
+                f"TuckerConv2d.from_conv: groups must be 1, got {conv.groups} "
+                "(grouped and depthwise convolutions are already factored by channel)"
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError("TuckerConv2d.from_conv: only padding_mode='zeros' is supported")
+        if (ranks is None) == (energy is None):
+            raise ValueError("TuckerConv2d.from_conv: give exactly one of ranks and energy")
+        w = conv.weight.detach().float()  # [O, I, kh, kw]
+        o, i = w.shape[:2]
+        if ranks is not None:
+            if (
+                not isinstance(ranks, (tuple, list))
+                or len(ranks) != 2
+                or not all(isinstance(r, int) and r >= 1 for r in ranks)
+            ):
+                raise ValueError(
+                    f"TuckerConv2d.from_conv: ranks must be two positive ints, got {ranks!r}"
+                )
+            r_out, r_in = min(ranks[0], o), min(ranks[1], i)
+            u_out = _factor(w.reshape(o, -1), r_out, None, None)[0]
+            u_in = _factor(w.transpose(0, 1).reshape(i, -1), r_in, None, None)[0]
+        else:
+            u_out = _factor(w.reshape(o, -1), None, energy, None)[0]
+            u_in = _factor(w.transpose(0, 1).reshape(i, -1), None, energy, None)[0]
+        core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)  # [r_out, r_in, kh, kw]
+        dev = conv.weight.device
+        first = nn.Conv2d(i, u_in.shape[1], 1, bias=False).to(dev)
+        mid = nn.Conv2d(
+            u_in.shape[1],
+            u_out.shape[1],
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=False,
+        ).to(dev)
+        last = nn.Conv2d(u_out.shape[1], o, 1, bias=conv.bias is not None).to(dev)
+        with torch.no_grad():
+            first.weight.copy_(u_in.T[:, :, None, None])
+            mid.weight.copy_(core)
+            last.weight.copy_(u_out[:, :, None, None])
+            if conv.bias is not None:
+                last.bias.copy_(conv.bias.detach())
+        return cls(first, mid, last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.core(self.first(x)))
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"ranks(out, in)={self.ranks}, nbytes={self.nbytes()}"
+
+
+def _nbytes(m: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def factorize(
+    model: nn.Module,
+    rank: int | None = None,
+    energy: float | None = None,
+    tol: float | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replaces each accepted Linear by a LowRankLinear (and Conv2d by a TuckerConv2d).
+
+    Exactly one of ``rank``, ``energy``, ``tol``. Convolutions take ``rank``
+    as both Tucker ranks, or ``energy``; with ``tol`` they are left alone.
+    A layer whose factorization would not be smaller than the original is
+    left alone. Deep-copies the model unless ``inplace=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"factorize: model must be an nn.Module, got {type(model).__name__}")
+    _one_of("factorize", rank, energy, tol)
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, nn.Linear):
+            new = LowRankLinear.from_linear(m, rank=rank, energy=energy, tol=tol)
+        elif isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":
+            if tol is not None:
+                return None
+            ranks = None if rank is None else (rank, rank)
+            new = TuckerConv2d.from_conv(m, ranks=ranks, energy=energy)
+        else:
+            return None
+        return new if _nbytes(new) < _nbytes(m) else None
+
+    def accept(m: nn.Module, fqn: str) -> bool:
+        return filter_fn is None or bool(filter_fn(m, fqn))
+
+    if isinstance(model, (nn.Linear, nn.Conv2d)) and accept(model, ""):
+        return convert(model) or model
+    for fqn, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            child_fqn = f"{fqn}.{name}" if fqn else name
+            if isinstance(child, (nn.Linear, nn.Conv2d)) and accept(child, child_fqn):
+                new = convert(child)
+                if new is not None:
+                    setattr(parent, name, new)
+    return model

@@ -1,0 +1,238 @@
+"""svd family: randomized_svd, svd_rank and batched_svd against the full SVD; low-rank layers."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import pykernels as pk
+from pykernels.ops import svd as ops_svd
+
+
+def with_spectrum(m, n, kind, gen):
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
+    i = torch.arange(1, k + 1, dtype=torch.float32)
+    s = {"poly": i**-0.5, "exp": torch.exp(-i / 20), "poly+": i**-0.5 + 0.05}[kind]
+    return (u * s) @ v.T, s
+
+
+def orthonormal_error(q: torch.Tensor) -> float:
+    eye = torch.eye(q.shape[1], dtype=q.dtype)
+    return float((q.T @ q - eye).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["poly", "exp", "poly+"])
+@pytest.mark.parametrize("shape", [(300, 500), (500, 300)])
+@pytest.mark.parametrize("rank", [8, 40])
+def test_randomized_svd_near_optimal(kind, shape, rank, gen):
+    a, s_true = with_spectrum(*shape, kind, gen)
+    u, s, vh = pk.ops.randomized_svd(
+        a, rank, seed=int(torch.randint(0, 2**31, (1,), generator=gen))
+    )
+    assert u.shape == (shape[0], rank) and s.shape == (rank,) and vh.shape == (rank, shape[1])
+    assert orthonormal_error(u) < 1e-5 and orthonormal_error(vh.T) < 1e-5
+    assert bool((s[:-1] >= s[1:]).all())
+    err = float(torch.linalg.norm(a - (u * s) @ vh))
+    assert err <= 1.03 * ops_svd.optimal_error(s_true, rank)
+    # A projection's singular values never exceed the true ones; the tail runs
+    # a few percent low, the leading half is accurate.
+    assert bool((s <= s_true[:rank] * (1 + 1e-4) + 1e-6).all())
+    half = rank // 2
+    torch.testing.assert_close(s[:half], s_true[:half], rtol=2e-2, atol=1e-4)
+
+
+def test_randomized_svd_deterministic_and_dtypes(gen):
+    a, _ = with_spectrum(200, 120, "poly", gen)
+    first = pk.ops.randomized_svd(a, 10, seed=3)
+    again = pk.ops.randomized_svd(a, 10, seed=3)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    u64, s64, vh64 = pk.ops.randomized_svd(a.double(), 10)
+    assert u64.dtype == torch.float64 and orthonormal_error(u64) < 1e-10
+    u16, s16, _ = pk.ops.randomized_svd(a.bfloat16(), 10)
+    assert u16.dtype == torch.float32
+    torch.testing.assert_close(s16, s64.float(), rtol=3e-2, atol=1e-3)
+
+
+def test_randomized_svd_rank_deficient_zero_and_full(gen):
+    low = torch.randn(100, 5, generator=gen) @ torch.randn(5, 80, generator=gen)
+    u, s, vh = pk.ops.randomized_svd(low, 10)
+    torch.testing.assert_close((u * s) @ vh, low, rtol=1e-4, atol=1e-4)
+    assert orthonormal_error(u) < 1e-5
+    u, s, vh = pk.ops.randomized_svd(torch.zeros(50, 40), 4)
+    assert torch.equal(s, torch.zeros(4)) and orthonormal_error(u) < 1e-5
+    a = torch.randn(30, 20, generator=gen)
+    u, s, vh = pk.ops.randomized_svd(a, 20)  # the sketch covers the matrix: exact
+    torch.testing.assert_close((u * s) @ vh, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((torch.randn(5, 4), 0), ValueError, "rank must be an int >= 1"),
+        ((torch.randn(5, 4), 5), ValueError, "rank must be <= min"),
+        ((torch.randn(5), 1), ValueError, "2-D"),
+        ((torch.ones(5, 4, dtype=torch.int32), 1), TypeError, "float tensor"),
+        ((torch.full((5, 4), float("nan")), 1), ValueError, "NaN or inf"),
+        (([[1.0]], 1), TypeError, "torch.Tensor"),
+    ],
+)
+def test_randomized_svd_bad_arguments(args, exc, match):
+    with pytest.raises(exc, match=match):
+        pk.ops.randomized_svd(*args)
+
+
+@pytest.mark.parametrize("kind", ["poly", "exp"])
+@pytest.mark.parametrize("tol", [0.5, 0.2, 0.05])
+def test_svd_rank_matches_the_full_svd(kind, tol, gen):
+    a, _ = with_spectrum(400, 300, kind, gen)
+    r, u, s, vh = pk.ops.svd_rank(a, tol=tol)
+    sf = torch.linalg.svdvals(a.double())
+    tail = torch.flip(torch.cumsum(torch.flip(sf**2, [0]), 0), [0])
+    errs = torch.cat([tail[1:], tail.new_zeros(1)]) / tail[0]
+    r_ref = int((errs <= tol**2).nonzero()[0]) + 1
+    assert abs(r - r_ref) <= max(1, round(0.02 * r_ref)), (r, r_ref)
+    achieved = float(torch.linalg.norm(a - (u * s) @ vh) / torch.linalg.norm(a))
+    assert achieved <= tol * 1.01
+    assert u.shape == (400, r) and vh.shape == (r, 300)
+    r_e, *_ = pk.ops.svd_rank(a, energy=1 - tol**2)
+    assert abs(r_e - r_ref) <= max(1, round(0.02 * r_ref))
+
+
+def test_svd_rank_edges_and_errors(gen):
+    r, u, s, vh = pk.ops.svd_rank(torch.zeros(20, 30), tol=0.1)
+    assert r == 0 and u.shape == (20, 0)
+    low = torch.randn(60, 3, generator=gen) @ torch.randn(3, 50, generator=gen)
+    assert pk.ops.svd_rank(low, tol=1e-3)[0] == 3
+    with pytest.raises(ValueError, match="exactly one"):
+        pk.ops.svd_rank(low)
+    with pytest.raises(ValueError, match="tol must be"):
+        pk.ops.svd_rank(low, tol=1.5)
+    with pytest.raises(ValueError, match="energy must be"):
+        pk.ops.svd_rank(low, energy=0)
+
+
+@pytest.mark.parametrize("shape", [(5, 16, 16), (3, 40, 12), (3, 12, 40), (2, 1, 7), (4, 64, 64)])
+def test_batched_svd_matches_reference(backend, shape, gen):
+    a = torch.randn(*shape, generator=gen)
+    a[0] = 0.0  # an all-zero matrix
+    if shape[1] > 2 and shape[2] > 2:
+        a[-1, :, 2] = a[-1, :, 1]  # a rank-deficient one
+    u, s, vh = pk.ops.batched_svd(a)
+    k = min(shape[1:])
+    assert u.shape == (shape[0], shape[1], k) and vh.shape == (shape[0], k, shape[2])
+    torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((u * s[:, None, :]) @ vh, a, rtol=1e-5, atol=1e-5)
+    eye = torch.eye(k)
+    assert float((u.transpose(1, 2) @ u - eye).abs().max()) < 1e-5
+    assert float((vh @ vh.transpose(1, 2) - eye).abs().max()) < 1e-5
+    assert bool((s[:, :-1] >= s[:, 1:]).all())
+
+
+def test_batched_svd_dtypes_batches_and_errors(gen):
+    a = torch.randn(2, 3, 10, 6, generator=gen, dtype=torch.float64)
+    u, s, vh = pk.ops.batched_svd(a)
+    assert u.shape == (2, 3, 10, 6) and s.dtype == torch.float64
+    torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-10, atol=1e-10)
+    assert pk.ops.batched_svd(torch.randn(0, 4, 4))[1].shape == (0, 4)
+    assert pk.ops.batched_svd(a.half())[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="small matrices"):
+        pk.ops.batched_svd(torch.randn(1, 300, 300))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pk.ops.batched_svd(torch.full((1, 3, 3), float("inf")))
+    with pytest.raises(TypeError, match="float"):
+        pk.ops.batched_svd(torch.ones(1, 3, 3, dtype=torch.int64))
+
+
+# --- layers --------------------------------------------------------------------
+
+
+def linear_with_spectrum(k, n, gen):
+    lin = nn.Linear(k, n)
+    w, _ = with_spectrum(n, k, "poly", gen)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    return lin
+
+
+@pytest.mark.parametrize("kw", [{"rank": 16}, {"energy": 0.8}, {"tol": 0.4}])
+def test_low_rank_linear(kw, gen):
+    lin = linear_with_spectrum(96, 64, gen)
+    layer = pk.nn.LowRankLinear.from_linear(lin, **kw)
+    s_full = torch.linalg.svdvals(lin.weight.detach().double())
+    r = layer.rank
+    err = float(torch.linalg.norm(layer.to_dense().double() - lin.weight.detach().double()))
+    assert err <= 1.03 * ops_svd.optimal_error(s_full, r)
+    if "tol" in kw:
+        w = lin.weight.detach()
+        rel = float(torch.linalg.norm(layer.to_dense() - w) / torch.linalg.norm(w))
+        assert rel <= kw["tol"] * 1.01
+    x = torch.randn(5, 96, generator=gen, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, layer.to_dense(), lin.bias))
+    y.sum().backward()
+    assert layer.down.grad is not None and layer.up.grad is not None
+    assert f"rank={r}" in repr(layer) and "energy_kept=" in repr(layer)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = pk.nn.LowRankLinear.from_linear(linear_with_spectrum(96, 64, gen), **kw)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_low_rank_linear_trains(gen):
+    layer = pk.nn.LowRankLinear.from_linear(linear_with_spectrum(32, 16, gen), rank=4)
+    x = torch.randn(64, 32, generator=gen)
+    target = torch.randn(64, 16, generator=gen)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (layer(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_tucker_conv2d(gen):
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(2, 16, 12, 12, generator=gen)
+    full = pk.nn.TuckerConv2d.from_conv(conv, ranks=(24, 16))  # full ranks: exact
+    torch.testing.assert_close(full(x), conv(x), rtol=1e-4, atol=1e-4)
+    small = pk.nn.TuckerConv2d.from_conv(conv, ranks=(8, 4))
+    assert small.ranks == (8, 4) and small(x).shape == conv(x).shape
+    assert small.nbytes() < sum(p.numel() * 4 for p in conv.parameters())
+    by_energy = pk.nn.TuckerConv2d.from_conv(conv, energy=0.9)
+    assert by_energy(x).shape == conv(x).shape
+    with pytest.raises(ValueError, match="groups must be 1"):
+        pk.nn.TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), ranks=(2, 2))
+    with pytest.raises(ValueError, match="exactly one"):
+        pk.nn.TuckerConv2d.from_conv(conv)
+
+
+def test_factorize_skips_layers_that_would_grow(gen):
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 6 * 6, 256), nn.Linear(256, 4)
+    )
+    out = pk.factorize(model, rank=8)
+    assert isinstance(model[2], nn.Linear)  # a copy by default
+    assert isinstance(out[0], pk.nn.TuckerConv2d)
+    assert isinstance(out[2], pk.nn.LowRankLinear)
+    assert isinstance(out[3], nn.Linear)  # rank 8 of a 4 x 256 weight would not be smaller
+    x = torch.randn(2, 8, 8, 8, generator=gen)
+    assert out(x).shape == (2, 4)
+    only = pk.factorize(model, energy=0.5, filter_fn=lambda m, fqn: fqn == "2")
+    assert isinstance(only[2], pk.nn.LowRankLinear) and isinstance(only[0], nn.Conv2d)
+    with pytest.raises(ValueError, match="exactly one"):
+        pk.factorize(model, rank=4, energy=0.5)
