@@ -43,7 +43,7 @@ def test_randomized_svd_near_optimal(kind, shape, rank, gen):
     # a few percent low, the leading half is accurate.
     assert bool((s <= s_true[:rank] * (1 + 1e-4) + 1e-6).all())
     half = rank // 2
-    torch.testing.assert_close(s[:half], s_true[:half], rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(s[:half], s_true[:half], rtol=6e-2, atol=1e-4)  # 25 seeds: <= 3.3%
 
 
 def test_randomized_svd_deterministic_and_dtypes(gen):
