@@ -13,6 +13,15 @@ TOL = 1e-13
 
 
 @numba.njit(cache=True, nogil=True)
+def _dot(x, y):
+    # A loop, not np.dot: Numba's np.dot needs scipy for BLAS.
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += x[i] * y[i]
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
 def _jacobi(w, v):
     cols, rows = w.shape
     for j in range(cols):
@@ -21,12 +30,12 @@ def _jacobi(w, v):
     norm2 = np.empty(cols)
     for sweep in range(1, MAX_SWEEPS + 1):
         for j in range(cols):
-            norm2[j] = np.dot(w[j], w[j])
+            norm2[j] = _dot(w[j], w[j])
         rotated = False
         for p in range(cols - 1):
             for q in range(p + 1, cols):
                 alpha, beta = norm2[p], norm2[q]
-                gamma = np.dot(w[p], w[q])
+                gamma = _dot(w[p], w[q])
                 if alpha == 0.0 or beta == 0.0 or abs(gamma) <= TOL * math.sqrt(alpha * beta):
                     continue
                 rotated = True
@@ -71,8 +80,8 @@ def _one(a, u, s, vh):
                 d[e] = 1.0
                 for _ in range(2):
                     for q in range(r):
-                        d -= np.dot(left[q], d) * left[q]
-                nn = math.sqrt(np.dot(d, d))
+                        d -= _dot(left[q], d) * left[q]
+                nn = math.sqrt(_dot(d, d))
                 if nn > 0.5:
                     left[r] = d / nn
                     break
