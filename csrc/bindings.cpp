@@ -33,6 +33,14 @@ T* data_of(py::array& a, const char* name, int64_t n, bool writable) {
   return static_cast<T*>(writable ? a.mutable_data() : const_cast<void*>(a.data()));
 }
 
+// data_of for an argument that may be None (then nullptr).
+template <class T>
+T* optional_data_of(py::object& a, const char* name, int64_t n, bool writable) {
+  if (a.is_none()) return nullptr;
+  py::array arr = a.cast<py::array>();
+  return data_of<T>(arr, name, n, writable);
+}
+
 void topk_sparsify(py::array x, int dtype, int64_t k, bool approx, py::object residual,
                    py::array values, py::array indices) {
   using pk::topk::DType;
@@ -49,10 +57,7 @@ void topk_sparsify(py::array x, int dtype, int64_t k, bool approx, py::object re
     a.values = data_of<uint16_t>(values, "values", k, true);
   }
   a.indices = data_of<int64_t>(indices, "indices", k, true);
-  if (!residual.is_none()) {
-    py::array r = residual.cast<py::array>();
-    a.residual = data_of<float>(r, "residual", a.n, true);
-  }
+  a.residual = optional_data_of<float>(residual, "residual", a.n, true);
   py::gil_scoped_release nogil;
   pk::topk::sparsify_cpu(a);
 }
@@ -128,11 +133,7 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
       data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), false);
   const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
-  const float* pb = nullptr;
-  if (!bias.is_none()) {
-    py::array b = bias.cast<py::array>();
-    pb = data_of<float>(b, "bias", n, false);
-  }
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
   py::gil_scoped_release nogil;
   pk::int8::linear_dynamic_cpu(px, pk::int8::FType(xt), m, k, ldx, pp, pc, ps, pb, n, py_,
                                pk::int8::FType(yt));
@@ -148,11 +149,7 @@ void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py:
   if (ym != m || yn != n || ldy != n)
     throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
-  const float* pb = nullptr;
-  if (!bias.is_none()) {
-    py::array b = bias.cast<py::array>();
-    pb = data_of<float>(b, "bias", n, false);
-  }
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
   py::gil_scoped_release nogil;
   pk::int8::linear_weight_only_cpu(px, pk::int8::FType(xt), m, k, ldx, pw, ps, pb, n, py_,
                                    pk::int8::FType(yt));
@@ -213,11 +210,7 @@ void sparse_linear(py::array x, py::array row_ptr, py::array col, py::array valu
   float* py_ = matrix<float>(y, "y", &ym, &yn, &ldy, true);
   if (ym != m || yn != n || ldy != n) throw std::invalid_argument("y: expected contiguous [M, N]");
   pk::sparse::Matrix w = sparse_matrix(row_ptr, col, values, block, n, k);
-  const float* pb = nullptr;
-  if (!bias.is_none()) {
-    py::array b = bias.cast<py::array>();
-    pb = data_of<float>(b, "bias", n, false);
-  }
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
   py::gil_scoped_release nogil;
   pk::sparse::linear_cpu(w, px, m, ldx, pb, py_);
 }
@@ -231,17 +224,13 @@ void sparse_linear_backward(py::array dy, py::array x, py::array row_ptr, py::ar
     throw std::invalid_argument("dy: expected contiguous [M, N]");
   pk::sparse::Matrix w = sparse_matrix(row_ptr, col, values, 1, n, k);
   float* pdx = nullptr;
-  float* pdv = nullptr;
   if (!dx.is_none()) {
     py::array a = dx.cast<py::array>();
     int64_t r, c, ld;
     pdx = matrix<float>(a, "dx", &r, &c, &ld, true);
     if (r != m || c != k || ld != k) throw std::invalid_argument("dx: expected contiguous [M, K]");
   }
-  if (!dvalues.is_none()) {
-    py::array a = dvalues.cast<py::array>();
-    pdv = data_of<float>(a, "dvalues", w.row_ptr[n], true);
-  }
+  float* pdv = optional_data_of<float>(dvalues, "dvalues", w.row_ptr[n], true);
   py::gil_scoped_release nogil;
   pk::sparse::linear_backward_cpu(w, pdy, px, m, ldx, pdx, pdv);
 }

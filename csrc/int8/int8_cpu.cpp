@@ -9,6 +9,7 @@
 #include "../common/cpu_features.h"
 #include "../common/half.h"
 #include "../common/parallel.h"
+#include "../common/scratch.h"
 #include "int8.h"
 #include "int8_isa.h"
 
@@ -58,17 +59,6 @@ const GemmKernels* kernels() {
   if (active_isa() >= Isa::avx2) return gemm_kernels_avx2();
 #endif
   return gemm_kernels_portable();
-}
-
-// Scratch that lives as long as the calling thread and only grows: fresh
-// multi-megabyte allocations cost page faults on every call (a 16 MiB
-// buffer, first touched, costs more here than packing into it).
-template <class T>
-T* scratch(int slot, int64_t count) {
-  static thread_local std::vector<T> bufs[3];
-  std::vector<T>& v = bufs[slot];
-  if (int64_t(v.size()) < count) v.resize(static_cast<size_t>(count));
-  return v.data();
 }
 
 // Below this many rows of a, int8_gemm runs on the row-major operands: with

@@ -8,6 +8,7 @@
 #include "../common/checks.h"
 #include "../common/cpu_features.h"
 #include "../common/parallel.h"
+#include "../common/scratch.h"
 #include "sparse.h"
 #include "sparse_isa.h"
 
@@ -23,14 +24,6 @@ const Kernels* kernels() {
   if (active_isa() >= Isa::avx2) return kernels_avx2();
 #endif
   return kernels_portable();
-}
-
-template <class T>
-T* scratch(int slot, int64_t count) {
-  static thread_local std::vector<T> bufs[4];
-  std::vector<T>& v = bufs[slot];
-  if (int64_t(v.size()) < count) v.resize(static_cast<size_t>(count));
-  return v.data();
 }
 
 int64_t stored_rows(const Matrix& w) { return w.block == 1 ? w.n : (w.n + kBlock - 1) / kBlock; }
