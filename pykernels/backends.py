@@ -139,6 +139,18 @@ def _search(family: str, device: torch.device) -> Backend:
     )
 
 
+def skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
+    """Whether an eager op call may run its implementation directly (about 10 us less).
+
+    Only when nothing traces (torch.compile, export) and no gradient is
+    wanted from these inputs: the custom op is what compiles and what
+    carries (or refuses) the backward.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def plan() -> dict[str, dict[str, str]]:
     """For each family and device type, the backend a call would use (or why none)."""
     out: dict[str, dict[str, str]] = {}

@@ -11,7 +11,7 @@ torch on the device (no native CUDA int8 kernel yet).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -180,31 +180,40 @@ def _no_backward(name: str):
     return backward
 
 
-def _linear_impl(
-    x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None
+def _run_linear(
+    kind: str,
+    x: Tensor,
+    native_weight: tuple[Tensor, ...],
+    rowmajor_weight: Callable[[], Tensor],
+    w_scale: Tensor,
+    bias: Tensor | None,
 ) -> Tensor:
-    m, k = x.shape
-    n = w_scale.shape[0]
+    """int8_linear or int8_weight_linear (`kind`) on the chosen backend.
+
+    The native kernel takes `native_weight` (packed weight and compensation,
+    or the row-major weight); Numba and the reference take the row-major
+    int8 weight, built only when one of them runs.
+    """
+    m, n = x.shape[0], w_scale.shape[0]
     backend = backends.choose("int8", x.device)
     if backend.name == "native-cpu":
         y = torch.empty(m, n, dtype=x.dtype)
-        backends.cpu_function(backend, "int8", "int8_linear")(
+        backends.cpu_function(backend, "int8", kind)(
             _fbuf(x),
             _FTYPE[x.dtype],
-            packed.numpy(),
-            comp.numpy(),
+            *[t.numpy() for t in native_weight],
             w_scale.numpy(),
             None if bias is None else bias.numpy(),
             _fbuf(y),
             _FTYPE[x.dtype],
         )
         return y
-    w = _reference.int8_unpack_weight(packed, n, k)
+    w = rowmajor_weight()
     if backend.name == "numba":
         from .._numba import int8 as nb
 
         y = torch.empty(m, n, dtype=torch.float32)
-        nb.int8_linear(
+        getattr(nb, kind)(
             x.float().numpy(),
             w.numpy(),
             w_scale.numpy(),
@@ -212,7 +221,16 @@ def _linear_impl(
             y.numpy(),
         )
         return y.to(x.dtype)
-    return _reference.int8_linear(x, w, w_scale, bias)
+    return getattr(_reference, kind)(x, w, w_scale, bias)
+
+
+def _linear_impl(
+    x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    def unpack() -> Tensor:
+        return _reference.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
+
+    return _run_linear("int8_linear", x, (packed, comp), unpack, w_scale, bias)
 
 
 @torch.library.custom_op("pykernels::int8_linear", mutates_args=())
@@ -228,34 +246,7 @@ def _(x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | N
 
 
 def _weight_linear_impl(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    m = x.shape[0]
-    n = w.shape[0]
-    backend = backends.choose("int8", x.device)
-    if backend.name == "native-cpu":
-        y = torch.empty(m, n, dtype=x.dtype)
-        backends.cpu_function(backend, "int8", "int8_weight_linear")(
-            _fbuf(x),
-            _FTYPE[x.dtype],
-            w.numpy(),
-            w_scale.numpy(),
-            None if bias is None else bias.numpy(),
-            _fbuf(y),
-            _FTYPE[x.dtype],
-        )
-        return y
-    if backend.name == "numba":
-        from .._numba import int8 as nb
-
-        y = torch.empty(m, n, dtype=torch.float32)
-        nb.int8_weight_linear(
-            x.float().numpy(),
-            w.numpy(),
-            w_scale.numpy(),
-            None if bias is None else bias.numpy(),
-            y.numpy(),
-        )
-        return y.to(x.dtype)
-    return _reference.int8_weight_linear(x, w, w_scale, bias)
+    return _run_linear("int8_weight_linear", x, (w,), lambda: w, w_scale, bias)
 
 
 @torch.library.custom_op("pykernels::int8_weight_linear", mutates_args=())
@@ -278,15 +269,6 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "pykernels::int8_weight_linear", _no_backward("int8_weight_linear"), setup_context=_setup
 )
-
-
-def _direct(x: Tensor) -> bool:
-    """Whether an eager call may skip the dispatcher (about 10 us a call).
-
-    Only when nothing traces (torch.compile, export) and no gradient is
-    wanted: the custom op is what compiles and what raises on backward.
-    """
-    return not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _check_weight(fn: str, w_q: Tensor) -> None:
@@ -383,7 +365,7 @@ def int8_linear(
         x2 = x2.contiguous()
     if not isinstance(w_q, Int8PackedWeight):
         w_q = pack_int8_weight(w_q)
-    op = _linear_impl if _direct(x2) else torch.ops.pykernels.int8_linear
+    op = _linear_impl if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear
     y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
     return y.view(*lead, n)
 
@@ -410,6 +392,10 @@ def int8_weight_linear(
         return y if bias32 is None or k else (y + bias32).to(x.dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    op = _weight_linear_impl if _direct(x2) else torch.ops.pykernels.int8_weight_linear
+    op = (
+        _weight_linear_impl
+        if backends.skip_dispatcher(x2)
+        else torch.ops.pykernels.int8_weight_linear
+    )
     y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
     return y.view(*lead, n)

@@ -376,14 +376,9 @@ def sparse_linear(x: Tensor, w_sparse: SparseWeight, bias: Tensor | None = None)
     x2 = x.reshape(math.prod(lead), k).float().contiguous()
     values = w_sparse.values.float()
     b32 = None if bias is None else bias.float()
-    # Eager calls that need no gradient skip the dispatcher (about 10 us);
-    # the custom op is what compiles and what carries the backward.
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2, values, b32)
-    )
     op = (
         _forward_impl
-        if not grad and not torch.compiler.is_compiling()
+        if backends.skip_dispatcher(x2, values, b32)
         else torch.ops.pykernels.sparse_linear
     )
     y = op(x2, values.contiguous(), w_sparse.col, w_sparse.row_ptr, b32, n, w_sparse.block)
