@@ -244,7 +244,7 @@ def test_per_channel_beats_per_tensor_on_outlier_rows(gen):
 
 
 def test_accuracy_no_worse_than_quantize_dynamic(gen):
-    from torch.ao.quantization import quantize_dynamic
+    from pykernels.bench.int8 import engines, quantize_dynamic_layer
 
     lin = torch.nn.Linear(512, 256)
     with torch.no_grad():
@@ -254,39 +254,5 @@ def test_accuracy_no_worse_than_quantize_dynamic(gen):
     with torch.no_grad():
         ref = lin(x).double()
         ours = rel_err(pk.nn.Int8Linear.from_linear(lin)(x), ref)
-        theirs = min(
-            rel_err(_quantize_dynamic(quantize_dynamic, lin, engine)(x), ref)
-            for engine in _engines()
-        )
+        theirs = min(rel_err(quantize_dynamic_layer(lin, engine)(x), ref) for engine in engines())
     assert ours <= theirs, (ours, theirs)
-
-
-def _engines() -> list[str]:
-    return [
-        e for e in ("x86", "fbgemm", "onednn") if e in torch.backends.quantized.supported_engines
-    ]
-
-
-def _quantize_dynamic(quantize_dynamic, lin, engine):
-    import copy
-    import warnings
-
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = quantize_dynamic(
-                torch.nn.Sequential(copy.deepcopy(lin)), {torch.nn.Linear}, dtype=torch.qint8
-            )
-    finally:
-        torch.backends.quantized.engine = previous
-
-    def run(x):
-        torch.backends.quantized.engine = engine
-        try:
-            return q(x)
-        finally:
-            torch.backends.quantized.engine = previous
-
-    return run

@@ -44,6 +44,16 @@ class Result:
     gbps: float | None
 
 
+def inference(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run under torch.inference_mode: forward passes timed without autograd."""
+
+    def run():
+        with torch.inference_mode():
+            return fn()
+
+    return run
+
+
 def time_call(fn: Callable[[], Any], device: str, reps: int) -> float:
     """Median milliseconds of `reps` calls after one warm-up call."""
     fn()

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import ops
 from ..nn import Int8Linear
-from . import Case
+from . import Case, inference
 
 SHAPES = [
     (1, 4096, 4096),
@@ -33,12 +35,16 @@ ENGINES = ("x86", "fbgemm", "onednn")
 COLD_COPIES = 4  # 4 x 16 MiB of int8 weights (64 MiB fp32 each) > the 32 MiB L3 here
 
 
-def _engines() -> list[str]:
+def engines() -> list[str]:
+    """The quantize_dynamic engines this torch build supports, of x86, fbgemm, onednn."""
     return [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
 
 
-def _quantize_dynamic(lin: torch.nn.Linear, engine: str):
-    """A quantize_dynamic copy of `lin` packed with `engine`, and a call that runs it there."""
+def quantize_dynamic_layer(lin: torch.nn.Linear, engine: str) -> Callable[[Tensor], Tensor]:
+    """A quantize_dynamic copy of `lin` packed with `engine`, as a call that runs it there.
+
+    The peer of Int8Linear in the benchmarks and in the accuracy test.
+    """
     from torch.ao.quantization import quantize_dynamic
 
     previous = torch.backends.quantized.engine
@@ -51,7 +57,16 @@ def _quantize_dynamic(lin: torch.nn.Linear, engine: str):
             )
     finally:
         torch.backends.quantized.engine = previous
-    return q
+
+    def run(x: Tensor) -> Tensor:
+        before = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            return q(x)
+        finally:
+            torch.backends.quantized.engine = before
+
+    return run
 
 
 def _rotating(calls):
@@ -62,18 +77,6 @@ def _rotating(calls):
         i = state["i"]
         state["i"] = (i + 1) % len(calls)
         return calls[i]()
-
-    return run
-
-
-def _with_engine(engine: str, fn):
-    def run():
-        previous = torch.backends.quantized.engine
-        torch.backends.quantized.engine = engine
-        try:
-            return fn()
-        finally:
-            torch.backends.quantized.engine = previous
 
     return run
 
@@ -93,11 +96,9 @@ def _linear_case(m: int, k: int, n: int, copies: int, reps: int, gen) -> Case:
         w16 = [(w.bfloat16(), b.bfloat16()) for w, b in w32]
         impls["fp32 F.linear"] = _rotating([lambda w=w, b=b: F.linear(x, w, b) for w, b in w32])
         impls["bf16 F.linear"] = _rotating([lambda w=w, b=b: F.linear(xb, w, b) for w, b in w16])
-        for engine in _engines():
-            qs = [_quantize_dynamic(lin, engine) for lin in lins]
-            impls[f"quantize_dynamic {engine}"] = _with_engine(
-                engine, _rotating([lambda q=q: q(x) for q in qs])
-            )
+        for engine in engines():
+            qs = [quantize_dynamic_layer(lin, engine) for lin in lins]
+            impls[f"quantize_dynamic {engine}"] = _rotating([lambda q=q: q(x) for q in qs])
         dyn = [Int8Linear.from_linear(lin) for lin in lins]
         impls["pk Int8Linear"] = _rotating([lambda q=q: q(x) for q in dyn])
         impls["pk Int8Linear bf16"] = _rotating([lambda q=q: q(xb) for q in dyn])
@@ -109,20 +110,12 @@ def _linear_case(m: int, k: int, n: int, copies: int, reps: int, gen) -> Case:
         family="int8",
         name=f"{label} {m}x{k}x{n}",
         device="cpu",
-        impls={name: _no_grad(fn) for name, fn in impls.items()},
-        baseline=tuple(f"quantize_dynamic {e}" for e in _engines()),
+        impls={name: inference(fn) for name, fn in impls.items()},
+        baseline=tuple(f"quantize_dynamic {e}" for e in engines()),
         bytes_moved=m * k * 4 + n * k + m * n * 4,
         reps=reps,
         notes={"copies": str(copies)},
     )
-
-
-def _no_grad(fn):
-    def run():
-        with torch.inference_mode():
-            return fn()
-
-    return run
 
 
 def cases(device: str, quick: bool = False) -> list[Case]:

@@ -21,19 +21,11 @@ import torch.nn.functional as F
 
 from ..nn.sparse import SparseLinear
 from ..ops import sparse as sp
-from . import Case, Result
+from . import Case, Result, inference
 
 N = K = 4096
 MS = (1, 32, 256)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
-
-
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run
 
 
 def _train_step(layer, x):
@@ -81,12 +73,12 @@ def cases(device: str, quick: bool = False) -> list[Case]:
                     name=f"unstructured M={m} s={s}",
                     device=device,
                     impls={
-                        "dense F.linear": _no_grad(lambda x=x, w=w: F.linear(x, w, lin.bias)),
-                        "torch.sparse_csr": _no_grad(
+                        "dense F.linear": inference(lambda x=x, w=w: F.linear(x, w, lin.bias)),
+                        "torch.sparse_csr": inference(
                             lambda x=x, w_csr=w_csr: torch.sparse.mm(w_csr, x.T)
                         ),
                         **_scipy_impl(w, x),
-                        "pk SparseLinear": _no_grad(lambda x=x, layer=layer: layer(x)),
+                        "pk SparseLinear": inference(lambda x=x, layer=layer: layer(x)),
                     },
                     baseline="dense F.linear",
                     reps=reps,
@@ -104,9 +96,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
                 name=f"block M={m} s=0.9",
                 device=device,
                 impls={
-                    "dense F.linear": _no_grad(lambda x=x: F.linear(x, wb, lin.bias)),
-                    "torch.sparse_bsr": _no_grad(lambda x=x: torch.sparse.mm(w_bsr, x.T)),
-                    "pk SparseLinear block": _no_grad(lambda x=x: block(x)),
+                    "dense F.linear": inference(lambda x=x: F.linear(x, wb, lin.bias)),
+                    "torch.sparse_bsr": inference(lambda x=x: torch.sparse.mm(w_bsr, x.T)),
+                    "pk SparseLinear block": inference(lambda x=x: block(x)),
                 },
                 baseline="torch.sparse_bsr",
                 reps=reps,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..nn.svd import LowRankLinear
 from ..ops import svd as ops_svd
-from . import Case
+from . import Case, inference
 
 
 def _with_spectrum(m: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,21 +137,13 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             family="svd",
             name="LowRankLinear 32x4096x4096",
             device="cpu",
-            impls={k: _no_grad(f) for k, f in impls.items()},
+            impls={k: inference(f) for k, f in impls.items()},
             baseline="dense F.linear",
             reps=reps,
             notes={"params": f"{low.nbytes() / (4 * 4096 * 4097):.3f}"},
         )
     )
     return out
-
-
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run
 
 
 __all__ = ["cases"]
