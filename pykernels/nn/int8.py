@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.int8 import Int8PackedWeight
+from ._module import nbytes_of
 
 MODES = ("dynamic", "weight_only")
 
@@ -139,7 +140,7 @@ class Int8Linear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes this layer holds: weight (packed or not), scales, bias."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return nbytes_of(self)
 
     def extra_repr(self) -> str:
         return (

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import sparse as sp
+from ._module import nbytes_of, take_loaded_sizes
 
 SCOPES = ("layer", "global")
 
@@ -79,7 +80,7 @@ class SparseLinear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes held: stored values, column indices, row pointers, bias."""
-        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+        return nbytes_of(self)
 
     def extra_repr(self) -> str:
         fmt = "csr" if self.block == 1 else f"bsr {self.block}x{self.block}"
@@ -92,19 +93,9 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # The number of stored values depends on the weight, so loading takes
-        # the sizes of what it loads (dtypes and the row count must match).
-        for name in ("values", "col", "row_ptr"):
-            t = state_dict.get(prefix + name)
-            mine = getattr(self, name)
-            if isinstance(t, Tensor) and t.shape != mine.shape and t.dtype == mine.dtype:
-                if name == "row_ptr":
-                    continue  # a different row count is an error, reported below
-                fresh = torch.empty(t.shape, dtype=mine.dtype, device=mine.device)
-                if name == "values":
-                    self.values = nn.Parameter(fresh, requires_grad=mine.requires_grad)
-                else:
-                    setattr(self, name, fresh)
+        # The number of stored values depends on the weight: take the loaded one
+        # (row_ptr's size is the row count, which must match).
+        take_loaded_sizes(self, state_dict, prefix, {"values": 0, "col": 0})
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import svd as ops_svd
+from ._module import nbytes_of, take_loaded_sizes
 
 
 def _one_of(fn: str, rank, energy, tol) -> None:
@@ -91,7 +92,7 @@ class LowRankLinear(nn.Module):
             return self.up @ self.down
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return nbytes_of(self)
 
     def extra_repr(self) -> str:
         return (
@@ -103,14 +104,11 @@ class LowRankLinear(nn.Module):
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # A rank chosen by energy or tol differs between weights: take the loaded one.
+        # A rank chosen by energy or tol differs between weights: take the loaded
+        # one, when the two factors agree on it.
         down, up = state_dict.get(prefix + "down"), state_dict.get(prefix + "up")
-        if isinstance(down, Tensor) and isinstance(up, Tensor) and down.shape[0] == up.shape[1]:
-            r = down.shape[0]
-            if r != self.rank and down.shape[1] == self.in_features:
-                dev, dt = self.down.device, self.down.dtype
-                self.down = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
-                self.up = nn.Parameter(torch.empty(self.out_features, r, device=dev, dtype=dt))
+        if isinstance(down, Tensor) and isinstance(up, Tensor) and down.shape[0] == up.shape[-1]:
+            take_loaded_sizes(self, state_dict, prefix, {"down": 0, "up": 1})
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -194,14 +192,10 @@ class TuckerConv2d(nn.Module):
         return self.last(self.core(self.first(x)))
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return nbytes_of(self)
 
     def extra_repr(self) -> str:
         return f"ranks(out, in)={self.ranks}, nbytes={self.nbytes()}"
-
-
-def _nbytes(m: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
 def factorize(
@@ -235,7 +229,7 @@ def factorize(
             new = TuckerConv2d.from_conv(m, ranks=ranks, energy=energy)
         else:
             return None
-        return new if _nbytes(new) < _nbytes(m) else None
+        return new if nbytes_of(new) < nbytes_of(m) else None
 
     def accept(m: nn.Module, fqn: str) -> bool:
         return filter_fn is None or bool(filter_fn(m, fqn))
