@@ -329,6 +329,19 @@ def _check_linear_args(
     return None if bias is None else bias.float().contiguous()
 
 
+def _rows(
+    x: Tensor, n: int, k: int, bias32: Tensor | None
+) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+    """x as [M, K] with contiguous rows, its leading shape, and the result when
+    there is nothing to compute (M = 0 or N = 0; K = 0: an empty sum, so the bias)."""
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(math.prod(lead), k)
+    if x2.shape[0] == 0 or n == 0 or k == 0:
+        y = x.new_zeros(*lead, n)
+        return x2, lead, (y if bias32 is None or k else (y + bias32).to(x.dtype))
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), lead, None
+
+
 def int8_linear(
     x: Tensor, w_q: Tensor | Int8PackedWeight, w_scale: Tensor, bias: Tensor | None = None
 ) -> Tensor:
@@ -356,13 +369,9 @@ def int8_linear(
         n, k = w_q.shape
         device = w_q.device
     bias32 = _check_linear_args(fn, x, n, k, device, w_scale, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), k)
-    if x2.shape[0] == 0 or n == 0 or k == 0:  # K = 0: an empty sum, so only the bias
-        y = x.new_zeros(*lead, n)
-        return y if bias32 is None or k else (y + bias32).to(x.dtype)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead, done = _rows(x, n, k, bias32)
+    if done is not None:
+        return done
     if not isinstance(w_q, Int8PackedWeight):
         w_q = pack_int8_weight(w_q)
     op = _linear_impl if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear
@@ -385,13 +394,9 @@ def int8_weight_linear(
     _check_weight(fn, w_q)
     n, k = w_q.shape
     bias32 = _check_linear_args(fn, x, n, k, w_q.device, w_scale, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), k)
-    if x2.shape[0] == 0 or n == 0 or k == 0:  # K = 0: an empty sum, so only the bias
-        y = x.new_zeros(*lead, n)
-        return y if bias32 is None or k else (y + bias32).to(x.dtype)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead, done = _rows(x, n, k, bias32)
+    if done is not None:
+        return done
     op = (
         _weight_linear_impl
         if backends.skip_dispatcher(x2)
