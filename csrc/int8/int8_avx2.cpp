@@ -1,8 +1,17 @@
-// AVX2 int8 kernels. AVX2 has no exact u8 x s8 dot product (vpmaddubsw
-// saturates at int16 for a biased to 0..255), so the packed tile widens both
-// operands to int16 and uses vpmaddwd, exact in int32: half the width of a
-// VNNI dot product, still about twice fp32 FMA. The rest is the plain C++ of
-// int8_generic.h compiled with -mavx2 -mfma.
+// AVX2 int8 kernels. AVX2 has no byte dot product into int32; vpmaddubsw
+// multiplies unsigned by signed bytes into int16 pairs, saturating, and
+// vpmaddwd with ones widens those pairs to int32. With the weight's absolute
+// value as the unsigned operand (|w| <= 128) and the activation given the
+// weight's sign (vpsignb: |a w / |w|| <= 127 when a is in [-127, 127]), a pair
+// is at most 2 * 128 * 127 < 2^15: it never saturates, so the product is
+// exact. The activation scratch therefore holds the signed quantized values
+// themselves (no +128 bias, no compensation); int8_gemm's -128 activations
+// are corrected by the driver (int8_cpu.cpp).
+//
+// Measured here (Zen 3, register-only loops): this form and the int16
+// widening form (vpmaddwd + vpaddd) both run at about 26 int8 MAC per cycle,
+// limited by vector ops issued per cycle, not by the two multiply pipes; the
+// sign transfer reads half the activation bytes and needs no conversions.
 #include <immintrin.h>
 
 #include "int8_generic.h"
@@ -11,62 +20,288 @@ namespace pk {
 namespace int8 {
 namespace {
 
-// Four k of one row of a (unsigned bytes) as int16, repeated in all four
-// 64-bit lanes: the partner of a widened 4 x 4 block of the packed weight.
-inline __m256i a4(const uint8_t* p) {
-  return _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_loadu_si32(p)));
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// MR rows x one 16-column panel. acc[i][t] holds columns 4t..4t+3 of row i as
-// pairs of partial sums (k 0-1 and k 2-3 of each group), added at the end.
-template <int MR>
-void panel_tile(const PackedGemm& g, int64_t i0, int64_t p) {
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00;
-  __m256i c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-  int64_t gs;
-  const int8_t* b = panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
-  const uint8_t* a0 = g.a + i0 * g.lda;
-  const uint8_t* a1 = MR > 1 ? a0 + g.lda : a0;
-  for (int64_t q = 0; q < g.kp / 4; ++q) {
-    const int8_t* bq = b + q * gs;
-    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq)));
-    const __m256i b1 =
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 16)));
-    const __m256i b2 =
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 32)));
-    const __m256i b3 =
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 48)));
-    const __m256i x0 = a4(a0 + 4 * q);
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(x0, b0));
-    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(x0, b1));
-    c02 = _mm256_add_epi32(c02, _mm256_madd_epi16(x0, b2));
-    c03 = _mm256_add_epi32(c03, _mm256_madd_epi16(x0, b3));
-    if (MR > 1) {
-      const __m256i x1 = a4(a1 + 4 * q);
-      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(x1, b0));
-      c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(x1, b1));
-      c12 = _mm256_add_epi32(c12, _mm256_madd_epi16(x1, b2));
-      c13 = _mm256_add_epi32(c13, _mm256_madd_epi16(x1, b3));
-    }
+inline __m256i load32(const int8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// acc[j] += sum_{i<4} x[4j+i] * w[4j+i] for the 8 channels j of one 32-byte
+// vector of a packed group; u = |w|, x = four activation bytes broadcast.
+inline __m256i dot(__m256i acc, __m256i u, __m256i x, __m256i w, __m256i ones) {
+  return _mm256_add_epi32(acc,
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones));
+}
+
+// ---- Epilogue --------------------------------------------------------------
+
+// fp32 -> bf16 round to nearest even, NaN kept quiet: f32_to_bf16 of half.h
+// on 8 lanes, returned as 8 uint16 in the low half.
+inline __m128i to_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, qnan, nan);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+// Lanes [0, cnt) of a mask for the 8 columns from col (cnt = min(8, n - col)).
+inline __m256i lane_mask(int cnt) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Row `row`, columns [col, col + cnt) of the output from one accumulator.
+inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, int cnt) {
+  const int64_t off = row * g.ldc + col;
+  if (!g.a_scale) {
+    int32_t* c = static_cast<int32_t*>(g.c) + off;
+    if (cnt == 8)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), acc);
+    else
+      _mm256_maskstore_epi32(c, lane_mask(cnt), acc);
+    return;
   }
-  const __m256i acc[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
-  for (int i = 0; i < MR; ++i) {
-    alignas(32) int32_t s[32];
-    for (int t = 0; t < 4; ++t)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(s + 8 * t), acc[i][t]);
-    for (int j = 0; j < 16 && p * 16 + j < g.n; ++j) {
-      // Wrapping unsigned sums, as in the generic kernel: exact once comp is off.
-      const uint32_t v = uint32_t(s[2 * j]) + uint32_t(s[2 * j + 1]) - uint32_t(g.comp[p * 16 + j]);
-      store_out(g, i0 + i, p * 16 + j, int32_t(v));
-    }
+  const __m256i m = lane_mask(cnt);
+  const __m256 ws = cnt == 8 ? _mm256_loadu_ps(g.b_scale + col) : _mm256_maskload_ps(g.b_scale + col, m);
+  // Same arithmetic as store_out: acc * (a_scale * w_scale) + bias.
+  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(_mm256_set1_ps(g.a_scale[row]), ws));
+  if (g.bias)
+    v = _mm256_add_ps(v, cnt == 8 ? _mm256_loadu_ps(g.bias + col) : _mm256_maskload_ps(g.bias + col, m));
+  if (g.yt == FType::f32) {
+    float* y = static_cast<float*>(g.c) + off;
+    if (cnt == 8)
+      _mm256_storeu_ps(y, v);
+    else
+      _mm256_maskstore_ps(y, m, v);
+    return;
+  }
+  const __m128i h = g.yt == FType::f16
+                        ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                        : to_bf16(v);
+  uint16_t* y = static_cast<uint16_t*>(g.c) + off;
+  if (cnt == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), h);
+  } else {
+    alignas(16) uint16_t t[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(t), h);
+    for (int j = 0; j < cnt; ++j) y[j] = t[j];
+  }
+}
+
+// ---- Packed GEMM -------------------------------------------------------------
+// An MR x 8*NV register tile over the whole of K: NV 32-byte vectors of each
+// packed group (8 output channels each) meet MR broadcasts of four
+// activation bytes. The accumulators are named one by one (GCC 12 keeps an
+// array of them on the stack). 4 x 2 (one panel) is the large-M tile: 8
+// accumulators, |w| of both vectors, the broadcast, ones and a temporary fit
+// the 16 registers; 1 x 8 (a block of four panels, 256 contiguous bytes per
+// group) streams the weight for a single row.
+
+#define PK_ACC(i) __m256i c##i##0, c##i##1, c##i##2, c##i##3, c##i##4, c##i##5, c##i##6, c##i##7;
+#define PK_ZERO(i) \
+  c##i##0 = c##i##1 = c##i##2 = c##i##3 = c##i##4 = c##i##5 = c##i##6 = c##i##7 = zero;
+#define PK_ROW(i)                                           \
+  if (MR > i) {                                             \
+    const __m256i x = bcast4(a + i * lda + 4 * q);          \
+    c##i##0 = dot(c##i##0, u0, x, w0, ones);                \
+    if (NV > 1) c##i##1 = dot(c##i##1, u1, x, w1, ones);    \
+    if (NV > 2) c##i##2 = dot(c##i##2, u2, x, w2, ones);    \
+    if (NV > 3) c##i##3 = dot(c##i##3, u3, x, w3, ones);    \
+    if (NV > 4) c##i##4 = dot(c##i##4, u4, x, w4, ones);    \
+    if (NV > 5) c##i##5 = dot(c##i##5, u5, x, w5, ones);    \
+    if (NV > 6) c##i##6 = dot(c##i##6, u6, x, w6, ones);    \
+    if (NV > 7) c##i##7 = dot(c##i##7, u7, x, w7, ones);    \
+  }
+#define PK_ROW_ARRAY(i) {c##i##0, c##i##1, c##i##2, c##i##3, c##i##4, c##i##5, c##i##6, c##i##7}
+#define PK_W(t)                                          \
+  const __m256i w##t = NV > t ? load32(bq + 32 * t) : zero; \
+  const __m256i u##t = _mm256_abs_epi8(w##t);
+
+// Rows [i0, i0 + MR), channels [16 * p0, 16 * p0 + 8 * NV): p0 and the NV / 2
+// panels from it lie in one block of four (layout in int8.h).
+template <int MR, int NV>
+void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
+  static_assert(MR >= 1 && MR <= 4 && NV >= 1 && NV <= 8 && MR * NV <= 8, "tile size");
+  const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+  // clang-format off
+  PK_ACC(0) PK_ACC(1) PK_ACC(2) PK_ACC(3)
+  PK_ZERO(0) PK_ZERO(1) PK_ZERO(2) PK_ZERO(3)
+  // clang-format on
+  int64_t gs;
+  const int8_t* b = panel_base(g.b, g.kp, packed_n(g.n), p0, &gs);
+  const int8_t* a = reinterpret_cast<const int8_t*>(g.a) + i0 * g.lda;
+  const int64_t lda = g.lda, groups = g.kp / 4;
+  for (int64_t q = 0; q < groups; ++q) {
+    const int8_t* bq = b + q * gs;
+#ifdef PK_PREFETCH
+    for (int t = 0; t < NV; t += 2) _mm_prefetch(reinterpret_cast<const char*>(bq + PK_PREFETCH * gs + 32 * t), _MM_HINT_T0);
+#endif
+    // clang-format off
+    PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
+    PK_ROW(0) PK_ROW(1) PK_ROW(2) PK_ROW(3)
+    // clang-format on
+  }
+  const __m256i acc[4][8] = {PK_ROW_ARRAY(0), PK_ROW_ARRAY(1), PK_ROW_ARRAY(2), PK_ROW_ARRAY(3)};
+  for (int t = 0; t < NV; ++t) {
+    const int64_t col = p0 * 16 + 8 * t;
+    if (col >= g.n) break;
+    const int cnt = g.n - col >= 8 ? 8 : int(g.n - col);
+    for (int i = 0; i < MR; ++i) store8(g, i0 + i, col, acc[i][t], cnt);
+  }
+}
+#undef PK_ACC
+#undef PK_ZERO
+#undef PK_ROW
+#undef PK_ROW_ARRAY
+#undef PK_W
+
+// Rows [m0, m1) against panels [p, p + NV / 2), the tail rows in smaller tiles.
+template <int NV>
+void panel_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p) {
+  constexpr int MR = 8 / NV > 4 ? 4 : 8 / NV;
+  int64_t i = m0;
+  for (; i + MR <= m1; i += MR) packed_tile<MR, NV>(g, i, p);
+  switch (m1 - i) {
+    case 3:
+      packed_tile<3 * NV <= 8 ? 3 : 1, NV>(g, i, p);
+      if (3 * NV > 8) {
+        packed_tile<1, NV>(g, i + 1, p);
+        packed_tile<1, NV>(g, i + 2, p);
+      }
+      break;
+    case 2:
+      packed_tile<2 * NV <= 8 ? 2 : 1, NV>(g, i, p);
+      if (2 * NV > 8) packed_tile<1, NV>(g, i + 1, p);
+      break;
+    case 1:
+      packed_tile<1, NV>(g, i, p);
+      break;
+    default:
+      break;
   }
 }
 
 void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t i = m0;
-    for (; i + 2 <= m1; i += 2) panel_tile<2>(g, i, p);
-    if (i < m1) panel_tile<1>(g, i, p);
+  if (m1 - m0 == 1) {
+    // One row: the widest tile, a whole block of panels per pass.
+    for (int64_t p = p0; p < p1;) {
+      switch (p1 - p < 4 ? p1 - p : 4) {
+        case 4:
+          packed_tile<1, 8>(g, m0, p);
+          p += 4;
+          break;
+        case 3:
+          packed_tile<1, 6>(g, m0, p);
+          p += 3;
+          break;
+        case 2:
+          packed_tile<1, 4>(g, m0, p);
+          p += 2;
+          break;
+        default:
+          packed_tile<1, 2>(g, m0, p);
+          p += 1;
+      }
+    }
+    return;
+  }
+  // Rows in chunks of about 192 KiB of activations, each swept against every
+  // panel while it sits in L2 (512 KiB here), rather than every row per panel
+  // from L3: the rows of a short K are too short for the prefetchers.
+  const int64_t chunk = (196608 / g.lda + 3) / 4 * 4;
+  for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
+    const int64_t c1 = m1 - c0 < chunk ? m1 : c0 + chunk;
+    for (int64_t p = p0; p < p1; ++p) panel_rows<2>(g, c0, c1, p);
+  }
+}
+
+// ---- Quantization prologue ------------------------------------------------
+
+// Eight elements of x from `off` as fp32.
+inline __m256 load8(const void* x, FType t, int64_t off) {
+  switch (t) {
+    case FType::f16:
+      return _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off)));
+    case FType::bf16:
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(
+              reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off))),
+          16));
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(x) + off);
+  }
+}
+
+// Same arithmetic as quantize_per_row (an IEEE division, then round half to
+// even), so the fused layer's integers equal the standalone op's. Stored as
+// signed bytes, zero past k.
+void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
+                 float* scale, int64_t r0, int64_t r1) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f),
+               nlim = _mm256_set1_ps(-127.0f);
+  // Byte order after packs_epi32 + packs_epi16 within 128-bit lanes.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const int64_t kv = k / 8 * 8, k32 = k / 32 * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * ldx;
+    __m256 amax0 = _mm256_setzero_ps(), amax1 = amax0, nan = amax0;
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+      const __m256 v0 = load8(x, xt, base + c), v1 = load8(x, xt, base + c + 8);
+      nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q),
+                                           _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)));
+      amax0 = _mm256_max_ps(amax0, _mm256_andnot_ps(sign, v0));
+      amax1 = _mm256_max_ps(amax1, _mm256_andnot_ps(sign, v1));
+    }
+    for (; c < kv; c += 8) {
+      const __m256 v = load8(x, xt, base + c);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      amax0 = _mm256_max_ps(amax0, _mm256_andnot_ps(sign, v));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_max_ps(amax0, amax1));
+    float amax = 0.0f;
+    for (int j = 0; j < 8; ++j) amax = amax < lanes[j] ? lanes[j] : amax;
+    bool has_nan = _mm256_movemask_ps(nan) != 0;
+    for (; c < k; ++c) {
+      const float v = load_f(x, xt, base + c);
+      has_nan |= v != v;
+      amax = amax < abs_f(v) ? abs_f(v) : amax;
+    }
+    const float s = has_nan ? __builtin_nanf("") : amax / 127.0f;
+    scale[r] = s;
+    int8_t* q = reinterpret_cast<int8_t*>(qu) + r * ldq;
+    if (!(s > 0.0f && s <= 3.4028234663852886e38f)) {  // zero, NaN or inf: q carries nothing
+      for (int64_t j = 0; j < ldq; ++j) q[j] = 0;
+      continue;
+    }
+    const __m256 sv = _mm256_set1_ps(s);
+    auto q8 = [&](int64_t off) {
+      const __m256 v = _mm256_round_ps(_mm256_div_ps(load8(x, xt, base + off), sv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(nlim, v)));
+    };
+    c = 0;
+    for (; c < k32; c += 32) {
+      const __m256i lo = _mm256_packs_epi32(q8(c), q8(c + 8));
+      const __m256i hi = _mm256_packs_epi32(q8(c + 16), q8(c + 24));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c),
+                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order));
+    }
+    for (; c < k; ++c) {
+      float v = __builtin_nearbyintf(load_f(x, xt, base + c) / s);
+      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      q[c] = int8_t(v);
+    }
+    for (; c < ldq; ++c) q[c] = 0;
   }
 }
 
@@ -74,7 +309,7 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
 
 const GemmKernels* gemm_kernels_avx2() {
   static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed, &pack_generic,
-                                 &quantize_u8_generic, &weight_only_generic};
+                                 &quantize_s8, &weight_only_generic, true};
   return &table;
 }
 

@@ -85,7 +85,7 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
   }
 }
 
-// Quantizes x (M x K) into unsigned bytes in rows of ldq.
+// Quantizes x (M x K) into the kernel's activation format in rows of ldq.
 void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, int64_t k,
                    int64_t ldx, uint8_t* q, int64_t ldq, float* scale) {
   const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 15), m)));
@@ -93,7 +93,7 @@ void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, 
   for (int t = 0; t < nt; ++t) {
     int64_t r0, r1;
     split_range(m, nt, t, 1, &r0, &r1);
-    if (r0 < r1) kern->quantize_u8(x, xt, ldx, k, q, ldq, scale, r0, r1);
+    if (r0 < r1) kern->quantize_a(x, xt, ldx, k, q, ldq, scale, r0, r1);
   }
 }
 
@@ -136,15 +136,58 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
     const int64_t ldu = scratch_ld(kp);
     uint8_t* au = scratch<uint8_t>(2, m * ldu);
     const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 16), m)));
+    if (!kern->signed_a) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t i = 0; i < m; ++i) {
+        uint8_t* dst = au + i * ldu;
+        const int8_t* src = a + i * lda;
+        for (int64_t p = 0; p < k; ++p) dst[p] = uint8_t(src[p]) ^ 0x80;
+        for (int64_t p = k; p < ldu; ++p) dst[p] = 128;
+      }
+      PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
+      run_packed(kern, g, m);
+      return;
+    }
+    // Signed activations must lie in [-127, 127]: a = a' - e with a' = a
+    // where a > -128 and -127 where a = -128 (e = 1 there), so c = a' b^T -
+    // e b^T. The second product runs over the rows holding -128 only.
+    uint8_t* flag = scratch<uint8_t>(3, m);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < m; ++i) {
-      uint8_t* dst = au + i * ldu;
+      int8_t* dst = reinterpret_cast<int8_t*>(au + i * ldu);
       const int8_t* src = a + i * lda;
-      for (int64_t p = 0; p < k; ++p) dst[p] = uint8_t(src[p]) ^ 0x80;
-      for (int64_t p = k; p < ldu; ++p) dst[p] = 128;
+      int any = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        any |= src[p] == -128;
+        dst[p] = src[p] == -128 ? int8_t(-127) : src[p];
+      }
+      for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
+      flag[i] = uint8_t(any);
     }
     PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
     run_packed(kern, g, m);
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < m; ++i)
+      if (flag[i]) rows.push_back(i);
+    if (rows.empty()) return;
+    const int64_t me = int64_t(rows.size());
+    // The rows of e overwrite a' (no longer needed); their products go to a
+    // fresh buffer, subtracted in wrapping arithmetic (the true result fits).
+    for (int64_t r = 0; r < me; ++r) {
+      const int8_t* src = a + rows[r] * lda;
+      int8_t* dst = reinterpret_cast<int8_t*>(au + r * ldu);
+      for (int64_t p = 0; p < k; ++p) dst[p] = int8_t(src[p] == -128);
+      for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
+    }
+    std::vector<int32_t> ce(static_cast<size_t>(me * n));
+    PackedGemm ge{au, ldu, bp, kp, comp, n, ce.data(), n, nullptr, nullptr, nullptr, FType::f32};
+    run_packed(kern, ge, me);
+#pragma omp parallel for num_threads(std::max(1, int(std::min<int64_t>(nt, me)))) schedule(static)
+    for (int64_t r = 0; r < me; ++r) {
+      int32_t* cr = c + rows[r] * ldc;
+      const int32_t* er = ce.data() + r * n;
+      for (int64_t j = 0; j < n; ++j) cr[j] = int32_t(uint32_t(cr[j]) - uint32_t(er[j]));
+    }
     return;
   }
   // Few rows: the row-major kernel, threads over blocks of 64 columns of c

@@ -10,15 +10,17 @@ namespace int8 {
 
 // One GEMM over a packed weight (layout in int8.h) with its epilogue.
 struct PackedGemm {
-  const uint8_t* a;  // M x kp activations stored as unsigned bytes (a + 128)
+  // M x kp activations in the kernel table's format (GemmKernels::signed_a):
+  // unsigned bytes a + 128, or the signed bytes themselves, in [-127, 127].
+  const uint8_t* a;
   int64_t lda;
   const int8_t* b;  // packed weight
   int64_t kp;
-  const int32_t* comp;  // packed_n(n) entries, zero past n
+  const int32_t* comp;  // packed_n(n) entries, zero past n; unused with signed_a
   int64_t n;            // real N: columns past it are computed, never stored
   void* c;
   int64_t ldc;
-  // a_scale null: c = int32 (acc - comp). Otherwise c, of type yt, =
+  // a_scale null: c = int32 (acc - comp, or acc with signed_a). Otherwise c, of type yt, =
   // float(acc - comp) * a_scale[m] * b_scale[n] + bias[n] (bias may be null).
   const float* a_scale;
   const float* b_scale;
@@ -53,15 +55,19 @@ struct GemmKernels {
   // Panels [p0, p1) of pack_weight_cpu (layout and comp in int8.h).
   void (*pack)(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed, int32_t* comp,
                int64_t p0, int64_t p1);
-  // Rows [r0, r1) of x quantized as quantize_per_row does, stored as q + 128
-  // in rows of ldq bytes (the bytes past k set to 128, i.e. zero).
-  void (*quantize_u8)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+  // Rows [r0, r1) of x quantized as quantize_per_row does, stored in rows of
+  // ldq bytes in this table's activation format (the bytes past k zero in it).
+  void (*quantize_a)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                       float* scale, int64_t r0, int64_t r1);
   // Weight-only linear for output columns [n0, n1): x is M x K fp32 (row
   // stride k), w row-major N x K int8; wf is 4 * k floats of scratch.
   void (*weight_only)(const float* x, int64_t m, int64_t k, const int8_t* w, const float* w_scale,
                       const float* bias, void* y, FType yt, int64_t n, int64_t n0, int64_t n1,
                       float* wf);
+  // Activation format of gemm_packed and quantize_a: false, unsigned bytes
+  // a + 128 (the weight compensation comp is subtracted); true, signed bytes
+  // that must lie in [-127, 127] (int8_gemm corrects for -128).
+  bool signed_a;
 };
 
 const GemmKernels* gemm_kernels_portable();
