@@ -38,7 +38,7 @@ def info() -> dict[str, Any]:
             isa_active=cpu["isa_active"],
             avx512_vnni=cpu["avx512_vnni"],
             threads=cpu["threads"],
-            openmp=cpu["openmp"],
+            threading=cpu["threading"],
         )
     else:
         d.update(native_cpu_error=_native.C_error, threads=torch.get_num_threads())
