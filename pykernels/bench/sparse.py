@@ -10,7 +10,8 @@
   called over and over, the dense one (64 MB) does not.
 * ``block M=.. s=0.9``: 4x4 blocks, vs ``torch.sparse_bsr`` on the same blocks.
 * ``train M=.. s=0.9``: forward + backward (dX and the weight gradient) of
-  the 90% layer vs the dense ``nn.Linear``.
+  the 90% layer vs the dense ``nn.Linear``; ``train block``: the same for
+  the 4x4-block layer.
 
 :func:`summary` gives the break-even sparsity against dense for each M.
 """
@@ -144,21 +145,23 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             )
         )
     train_layer = SparseLinear.from_linear(lin, 0.9)
+    train_block = SparseLinear.from_linear(lin, 0.9, "block")
     for m in (32,) if quick else (32, 256):
         x = torch.randn(m, K, generator=gen, requires_grad=True)
-        out.append(
-            Case(
-                family="sparse",
-                name=f"train fwd+bwd M={m} s=0.9",
-                device=device,
-                impls={
-                    "dense nn.Linear": _train_step(lin, x),
-                    "pk SparseLinear": _train_step(train_layer, x),
-                },
-                baseline="dense nn.Linear",
-                reps=reps,
+        for kind, layer in (("", train_layer), ("block ", train_block)):
+            out.append(
+                Case(
+                    family="sparse",
+                    name=f"train {kind}fwd+bwd M={m} s=0.9",
+                    device=device,
+                    impls={
+                        "dense nn.Linear": _train_step(lin, x),
+                        "pk SparseLinear": _train_step(layer, x),
+                    },
+                    baseline="dense nn.Linear",
+                    reps=reps,
+                )
             )
-        )
     return out
 
 
