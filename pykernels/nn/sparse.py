@@ -14,6 +14,7 @@ from ..ops import sparse as sp
 from ._module import nbytes_of, take_loaded_sizes
 
 SCOPES = ("layer", "global")
+_STRUCTURE = ("values", "col", "row_ptr")  # in sp.check_structure's order
 
 
 class SparseLinear(nn.Module):
@@ -93,6 +94,20 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # A corrupted structure is refused now, with the key named, rather than
+        # at the first forward (or, on a backend that trusted it, never).
+        dev = self.col.device
+        parts = {f: state_dict.get(prefix + f, getattr(self, f)) for f in _STRUCTURE}
+        parts = {f: t.to(dev) if isinstance(t, Tensor) else t for f, t in parts.items()}
+        if any(isinstance(state_dict.get(prefix + f), Tensor) for f in _STRUCTURE):
+            sp.check_structure(
+                "SparseLinear.load_state_dict",
+                *(parts[f] for f in _STRUCTURE),
+                self.out_features,
+                self.in_features,
+                self.block,
+                name=lambda field: f"state_dict[{prefix + field!r}]",
+            )
         # The number of stored values depends on the weight: take the loaded one
         # (row_ptr's size is the row count, which must match).
         take_loaded_sizes(self, state_dict, prefix, {"values": 0, "col": 0})
