@@ -9,6 +9,8 @@ SparseLinear state dict at load time, not at the first forward).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import CPU_BACKENDS, _available
@@ -275,3 +277,68 @@ def test_structure_check_runs_under_torch_compile(gen):
         layer.col[0] = 64  # past K, after compiling
     with pytest.raises(ValueError, match="sparse_linear: w_sparse.col"):
         f(x)
+
+
+# --- packed int8 weights -------------------------------------------------------
+
+
+def packed(gen, n=20, k=37):
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    return w, pk.ops.pack_int8_weight(w)
+
+
+PACKED_CORRUPTIONS = [
+    (
+        "comp off by one",
+        lambda p: p._replace(comp=_set(p.comp, 0, int(p.comp[0]) + 1)),
+        ValueError,
+        "w_q.comp",
+    ),
+    (
+        "padding not zero",
+        lambda p: p._replace(packed=_set(p.packed, -1, 5)),
+        ValueError,
+        "w_q.packed",
+    ),
+    ("comp short", lambda p: p._replace(comp=p.comp[:-1]), ValueError, "w_q.comp"),
+    ("packed 2-D", lambda p: p._replace(packed=p.packed[None]), ValueError, "w_q.packed"),
+    (
+        "packed uint8",
+        lambda p: p._replace(packed=p.packed.view(torch.uint8)),
+        TypeError,
+        "w_q.packed",
+    ),
+    ("n a float", lambda p: p._replace(n=20.0), TypeError, "w_q.n"),
+    ("k too large", lambda p: p._replace(k=1 << 20), ValueError, "w_q.k"),
+]
+
+
+@pytest.mark.parametrize(
+    "corrupt, exc, part",
+    [c[1:] for c in PACKED_CORRUPTIONS],
+    ids=[c[0] for c in PACKED_CORRUPTIONS],
+)
+def test_corrupted_packed_weight_is_refused_alike(corrupt, exc, part, gen, monkeypatch):
+    w, p = packed(gen)
+    bad = corrupt(p)
+    x = torch.randn(5, 37, generator=gen)
+    s = torch.rand(20, generator=gen)
+    got = each_backend(monkeypatch, lambda: pk.ops.int8_linear(x, bad, s))
+    first = got[BACKENDS[0]]
+    assert first is not None and first[0] == exc.__name__ and part in first[1], got
+    assert all(v == first for v in got.values()), got
+    # A good one gives every backend the same answer as the row-major weight.
+    good = each_backend(monkeypatch, lambda: pk.ops.int8_linear(x, p, s))
+    assert all(v is None for v in good.values()), good
+
+
+@pytest.mark.skipif(os.environ.get("PYKERNELS_NO_NATIVE") == "1", reason="needs _C")
+def test_packed_weight_from_pack_is_not_rechecked_but_a_copy_is(gen):
+    w, p = packed(gen)
+    from pykernels.ops import _checks
+
+    assert _checks.is_checked((p.packed, p.comp), ("int8-packed", 20, 37))
+    q = p._replace(packed=p.packed.clone(), comp=p.comp.clone())
+    assert not _checks.is_checked((q.packed, q.comp), ("int8-packed", 20, 37))
+    pk.ops.int8_linear(torch.randn(2, 37), q, torch.ones(20))
+    assert _checks.is_checked((q.packed, q.comp), ("int8-packed", 20, 37))
