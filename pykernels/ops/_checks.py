@@ -31,11 +31,7 @@ def check_int(fn: str, name: str, v: Any, lo: int | None = None, hi: int | None 
         return v  # type: ignore[return-value]
     v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        want = (
-            f">= {lo}"
-            if hi is None
-            else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
-        )
+        want = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
         raise ValueError(f"{fn}: {name} must be an int {want}, got {v}")
     return v
 

@@ -195,14 +195,11 @@ def _structure_problem(row_ptr: Tensor, col: Tensor, kcols: int) -> str | None:
         r = int((steps < 0).nonzero()[0])
         return f"row_ptr must not decrease, got row_ptr[{r}] > row_ptr[{r + 1}]"
     if bad[2]:
-        return (
-            f"row_ptr must end at the number of column indices ({nnz}), got {int(row_ptr[-1])}"
-        )
+        return f"row_ptr must end at the number of column indices ({nnz}), got {int(row_ptr[-1])}"
     if nnz and (bad[3] or bad[4]):
         lo, hi = int(c.min()), int(c.max())
         return (
-            f"col holds an index out of range: indices span [{lo}, {hi}], "
-            f"not within [0, {kcols})"
+            f"col holds an index out of range: indices span [{lo}, {hi}], not within [0, {kcols})"
         )
     if nnz > 1:
         # A row starts at row_ptr[r] of every non-empty row r; elsewhere a
@@ -580,7 +577,9 @@ def prune_mask(weight: Tensor, sparsity: float | None, pattern: str = "unstructu
     if not weight.is_floating_point():
         raise TypeError(f"prune: weight must be a 2-D float tensor, got {weight.dtype}")
     if weight.dim() != 2:
-        raise ValueError(f"prune: weight must be a 2-D float tensor, got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"prune: weight must be a 2-D float tensor, got shape {tuple(weight.shape)}"
+        )
     if weight.device.type == "meta":
         raise ValueError("prune: weight is a meta tensor: its magnitudes are unknown")
     if pattern not in PATTERNS:
