@@ -20,12 +20,17 @@ def _one_of(fn: str, rank, energy, tol) -> None:
         raise ValueError(f"{fn}: give exactly one of rank, energy and tol")
 
 
-def _factor(w: Tensor, rank: int | None, energy: float | None, tol: float | None):
+def _factor(fn: str, w: Tensor, rank: int | None, energy: float | None, tol: float | None):
     """(u, s, vh) of the 2-D w truncated by rank, energy or relative error."""
     if rank is not None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__} {rank!r}")
+        if rank < 1:
+            raise ValueError(f"{fn}: rank must be a positive int, got {rank!r}")
         rank = min(rank, min(w.shape))
+        if rank == 0:  # an empty weight (no inputs or no outputs): nothing to factor
+            z = w.new_zeros
+            return z(w.shape[0], 0), z(0), z(0, w.shape[1])
         return ops_svd.randomized_svd(w, rank)
     _, u, s, vh = ops_svd.svd_rank(w, tol=tol, energy=energy)
     return u, s, vh
@@ -41,11 +46,15 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"LowRankLinear: {name} must be a positive int, got {v!r}")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-            raise ValueError(f"LowRankLinear: rank must be a non-negative int, got {rank!r}")
+        for name, v in (
+            ("in_features", in_features),
+            ("out_features", out_features),
+            ("rank", rank),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"LowRankLinear: {name} must be an int, got {type(v).__name__}")
+            if v < 0:
+                raise ValueError(f"LowRankLinear: {name} must be a non-negative int, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         self.down = nn.Parameter(torch.zeros(rank, in_features))
         self.up = nn.Parameter(torch.zeros(out_features, rank))
@@ -71,7 +80,7 @@ class LowRankLinear(nn.Module):
             raise TypeError(f"LowRankLinear.from_linear: linear must be an nn.Linear, got {got}")
         _one_of("LowRankLinear.from_linear", rank, energy, tol)
         w = linear.weight.detach().float()
-        u, s, vh = _factor(w, rank, energy, tol)
+        u, s, vh = _factor("LowRankLinear.from_linear", w, rank, energy, tol)
         layer = cls(linear.in_features, linear.out_features, s.numel(), linear.bias is not None)
         root = s.sqrt()
         with torch.no_grad():
@@ -162,11 +171,15 @@ class TuckerConv2d(nn.Module):
                     f"TuckerConv2d.from_conv: ranks must be two positive ints, got {ranks!r}"
                 )
             r_out, r_in = min(ranks[0], o), min(ranks[1], i)
-            u_out = _factor(w.reshape(o, -1), r_out, None, None)[0]
-            u_in = _factor(w.transpose(0, 1).reshape(i, -1), r_in, None, None)[0]
+            u_out = _factor("TuckerConv2d.from_conv", w.reshape(o, -1), r_out, None, None)[0]
+            u_in = _factor(
+                "TuckerConv2d.from_conv", w.transpose(0, 1).reshape(i, -1), r_in, None, None
+            )[0]
         else:
-            u_out = _factor(w.reshape(o, -1), None, energy, None)[0]
-            u_in = _factor(w.transpose(0, 1).reshape(i, -1), None, energy, None)[0]
+            u_out = _factor("TuckerConv2d.from_conv", w.reshape(o, -1), None, energy, None)[0]
+            u_in = _factor(
+                "TuckerConv2d.from_conv", w.transpose(0, 1).reshape(i, -1), None, energy, None
+            )[0]
         core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)  # [r_out, r_in, kh, kw]
         dev = conv.weight.device
         first = nn.Conv2d(i, u_in.shape[1], 1, bias=False).to(dev)

@@ -158,7 +158,7 @@ def _pack_op(w: Tensor) -> tuple[Tensor, Tensor]:
     np_, kp = _reference.packed_shape(n, k)
     w = w.contiguous()
     backend = backends.choose("int8", w.device)
-    if backend.name == "native-cpu":
+    if backend.name == "native-cpu" and w.numel():
         packed = torch.empty(np_ * kp, dtype=torch.int8)
         comp = torch.empty(np_, dtype=torch.int32)
         backends.cpu_function(backend, "int8", "int8_pack_weight")(
@@ -433,7 +433,10 @@ def _rows(
     if x2.shape[0] == 0 or n == 0 or k == 0:
         y = x.new_zeros(*lead, n)
         return x2, lead, (y if bias32 is None or k else (y + bias32).to(x.dtype))
-    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), lead, None
+    # The kernels read rows of unit stride, one after another: an expanded
+    # (zero-stride) or interleaved x is copied first.
+    rows_ok = (k <= 1 or x2.stride(1) == 1) and (x2.shape[0] <= 1 or x2.stride(0) >= k)
+    return (x2 if rows_ok else x2.contiguous()), lead, None
 
 
 def int8_linear(
