@@ -87,3 +87,39 @@ def test_empty_linear_through_every_layer(backend, kn, gen):
     ):
         model = nn.Sequential(lin, nn.ReLU())
         torch.testing.assert_close(convert(model)(x), model(x))
+
+
+# --- sparse -----------------------------------------------------------------------
+
+
+def test_sparsify_refuses_a_sparsity_the_2_4_pattern_cannot_give(gen):
+    model = nn.Sequential(linear(16, 8, gen))
+    with pytest.raises(ValueError, match="2:4 pattern has sparsity 0.5, got sparsity=0.9"):
+        pk.sparsify(model, 0.9, pattern="2:4")
+    with pytest.raises(ValueError, match="sparsity 0.5"):
+        pk.nn.SparseLinear.from_linear(model[0], 0.9, pattern="2:4")
+    with pytest.raises(TypeError, match="sparsity must be a float"):
+        pk.sparsify(model, "0.5", pattern="2:4")
+    for s in (0.5, None):
+        layer = pk.sparsify(model, s, pattern="2:4")[0]
+        assert layer.density() == 0.5
+
+
+@pytest.mark.parametrize("k", [70001, 262148])  # 17501 block columns (int16), 65537 (int32)
+def test_block_sparse_linear_with_k_past_65536(backend, k, gen):
+    n = 6
+    w = torch.zeros(n, k)
+    cols = (
+        torch.tensor([0, 5, 65536 * 4 - 1, k - 1])
+        if k > 262144
+        else torch.tensor([0, 40000, k - 1])
+    )
+    w[:, cols] = torch.randn(n, cols.numel(), generator=gen)
+    sw = pk.ops.to_sparse(w, block=4)
+    assert sw.col.dtype == (torch.int16 if -(-k // 4) <= 65536 else torch.int32)
+    x = torch.randn(3, k, generator=gen)
+    torch.testing.assert_close(pk.ops.sparse_linear(x, sw), x @ w.T, rtol=1e-5, atol=1e-5)
+    layer = pk.nn.SparseLinear(sw, None, "block")
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

@@ -118,7 +118,7 @@ class SparseLinear(nn.Module):
 
 def sparsify(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | None,
     pattern: str = "unstructured",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     scope: str = "layer",
@@ -131,7 +131,8 @@ def sparsify(
     ``torch.nn.utils.prune.global_unstructured`` does; for the block pattern
     one block-norm threshold), so layers end up with different densities and
     the selected weights as a whole have ``sparsity``. 2:4 is per group of
-    four, so its scope does not matter. Deep-copies the model unless
+    four, so its scope does not matter, and its sparsity is 0.5: ``sparsity``
+    must then be 0.5 or None (anything else is refused). Deep-copies the model unless
     ``inplace=True``; returns the converted model.
     """
     if not isinstance(model, nn.Module):
@@ -142,6 +143,12 @@ def sparsify(
         raise ValueError(f"sparsify: scope must be one of {SCOPES}, got {scope!r}")
     if pattern != "2:4":
         sparsity = sp._check_sparsity("sparsify", sparsity)
+    elif sparsity is not None and sp._check_sparsity("sparsify", sparsity) != 0.5:
+        # 2:4 keeps two of every four whatever is asked: refuse rather than
+        # return a model at a sparsity the caller did not ask for.
+        raise ValueError(
+            f"sparsify: the 2:4 pattern has sparsity 0.5, got sparsity={sparsity}; pass 0.5 or None"
+        )
     if not inplace:
         model = copy.deepcopy(model)
 
