@@ -123,3 +123,89 @@ def test_block_sparse_linear_with_k_past_65536(backend, k, gen):
     xg = x.clone().requires_grad_()
     layer(xg).sum().backward()
     torch.testing.assert_close(xg.grad, w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+# --- topk -----------------------------------------------------------------------
+
+
+V = torch.tensor([1.5, -2.0])
+IDX = torch.tensor([0, 3])
+
+
+@pytest.mark.parametrize(
+    "shape, exc, match",
+    [
+        ("55", TypeError, "shape must be a sequence of ints, got str"),
+        (b"55", TypeError, "shape must be a sequence of ints"),
+        ((2.7,), TypeError, "got float 2.7"),
+        ((2, 2.0), TypeError, "got float"),
+        ([True, 4], TypeError, "got bool"),
+        (4.0, TypeError, "shape must be a sequence of ints"),
+        ({4: 1}, TypeError, "shape must be a sequence of ints"),
+        ((2, -3), ValueError, "non-negative"),
+        ((2,), ValueError, r"indices must be in \[0, 2\)"),
+    ],
+)
+def test_topk_densify_reads_shape_as_ints_only(shape, exc, match):
+    with pytest.raises(exc, match=match):
+        pk.ops.topk_densify(V, IDX, shape=shape)
+
+
+@pytest.mark.parametrize("shape", [4, (4,), [2, 2], torch.Size([1, 4]), (torch.tensor(4).item(),)])
+def test_topk_densify_accepts_every_int_shape(shape):
+    import numpy as np
+
+    want = torch.tensor([1.5, 0.0, 0.0, -2.0])
+    assert torch.equal(pk.ops.topk_densify(V, IDX, shape=shape).reshape(-1), want)
+    assert torch.equal(pk.ops.topk_densify(V, IDX, shape=(np.int64(4),)), want)
+
+
+def test_zero_stride_residual_and_out_are_refused_before_the_kernel(backend, gen):
+    x = torch.randn(20, generator=gen)
+    base = torch.randn(1, generator=gen)
+    r = base.expand(20)
+    with pytest.raises(ValueError, match="topk_sparsify: residual is written in place"):
+        pk.ops.topk_sparsify(x, k=3, residual=r)
+    assert torch.equal(r, base.expand(20))  # untouched
+    out = base.expand(5)
+    with pytest.raises(ValueError, match="topk_densify: out is written in place"):
+        pk.ops.topk_densify(V, IDX, out=out, accumulate=True)
+    assert torch.equal(out, base.expand(5))
+    # Overlap that strides alone do not reveal (interleaved dimensions) is found too.
+    store = torch.zeros(8)
+    odd = store.as_strided((2, 3), (3, 2))  # offsets 0 2 4 3 5 7: no two alike
+    pk.ops.topk_densify(V, torch.tensor([0, 5]), out=odd)
+    assert float(store[0]) == 1.5 and float(store[7]) == -2.0
+    clash = store.as_strided((2, 3), (1, 1))  # offsets 0 1 2 1 2 3
+    with pytest.raises(ValueError, match="out is written in place"):
+        pk.ops.topk_densify(V, torch.tensor([0, 5]), out=clash)
+    # A strided residual that does not overlap works, through a copy.
+    big = torch.zeros(40)
+    r2 = big[::2]
+    v, i = pk.ops.topk_sparsify(x, k=3, residual=r2)
+    torch.testing.assert_close(pk.ops.topk_densify(v, i, shape=(20,)) + r2, x)
+
+
+def test_topk_values_are_differentiable_without_residual(backend, gen):
+    x = torch.randn(6, 7, generator=gen, requires_grad=True)
+    values, indices = pk.ops.topk_sparsify(x, k=9)
+    assert values.requires_grad and not indices.requires_grad
+    g = torch.randn(9, generator=gen)
+    (values * g).sum().backward()
+    want = torch.zeros(42)
+    want[indices] = g
+    assert torch.equal(x.grad.reshape(-1), want)
+    h = x.detach().half().requires_grad_()
+    v16, i16 = pk.ops.topk_sparsify(h, ratio=0.5)
+    v16.float().pow(2).sum().backward()
+    want16 = torch.zeros(42, dtype=torch.float16)
+    want16[i16] = 2 * v16.detach()
+    assert torch.equal(h.grad.reshape(-1), want16)
+
+
+def test_topk_with_residual_carries_no_gradient(backend, gen):
+    x = torch.randn(30, generator=gen, requires_grad=True)
+    r = torch.zeros(30)
+    values, indices = pk.ops.topk_sparsify(x, k=5, residual=r)
+    assert not values.requires_grad and not indices.requires_grad
+    torch.testing.assert_close(pk.ops.topk_densify(values, indices, shape=(30,)) + r, x.detach())
