@@ -209,3 +209,68 @@ def test_topk_with_residual_carries_no_gradient(backend, gen):
     values, indices = pk.ops.topk_sparsify(x, k=5, residual=r)
     assert not values.requires_grad and not indices.requires_grad
     torch.testing.assert_close(pk.ops.topk_densify(values, indices, shape=(30,)) + r, x.detach())
+
+
+# --- svd: exactly low-rank matrices ------------------------------------------------
+
+
+def exactly_low_rank(gen, dtype):
+    """(name, matrix, its rank): the matrices a plain QR of the sketch got wrong."""
+    checker = torch.ones(400, 300, dtype=dtype)
+    checker[::2] *= -1
+    checker[:, ::2] *= -1
+    u = torch.randint(-5, 6, (400, 3), generator=gen).to(dtype)
+    v = torch.randint(-5, 6, (3, 300), generator=gen).to(dtype)
+    rows = torch.randn(400, 1, generator=gen, dtype=dtype).expand(400, 300).contiguous()
+    return [
+        ("ones", torch.ones(400, 300, dtype=dtype), 1),
+        ("row-constant", rows, 1),
+        ("checkerboard", checker, 1),
+        ("block-diagonal ones", torch.block_diag(*[torch.ones(100, 75, dtype=dtype)] * 4), 4),
+        ("integer outer product", u @ v, 3),
+        ("wide ones", torch.ones(250, 600, dtype=dtype), 1),
+    ]
+
+
+def assert_exact_factorization(a, u, s, vh, rank):
+    tol = 2e-5 if a.dtype == torch.float32 else 1e-12
+    err = float(torch.linalg.norm((u * s) @ vh - a) / torch.linalg.norm(a))
+    eye = torch.eye(u.shape[1], dtype=a.dtype)
+    assert err < tol, err
+    assert float((u.T @ u - eye).abs().max()) < 10 * tol
+    assert float((vh @ vh.T - eye).abs().max()) < 10 * tol
+    assert bool((s[:-1] >= s[1:]).all()) and bool((s[rank:] <= tol * s[0]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_randomized_svd_of_exactly_low_rank_matrices(dtype, gen):
+    for name, a, r in exactly_low_rank(gen, dtype):
+        for rank, n_iter in ((r, 1), (r + 2, 0), (16, 2)):
+            seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+            u, s, vh = pk.ops.randomized_svd(a, rank, n_iter=n_iter, seed=seed)
+            assert_exact_factorization(a, u, s, vh, r)
+        rk, u, s, vh = pk.ops.svd_rank(a, tol=1e-4)
+        assert rk == r, name
+        assert_exact_factorization(a, u, s, vh, r)
+
+
+def test_ones_at_rank_one_is_exact():
+    a = torch.ones(400, 300)
+    u, s, vh = pk.ops.randomized_svd(a, 1)
+    torch.testing.assert_close(s, torch.tensor([(400 * 300) ** 0.5]))
+    torch.testing.assert_close((u * s) @ vh, a)
+
+
+def test_low_rank_layers_inherit_the_exact_factorization(gen):
+    for _, w, r in exactly_low_rank(gen, torch.float32):
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        for layer in (
+            pk.nn.LowRankLinear.from_linear(lin, rank=r),
+            pk.nn.LowRankLinear.from_linear(lin, tol=1e-4),
+            pk.factorize(nn.Sequential(lin), rank=r)[0],
+        ):
+            assert isinstance(layer, pk.nn.LowRankLinear) and layer.rank == r
+            err = float(torch.linalg.norm(layer.to_dense() - w) / torch.linalg.norm(w))
+            assert err < 2e-5

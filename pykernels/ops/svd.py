@@ -44,20 +44,54 @@ def _project_out(y: Tensor, basis: Tensor | None) -> Tensor:
     return y if basis is None else y - basis @ (basis.T @ y)
 
 
+def _orth_against(y: Tensor, basis: Tensor | None, gen: torch.Generator) -> Tensor:
+    """Orthonormal columns spanning what `y` adds to `basis`, as many as y has,
+    orthogonal to `basis`: a rank-revealing orthogonalization.
+
+    A plain QR of a rank-deficient y (an exactly low-rank matrix gives one: all
+    ones, a checkerboard, an integer outer product) still returns orthonormal
+    columns, but those past y's rank are the directions of its rounding noise,
+    which after projection need not be orthogonal to the basis at all: the
+    Krylov basis then stops being orthonormal and the factors come out wrong.
+    Here the directions y holds only at the noise level are recognised (an SVD
+    of QR's small R factor) and replaced by random ones orthogonalized against
+    everything kept.
+    """
+    m, w = y.shape
+    scale = float(torch.linalg.vector_norm(y))  # what the rounding is relative to
+    y = _project_out(y, basis)
+    q, r = torch.linalg.qr(y)
+    sr = torch.linalg.svdvals(r)
+    noise = 16 * torch.finfo(y.dtype).eps * math.sqrt(max(m, w)) * scale
+    rank = int((sr > noise).sum())
+    kept = q
+    if rank < w:  # the directions of y above the noise, in order
+        ur = torch.linalg.svd(r).U
+        kept = q @ ur[:, :rank]
+    if basis is not None and rank:
+        # The second pass of Gram-Schmidt ("twice is enough"), on real
+        # directions only, so a plain QR after it is safe.
+        kept = _orth(_project_out(kept, basis))
+    if rank == w:
+        return kept
+    known = kept if basis is None else torch.cat([basis, kept], dim=1)
+    z = torch.randn(m, w - rank, generator=gen, device=y.device, dtype=y.dtype)
+    for _ in range(2):
+        z = _project_out(z, known)
+    return torch.cat([kept, _orth(_project_out(_orth(z), known))], dim=1)
+
+
 def _krylov_factors(a: Tensor, width: int, steps: int, gen: torch.Generator):
     """(K, Bt): K [m, (steps+1) * width] orthonormal, Bt = A^T K."""
     n = a.shape[1]
     omega = torch.randn(n, width, generator=gen, device=a.device, dtype=a.dtype)
-    blocks = [_orth(a @ omega)]
+    blocks = [_orth_against(a @ omega, None, gen)]
     products = []
     for _ in range(steps):
         w = a.T @ blocks[-1]
         products.append(w)
         basis = torch.cat(blocks, dim=1)
-        y = _project_out(a @ _orth(w), basis)
-        q = _orth(y)
-        # Again: when y was mostly rounding noise, q is not yet orthogonal to the basis.
-        blocks.append(_orth(_project_out(q, basis)))
+        blocks.append(_orth_against(a @ _orth(w), basis, gen))
     products.append(a.T @ blocks[-1])
     return torch.cat(blocks, dim=1), torch.cat(products, dim=1)
 
@@ -187,7 +221,7 @@ def svd_rank(
         y = _project_out(work @ omega, basis)
         for _ in range(2):  # power steps: the basis should hold the top subspace, not just energy
             y = _project_out(work @ (work.T @ _orth(y)), basis)
-        q = _orth(_project_out(_orth(y), basis))
+        q = _orth_against(y, basis if basis.shape[1] else None, gen)
         r = q.T @ work
         basis = torch.cat([basis, q], dim=1)
         rows.append(r)
