@@ -315,7 +315,8 @@ def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     work = a.detach()
     if work.dtype in (torch.float16, torch.bfloat16):
         work = work.float()
-    work = work.reshape(-1, m, n).contiguous()
+    # The batch size is explicit: with -1, an empty matrix made it ambiguous.
+    work = work.reshape(math.prod(lead), m, n).contiguous()
     k = min(m, n)
     if work.shape[0] == 0 or k == 0:
         z = work.new_zeros
