@@ -321,3 +321,86 @@ def test_batched_svd_of_empty_matrices(backend, shape):
     k = min(m, n)
     assert u.shape == (*shape[:-2], m, k) and s.shape == (*shape[:-2], k)
     assert vh.shape == (*shape[:-2], k, n)
+
+
+# --- svd ops under torch.compile, and their arguments ---------------------------------
+
+
+def test_svd_ops_compile_with_fullgraph(gen):
+    a = torch.randn(200, 120, generator=gen)
+    x = torch.randn(5, 6, 4, generator=gen)
+
+    def rsvd(a):
+        u, s, vh = pk.ops.randomized_svd(a, 10, seed=3)
+        return (u * s) @ vh
+
+    def rank(a):
+        r, u, s, vh = pk.ops.svd_rank(a, tol=0.5)
+        return (u * s) @ vh, s
+
+    def batched(x):
+        u, s, vh = pk.ops.batched_svd(x)
+        return (u * s[..., None, :]) @ vh
+
+    torch._dynamo.reset()
+    c_rsvd = torch.compile(rsvd, fullgraph=True)  # inductor once; aot_eager traces the same
+    torch.testing.assert_close(c_rsvd(a), rsvd(a))
+    c_rank = torch.compile(rank, fullgraph=True, backend="aot_eager")
+    (y, s), (y_ref, s_ref) = c_rank(a), rank(a)
+    assert s.shape == s_ref.shape  # the rank: a size known only when the op has run
+    torch.testing.assert_close(y, y_ref)
+    c_batched = torch.compile(batched, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(c_batched(x), x, rtol=1e-5, atol=1e-5)
+    # The data-dependent checks run inside the ops, so they hold compiled too.
+    with pytest.raises(ValueError, match="batched_svd: a holds NaN or inf"):
+        c_batched(torch.full((5, 6, 4), float("nan")))
+    with pytest.raises(ValueError, match="randomized_svd: a holds NaN or inf"):
+        c_rsvd(a.index_fill(0, torch.tensor([7]), float("inf")))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda a: pk.ops.randomized_svd(a, 3, seed="abc"), TypeError, "seed must be an int"),
+        (lambda a: pk.ops.randomized_svd(a, 3, seed=2**64), ValueError, "seed must be an int in"),
+        (lambda a: pk.ops.randomized_svd(a, 3, seed=1.5), TypeError, "seed must be an int"),
+        (lambda a: pk.ops.randomized_svd(a, "3"), TypeError, "rank must be an int"),
+        (
+            lambda a: pk.ops.randomized_svd(a, 3, n_iter=-1),
+            ValueError,
+            "n_iter must be an int >= 0",
+        ),
+        (lambda a: pk.ops.randomized_svd(a, 3, oversample=2.0), TypeError, "oversample must be"),
+        (lambda a: pk.ops.svd_rank(a, tol="0.1"), TypeError, "tol must be a real number"),
+        (lambda a: pk.ops.svd_rank(a, tol=float("nan")), ValueError, "tol must be in"),
+        (lambda a: pk.ops.svd_rank(a, energy=True), TypeError, "energy must be a real number"),
+        (lambda a: pk.ops.svd_rank(a, tol=0.1, block=0), ValueError, "block must be an int >= 1"),
+        (lambda a: pk.ops.svd_rank(a, tol=0.1, seed=None), TypeError, "seed must be an int"),
+        (lambda a: pk.ops.svd_rank(a.to("meta"), tol=0.1), ValueError, "meta tensor"),
+    ],
+)
+def test_svd_arguments_are_checked(call, exc, match, gen):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(40, 30, generator=gen))
+
+
+def test_svd_seeds_cover_torchs_range(gen):
+    import numpy as np
+
+    a = torch.randn(60, 40, generator=gen)
+    same = [pk.ops.randomized_svd(a, 3, n_iter=0, seed=s)[0] for s in (2**64 - 1, -1)]
+    assert torch.equal(*same)  # torch.Generator reads them alike
+    assert torch.equal(
+        pk.ops.randomized_svd(a, 3, seed=np.int64(7))[1], pk.ops.randomized_svd(a, 3, seed=7)[1]
+    )
+
+
+def test_opcheck_of_the_svd_ops_and_topk_autograd(gen):
+    ops = torch.ops.pykernels
+    a = torch.randn(80, 50, generator=gen)
+    torch.library.opcheck(ops.randomized_svd.default, (a, 4, 1, 8, 0))
+    torch.library.opcheck(ops.randomized_svd.default, (a.double(), 40, 1, 8, -5))  # exact path
+    torch.library.opcheck(ops.svd_rank.default, (a, 0.25, 8, 0))
+    torch.library.opcheck(ops.batched_svd.default, (torch.randn(3, 5, 4, generator=gen),))
+    x = torch.randn(30, 20, generator=gen, requires_grad=True)
+    torch.library.opcheck(ops.topk_sparsify.default, (x, 17, False))
