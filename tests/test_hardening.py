@@ -404,3 +404,70 @@ def test_opcheck_of_the_svd_ops_and_topk_autograd(gen):
     torch.library.opcheck(ops.batched_svd.default, (torch.randn(3, 5, 4, generator=gen),))
     x = torch.randn(30, 20, generator=gen, requires_grad=True)
     torch.library.opcheck(ops.topk_sparsify.default, (x, 17, False))
+
+
+# --- topk error feedback at the dtype's limits -----------------------------------------
+
+
+def limit_values(dtype, gen, n=600):
+    """x and residual whose sums cross the dtype's range, its subnormals, zero signs."""
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).tiny
+    xs = torch.tensor(
+        [big, -big, big, 0.5 * big, big, -0.0, 0.0, tiny, -tiny / 4, float("inf"), float("nan")]
+    )
+    rs = torch.tensor(
+        [100.0, -1e6, 3e38, 0.75 * big, 2.0**31, -0.0, -0.0, tiny / 8, tiny, 1.0, 2.0]
+    )
+    if dtype == torch.float32:
+        rs[0], rs[1] = 3e38, -3e38  # the fp32 sum itself overflows to inf
+    reps = n // xs.numel() + 1
+    x = xs.repeat(reps)[:n] * (1 + torch.rand(n, generator=gen) * (xs.repeat(reps)[:n].abs() < 1))
+    r = rs.repeat(reps)[:n] * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    return x.to(dtype), r.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k_of", [lambda n: 7, lambda n: n // 2, lambda n: n])
+def test_error_feedback_identity_at_dtype_limits(backend, dtype, k_of, gen):
+    x, r = limit_values(dtype, gen)
+    k = k_of(x.numel())
+    y = x.float() + r
+    r_ref = r.clone()
+    for approx in (False, True):
+        r_run = r.clone()
+        v, i = pk.ops.topk_sparsify(x, k=k, approx=approx, residual=r_run)
+        rv, ri = pk._reference.topk_sparsify_tensor(x, k, residual=r_ref.clone())
+        assert torch.equal(i, ri)
+        assert torch.equal(
+            v.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            rv.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        )
+        # Nothing finite is sent as inf: a sum past the range is saturated.
+        assert bool((torch.isfinite(v) | ~torch.isfinite(y[i])).all())
+        back = pk.ops.topk_densify(v.float(), i, shape=x.shape) + r_run
+        same = (back == y) | (torch.isnan(back) & torch.isnan(y))
+        # Exact in fp32, except for fp16 sums of 2^29 or more sent as 65504:
+        # there within one fp32 rounding (65504 is below y's last place).
+        loose = (y.abs() >= 2.0**29) & (dtype == torch.float16) & torch.isfinite(y)
+        assert bool((same | loose).all()), (x[~same], r[~same])
+        ulp = torch.nextafter(y.abs(), torch.tensor(float("inf"))) - y.abs()
+        assert bool(((back - y).abs() <= ulp)[loose].all())
+
+
+def test_issue_fp16_error_feedback_example():
+    r = torch.full((4,), 100.0)
+    v, i = pk.ops.topk_sparsify(torch.full((4,), 65504.0).half(), k=2, residual=r)
+    assert torch.equal(v, torch.full((2,), 65504.0).half())  # not inf
+    assert torch.equal(r, torch.tensor([100.0, 100.0, 65604.0, 65604.0]))  # 100 + what was not sent
+
+
+def test_error_feedback_limits_on_every_isa(cpu_isa, gen):
+    for dtype in (torch.float16, torch.bfloat16):
+        x, r = limit_values(dtype, gen, n=70_001)
+        r_ref = r.clone()
+        got = pk.ops.topk_sparsify(x, k=5000, residual=r)
+        want = pk._reference.topk_sparsify_tensor(x, 5000, residual=r_ref)
+        assert torch.equal(got[1], want[1])
+        assert torch.equal(got[0].view(torch.int16), want[0].view(torch.int16))
+        assert torch.equal(r, r_ref) or bool(((r == r_ref) | (r.isnan() & r_ref.isnan())).all())

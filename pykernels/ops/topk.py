@@ -163,7 +163,13 @@ def topk_sparsify(
             place with what was not sent (entries not selected keep
             ``x + residual``, selected ones keep only the rounding remainder of
             the value to x's dtype, 0 for float32), so that
-            ``x + residual_before == topk_densify(values, indices) + residual_after``.
+            ``x + residual_before == topk_densify(values, indices) + residual_after``
+            in fp32. The sum is formed in fp32; a selected sum beyond an fp16
+            or bf16 value's range is sent saturated (the largest finite value,
+            signed) and the excess stays in the residual, never inf. The
+            identity is then exact for bf16 and for fp16 sums below 2^29,
+            within one fp32 rounding above. A sum that is inf or NaN in fp32
+            is sent as it is and leaves 0.
 
     Returns:
         ``(values, indices)``: values signed, in x's dtype (for error feedback,
