@@ -471,3 +471,67 @@ def test_error_feedback_limits_on_every_isa(cpu_isa, gen):
         assert torch.equal(got[1], want[1])
         assert torch.equal(got[0].view(torch.int16), want[0].view(torch.int16))
         assert torch.equal(r, r_ref) or bool(((r == r_ref) | (r.isnan() & r_ref.isnan())).all())
+
+
+# --- small things: threads, -0.0 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, exc",
+    [
+        (2**40, ValueError),
+        (0, ValueError),
+        (-3, ValueError),
+        (2.0, TypeError),
+        ("4", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_set_num_threads_refuses_what_openmp_cannot_start(n, exc):
+    with pytest.raises(exc, match="set_num_threads: n must be a positive int"):
+        pk.set_num_threads(n)
+
+
+def test_set_num_threads_takes_numpy_ints():
+    import numpy as np
+
+    from pykernels import _native
+
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    before = _native.C.get_num_threads()
+    try:
+        pk.set_num_threads(np.int64(1))
+        assert _native.C.get_num_threads() == 1
+    finally:
+        pk.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_to_dense_of_to_sparse_keeps_every_stored_bit_and_zeroes_negative_zero(block, gen):
+    w = torch.randn(9, 14, generator=gen)
+    w[torch.rand(9, 14, generator=gen) < 0.5] = 0.0
+    w[0, :3] = -0.0
+    w[1, 1] = float("nan")
+    w[2, 2] = float("-inf")
+    w[3, 3] = 1e-45  # a subnormal
+    sw = pk.ops.to_sparse(w, block)
+    back = pk.ops.to_dense(sw)
+    # Decided (README): -0.0 is a zero and is not stored, so it comes back +0.0;
+    # every stored value (for BSR, everything inside a kept block, -0.0
+    # included) comes back with its bits.
+    bits, back_bits = w.view(torch.int32), back.view(torch.int32)
+    nonzero = w != 0
+    stored = nonzero
+    if block == 4:
+        stored = pk.ops.sparse.expand_block_mask(
+            torch.nn.functional.pad(nonzero, (0, 2, 0, 3)).view(3, 4, 4, 4).any(3).any(1),
+            9,
+            14,
+        )
+    assert torch.equal(bits[stored], back_bits[stored])
+    assert bool((back[~stored] == 0).all()) and not bool(back[~stored].signbit().any())
+    assert torch.equal(torch.where(w.isnan(), 0, w), torch.where(back.isnan(), 0, back))
+    if block == 1:
+        assert sw.nnz() == int(nonzero.sum())  # -0.0 costs no storage

@@ -114,9 +114,10 @@ def to_dense(sw: SparseWeight) -> Tensor:
     """The dense float32 [n, k] weight of a SparseWeight.
 
     Every stored value comes back bit-exact (NaN payloads included); entries
-    not stored are +0.0. :func:`to_sparse` stores the non-zeros only, and
-    -0.0 is a zero: ``to_dense(to_sparse(w))`` equals ``w`` (``torch.equal``)
-    with each -0.0 turned to +0.0.
+    not stored are +0.0. :func:`to_sparse` stores the non-zeros only (for
+    BSR, every entry of a block holding one), and -0.0 is a zero:
+    ``to_dense(to_sparse(w))`` equals ``w`` (``torch.equal``, NaN aside) with
+    each -0.0 that was not stored turned to +0.0.
     """
     _check_weight("to_dense", sw)
     dev = sw.values.device
