@@ -535,3 +535,102 @@ def test_to_dense_of_to_sparse_keeps_every_stored_bit_and_zeroes_negative_zero(b
     assert torch.equal(torch.where(w.isnan(), 0, w), torch.where(back.isnan(), 0, back))
     if block == 1:
         assert sw.nnz() == int(nonzero.sum())  # -0.0 costs no storage
+
+
+# --- conversions of models holding attention ---------------------------------------------
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.mha(h, h, h, need_weights=False)[0])
+
+
+def transformer(gen, batch_first=True):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = nn.TransformerEncoderLayer(
+        64, 4, dim_feedforward=128, batch_first=batch_first, dropout=0.0
+    )
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first)
+    return nn.Sequential(enc, nn.Linear(64, 8)).eval()
+
+
+CONVERSIONS = {
+    "int8": lambda m: pk.quantize_int8(m),
+    "int8-weight_only": lambda m: pk.quantize_int8(m, mode="weight_only"),
+    "sparsify": lambda m: pk.sparsify(m, 0.5),
+    "sparsify-block": lambda m: pk.sparsify(m, 0.5, pattern="block"),
+    "factorize": lambda m: pk.factorize(m, rank=8),
+}
+
+
+def dense_twin(model, converted):
+    """The original model with each converted Linear's weight replaced by the
+    dense weight the converted layer computes with: the reference."""
+    twin = __import__("copy").deepcopy(model)
+    names = dict(converted.named_modules())
+    with torch.no_grad():
+        for fqn, m in twin.named_modules():
+            c = names[fqn]
+            if isinstance(m, nn.Linear) and not isinstance(c, nn.Linear):
+                w = c.dequantized_weight() if isinstance(c, pk.nn.Int8Linear) else c.to_dense()
+                m.weight.copy_(w)
+    return twin
+
+
+@pytest.mark.parametrize("name", list(CONVERSIONS))
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_converts_and_runs(name, batch_first, gen):
+    model = transformer(gen, batch_first)
+    conv = CONVERSIONS[name](model).eval()
+    for layer in conv[0].layers:
+        # attention reads out_proj.weight itself: left dense
+        assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+        assert not isinstance(layer.linear1, nn.Linear) and not isinstance(layer.linear2, nn.Linear)
+    assert not isinstance(conv[1], nn.Linear) or name == "factorize"  # 64 -> 8: would grow
+    twin = dense_twin(model, conv)
+    x = torch.randn(3, 10, 64, generator=gen)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 7:] = True
+    if not batch_first:
+        x = x.transpose(0, 1)
+    keep = ~mask if batch_first else ~mask.T
+    tol = 3e-2 if name == "int8" else 1e-4  # W8A8 quantizes the activations too
+    # Fused paths (no_grad, inference_mode, padding masks) and the plain one.
+    for ctx in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with ctx():
+            got = conv[1](conv[0](x, src_key_padding_mask=mask))
+            want = twin[1](twin[0](x, src_key_padding_mask=mask))
+            scale = float(want[keep].abs().max())
+            assert float((got - want)[keep].abs().max()) <= tol * scale, ctx
+            torch.testing.assert_close(conv(x), twin(x), rtol=tol, atol=tol * scale)
+    if name not in ("int8", "int8-weight_only"):  # the others train
+        conv.train()
+        conv(x).square().mean().backward()
+
+
+@pytest.mark.parametrize("name", list(CONVERSIONS))
+def test_multihead_attention_is_left_alone(name, gen):
+    model = Attn().eval()
+    conv = CONVERSIONS[name](model).eval()
+    assert type(conv.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert torch.equal(conv.mha.out_proj.weight, model.mha.out_proj.weight)
+    assert not isinstance(conv.inp, nn.Linear)
+    x = torch.randn(2, 5, 32, generator=gen)
+    twin = dense_twin(model, conv)
+    tol = 3e-2 if name == "int8" else 1e-4
+    for ctx in (torch.no_grad, torch.enable_grad):
+        with ctx():
+            want = twin(x)
+            torch.testing.assert_close(conv(x), want, rtol=tol, atol=tol * float(want.abs().max()))
+    # An attention module converted on its own is returned unchanged in behaviour.
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    for convert in CONVERSIONS.values():
+        same = convert(mha)
+        torch.testing.assert_close(same(x, x, x)[0], mha(x, x, x)[0])

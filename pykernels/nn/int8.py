@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.int8 import Int8PackedWeight
-from ._module import nbytes_of
+from ._module import convertible_children, guard_fused_paths, nbytes_of
 
 MODES = ("dynamic", "weight_only")
 
@@ -215,9 +215,13 @@ def quantize_int8(
     """Replaces every ``nn.Linear`` that ``filter_fn(module, fqn)`` accepts with an Int8Linear.
 
     ``fqn`` is the module's dotted name in ``model`` (``""`` for the model
-    itself). Without ``filter_fn`` every Linear is converted. The model is
-    deep-copied first unless ``inplace=True``; the converted model is
-    returned (an Int8Linear when ``model`` is itself a Linear).
+    itself). Without ``filter_fn`` every Linear is converted, except the
+    output projection of ``nn.MultiheadAttention``, which attention reads as
+    a dense weight and which is left as it is (the feed-forward Linears of
+    ``nn.TransformerEncoderLayer`` are converted, with torch's fused
+    inference path turned off for that layer). The model is deep-copied
+    first unless ``inplace=True``; the converted model is returned (an
+    Int8Linear when ``model`` is itself a Linear).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
@@ -233,9 +237,7 @@ def quantize_int8(
 
     if accept(model, ""):
         return Int8Linear.from_linear(model, mode=mode)
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if accept(child, child_fqn):
-                setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    for parent, name, child in convertible_children(model, (nn.Linear,), accept):
+        setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    guard_fused_paths(model)
     return model

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import sparse as sp
-from ._module import nbytes_of, take_loaded_sizes
+from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
 
 SCOPES = ("layer", "global")
 _STRUCTURE = ("values", "col", "row_ptr")  # in sp.check_structure's order
@@ -132,7 +132,9 @@ def sparsify(
     one block-norm threshold), so layers end up with different densities and
     the selected weights as a whole have ``sparsity``. 2:4 is per group of
     four, so its scope does not matter, and its sparsity is 0.5: ``sparsity``
-    must then be 0.5 or None (anything else is refused). Deep-copies the model unless
+    must then be 0.5 or None (anything else is refused). The output
+    projection of ``nn.MultiheadAttention`` is left dense (attention reads
+    its weight directly); see :func:`pykernels.quantize_int8`. Deep-copies the model unless
     ``inplace=True``; returns the converted model.
     """
     if not isinstance(model, nn.Module):
@@ -157,12 +159,7 @@ def sparsify(
 
     if accept(model, ""):
         return SparseLinear.from_linear(model, sparsity if pattern != "2:4" else None, pattern)
-    targets = []
-    for fqn, parent in model.named_modules():
-        for name, child in parent.named_children():
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if accept(child, child_fqn):
-                targets.append((parent, name, child))
+    targets = convertible_children(model, (nn.Linear,), accept)
     block = sp.BLOCK if pattern == "block" else 1
     masks = None
     if scope == "global" and pattern != "2:4" and targets:
@@ -189,4 +186,5 @@ def sparsify(
         else:
             layer = SparseLinear.from_linear(child, sparsity if pattern != "2:4" else None, pattern)
         setattr(parent, name, layer)
+    guard_fused_paths(model)
     return model

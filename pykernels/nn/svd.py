@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import svd as ops_svd
-from ._module import nbytes_of, take_loaded_sizes
+from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
 
 
 def _one_of(fn: str, rank, energy, tol) -> None:
@@ -224,7 +224,9 @@ def factorize(
     Exactly one of ``rank``, ``energy``, ``tol``. Convolutions take ``rank``
     as both Tucker ranks, or ``energy``; with ``tol`` they are left alone.
     A layer whose factorization would not be smaller than the original is
-    left alone. Deep-copies the model unless ``inplace=True``.
+    left alone, and so is the output projection of ``nn.MultiheadAttention``
+    (see :func:`pykernels.quantize_int8`). Deep-copies the model unless
+    ``inplace=True``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"factorize: model must be an nn.Module, got {type(model).__name__}")
@@ -249,11 +251,9 @@ def factorize(
 
     if isinstance(model, (nn.Linear, nn.Conv2d)) and accept(model, ""):
         return convert(model) or model
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and accept(child, child_fqn):
-                new = convert(child)
-                if new is not None:
-                    setattr(parent, name, new)
+    for parent, name, child in convertible_children(model, (nn.Linear, nn.Conv2d), accept):
+        new = convert(child)
+        if new is not None:
+            setattr(parent, name, new)
+    guard_fused_paths(model)
     return model
