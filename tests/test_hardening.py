@@ -634,3 +634,96 @@ def test_multihead_attention_is_left_alone(name, gen):
     for convert in CONVERSIONS.values():
         same = convert(mha)
         torch.testing.assert_close(same(x, x, x)[0], mha(x, x, x)[0])
+
+
+# --- meta tensors: shapes without values ---------------------------------------------------
+
+
+def _meta(t):
+    return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+
+def _like(a, b):
+    """Same structure, shapes and dtypes (b on meta)."""
+    if isinstance(a, torch.Tensor):
+        assert b.device.type == "meta" and b.shape == a.shape and b.dtype == a.dtype, (a, b)
+    elif isinstance(a, tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _like(x, y)
+
+
+def meta_cases(gen):
+    x = torch.randn(3, 5, 16, generator=gen)
+    wq = torch.randint(-127, 128, (4, 16), dtype=torch.int8, generator=gen)
+    s = torch.rand(4, generator=gen)
+    p = pk.ops.pack_int8_weight(wq)
+    pm = p._replace(packed=_meta(p.packed), comp=_meta(p.comp))
+    sw = pk.ops.to_sparse(pk.prune(torch.randn(4, 16, generator=gen), 0.5))
+    swm = sw._replace(values=_meta(sw.values), col=_meta(sw.col), row_ptr=_meta(sw.row_ptr))
+    sb = pk.ops.to_sparse(pk.prune(torch.randn(6, 16, generator=gen), 0.5, "block"), 4)
+    sbm = sb._replace(values=_meta(sb.values), col=_meta(sb.col), row_ptr=_meta(sb.row_ptr))
+    v, i = pk.ops.topk_sparsify(x, k=7)
+    a = torch.randn(30, 20, generator=gen)
+    return {
+        "quantize_per_row": (lambda m: pk.ops.quantize_per_row(m(x.half()))),
+        "int8_gemm": (lambda m: pk.ops.int8_gemm(m(wq), m(wq))),
+        "int8_linear": (lambda m: pk.ops.int8_linear(m(x), m(wq), m(s), m(s))),
+        "int8_linear packed": (lambda m: pk.ops.int8_linear(m(x), p if m is _id else pm, m(s))),
+        "int8_weight_linear": (lambda m: pk.ops.int8_weight_linear(m(x.bfloat16()), m(wq), m(s))),
+        "pack_int8_weight": (lambda m: tuple(pk.ops.pack_int8_weight(m(wq))[:2])),
+        "unpack_int8_weight": (lambda m: pk.ops.unpack_int8_weight(p if m is _id else pm)),
+        "topk_sparsify": (lambda m: pk.ops.topk_sparsify(m(x), k=7)),
+        "topk_sparsify residual": (
+            lambda m: pk.ops.topk_sparsify(m(x), k=7, residual=m(torch.zeros(3, 5, 16)))
+        ),
+        "topk_densify": (lambda m: pk.ops.topk_densify(m(v), m(i), shape=(3, 5, 16))),
+        "topk_densify out": (lambda m: pk.ops.topk_densify(m(v), m(i), out=m(torch.zeros(240)))),
+        "to_dense": (lambda m: pk.ops.to_dense(sw if m is _id else swm)),
+        "sparse_linear": (lambda m: pk.ops.sparse_linear(m(x), sw if m is _id else swm, m(s))),
+        "sparse_linear bsr": (lambda m: pk.ops.sparse_linear(m(x), sb if m is _id else sbm)),
+        "randomized_svd": (lambda m: pk.ops.randomized_svd(m(a), 4)),
+        "batched_svd": (lambda m: pk.ops.batched_svd(m(a.view(2, 15, 20)))),
+    }
+
+
+def _id(t):
+    return t
+
+
+def test_every_op_runs_on_meta_tensors(gen):
+    for name, call in meta_cases(gen).items():
+        try:
+            _like(call(_id), call(_meta))
+        except Exception as e:
+            raise AssertionError(f"{name} on meta") from e
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: pk.ops.to_sparse(torch.randn(4, 4, device="meta")), "to_sparse: w is a meta"),
+        (lambda: pk.prune(torch.randn(4, 4, device="meta"), 0.5), "prune: weight is a meta"),
+        (lambda: pk.ops.svd_rank(torch.randn(9, 7, device="meta"), tol=0.1), "svd_rank: a is"),
+        (lambda: pk.nn.Int8Linear.from_linear(nn.Linear(4, 4, device="meta")), "linear.weight"),
+        (lambda: pk.nn.SparseLinear.from_linear(nn.Linear(4, 4, device="meta"), 0.5), "meta"),
+        (lambda: pk.nn.LowRankLinear.from_linear(nn.Linear(4, 4, device="meta"), rank=2), "meta"),
+    ],
+)
+def test_what_needs_values_refuses_meta_clearly(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_every_layer_moves_to_meta_and_runs(gen):
+    lin = linear(16, 6, gen)
+    x = torch.randn(2, 3, 16, generator=gen)
+    layers = _layers(lin)
+    layers["tucker"] = pk.nn.TuckerConv2d.from_conv(nn.Conv2d(4, 6, 3), ranks=(2, 2))
+    for name, layer in layers.items():
+        inp = torch.randn(2, 4, 8, 8, generator=gen) if name == "tucker" else x
+        want = layer(inp)
+        meta = layer.to("meta")
+        got = meta(inp.to("meta"))
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+        assert meta.nbytes() > 0 and len(repr(meta)) > 0, name

@@ -75,8 +75,10 @@ class SparseLinear(nn.Module):
             return sp.to_dense(self.sparse_weight())
 
     def density(self) -> float:
-        """Fraction of the weight's entries that are non-zero."""
+        """Fraction of the weight's entries that are non-zero (NaN on meta: no values)."""
         total = self.in_features * self.out_features
+        if self.values.device.type == "meta":
+            return float("nan")
         return float((self.to_dense() != 0).sum()) / total if total else 0.0
 
     def nbytes(self) -> int:

@@ -79,6 +79,11 @@ class LowRankLinear(nn.Module):
             got = type(linear).__name__
             raise TypeError(f"LowRankLinear.from_linear: linear must be an nn.Linear, got {got}")
         _one_of("LowRankLinear.from_linear", rank, energy, tol)
+        if linear.weight.device.type == "meta":
+            raise ValueError(
+                "LowRankLinear.from_linear: linear.weight is a meta tensor: its factors "
+                "depend on its values"
+            )
         w = linear.weight.detach().float()
         u, s, vh = _factor("LowRankLinear.from_linear", w, rank, energy, tol)
         layer = cls(linear.in_features, linear.out_features, s.numel(), linear.bias is not None)
