@@ -41,7 +41,9 @@ class LowRankLinear(nn.Module):
 
     The two factors are ordinary parameters (balanced by sqrt(S), which
     trains better than putting S on one side), so fine-tuning works with
-    autograd. Build it with :meth:`from_linear`.
+    autograd. Inputs of another float dtype than the factors' are computed in
+    the factors' dtype and returned in their own, as Int8Linear and
+    SparseLinear do. Build it with :meth:`from_linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
@@ -98,6 +100,10 @@ class LowRankLinear(nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_floating_point() and x.dtype != self.down.dtype and not torch.is_autocast_enabled():
+            # As the other compressed layers: any float input, output in its dtype.
+            y = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up, self.bias)
+            return y.to(x.dtype)
         return F.linear(F.linear(x, self.down), self.up, self.bias)
 
     def to_dense(self) -> Tensor:

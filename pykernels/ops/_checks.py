@@ -85,6 +85,8 @@ def has_data(*tensors: Tensor | None) -> bool:
 def _overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool | None:
     """Whether a layout puts two elements at one address: True, False, or None
     when the strides alone do not settle it (interleaved dimensions)."""
+    if any(sz == 0 for sz in shape):
+        return False  # no elements, nothing to share
     dims = sorted((st, sz) for sz, st in zip(shape, strides) if sz > 1)
     if any(st == 0 for st, _ in dims):
         return True
