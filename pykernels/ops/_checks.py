@@ -111,6 +111,8 @@ def check_writable(fn: str, name: str, t: Tensor) -> None:
     """A tensor an op writes into must not overlap itself (an expanded,
     zero-stride view has many elements at one address): refused before any
     kernel runs, rather than failing half-way after it."""
+    if t.is_contiguous():
+        return
     overlap = _overlaps(t.shape, t.stride())
     if overlap is None and not torch.compiler.is_compiling():
         overlap = _offsets_overlap(t)
@@ -139,16 +141,22 @@ _CHECKED: dict[int, tuple] = {}
 
 
 def _state(tensors: Sequence[Tensor]) -> tuple:
-    # Inference tensors keep no version counter (they can only change inside
-    # inference_mode); the other fields still catch a swapped buffer.
-    return tuple(
-        (-1 if t.is_inference() else t._version, t.data_ptr(), t.numel(), t.dtype, t.device)
-        for t in tensors
-    )
+    out = []
+    for t in tensors:
+        try:
+            version = t._version
+        except RuntimeError:
+            # Inference tensors keep no version counter (they can only change
+            # inside inference_mode); the other fields still catch a swap.
+            version = -1
+        out.append((version, t.data_ptr(), t.numel(), t.dtype))
+    return tuple(out)
 
 
 def is_checked(tensors: Sequence[Tensor], extra: tuple) -> bool:
     """Whether `tensors` passed a check for `extra` and have not changed since."""
+    if not isinstance(tensors[0], Tensor):
+        return False
     mark = _CHECKED.get(id(tensors[0]))
     if mark is None:
         return False

@@ -188,6 +188,8 @@ def topk_sparsify(
     if not isinstance(approx, bool):
         raise TypeError(f"topk_sparsify: approx must be a bool, got {type(approx).__name__}")
     if residual is None:
+        if backends.skip_dispatcher(x):  # eager, no gradient wanted: skip the dispatcher
+            return _run(x, None, k, approx)
         return torch.ops.pykernels.topk_sparsify(x, k, approx)
     if not isinstance(residual, Tensor):
         raise TypeError(f"topk_sparsify: residual must be a torch.Tensor, got {type(residual)}")
@@ -205,7 +207,10 @@ def topk_sparsify(
     _checks.check_writable("topk_sparsify", "residual", residual)
     # Error feedback is state, not a function to differentiate: no gradient
     # flows through it (and residual is updated in place whatever it is).
-    return torch.ops.pykernels.topk_sparsify_ef(x.detach(), residual.detach(), k, approx)
+    x, residual = x.detach(), residual.detach()
+    if backends.skip_dispatcher(x, residual):
+        return _run(x, residual, k, approx)
+    return torch.ops.pykernels.topk_sparsify_ef(x, residual, k, approx)
 
 
 def _check_indices(indices: Tensor, numel: int) -> None:
