@@ -727,3 +727,85 @@ def test_every_layer_moves_to_meta_and_runs(gen):
         got = meta(inp.to("meta"))
         assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
         assert meta.nbytes() > 0 and len(repr(meta)) > 0, name
+
+
+# --- the layers' and conversions' own arguments ----------------------------------------
+
+
+def _seq():
+    return nn.Sequential(nn.Linear(16, 8))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (
+            lambda: pk.ops.topk_densify(V, IDX, shape=(4,), accumulate=torch.zeros(3)),
+            TypeError,
+            "topk_densify: accumulate must be a bool",
+        ),
+        (
+            lambda: pk.nn.Int8Linear(16, 8, bias=torch.zeros(8)),
+            TypeError,
+            "Int8Linear: bias must be a bool",
+        ),
+        (lambda: pk.nn.Int8Linear(16.0, 8), TypeError, "Int8Linear: in_features must be an int"),
+        (
+            lambda: pk.nn.LowRankLinear(16, 8, 2, bias="yes"),
+            TypeError,
+            "LowRankLinear: bias must be a bool",
+        ),
+        (
+            lambda: pk.quantize_int8(_seq(), inplace=torch.ones(2)),
+            TypeError,
+            "quantize_int8: inplace must be a bool",
+        ),
+        (
+            lambda: pk.sparsify(_seq(), 0.5, filter_fn="0"),
+            TypeError,
+            "sparsify: filter_fn must be callable",
+        ),
+        (
+            lambda: pk.sparsify(_seq(), 0.5, inplace=None),
+            TypeError,
+            "sparsify: inplace must be a bool",
+        ),
+        (lambda: pk.factorize(_seq(), rank="2"), TypeError, "factorize: rank must be an int"),
+        (lambda: pk.factorize(_seq(), rank=0), ValueError, "factorize: rank must be an int >= 1"),
+        (lambda: pk.factorize(_seq(), energy=1.5), ValueError, "factorize: energy must be in"),
+        (lambda: pk.factorize(_seq(), tol="0.1"), TypeError, "factorize: tol must be a real"),
+        (
+            lambda: pk.factorize(_seq(), rank=2, filter_fn=3),
+            TypeError,
+            "factorize: filter_fn must be callable",
+        ),
+        (
+            lambda: pk.nn.SparseLinear.from_linear(nn.Linear(8, 8), "0.5"),
+            TypeError,
+            "SparseLinear.from_linear: sparsity must be a float",
+        ),
+        (
+            lambda: pk.nn.LowRankLinear.from_linear(nn.Linear(8, 8), energy=0),
+            ValueError,
+            "LowRankLinear.from_linear: energy must be in",
+        ),
+        (
+            lambda: pk.nn.TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), ranks=(2, True)),
+            TypeError,
+            "TuckerConv2d.from_conv: ranks must be an int",
+        ),
+        (
+            lambda: pk.nn.TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), ranks=3),
+            TypeError,
+            "TuckerConv2d.from_conv: ranks must be two positive ints",
+        ),
+        (
+            lambda: pk.nn.TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), energy="x"),
+            TypeError,
+            "TuckerConv2d.from_conv: energy must be a real number",
+        ),
+    ],
+)
+def test_layers_and_conversions_name_their_own_arguments(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks
 from ..ops.int8 import Int8PackedWeight
 from ._module import convertible_children, guard_fused_paths, nbytes_of
 
@@ -43,8 +44,8 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"Int8Linear: {name} must be a non-negative int, got {v!r}")
+            _checks.check_int("Int8Linear", name, v, 0)
+        bias = _checks.check_bool("Int8Linear", "bias", bias)
         if mode not in MODES:
             raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
         self.in_features = in_features
@@ -227,9 +228,8 @@ def quantize_int8(
         raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"quantize_int8: mode must be one of {MODES}, got {mode!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError("quantize_int8: filter_fn must be callable or None")
-    if not inplace:
+    _checks.check_callable("quantize_int8", "filter_fn", filter_fn)
+    if not _checks.check_bool("quantize_int8", "inplace", inplace):
         model = copy.deepcopy(model)
 
     def accept(m: nn.Module, fqn: str) -> bool:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops import sparse as sp
 from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
 
@@ -55,6 +56,8 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear.from_linear: linear must be an nn.Linear, got {got}")
         if pattern not in sp.PATTERNS:
             raise ValueError(f"SparseLinear.from_linear: pattern must be one of {sp.PATTERNS}")
+        if sparsity is not None:
+            sparsity = sp._check_sparsity("SparseLinear.from_linear", sparsity)
         w = linear.weight.detach()
         if sparsity is not None or pattern == "2:4":
             w = sp.prune(w, sparsity, pattern)
@@ -145,6 +148,8 @@ def sparsify(
         raise ValueError(f"sparsify: pattern must be one of {sp.PATTERNS}, got {pattern!r}")
     if scope not in SCOPES:
         raise ValueError(f"sparsify: scope must be one of {SCOPES}, got {scope!r}")
+    _checks.check_callable("sparsify", "filter_fn", filter_fn)
+    inplace = _checks.check_bool("sparsify", "inplace", inplace)
     if pattern != "2:4":
         sparsity = sp._check_sparsity("sparsify", sparsity)
     elif sparsity is not None and sp._check_sparsity("sparsify", sparsity) != 0.5:

@@ -11,13 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops import svd as ops_svd
 from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
 
 
 def _one_of(fn: str, rank, energy, tol) -> None:
+    """Exactly one of the three targets, each checked here under `fn`'s name."""
     if sum(v is not None for v in (rank, energy, tol)) != 1:
         raise ValueError(f"{fn}: give exactly one of rank, energy and tol")
+    if rank is not None:
+        _checks.check_int(fn, "rank", rank, 1)
+    if energy is not None and not 0 < _checks.check_number(fn, "energy", energy) <= 1:
+        raise ValueError(f"{fn}: energy must be in (0, 1], got {energy!r}")
+    if tol is not None and not 0 <= _checks.check_number(fn, "tol", tol) < 1:
+        raise ValueError(f"{fn}: tol must be in [0, 1), got {tol!r}")
 
 
 def _factor(fn: str, w: Tensor, rank: int | None, energy: float | None, tol: float | None):
@@ -53,10 +61,8 @@ class LowRankLinear(nn.Module):
             ("out_features", out_features),
             ("rank", rank),
         ):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"LowRankLinear: {name} must be an int, got {type(v).__name__}")
-            if v < 0:
-                raise ValueError(f"LowRankLinear: {name} must be a non-negative int, got {v!r}")
+            _checks.check_int("LowRankLinear", name, v, 0)
+        bias = _checks.check_bool("LowRankLinear", "bias", bias)
         self.in_features, self.out_features = in_features, out_features
         self.down = nn.Parameter(torch.zeros(rank, in_features))
         self.up = nn.Parameter(torch.zeros(out_features, rank))
@@ -168,19 +174,19 @@ class TuckerConv2d(nn.Module):
             )
         if conv.padding_mode != "zeros":
             raise ValueError("TuckerConv2d.from_conv: only padding_mode='zeros' is supported")
+        fn = "TuckerConv2d.from_conv"
         if (ranks is None) == (energy is None):
-            raise ValueError("TuckerConv2d.from_conv: give exactly one of ranks and energy")
+            raise ValueError(f"{fn}: give exactly one of ranks and energy")
+        if energy is not None and not 0 < _checks.check_number(fn, "energy", energy) <= 1:
+            raise ValueError(f"{fn}: energy must be in (0, 1], got {energy!r}")
+        if ranks is not None:
+            if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
+                raise TypeError(f"{fn}: ranks must be two positive ints, got {ranks!r}")
+            for r in ranks:
+                _checks.check_int(fn, "ranks", r, 1)
         w = conv.weight.detach().float()  # [O, I, kh, kw]
         o, i = w.shape[:2]
         if ranks is not None:
-            if (
-                not isinstance(ranks, (tuple, list))
-                or len(ranks) != 2
-                or not all(isinstance(r, int) and r >= 1 for r in ranks)
-            ):
-                raise ValueError(
-                    f"TuckerConv2d.from_conv: ranks must be two positive ints, got {ranks!r}"
-                )
             r_out, r_in = min(ranks[0], o), min(ranks[1], i)
             u_out = _factor("TuckerConv2d.from_conv", w.reshape(o, -1), r_out, None, None)[0]
             u_in = _factor(
@@ -242,7 +248,8 @@ def factorize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"factorize: model must be an nn.Module, got {type(model).__name__}")
     _one_of("factorize", rank, energy, tol)
-    if not inplace:
+    _checks.check_callable("factorize", "filter_fn", filter_fn)
+    if not _checks.check_bool("factorize", "inplace", inplace):
         model = copy.deepcopy(model)
 
     def convert(m: nn.Module) -> nn.Module | None:

@@ -43,6 +43,19 @@ def check_number(fn: str, name: str, v: Any) -> float:
     return float(v)
 
 
+def check_bool(fn: str, name: str, v: Any) -> bool:
+    """A flag: True or False (a NumPy bool too); TypeError for anything else
+    (a tensor's truth value is ambiguous, and a string is always true)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def check_callable(fn: str, name: str, v: Any) -> None:
+    if v is not None and not callable(v):
+        raise TypeError(f"{fn}: {name} must be callable or None, got {type(v).__name__}")
+
+
 def check_shape(fn: str, name: str, shape: Any) -> tuple[int, ...]:
     """A shape as a tuple of non-negative ints.
 

@@ -285,6 +285,7 @@ def topk_densify(
         )
     if values.device != indices.device:
         raise ValueError("topk_densify: values and indices must be on the same device")
+    accumulate = _checks.check_bool("topk_densify", "accumulate", accumulate)
     if out is None:
         if accumulate:
             raise ValueError("topk_densify: accumulate=True needs out")
@@ -303,8 +304,6 @@ def topk_densify(
         if out.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"topk_densify: out must be a float tensor, got {out.dtype}")
         _checks.check_writable("topk_densify", "out", out)
-    if not isinstance(accumulate, bool):
-        raise TypeError(f"topk_densify: accumulate must be a bool, got {type(accumulate).__name__}")
     # The indices' range is checked inside the ops, where it is known under
     # torch.compile too.
     if out is None:
