@@ -34,6 +34,21 @@ def float32_to_bits(y: np.ndarray, dtype: int) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
+# |bits| of inf and of the largest finite value, per 16-bit dtype code
+INF_BITS = {1: 0x7C00, 2: 0x7F80}
+MAX_BITS = {1: 0x7BFF, 2: 0x7F7F}
+
+
+def float32_to_bits_saturating(y: np.ndarray, dtype: int) -> np.ndarray:
+    """float32_to_bits, but a finite y past the dtype's range becomes its
+    largest finite value (signed) instead of inf: what error feedback sends."""
+    bits = float32_to_bits(y, dtype)
+    if dtype != 0:
+        over = np.isfinite(y) & ((bits & 0x7FFF) == INF_BITS[dtype])
+        bits = np.where(over, (bits & 0x8000) | MAX_BITS[dtype], bits).astype(bits.dtype)
+    return bits
+
+
 def topk_order(keys: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest keys, ties to the lower index, ascending."""
     idx = np.arange(keys.size, dtype=np.int64)
@@ -61,9 +76,10 @@ def topk_sparsify(
         values[:] = x[sel]
         indices[:] = sel
         return
-    y = (bits_to_float32(x, dtype) + residual).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are data here
+        y = (bits_to_float32(x, dtype) + residual).astype(np.float32)
     sel = topk_order(y.view(np.uint32) & 0x7FFFFFFF, k)
-    sent_bits = float32_to_bits(y[sel], dtype)
+    sent_bits = float32_to_bits_saturating(y[sel], dtype)
     sent = bits_to_float32(sent_bits, dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         remainder = np.where(np.isfinite(sent) & np.isfinite(y[sel]), y[sel] - sent, 0.0)
