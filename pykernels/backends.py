@@ -19,7 +19,7 @@ import torch
 
 from . import _native
 
-FAMILIES = ("int8", "sparse", "svd", "topk")
+FAMILIES = ("int8", "sparse", "svd", "topk", "quant")
 KINDS = ("native", "numba", "reference")
 
 
@@ -67,9 +67,9 @@ class Backend:
 
 BACKENDS: tuple[Backend, ...] = (
     Backend("native-cuda", "native", "cuda", ("topk",)),
-    Backend("native-cpu", "native", "cpu", ("int8", "sparse", "svd", "topk")),
-    Backend("numba", "numba", "cpu", ("int8", "sparse", "svd", "topk")),
-    Backend("reference", "reference", "cpu", ("int8", "sparse", "svd", "topk")),
+    Backend("native-cpu", "native", "cpu", ("int8", "sparse", "svd", "topk", "quant")),
+    Backend("numba", "numba", "cpu", ("int8", "sparse", "svd", "topk", "quant")),
+    Backend("reference", "reference", "cpu", ("int8", "sparse", "svd", "topk", "quant")),
 )
 
 
