@@ -267,7 +267,8 @@ def quant_noise(seed: int, start: int, count: int) -> np.ndarray:
     lo = (i & np.uint64(_M32)).astype(np.uint32)
     hi = (i >> np.uint64(32)).astype(np.uint32)
     with np.errstate(over="ignore"):
-        h = _lowbias32(_lowbias32(lo ^ k0) ^ hi ^ k1)
+        key = k0 ^ _lowbias32(hi ^ k1)
+        h = _lowbias32(lo ^ key)
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
 
 

@@ -22,7 +22,8 @@
 // generator, so every implementation (AVX2, portable, Numba, the reference)
 // gives the same bits for a seed, whatever the threading:
 //   k0, k1 = low and high 32 bits of splitmix64(seed)
-//   h      = lowbias32(uint32(i) ^ k0);  h = lowbias32(h ^ uint32(i >> 32) ^ k1)
+//   key    = k0 ^ lowbias32(uint32(i >> 32) ^ k1)           (one key per 2^32 elements)
+//   h      = lowbias32(uint32(i) ^ key)
 //   u      = float(h >> 8) * 2^-24                          (in [0, 1))
 // lowbias32(x): x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
 // x ^= x >> 16 (all mod 2^32). E[floor(v + u)] = v, so decoding is unbiased

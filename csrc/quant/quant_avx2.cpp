@@ -81,7 +81,7 @@ uint32_t absmax_bits(const void* x, int32_t dtype, float* r, int64_t len) {
 
 struct QuantStep {
   __m256 inv, scale, lo_lim, hi_lim, two_m24;
-  __m256i lim, k0, kh, step, iota;
+  __m256i lim, key, iota;
   bool stochastic;
 
   // Codes (as int32) of 8 values y whose first element index is lo.
@@ -91,7 +91,7 @@ struct QuantStep {
     __m256 q;
     if (ST) {
       const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int(lo)), iota);
-      const __m256i h = lowbias32(_mm256_xor_si256(lowbias32(_mm256_xor_si256(idx, k0)), kh));
+      const __m256i h = lowbias32(_mm256_xor_si256(idx, key));
       const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
       q = _mm256_floor_ps(_mm256_add_ps(v, u));
     } else {
@@ -147,7 +147,7 @@ int64_t quantize_body_dt(const QuantStep& s, const void* src, int64_t len, uint3
 }
 
 void quantize(const void* src, int32_t dtype, int64_t len, float inv, float scale, int32_t lim,
-              bool stochastic, uint32_t lo, uint32_t k0, uint32_t kh, uint8_t* codes, float* r) {
+              bool stochastic, uint32_t lo, uint32_t key, uint8_t* codes, float* r) {
   QuantStep s;
   s.inv = _mm256_set1_ps(inv);
   s.scale = _mm256_set1_ps(scale);
@@ -155,8 +155,7 @@ void quantize(const void* src, int32_t dtype, int64_t len, float inv, float scal
   s.hi_lim = _mm256_set1_ps(float(lim));
   s.two_m24 = _mm256_set1_ps(5.9604644775390625e-8f);
   s.lim = _mm256_set1_epi32(lim);
-  s.k0 = _mm256_set1_epi32(int(k0));
-  s.kh = _mm256_set1_epi32(int(kh));
+  s.key = _mm256_set1_epi32(int(key));
   s.iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   s.stochastic = stochastic;
   int64_t j = dtype == 1   ? quantize_body_dt<1>(s, src, len, lo, codes, r)

@@ -47,6 +47,15 @@ int64_t group_buckets(int64_t bucket) {
   return g;
 }
 
+uint32_t lowbias32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7feb352du;
+  h ^= h >> 15;
+  h *= 0x846ca68bu;
+  h ^= h >> 16;
+  return h;
+}
+
 uint64_t splitmix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -162,7 +171,8 @@ void quantize_cpu(const QuantizeArgs& a) {
         const int64_t q = std::min(e, ((p >> 32) + 1) << 32);
         const int64_t off = p - s;
         k->quantize(static_cast<const char*>(src) + off * (r ? 4 : esize), sdt, q - p, inv, scale,
-                    lim, a.stochastic, uint32_t(p), k0, uint32_t(uint64_t(p) >> 32) ^ k1, c + off,
+                    lim, a.stochastic, uint32_t(p),
+                    k0 ^ lowbias32(uint32_t(uint64_t(p) >> 32) ^ k1), c + off,
                     r ? r + off : nullptr);
         p = q;
       }

@@ -43,14 +43,14 @@ uint32_t absmax_bits(const void* x, int32_t dtype, float* r, int64_t len) {
 }
 
 void quantize(const void* src, int32_t dtype, int64_t len, float inv, float scale, int32_t lim,
-              bool stochastic, uint32_t lo, uint32_t k0, uint32_t kh, uint8_t* codes, float* r) {
+              bool stochastic, uint32_t lo, uint32_t key, uint8_t* codes, float* r) {
   const float fl = float(lim);
   for (int64_t j = 0; j < len; ++j) {
     const float y = load(src, dtype, j);
     const float v = y * inv;
     float q;
     if (stochastic) {
-      const uint32_t h = lowbias32(lowbias32((lo + uint32_t(j)) ^ k0) ^ kh);
+      const uint32_t h = lowbias32((lo + uint32_t(j)) ^ key);
       const float u = float(h >> 8) * 5.9604644775390625e-8f;
       q = __builtin_floorf(v + u);
     } else {

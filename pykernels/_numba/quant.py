@@ -63,8 +63,8 @@ def _quantize(y, ef, lim, bucket, stochastic, k0, k1, c, scales, r):
             v = y[j] * inv
             if stochastic:
                 i = np.uint64(j)
-                h = _lowbias32((i & _M32) ^ k0)
-                h = _lowbias32(h ^ (i >> np.uint64(32)) ^ k1)
+                key = k0 ^ _lowbias32((i >> np.uint64(32)) ^ k1)
+                h = _lowbias32((i & _M32) ^ key)
                 u = np.float32(h >> np.uint64(8)) * two_m24
                 q = np.float32(np.floor(v + u))
             else:
