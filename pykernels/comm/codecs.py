@@ -392,11 +392,12 @@ class Chain(Codec):
     def stateful(self) -> bool:
         return self.first.stateful or self.second.stateful
 
-    def encode(self, tensor: Tensor, key: str | None = None) -> Payload:
+    def encode(self, tensor: Tensor, key: str | None = None, seed: int | None = None) -> Payload:
+        """TopK's entries of ``tensor``, their values quantized (``seed``: see Quantize.encode)."""
         t = self.first._check_tensor(tensor)
         key = _key(key)
         values, idx, r = self.first._select(t, key)
-        q = self.second.encode(values, key=key)
+        q = self.second.encode(values, key=key, seed=seed)
         nested = Payload("quantize", torch.float32, (values.numel(),), q.params, q.parts)
         if r is not None and values.numel():
             sent = decode(nested)
