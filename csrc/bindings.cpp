@@ -327,11 +327,7 @@ py::dict cpu_info() {
   d["isa_active"] = pk::isa_name(pk::active_isa());
   d["avx512_vnni"] = pk::has_avx512_vnni();
   d["threads"] = pk::max_threads();
-#ifdef _OPENMP
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
+  d["threading"] = pk::threading_name();
   return d;
 }
 

@@ -14,7 +14,7 @@ __version__ = version()
 
 
 def set_num_threads(n: int) -> None:
-    """Threads the native CPU kernels use (OpenMP), independent of torch's."""
+    """Threads the native CPU kernels use (their own pool), independent of torch's."""
     from . import _native
 
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -108,8 +108,7 @@ void for_each_group(int64_t n, int64_t bucket, Body body) {
   const int64_t nb = num_buckets(n, bucket);
   const int64_t groups = (nb + gb - 1) / gb;
   const int nt = int(std::min<int64_t>(threads_for(n, kGrain), groups));
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < groups; ++g) body(g * gb, std::min(nb, (g + 1) * gb));
+  parallel_for(0, groups, nt, [&](int64_t g) { body(g * gb, std::min(nb, (g + 1) * gb)); });
 }
 
 }  // namespace

@@ -39,16 +39,15 @@ int64_t balanced_cut(const Matrix& w, int64_t rows, int t, int nt) {
 // xt[c][i] = x[m0 + i][c] for i < mc, zero for mc <= i < mc_pad.
 void transpose_chunk(const float* x, int64_t ldx, int64_t m0, int64_t mc, int64_t cols, int mc_pad,
                      float* xt, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
-    const int64_t c1 = std::min(cols, c0 + 64);
+  parallel_for(0, (cols + 63) / 64, nt, [&](int64_t blk) {
+    const int64_t c0 = blk * 64, c1 = std::min(cols, c0 + 64);
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t i = mc; i < mc_pad; ++i) xt[c * mc_pad + i] = 0.0f;
     for (int64_t i = 0; i < mc; ++i) {
       const float* xr = x + (m0 + i) * ldx;
       for (int64_t c = c0; c < c1; ++c) xt[c * mc_pad + i] = xr[c];
     }
-  }
+  });
 }
 
 void check(const Matrix& w) {
@@ -78,11 +77,10 @@ void linear_cpu(const Matrix& w, const float* x, int64_t m, int64_t ldx, const f
       transpose_chunk(x, ldx, m0, mc, w.k, mc_pad, xt, nt);
       src = xt;
     }
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int t = 0; t < nt; ++t) {
+    parallel_for(0, nt, nt, [&](int t) {
       const int64_t r0 = balanced_cut(w, rows, t, nt), r1 = balanced_cut(w, rows, t + 1, nt);
       if (r0 < r1) kern->forward(w, src, mc_pad, mc, bias, y + m0 * w.n, w.n, r0, r1);
-    }
+    });
   }
 }
 
@@ -108,8 +106,7 @@ void linear_backward_cpu(const Matrix& w, const float* dy, const float* x, int64
     const int64_t mc = std::min<int64_t>(mc_pad, m - m0);
     transpose_chunk(dy, w.n, m0, mc, w.n, mc_pad, dyt, nt);
     if (dvalues) transpose_chunk(x, ldx, m0, mc, w.k, mc_pad, xt, nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int t = 0; t < nt; ++t) {
+    parallel_for(0, nt, nt, [&](int t) {
       const int64_t r0 = balanced_cut(w, rows, t, nt), r1 = balanced_cut(w, rows, t + 1, nt);
       if (dvalues && r0 < r1) kern->sddmm(w, dyt, xt, mc_pad, dvalues, r0, r1);
       if (dx) {
@@ -117,15 +114,15 @@ void linear_backward_cpu(const Matrix& w, const float* dy, const float* x, int64
         std::memset(mine, 0, sizeof(float) * size_t(w.k * mc_pad));
         if (r0 < r1) kern->backward_x(w, dyt, mc_pad, mine, r0, r1);
       }
-    }
+    });
     if (dx) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t c = 0; c < w.k; ++c)
+      parallel_for(0, w.k, nt, [&](int64_t c) {
         for (int64_t i = 0; i < mc; ++i) {
           float s = 0.0f;
           for (int t = 0; t < nt; ++t) s += dxt[(int64_t(t) * w.k + c) * mc_pad + i];
           dx[(m0 + i) * w.k + c] = s;
         }
+      });
     }
   }
 }

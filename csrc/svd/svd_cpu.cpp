@@ -5,6 +5,7 @@
 // singular values. Accurate in relative terms, which LAPACK's bidiagonal
 // path is not for small singular values, and free of per-matrix call costs.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -79,13 +80,15 @@ int run(const T* a, int64_t batch, int64_t m, int64_t n, T* u, T* s, T* vh) {
   const int64_t rows = wide ? n : m, cols = k;
   int worst = 0;
   const int nt = std::max(1, int(std::min<int64_t>(max_threads(), batch)));
-#pragma omp parallel num_threads(nt)
-  {
+  // Matrices go to whichever thread is free (they converge in different
+  // numbers of sweeps); each thread keeps its own buffers and worst count.
+  std::atomic<int64_t> next{0};
+  std::vector<int> worst_of(size_t(nt), 0);
+  parallel(nt, [&](int t) {
     std::vector<double> w(static_cast<size_t>(rows * cols)), v(static_cast<size_t>(cols * cols));
     std::vector<int64_t> order(static_cast<size_t>(cols));
     int mine = 0;
-#pragma omp for schedule(dynamic)
-    for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t b = next++; b < batch; b = next++) {
       const T* ab = a + b * m * n;
       // w[j] = column j of the tall matrix: a[:, j] (tall) or a[j, :] (wide).
       for (int64_t j = 0; j < cols; ++j)
@@ -139,9 +142,9 @@ int run(const T* a, int64_t batch, int64_t m, int64_t n, T* u, T* s, T* vh) {
         }
       }
     }
-#pragma omp critical
-    worst = std::max(worst, mine);
-  }
+    worst_of[size_t(t)] = mine;
+  });
+  for (int m_ : worst_of) worst = std::max(worst, m_);
   return worst;
 }
 

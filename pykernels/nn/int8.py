@@ -65,13 +65,24 @@ class Int8Linear(nn.Module):
     # --- weight storage -------------------------------------------------
 
     def _set_weight(self, w_q: Tensor) -> None:
-        """Stores an int8 [N, K] weight in this mode's layout (non-persistent buffers)."""
-        if self.mode == "dynamic":
+        """Stores an int8 [N, K] weight in the layout this mode and device read
+        (non-persistent buffers).
+
+        Dynamic mode on the CPU keeps only the packed layout the native kernels
+        read; everywhere else (weight-only mode, or a GPU, where torch ops read
+        the row-major weight) it is the [N, K] matrix itself.
+        """
+        for name in ("weight", "weight_packed", "weight_comp"):
+            self._buffers.pop(name, None)
+        if self._packs(w_q.device):
             p = ops.pack_int8_weight(w_q)
             self.register_buffer("weight_packed", p.packed, persistent=False)
             self.register_buffer("weight_comp", p.comp, persistent=False)
         else:
             self.register_buffer("weight", w_q.contiguous(), persistent=False)
+
+    def _packs(self, device: torch.device) -> bool:
+        return self.mode == "dynamic" and device.type == "cpu"
 
     def _packed(self) -> Int8PackedWeight:
         return Int8PackedWeight(
@@ -80,7 +91,7 @@ class Int8Linear(nn.Module):
 
     def weight_int8(self) -> Tensor:
         """The int8 [N, K] weight (unpacked from the kernel layout when needed)."""
-        if self.mode == "dynamic":
+        if "weight_packed" in self._buffers:
             return ops.unpack_int8_weight(self._packed())
         return self.weight
 
@@ -132,9 +143,11 @@ class Int8Linear(nn.Module):
     # --- forward ----------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "dynamic":
+        if self.mode == "weight_only":
+            return ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+        if "weight_packed" in self._buffers:
             return ops.int8_linear(x, self._packed(), self.weight_scale, self.bias)
-        return ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
 
     # --- module protocol ---------------------------------------------------
 
@@ -151,6 +164,12 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
+        # A move between the CPU and another device changes the layout the
+        # weight is read in (see _set_weight).
+        packed = "weight_packed" in self._buffers
+        if packed != self._packs(self.weight_scale.device):
+            with torch.no_grad():
+                self._set_weight(self.weight_int8())
         # .half() / .to(dtype) convert float buffers; the kernels want float32
         # scales and the bias is kept in float32 (converted per call anyway).
         if self.weight_scale.dtype != torch.float32:

@@ -4,8 +4,8 @@
 Every function here is a ``torch.library`` custom op with a fake
 implementation, so it traces under ``torch.compile`` without a graph break.
 CPU runs the native kernels (AVX-512 VNNI, AVX2 or portable, chosen at run
-time), else Numba, else the reference; CUDA tensors run the reference in
-torch on the device (no native CUDA int8 kernel yet).
+time), else Numba, else the reference; other devices run torch ops there
+(``torch._int_mm`` with the scales around it: the torch backend).
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cpu_call(device: torch.device, fn: str, *tensors: Tensor) -> None:
-    """Runs `fn` of the chosen CPU backend on the tensors (outputs last)."""
-    # No CUDA kernels for int8 yet: for CUDA tensors choose() falls through to
-    # the reference backend, which runs on copies in host memory.
-    backend = backends.choose("int8", device)
+def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
+    """Runs buffer-level `fn` of a CPU backend on the tensors (outputs last).
+
+    The reference computes on the host: a non-CPU tensor (forced reference
+    only) goes through a host copy and back.
+    """
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
     backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu])
     for t, c in zip(tensors, cpu):
@@ -38,11 +39,16 @@ def _cpu_call(device: torch.device, fn: str, *tensors: Tensor) -> None:
 
 @torch.library.custom_op("pykernels::quantize_per_row", mutates_args=())
 def _quantize_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    backend = backends.choose("int8", x.device)
+    if backend.kind == "torch":
+        from .._torch import int8 as ti
+
+        return ti.quantize_per_row(x.detach())
     x2 = x.detach().float().contiguous()
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.numel():
-        _cpu_call(x.device, "quantize_per_row", x2, q, scale)
+        _cpu_call(backend, "quantize_per_row", x2, q, scale)
     else:
         scale.zero_()
     return q, scale
@@ -55,9 +61,14 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("pykernels::int8_gemm", mutates_args=())
 def _int8_gemm_op(a: Tensor, b: Tensor) -> Tensor:
+    backend = backends.choose("int8", a.device)
+    if backend.kind == "torch":
+        from .._torch import int8 as ti
+
+        return ti.int8_gemm(a.contiguous(), b.contiguous())
     c = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
     if c.numel():
-        _cpu_call(a.device, "int8_gemm", a.contiguous(), b.contiguous(), c)
+        _cpu_call(backend, "int8_gemm", a.contiguous(), b.contiguous(), c)
     return c
 
 
@@ -183,16 +194,17 @@ def _no_backward(name: str):
 def _run_linear(
     kind: str,
     x: Tensor,
-    native_weight: tuple[Tensor, ...],
+    native_weight: Callable[[], tuple[Tensor, ...]],
     rowmajor_weight: Callable[[], Tensor],
     w_scale: Tensor,
     bias: Tensor | None,
 ) -> Tensor:
     """int8_linear or int8_weight_linear (`kind`) on the chosen backend.
 
-    The native kernel takes `native_weight` (packed weight and compensation,
-    or the row-major weight); Numba and the reference take the row-major
-    int8 weight, built only when one of them runs.
+    The native kernel takes `native_weight()` (packed weight and
+    compensation, or the row-major weight); the other backends take the
+    row-major int8 weight. Each is built only when the backend that needs it
+    runs.
     """
     m, n = x.shape[0], w_scale.shape[0]
     backend = backends.choose("int8", x.device)
@@ -201,7 +213,7 @@ def _run_linear(
         backends.cpu_function(backend, "int8", kind)(
             _fbuf(x),
             _FTYPE[x.dtype],
-            *[t.numpy() for t in native_weight],
+            *[t.numpy() for t in native_weight()],
             w_scale.numpy(),
             None if bias is None else bias.numpy(),
             _fbuf(y),
@@ -209,6 +221,10 @@ def _run_linear(
         )
         return y
     w = rowmajor_weight()
+    if backend.kind == "torch":
+        from .._torch import int8 as ti
+
+        return getattr(ti, kind)(x, w, w_scale, bias)
     if backend.name == "numba":
         from .._numba import int8 as nb
 
@@ -230,7 +246,7 @@ def _linear_impl(
     def unpack() -> Tensor:
         return _reference.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
 
-    return _run_linear("int8_linear", x, (packed, comp), unpack, w_scale, bias)
+    return _run_linear("int8_linear", x, lambda: (packed, comp), unpack, w_scale, bias)
 
 
 @torch.library.custom_op("pykernels::int8_linear", mutates_args=())
@@ -245,8 +261,25 @@ def _(x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | N
     return x.new_empty(x.shape[0], w_scale.shape[0])
 
 
+def _linear_rowmajor_impl(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    def pack() -> tuple[Tensor, Tensor]:
+        return _pack_op(w)
+
+    return _run_linear("int8_linear", x, pack, lambda: w, w_scale, bias)
+
+
+@torch.library.custom_op("pykernels::int8_linear_rowmajor", mutates_args=())
+def _linear_rowmajor_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return _linear_rowmajor_impl(x, w, w_scale, bias)
+
+
+@_linear_rowmajor_op.register_fake
+def _(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def _weight_linear_impl(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    return _run_linear("int8_weight_linear", x, (w,), lambda: w, w_scale, bias)
+    return _run_linear("int8_weight_linear", x, lambda: (w,), lambda: w, w_scale, bias)
 
 
 @torch.library.custom_op("pykernels::int8_weight_linear", mutates_args=())
@@ -268,6 +301,9 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "pykernels::int8_weight_linear", _no_backward("int8_weight_linear"), setup_context=_setup
+)
+torch.library.register_autograd(
+    "pykernels::int8_linear_rowmajor", _no_backward("int8_linear"), setup_context=_setup
 )
 
 
@@ -372,10 +408,15 @@ def int8_linear(
     x2, lead, done = _rows(x, n, k, bias32)
     if done is not None:
         return done
-    if not isinstance(w_q, Int8PackedWeight):
-        w_q = pack_int8_weight(w_q)
-    op = _linear_impl if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear
-    y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
+    skip = backends.skip_dispatcher(x2)
+    if isinstance(w_q, Int8PackedWeight):
+        op = _linear_impl if skip else torch.ops.pykernels.int8_linear
+        y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
+    else:
+        # Packed inside, and only for the native CPU kernel: other backends
+        # (torch ops on a GPU) read the row-major weight as it is.
+        op = _linear_rowmajor_impl if skip else torch.ops.pykernels.int8_linear_rowmajor
+        y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
     return y.view(*lead, n)
 
 

@@ -7,9 +7,10 @@ bit-packed. ``dequantize_buckets`` is its inverse, and can add into an
 existing tensor, which is how several workers' updates are summed without a
 dense copy of each. The noise comes from a counter-based generator keyed by
 ``seed`` and the element index, so every backend (native AVX2 or portable,
-Numba, reference) gives the same bits. The exact arithmetic is in
-``csrc/quant/quant.h``. These are the hot loops of
-:class:`pykernels.comm.Quantize`.
+Numba, torch ops on any device, reference) gives the same bits. The exact
+arithmetic is in ``csrc/quant/quant.h``. These are the hot loops of
+:class:`pykernels.comm.Quantize`. CPU tensors run the native kernels; other
+devices (CUDA) run the torch backend where the data is.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def _quantize_impl(
     scales = torch.empty(num_buckets(n, bucket), dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, scales
+    backend = backends.choose("quant", x.device)
+    if backend.kind == "torch":
+        from .._torch import quant as tq
+
+        work = None if residual is None else residual.detach().reshape(-1)
+        if work is not None and not residual.is_contiguous():
+            work = work.contiguous()
+        codes, scales = tq.quantize_buckets(flat, bits, bucket, stochastic, seed, work)
+        if work is not None and work.data_ptr() != residual.data_ptr():
+            residual.copy_(work.view(residual.shape))
+        return codes, scales
     code = _reference.DTYPE_CODES[x.dtype]
     outputs = [codes, scales]
     work = None
@@ -60,7 +72,6 @@ def _quantize_impl(
         if not residual.is_contiguous():
             work = work.contiguous()
         outputs = [work, codes, scales]
-    backend = backends.choose("quant", x.device)
     fn = backends.cpu_function(backend, "quant", "quantize_buckets")
     on_cpu = x.device.type == "cpu"
     src = flat if on_cpu else flat.cpu()
@@ -116,6 +127,11 @@ def _dequantize_call(
     codes: Tensor, scales: Tensor, flat: Tensor, bits: int, bucket: int, accumulate: bool
 ) -> None:
     backend = backends.choose("quant", flat.device)
+    if backend.kind == "torch":
+        from .._torch import quant as tq
+
+        tq.dequantize_buckets(codes, scales, flat.numel(), bits, bucket, flat, accumulate)
+        return
     fn = backends.cpu_function(backend, "quant", "dequantize_buckets")
     on_cpu = flat.device.type == "cpu"
     c = codes.contiguous() if on_cpu else codes.cpu().contiguous()

@@ -7,7 +7,8 @@ float32. ``sparse_linear`` is a ``torch.library`` custom op with autograd:
 backward gives dX = dY W (a transposed SpMM) and the gradient of the stored
 values only (dY^T X sampled at the non-zeros, an SDDMM), never a dense
 weight gradient. CPU runs the native kernels (AVX-512, AVX2 or portable),
-else Numba, else the reference; CUDA tensors run the reference in torch.
+else Numba, else the reference; other devices run torch's own sparse
+matmuls there (the torch backend).
 """
 
 from __future__ import annotations
@@ -196,6 +197,10 @@ def _forward_impl(
             y.numpy(),
         )
         return y
+    if backend.kind == "torch":
+        from .._torch import sparse as ts
+
+        return ts.sparse_linear(x, values, col_as_int64(col), row_ptr, bias, n, block)
     if backend.name == "numba":
         from .._numba import sparse as nb
 
@@ -241,6 +246,12 @@ def _backward_impl(
             dv.numpy() if need_dv else None,
         )
         return dx, dv
+    if backend.kind == "torch":
+        from .._torch import sparse as ts
+
+        return ts.sparse_linear_backward(
+            dy, x, values, col_as_int64(col), row_ptr, n, need_dx, need_dv
+        )
     if backend.name == "numba":
         from .._numba import sparse as nb
 

@@ -237,8 +237,13 @@ def _batched_op(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if sweeps > 60:  # csrc/svd/svd.h kMaxSweeps
             raise RuntimeError("batched_svd: Jacobi did not converge (please report this matrix)")
         return u, s, vh
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return u, s, vh
+    if backend.kind == "torch":
+        from .._torch import svd as ts
+
+        return ts.batched_svd(a)
+    # The reference: LAPACK through torch, on the host.
+    u, s, vh = torch.linalg.svd(a.cpu(), full_matrices=False)
+    return u.to(a.device), s.to(a.device), vh.to(a.device)
 
 
 @_batched_op.register_fake
@@ -255,7 +260,7 @@ def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     relative accuracy about 1e-6 in fp32, u and vh orthonormal, s descending.
     Returns ``u [..., m, k]``, ``s [..., k]``, ``vh [..., k, n]`` with
     ``k = min(m, n)``, in a's dtype (fp16/bf16 computed and returned in
-    fp32). CUDA tensors use ``torch.linalg.svd`` for now.
+    fp32). Other devices use ``torch.linalg.svd`` there (the torch backend).
     """
     fn = "batched_svd"
     if not isinstance(a, Tensor):

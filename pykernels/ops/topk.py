@@ -31,7 +31,11 @@ def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tens
         work = work.contiguous()
     backend = backends.choose("topk", x.device)
     code = _reference.DTYPE_CODES[x.dtype]
-    if backend.name == "native-cuda":
+    if backend.kind == "torch":
+        from .._torch import topk as tt
+
+        values, indices = tt.topk_sparsify(flat, k, work)
+    elif backend.name == "native-cuda":
         stream = torch.cuda.current_stream(x.device).cuda_stream
         with torch.cuda.device(x.device):
             _native.C_cuda.topk_sparsify(
