@@ -497,28 +497,39 @@ def decode(payload: Payload, device: torch.device | str | None = None) -> Tensor
     raise ValueError(f"decode: unknown codec {p.codec!r}")  # pragma: no cover
 
 
-def sum_into(payloads: Iterable[Payload], out: Tensor) -> Tensor:
-    """Adds each payload's decoded tensor to ``out`` (fp32, flat, numel of each), in order."""
+def sum_into(
+    payloads: Iterable[Payload], out: Tensor, scale: float = 1.0, overwrite: bool = False
+) -> Tensor:
+    """Adds ``scale`` times each payload's decoded tensor to ``out``, in order.
+
+    ``out``: fp32, flat, the payloads' numel. ``overwrite``: ``out`` holds
+    garbage; it is zeroed first, or, when every payload is quantized,
+    written by the first one (a pass over memory less).
+    """
+    payloads = list(payloads)
+    dev = out.device
+    if overwrite and not (payloads and all(p.codec == "quantize" for p in payloads)):
+        out.zero_()
     lowrank: list[Payload] = []
-    for p in payloads:
-        dev = out.device
+    for j, p in enumerate(payloads):
         if p.codec == "dense":
-            out.add_(p.parts["data"].to(dev).reshape(-1).float())
+            out.add_(p.parts["data"].to(dev).reshape(-1).float(), alpha=scale)
         elif p.codec == "quantize":
+            scales = p.parts["scales"].to(dev)
             ops.dequantize_buckets(
                 p.parts["codes"].to(dev),
-                p.parts["scales"].to(dev),
+                scales if scale == 1.0 else scales * scale,
                 bits=p.params["bits"],
                 bucket=p.params["bucket"],
                 out=out,
-                accumulate=True,
+                accumulate=not (overwrite and j == 0),
             )
         elif p.codec == "topk":
             idx = p.parts["indices"].to(dev)
             v = p.parts["values"]
             vals = _values_f32(v, dev) if isinstance(v, Payload) else v.to(dev)
             # What decode gives: the values rounded to the tensor's dtype.
-            out.index_add_(0, idx, vals.to(p.dtype).float())
+            out.index_add_(0, idx, vals.to(p.dtype).float(), alpha=scale)
         elif p.codec == "lowrank":
             lowrank.append(p)
     if lowrank:
@@ -526,9 +537,9 @@ def sum_into(payloads: Iterable[Payload], out: Tensor) -> Tensor:
         rows, cols = lowrank[0].params["rows"], lowrank[0].params["cols"]
         if any((q.params["rows"], q.params["cols"]) != (rows, cols) for q in lowrank):
             raise ValueError("aggregate: lowrank payloads of different matrix shapes")
-        pc = torch.cat([q.parts["p"].to(out.device).float() for q in lowrank], dim=1)
-        qc = torch.cat([q.parts["q"].to(out.device).float() for q in lowrank], dim=1)
-        out.view(rows, cols).addmm_(pc, qc.T)
+        pc = torch.cat([q.parts["p"].to(dev).float() for q in lowrank], dim=1)
+        qc = torch.cat([q.parts["q"].to(dev).float() for q in lowrank], dim=1)
+        out.view(rows, cols).addmm_(pc, qc.T, alpha=scale)
     return out
 
 

@@ -415,9 +415,13 @@ def _gather_exchange(
         payload if r == rank else Payload.from_bytes(outs[r][: sizes[r]].cpu())
         for r in range(world)
     ]
-    total = torch.zeros(buf.numel(), dtype=torch.float32, device=buf.device)
-    sum_into(payloads, total)
-    buf.copy_(total.div_(world))
+    # The mean, written straight into the bucket (each payload scaled by
+    # 1 / world as it is added: no dense temporary, no extra pass).
+    if buf.dtype == torch.float32 and buf.is_contiguous():
+        sum_into(payloads, buf, scale=1.0 / world, overwrite=True)
+    else:
+        total = torch.empty(buf.numel(), dtype=torch.float32, device=buf.device)
+        buf.copy_(sum_into(payloads, total, scale=1.0 / world, overwrite=True))
     return buf
 
 
@@ -464,6 +468,9 @@ def _lowrank_exchange(
             q_avg = second[off : off + q.numel()].view(q.shape)
             off += q.numel()
             codec._finish(s, q, q_avg)
-            s.target.copy_(s.p @ q_avg.T)
+            if s.target.dtype == torch.float32 and s.target.is_contiguous():
+                torch.mm(s.p, q_avg.T, out=s.target)  # no dense temporary
+            else:
+                s.target.copy_(s.p @ q_avg.T)
     state._count(sent, dense)
     return buf
