@@ -105,6 +105,24 @@ void dequantize_buckets(py::array codes, py::array scales, int64_t n, int bits, 
   pk::quant::dequantize_cpu(a);
 }
 
+void pack_bits(py::array values, int width, py::array out) {
+  if (width < 0 || width > 32) throw std::invalid_argument("width must be in [0, 32]");
+  const int64_t n = values.size();
+  const uint32_t* v = data_of<uint32_t>(values, "values", n, false);
+  uint8_t* o = data_of<uint8_t>(out, "out", pk::quant::packed_bytes(n, width), true);
+  py::gil_scoped_release nogil;
+  pk::quant::pack_bits_cpu(v, n, width, o);
+}
+
+void unpack_bits(py::array data, int64_t n, int width, py::array values) {
+  if (width < 0 || width > 32) throw std::invalid_argument("width must be in [0, 32]");
+  if (n < 0) throw std::invalid_argument("n must be >= 0");
+  const uint8_t* d = data_of<uint8_t>(data, "data", pk::quant::packed_bytes(n, width), false);
+  uint32_t* v = data_of<uint32_t>(values, "values", n, true);
+  py::gil_scoped_release nogil;
+  pk::quant::unpack_bits_cpu(d, n, width, v);
+}
+
 // A 2-D buffer with unit stride along rows: (pointer, rows, cols, ld).
 template <class T>
 T* matrix(py::array& a, const char* name, int64_t* rows, int64_t* cols, int64_t* ld,
@@ -365,6 +383,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_buckets", &dequantize_buckets, py::arg("codes"), py::arg("scales"),
         py::arg("n"), py::arg("bits"), py::arg("bucket"), py::arg("out"), py::arg("accumulate"),
         "Unpacks and dequantizes codes into out (fp32), or adds them to it.");
+  m.def("pack_bits", &pack_bits, py::arg("values"), py::arg("width"), py::arg("out"),
+        "The low `width` bits of each uint32 value, packed little-endian.");
+  m.def("unpack_bits", &unpack_bits, py::arg("data"), py::arg("n"), py::arg("width"),
+        py::arg("values"), "Inverse of pack_bits.");
   m.def("cpu_info", &cpu_info);
   m.def(
       "set_cpu_isa", [](const std::string& name) { pk::set_isa_cap(parse_isa(name)); },

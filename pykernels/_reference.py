@@ -358,3 +358,22 @@ def dequantize_buckets(
         out[:] = out + deq
     else:
         out[:] = deq
+
+
+def pack_bits(values: np.ndarray, width: int, out: np.ndarray) -> None:
+    """The low `width` bits of each uint32 value, value i at bit i * width (little-endian)."""
+    if width == 0 or values.size == 0:
+        return
+    b = np.unpackbits(values.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    out[:] = np.packbits(b[:, :width].reshape(-1), bitorder="little")
+
+
+def unpack_bits(data: np.ndarray, n: int, width: int, values: np.ndarray) -> None:
+    """Inverse of pack_bits: `n` values into `values` (uint32)."""
+    if width == 0 or n == 0:
+        values[:] = 0
+        return
+    bits = np.unpackbits(data, bitorder="little", count=n * width).reshape(n, width)
+    full = np.zeros((n, 32), dtype=np.uint8)
+    full[:, :width] = bits
+    values[:] = np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(n)

@@ -350,3 +350,35 @@ def test_cuda_tensors_match_cpu(gen):
     assert codes.is_cuda and torch.equal(codes.cpu(), want[0])
     out = pk.ops.dequantize_buckets(codes, scales, x.numel(), 4, 512)
     assert out.is_cuda
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 1001])
+def test_pack_bits_matches_reference(backend, n, gen):
+    for width in range(33):
+        hi = 1 << width
+        v = torch.randint(0, 1 << 62, (n,), generator=gen, dtype=torch.int64).numpy()
+        v = (v % max(hi, 1)).astype(np.uint32)
+        noisy = v | (np.uint32(0xFFFFFFFF) << np.uint32(width) if width < 32 else np.uint32(0))
+        packed = pk.ops.quant.pack_bits(noisy.astype(np.uint32), width)  # high bits ignored
+        want = np.zeros(pk.ops.quant.packed_bytes(n, width), dtype=np.uint8)
+        _reference.pack_bits(v, width, want)
+        assert np.array_equal(packed, want)
+        assert np.array_equal(pk.ops.quant.unpack_bits(packed, n, width), v)
+        if n * width % 8:
+            assert packed[-1] >> (n * width % 8) == 0
+
+
+def test_pack_bits_bad_arguments():
+    with pytest.raises(TypeError, match="1-D uint32"):
+        pk.ops.quant.pack_bits(np.zeros(3, dtype=np.int64), 4)
+    with pytest.raises(ValueError, match="width must be in"):
+        pk.ops.quant.pack_bits(np.zeros(3, dtype=np.uint32), 33)
+    with pytest.raises(ValueError, match="need 2 bytes, got 3"):
+        pk.ops.quant.unpack_bits(np.zeros(3, dtype=np.uint8), 3, 5)
+    with pytest.raises(TypeError, match="1-D uint8"):
+        pk.ops.quant.unpack_bits(np.zeros(3, dtype=np.int8), 3, 5)
+    if _native.C is not None:
+        with pytest.raises(ValueError, match="out"):
+            _native.C.pack_bits(np.zeros(3, np.uint32), 5, np.zeros(1, np.uint8))
+        with pytest.raises(ValueError, match="width"):
+            _native.C.unpack_bits(np.zeros(3, np.uint8), 3, -1, np.zeros(3, np.uint32))

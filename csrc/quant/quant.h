@@ -77,6 +77,13 @@ inline int64_t num_buckets(int64_t n, int64_t bucket) { return (n + bucket - 1) 
 void quantize_cpu(const QuantizeArgs& args);
 void dequantize_cpu(const DequantizeArgs& args);
 
+// Fixed-width bit packing (the wire format's index gaps): the low `width`
+// bits (0 <= width <= 32) of each of n values, value i at bit offset
+// i * width, little-endian; the unused high bits of the last byte are 0.
+// `out` / `in` hold packed_bytes(n, width) bytes.
+void pack_bits_cpu(const uint32_t* values, int64_t n, int32_t width, uint8_t* out);
+void unpack_bits_cpu(const uint8_t* in, int64_t n, int32_t width, uint32_t* values);
+
 void check_args(const QuantizeArgs& args);
 void check_args(const DequantizeArgs& args);
 

@@ -180,6 +180,42 @@ void quantize_cpu(const QuantizeArgs& a) {
   });
 }
 
+void pack_bits_cpu(const uint32_t* v, int64_t n, int32_t width, uint8_t* out) {
+  PK_CHECK_ARG(width >= 0 && width <= 32, "width must be in [0, 32], got ", width);
+  PK_CHECK_ARG(n >= 0, "n must be >= 0, got ", n);
+  const uint64_t mask = (uint64_t(1) << width) - 1;
+  uint64_t acc = 0;  // at most 7 + 32 bits pending
+  int bits = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc |= (uint64_t(v[i]) & mask) << bits;
+    bits += width;
+    while (bits >= 8) {
+      *out++ = uint8_t(acc);
+      acc >>= 8;
+      bits -= 8;
+    }
+  }
+  if (bits > 0) *out = uint8_t(acc);
+}
+
+void unpack_bits_cpu(const uint8_t* in, int64_t n, int32_t width, uint32_t* v) {
+  PK_CHECK_ARG(width >= 0 && width <= 32, "width must be in [0, 32], got ", width);
+  PK_CHECK_ARG(n >= 0, "n must be >= 0, got ", n);
+  const uint64_t mask = (uint64_t(1) << width) - 1;
+  uint64_t acc = 0;
+  int bits = 0;
+  // Reads exactly packed_bytes(n, width) bytes.
+  for (int64_t i = 0; i < n; ++i) {
+    while (bits < width) {
+      acc |= uint64_t(*in++) << bits;
+      bits += 8;
+    }
+    v[i] = uint32_t(acc & mask);
+    acc >>= width;
+    bits -= width;
+  }
+}
+
 void dequantize_cpu(const DequantizeArgs& a) {
   check_args(a);
   if (a.n == 0) return;

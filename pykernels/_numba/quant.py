@@ -155,3 +155,45 @@ def dequantize_buckets(
     if n == 0:
         return
     _dequantize(codes, scales, n, bits, bucket, out, accumulate)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack_bits(v, width, out):
+    mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+    acc = np.uint64(0)
+    bits = 0
+    o = 0
+    for i in range(v.size):
+        acc |= (np.uint64(v[i]) & mask) << np.uint64(bits)
+        bits += width
+        while bits >= 8:
+            out[o] = acc & np.uint64(255)
+            o += 1
+            acc >>= np.uint64(8)
+            bits -= 8
+    if bits > 0:
+        out[o] = acc & np.uint64(255)
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpack_bits(data, n, width, v):
+    mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+    acc = np.uint64(0)
+    bits = 0
+    p = 0
+    for i in range(n):
+        while bits < width:
+            acc |= np.uint64(data[p]) << np.uint64(bits)
+            p += 1
+            bits += 8
+        v[i] = acc & mask
+        acc >>= np.uint64(width)
+        bits -= width
+
+
+def pack_bits(values: np.ndarray, width: int, out: np.ndarray) -> None:
+    _pack_bits(values, width, out)
+
+
+def unpack_bits(data: np.ndarray, n: int, width: int, values: np.ndarray) -> None:
+    _unpack_bits(data, n, width, values)

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import ops
+
 MAGIC = b"PKCM"
 VERSION = 1
 MAX_NDIM = 32
@@ -335,20 +337,12 @@ def _bit_length(g: np.ndarray) -> np.ndarray:
 
 def pack_bits(v: np.ndarray, width: int) -> bytes:
     """The low `width` bits (<= 32) of each value, little-endian, packed."""
-    if width == 0 or v.size == 0:
-        return b""
-    b = np.unpackbits(v.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-    return np.packbits(b[:, :width].reshape(-1), bitorder="little").tobytes()
+    return ops.quant.pack_bits(np.ascontiguousarray(v, dtype=np.uint32), width).tobytes()
 
 
 def unpack_bits(buf: Any, count: int, width: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: `count` values as uint32."""
-    if width == 0 or count == 0:
-        return np.zeros(count, dtype=np.uint32)
-    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
-    full = np.zeros((count, 32), dtype=np.uint8)
-    full[:, :width] = bits[: count * width].reshape(count, width)
-    return np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(count)
+    return ops.quant.unpack_bits(buf, count, width)
 
 
 def index_plan(idx: np.ndarray, numel: int) -> tuple[int, int, np.ndarray]:

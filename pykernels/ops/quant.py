@@ -320,3 +320,50 @@ def dequantize_buckets(
     else:
         torch.ops.pykernels.dequantize_buckets_into(codes, scales, out, bits, bucket, accumulate)
     return out
+
+
+# --- bit packing (the wire format's index gaps) ------------------------------------
+
+
+def _host_function(name: str):
+    """`name` of the backend that runs quant on the host; these work on host buffers, so
+    the torch backend (forced in tests) uses the reference."""
+    backend = backends.choose("quant", "cpu")
+    if backend.kind == "torch":
+        return getattr(_reference, name)
+    return backends.cpu_function(backend, "quant", name)
+
+
+def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """The low ``width`` bits (0..32) of each value, value i at bit ``i * width``.
+
+    ``values``: 1-D uint32 NumPy array. Returns uint8 of ``ceil(n * width / 8)``
+    bytes, little-endian bit order, unused high bits of the last byte 0.
+    """
+    fn = "pack_bits"
+    if not isinstance(values, np.ndarray) or values.dtype != np.uint32 or values.ndim != 1:
+        raise TypeError(f"{fn}: values must be a 1-D uint32 NumPy array")
+    width = _check_int(fn, "width", width, 0, 32)
+    out = np.zeros(packed_bytes(values.size, width), dtype=np.uint8)
+    if out.size:
+        _host_function(fn)(np.ascontiguousarray(values), width, out)
+    return out
+
+
+def unpack_bits(data: np.ndarray | bytes | memoryview, count: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` uint32 values from exactly their bytes."""
+    fn = "unpack_bits"
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise TypeError(f"{fn}: data must be 1-D uint8")
+    count = _check_int(fn, "count", count, 0, 1 << 56)
+    width = _check_int(fn, "width", width, 0, 32)
+    if buf.size != packed_bytes(count, width):
+        raise ValueError(
+            f"{fn}: {count} values of {width} bits need {packed_bytes(count, width)} bytes, "
+            f"got {buf.size}"
+        )
+    out = np.zeros(count, dtype=np.uint32)
+    if count and width:
+        _host_function(fn)(np.ascontiguousarray(buf), count, width, out)
+    return out
