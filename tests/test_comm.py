@@ -597,3 +597,19 @@ def test_pack_bits_roundtrip(gen):
         buf = wire.pack_bits(v.astype(np.uint32), width)
         assert len(buf) == math.ceil(1001 * width / 8)
         assert np.array_equal(wire.unpack_bits(buf, 1001, width), v.astype(np.uint32))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_forged_quantize_codes_are_refused(bits, gen):
+    """The one code no encoder writes (all ones), anywhere in the codes, is refused."""
+    n = 1003
+    p = comm.Quantize(bits, bucket=64).encode(torch.randn(n, generator=gen))
+    blob = p.to_bytes()
+    codes_at = len(blob) - 4 - (n * bits + 7) // 8
+    field = (1 << bits) - 1
+    for byte in (0, 9, 100, (n * bits // 8) - 1 - 3, (n * bits // 8) - 1):
+        for shift in range(0, 8, bits):
+            bad = bytearray(blob[:-4])
+            bad[codes_at + byte] |= field << shift
+            with pytest.raises(ValueError, match="quantize code"):
+                comm.Payload.from_bytes(reseal(bytes(bad)))

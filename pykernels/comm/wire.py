@@ -129,14 +129,20 @@ class Payload:
     def to_bytes(self) -> bytes:
         """The self-describing blob (format in this module's docstring)."""
         if self._blob is None:
-            body = bytearray(_HEAD.pack(MAGIC, VERSION, CODECS[self.codec], DTYPES[self.dtype], 0))
             if len(self.shape) > MAX_NDIM:
                 raise ValueError(f"Payload: at most {MAX_NDIM} dimensions, got {len(self.shape)}")
-            body[7] = len(self.shape)
-            body += struct.pack(f"<{len(self.shape)}Q", *self.shape)
-            _WRITERS[self.codec](self, body)
-            body += struct.pack("<I", zlib.crc32(body))
-            self._blob = bytes(body)
+            # The sections as buffers, checksummed in turn and joined once: one
+            # allocation and one copy of the data, however large.
+            chunks: list = [
+                _HEAD.pack(MAGIC, VERSION, CODECS[self.codec], DTYPES[self.dtype], len(self.shape)),
+                struct.pack(f"<{len(self.shape)}Q", *self.shape),
+            ]
+            _WRITERS[self.codec](self, chunks)
+            crc = 0
+            for c in chunks:
+                crc = zlib.crc32(c, crc)
+            chunks.append(struct.pack("<I", crc))
+            self._blob = b"".join(chunks)
         return self._blob
 
     @classmethod
@@ -181,7 +187,9 @@ class Payload:
         if r.pos != r.end:
             raise ValueError(f"payload: {r.end - r.pos} unexpected bytes after the {name} body")
         payload = cls(name, DTYPE_OF[dtype], tuple(shape), p[0], p[1])
-        payload._blob = bytes(buf)
+        # Kept when it cannot change under us; else to_bytes() rebuilds it (the
+        # same bytes: every encoding choice is a function of the parts).
+        payload._blob = data if isinstance(data, bytes) else None
         return payload
 
     def __repr__(self) -> str:
@@ -247,16 +255,17 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
     return t
 
 
-def _raw(t: Tensor) -> bytes:
+def _raw(t: Tensor) -> np.ndarray:
+    """A host array of the tensor's bytes (16-bit floats as int16), no copy on the host."""
     t = t.detach().contiguous().cpu()
-    return t.view(_VIEW_OF[t.dtype]).numpy().tobytes() if t.numel() else b""
+    return t.view(_VIEW_OF.get(t.dtype, t.dtype)).numpy().reshape(-1).view(np.uint8)
 
 
 # --- dense -------------------------------------------------------------------
 
 
-def _write_dense(p: Payload, out: bytearray) -> None:
-    out += _raw(p.parts["data"].to(p.dtype))
+def _write_dense(p: Payload, out: list) -> None:
+    out.append(_raw(p.parts["data"].to(p.dtype)))
 
 
 def _read_dense(r: _Reader, dtype: torch.dtype, numel: int):
@@ -269,12 +278,12 @@ def _read_dense(r: _Reader, dtype: torch.dtype, numel: int):
 _QUANT_LIMIT = {8: 127, 4: 7, 2: 1}
 
 
-def _write_quant_body(p: Payload, out: bytearray) -> None:
+def _write_quant_body(p: Payload, out: list) -> None:
     q = p.params
     flags = (QUANT_STOCHASTIC if q["stochastic"] else 0) | (QUANT_EF if q["error_feedback"] else 0)
-    out += _QUANT.pack(q["bits"], flags, q["bucket"], q["seed"])
-    out += p.parts["scales"].detach().cpu().contiguous().numpy().astype("<f4").tobytes()
-    out += p.parts["codes"].detach().cpu().contiguous().numpy().tobytes()
+    out.append(_QUANT.pack(q["bits"], flags, q["bucket"], q["seed"]))
+    out.append(_raw(p.parts["scales"].float()))
+    out.append(_raw(p.parts["codes"]))
 
 
 def _read_quant_body(r: _Reader, numel: int) -> tuple[dict, dict]:
@@ -294,8 +303,7 @@ def _read_quant_body(r: _Reader, numel: int) -> tuple[dict, dict]:
     lim = _QUANT_LIMIT[bits]
     per, mask = 8 // bits, (1 << bits) - 1
     full = numel // per
-    fields = [(codes[:full] >> np.uint8(j * bits)) & np.uint8(mask) for j in range(per)]
-    if any(bool(np.any(f > 2 * lim)) for f in fields):
+    if _bad_codes(codes[:full], bits):
         raise ValueError(f"payload: quantize code out of range [0, {2 * lim}]")
     if numel % per:
         last = int(codes[full])
@@ -313,7 +321,31 @@ def _read_quant_body(r: _Reader, numel: int) -> tuple[dict, dict]:
     return params, {"codes": _tensor(codes, torch.uint8), "scales": _tensor(scales, torch.float32)}
 
 
-def _write_quantize(p: Payload, out: bytearray) -> None:
+# The one code each width never uses (2L + 1 = all ones) marks a forged blob.
+_ALL_ONES = {8: 0x0101010101010101, 4: 0x1111111111111111, 2: 0x5555555555555555}
+
+
+def _bad_codes(codes: np.ndarray, bits: int) -> bool:
+    """Whether any `bits`-wide field of these bytes is all ones."""
+    if bits == 8:
+        return bool(codes.size) and int(codes.max()) == 255
+    words = codes[: codes.size // 8 * 8].view("<u8")
+    ones = np.uint64(_ALL_ONES[bits])
+    # In blocks that stay in cache, 8 bytes per element: a field is all ones
+    # when its bits ANDed together (shifted onto its lowest bit) are 1.
+    for start in range(0, words.size, 1 << 16):
+        t = words[start : start + (1 << 16)]
+        t = t & (t >> np.uint64(1))
+        if bits == 4:
+            np.bitwise_and(t, t >> np.uint64(2), out=t)
+        if (t & ones).any():
+            return True
+    tail = codes[codes.size // 8 * 8 :].astype(np.int64)
+    mask = (1 << bits) - 1
+    return any(((tail >> j) & mask == mask).any() for j in range(0, 8, bits))
+
+
+def _write_quantize(p: Payload, out: list) -> None:
     _write_quant_body(p, out)
 
 
@@ -362,7 +394,7 @@ def index_plan(idx: np.ndarray, numel: int) -> tuple[int, int, np.ndarray]:
     return 0, width, gaps
 
 
-def _write_topk(p: Payload, out: bytearray) -> None:
+def _write_topk(p: Payload, out: list) -> None:
     q = p.params
     idx = p.parts["indices"].detach().cpu().numpy().astype(np.int64, copy=False)
     values = p.parts["values"]
@@ -370,21 +402,23 @@ def _write_topk(p: Payload, out: bytearray) -> None:
     exc_pos = np.flatnonzero(gaps >> width) if coding == 0 else np.zeros(0, dtype=np.int64)
     flags = (TOPK_APPROX if q["approx"] else 0) | (TOPK_EF if q["error_feedback"] else 0)
     nested = isinstance(values, Payload)
-    out += _TOPK.pack(
-        q["k"], flags, DTYPES[q["value_dtype"]], int(nested), coding, width, exc_pos.size
+    out.append(
+        _TOPK.pack(
+            q["k"], flags, DTYPES[q["value_dtype"]], int(nested), coding, width, exc_pos.size
+        )
     )
     if coding == 1:
         bitmap = np.zeros(p.numel, dtype=np.uint8)
         bitmap[idx] = 1
-        out += np.packbits(bitmap, bitorder="little").tobytes()
+        out.append(np.packbits(bitmap, bitorder="little"))
     else:
-        out += pack_bits((gaps & ((1 << width) - 1)).astype(np.uint32), width)
-        out += exc_pos.astype("<u4").tobytes()
-        out += (gaps[exc_pos] >> width).astype("<u4").tobytes()
+        out.append(ops.quant.pack_bits((gaps & ((1 << width) - 1)).astype(np.uint32), width))
+        out.append(exc_pos.astype("<u4"))
+        out.append((gaps[exc_pos] >> width).astype("<u4"))
     if nested:
         _write_quant_body(values, out)
     else:
-        out += _raw(values.to(q["value_dtype"]))
+        out.append(_raw(values.to(q["value_dtype"])))
 
 
 def _read_topk(r: _Reader, dtype: torch.dtype, numel: int):
@@ -454,12 +488,12 @@ def _read_topk(r: _Reader, dtype: torch.dtype, numel: int):
 # --- lowrank -----------------------------------------------------------------
 
 
-def _write_lowrank(p: Payload, out: bytearray) -> None:
+def _write_lowrank(p: Payload, out: list) -> None:
     q = p.params
     flags = (LOWRANK_WARM if q["warm_start"] else 0) | (LOWRANK_EF if q["error_feedback"] else 0)
-    out += _LOWRANK.pack(flags, q["rank"], q["rows"], q["cols"])
-    out += _raw(p.parts["p"].float())
-    out += _raw(p.parts["q"].float())
+    out.append(_LOWRANK.pack(flags, q["rank"], q["rows"], q["cols"]))
+    out.append(_raw(p.parts["p"].float()))
+    out.append(_raw(p.parts["q"].float()))
 
 
 def _read_lowrank(r: _Reader, dtype: torch.dtype, numel: int):
