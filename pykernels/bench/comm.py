@@ -174,9 +174,16 @@ def cases(device: str, quick: bool = False) -> list[Case]:
 
 
 def summary(results: list[Result]) -> str:
-    """The DDP comparison (runs its child processes now; see ddp_bench)."""
+    """The DDP comparison (runs its child processes now; see ddp_bench).
+
+    ``COMM_DDP_JSON=path`` also writes its figures there.
+    """
     quick = any(f"n={QUICK_N}" in r.case for r in results)
     report = ddp_bench(quick=quick)
+    path = os.environ.get("COMM_DDP_JSON")
+    if path:  # the CLI's --json holds the codec cases only
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
     return format_ddp(report)
 
 
