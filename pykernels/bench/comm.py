@@ -7,8 +7,8 @@ stochastic bucketed quantization written with torch ops; and the
 orthonormalization LowRank needs (``torch.linalg.qr`` against Cholesky-QR and
 Gram-Schmidt from torch ops).
 
-The DDP part (:func:`ddp_bench`, printed by :func:`summary`) runs in child
-processes: a ~25M-parameter MLP on 2 gloo processes over loopback with
+The DDP part (:func:`ddp_bench`, printed by :func:`summary`, not run with
+``--quick``) runs in child processes: a ~25M-parameter MLP on 2 gloo processes over loopback with
 allreduce, torch's ``fp16_compress_hook`` and ``powerSGD_hook`` (rank 4),
 and ``comm.ddp.compress_hook`` with TopK(1%), Quantize(8 / 4) and LowRank(4).
 Loopback hides the network (and the two ranks share this machine's 2
@@ -41,7 +41,7 @@ from .. import comm
 from . import Case, Result
 
 N = 16_000_000
-QUICK_N = 4_096_000  # a multiple of the 512-element buckets, as N is
+QUICK_N = 1_024_000  # a multiple of the 512-element buckets, as N is
 GBIT = 1e9 / 8  # bytes per second of a 1 Gbit/s link
 
 
@@ -178,8 +178,12 @@ def summary(results: list[Result]) -> str:
 
     ``COMM_DDP_JSON=path`` also writes its figures there.
     """
-    quick = any(f"n={QUICK_N}" in r.case for r in results)
-    report = ddp_bench(quick=quick)
+    if any(f"n={QUICK_N}" in r.case for r in results):
+        return (
+            "DDP comparison: not run with --quick (it spawns gloo processes for a few "
+            "minutes); run without --quick, or pytest benchmarks/bench_comm.py"
+        )
+    report = ddp_bench()
     path = os.environ.get("COMM_DDP_JSON")
     if path:  # the CLI's --json holds the codec cases only
         with open(path, "w") as f:
