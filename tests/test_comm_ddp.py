@@ -227,7 +227,15 @@ def resume_worker(
 
 
 def spawn(fn, world: int, *args) -> None:
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            # The port was free when picked; another process may take it first.
+            busy = "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
+            if not busy or attempt == 2:
+                raise
 
 
 # --- tests -------------------------------------------------------------------------------

@@ -440,7 +440,16 @@ def _spawn(fn, world: int, methods: list[str], cfg: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        mp.spawn(fn, args=(world, _free_port(), out, methods, cfg), nprocs=world, join=True)
+        for attempt in range(3):
+            try:
+                mp.spawn(fn, args=(world, _free_port(), out, methods, cfg), nprocs=world)
+                break
+            except mp.ProcessRaisedException as e:
+                # The port was free when picked; another process may take it first.
+                if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                    raise
+                if attempt == 2:
+                    raise
         with open(out) as f:
             return json.load(f)
 
