@@ -5,7 +5,7 @@
 family will use. See README.md.
 """
 
-from . import backends, nn, ops
+from . import backends, comm, nn, ops
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
 from .ops.sparse import prune
@@ -41,6 +41,7 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "backends",
+    "comm",
     "factorize",
     "info",
     "max_threads",
