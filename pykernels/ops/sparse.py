@@ -142,14 +142,61 @@ def bsr_to_csr(sw: SparseWeight) -> tuple[SparseWeight, Tensor]:
     """A BSR weight as CSR over every stored entry, and the map from CSR to BSR values.
 
     ``csr.values == sw.values.flatten()[perm]``; entries of edge blocks past
-    n or k are left out. Backward runs on this form.
+    n or k are left out. Backward runs on this form. The structure (columns,
+    row pointers, ``perm``) depends only on ``sw.col`` and ``sw.row_ptr`` and
+    is remembered for them until either changes: building it (an argsort over
+    every stored entry) cost more than the backward kernels themselves on
+    every training step of a block-sparse layer.
     """
+    col, row_ptr, perm = _csr_structure(sw)
+    return SparseWeight(sw.values.reshape(-1)[perm].float(), col, row_ptr, sw.n, sw.k, 1), perm
+
+
+# Expanded structures by id of the BSR column tensor, as ops/_checks.py keeps
+# its fingerprints: weak references to the very tensors (a reused id never
+# matches), their version counters and data pointers (an in-place change or a
+# swap voids the entry), and the entry goes when the column tensor does.
+_EXPANDED: dict[int, tuple] = {}
+
+
+def _structure_state(t: Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        version = -1
+    return (version, t.data_ptr(), t.numel(), t.dtype, t.device)
+
+
+def _csr_structure(sw: SparseWeight) -> tuple[Tensor, Tensor, Tensor]:
+    import weakref
+
+    try:
+        state = (_structure_state(sw.col), _structure_state(sw.row_ptr), sw.n, sw.k)
+    except (RuntimeError, NotImplementedError):  # fake or functional tensors: no storage
+        return _expand_structure(sw)
+    key = id(sw.col)
+    hit = _EXPANDED.get(key)
+    if hit is not None:
+        rcol, rrow, hstate, value = hit
+        if rcol() is sw.col and rrow() is sw.row_ptr and hstate == state:
+            return value
+    value = _expand_structure(sw)
+    try:
+        rcol = weakref.ref(sw.col, lambda _r, key=key: _EXPANDED.pop(key, None))
+        rrow = weakref.ref(sw.row_ptr)
+    except TypeError:
+        return value
+    _EXPANDED[key] = (rcol, rrow, state, value)
+    return value
+
+
+def _expand_structure(sw: SparseWeight) -> tuple[Tensor, Tensor, Tensor]:
     dev = sw.values.device
     nb = -(-sw.n // BLOCK)
     counts = sw.row_ptr[1:] - sw.row_ptr[:-1]  # blocks per block row
     brow = torch.repeat_interleave(torch.arange(nb, device=dev), counts)  # [nblocks]
     bcol = col_as_int64(sw.col)
-    j = torch.arange(sw.values.shape[0], device=dev)
+    j = torch.arange(bcol.shape[0], device=dev)
     rr = torch.arange(BLOCK, device=dev)
     # entry (block j, row rr, col kk) -> row 4*brow+rr, col 4*bcol+kk, value j*16+rr*4+kk
     row = (brow[:, None, None] * BLOCK + rr[None, :, None]).expand(-1, BLOCK, BLOCK)
@@ -161,15 +208,7 @@ def bsr_to_csr(sw: SparseWeight) -> tuple[SparseWeight, Tensor]:
     row, col, perm = row[order], col[order], idx[order]
     row_ptr = torch.zeros(sw.n + 1, dtype=torch.int64, device=dev)
     row_ptr[1:] = torch.cumsum(torch.bincount(row, minlength=sw.n), 0)
-    csr = SparseWeight(
-        sw.values.reshape(-1)[perm].float(),
-        col.to(torch.int32).to(_col_dtype(sw.k, 1)),
-        row_ptr,
-        sw.n,
-        sw.k,
-        1,
-    )
-    return csr, perm
+    return col.to(torch.int32).to(_col_dtype(sw.k, 1)), row_ptr, perm
 
 
 def _structure_problem(row_ptr: Tensor, col: Tensor, kcols: int) -> str | None:
