@@ -1,4 +1,4 @@
-"""``python -m pykernels info | bench``."""
+"""``python -m pykernels info | bench | demo | compress``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p_bench.add_argument("--plot", metavar="PATH.png", help="write a chart (needs matplotlib)")
     p_bench.set_defaults(fn=_bench)
+    from .compress.demo import add_parsers as _add_compress_parsers
+
+    _add_compress_parsers(sub)  # demo, compress
     args = parser.parse_args(argv)
     return args.fn(args)
 
