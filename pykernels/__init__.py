@@ -5,7 +5,8 @@
 family will use. See README.md.
 """
 
-from . import backends, comm, nn, ops
+from . import backends, comm, compress, nn, ops
+from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
 from .ops.sparse import prune
@@ -40,15 +41,20 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "CompressionReport",
     "backends",
     "comm",
+    "compress",
     "factorize",
     "info",
+    "load",
     "max_threads",
     "nn",
     "ops",
     "prune",
     "quantize_int8",
+    "recipes",
+    "save",
     "set_num_threads",
     "sparsify",
     "version",
