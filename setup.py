@@ -5,11 +5,17 @@ Environment variables:
   PYKERNELS_CUDA=auto|1|0 build pykernels._C_cuda (auto: when nvcc is found)
   PYKERNELS_CUDA_ARCHS    CUDA architectures, default "80;90a"
   PYKERNELS_BUILD_JOBS    parallel compile jobs, default: CPU count
+
+The version comes from git (setuptools-scm, pyproject.toml). A build that
+carries the CUDA module gets a local version tag naming the toolkit, as
+torch's own CUDA wheels do (0.2.0+cu130): the CPU wheel and the CUDA wheel
+of one release then differ in name and cannot be mistaken for each other.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,9 +70,49 @@ class CMakeBuild(build_ext):
                     shutil.copy2(lib, pkg / lib.name)
 
 
+def _nvcc() -> str | None:
+    """The nvcc CMake would find (CUDACXX, PATH, or the default toolkit path)."""
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def _cuda_tag() -> str | None:
+    """'cu130' for a build that will carry _C_cuda (nvcc 13.0), else None."""
+    flag = os.environ.get("PYKERNELS_CUDA", "auto").strip().lower()
+    if not native or flag in ("0", "off", "false", "no"):
+        return None
+    nvcc = _nvcc()
+    if nvcc is None:
+        if flag in ("1", "on", "true", "yes"):
+            raise RuntimeError("PYKERNELS_CUDA=1 but no nvcc was found (set CUDACXX or PATH)")
+        return None
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if not match:
+        raise RuntimeError(f"cannot read the CUDA version from `{nvcc} --version`")
+    return f"cu{match.group(1)}{match.group(2)}"
+
+
+def _version_config() -> dict:
+    tag = _cuda_tag()
+    if tag is None:
+        return {}
+
+    def local_scheme(version) -> str:
+        from setuptools_scm.version import get_local_node_and_date
+
+        rest = get_local_node_and_date(version)  # "+gHASH[.dDATE]" off a tag, else ""
+        return f"+{tag}" + (f".{rest[1:]}" if rest else "")
+
+    return {"use_scm_version": {"local_scheme": local_scheme}}
+
+
 native = os.environ.get("PYKERNELS_NO_NATIVE", "0") not in ("1", "true", "yes")
 
 setup(
     ext_modules=[CMakeExtension("pykernels._C")] if native else [],
     cmdclass={"build_ext": CMakeBuild} if native else {},
+    **_version_config(),
 )

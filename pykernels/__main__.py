@@ -1,4 +1,4 @@
-"""``python -m pykernels info | bench``."""
+"""``python -m pykernels info | bench | demo | compress``."""
 
 from __future__ import annotations
 
@@ -25,9 +25,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.isa:
+        return _bench_tiers(args)
+    import os
+
     import torch
 
     from . import bench, info
+    from .bench import tiers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,6 +55,8 @@ def _bench(args: argparse.Namespace) -> int:
             print(mod.summary(results))
     meta = {k: v for k, v in info().items() if not isinstance(v, dict)}
     meta["torch_threads"] = torch.get_num_threads()
+    meta["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    meta["caps"] = {k: os.environ[k] for k in tiers.CAP_VARS if k in os.environ}
     if args.json:
         bench.write_json(args.json, results, meta)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -65,6 +72,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_tiers(args: argparse.Namespace) -> int:
+    """Each --isa tier in a child process, ours and the peers capped together."""
+    from .bench import tiers
+
+    try:
+        chosen = tiers.parse(args.isa)
+    except ValueError as e:
+        print(f"python -m pykernels bench: {e}", file=sys.stderr)
+        return 2
+    child: list[str] = []
+    for fam in args.family or []:
+        child += ["--family", fam]
+    if args.quick:
+        child.append("--quick")
+    if args.threads:
+        child += ["--threads", str(args.threads)]
+    child += ["--device", "cpu"]
+    if args.plot:
+        print("--plot is per run: omitted with --isa", file=sys.stderr)
+    return tiers.run(chosen, child, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -73,14 +102,28 @@ def main(argv: list[str] | None = None) -> int:
     p_info.set_defaults(fn=_info)
     p_bench = sub.add_parser("bench", help="each family against its peers, with ratios")
     p_bench.add_argument(
-        "--family", action="append", choices=["int8", "sparse", "svd", "topk"], help="repeatable"
+        "--family",
+        action="append",
+        choices=["int8", "sparse", "svd", "topk", "comm"],
+        help="repeatable",
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
     p_bench.add_argument("--threads", type=int, help="threads for torch and pykernels")
     p_bench.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p_bench.add_argument("--plot", metavar="PATH.png", help="write a chart (needs matplotlib)")
+    p_bench.add_argument(
+        "--isa",
+        action="append",
+        metavar="TIER",
+        help="CPU tiers to run, each in a child process with ours and the peers capped "
+        "together: avx2, avx512, amx or native (comma-separated or repeated); a tier "
+        "this CPU cannot run is skipped",
+    )
     p_bench.set_defaults(fn=_bench)
+    from .compress.demo import add_parsers as _add_compress_parsers
+
+    _add_compress_parsers(sub)  # demo, compress
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,10 +1,24 @@
 """Which backend runs a call.
 
-Backends, in order of preference: ``native-cuda`` (CUDA tensors),
-``native-cpu``, ``numba``, ``reference``. Each declares the families and
-devices it supports and says why it refuses a call. ``PYKERNELS_BACKEND``
-(``native``, ``numba`` or ``reference``, read at each call) forces one kind; a
-forced backend that cannot run raises :class:`BackendUnavailable` naming why.
+Backends, in order of preference:
+
+- ``native-cuda``: the CUDA kernels of ``pykernels._C_cuda``. They have not
+  yet passed the CUDA test suite on a GPU, so they are opt-in:
+  ``PYKERNELS_CUDA_KERNELS=1``, or ``PYKERNELS_BACKEND=native``.
+- ``torch``: torch ops on the tensor's own device (``torch._int_mm``,
+  ``torch.topk``, sparse CSR/BSR matmul, ``torch.linalg``). The default for
+  CUDA and every other non-CPU device; never a copy to the host. On CPU
+  tensors only when forced (the native kernels are faster there), which is how
+  the tests check it against the reference.
+- ``native-cpu``: the CPU kernels of ``pykernels._C``.
+- ``numba``: the Numba fallbacks (CPU).
+- ``reference``: the test oracle. It computes on the host, so it runs a
+  non-CPU tensor only when forced.
+
+Each declares the families and devices it supports and says why it refuses a
+call. ``PYKERNELS_BACKEND`` (``native``, ``torch``, ``numba`` or
+``reference``, read at each call) forces one kind; a forced backend that
+cannot run raises :class:`BackendUnavailable` naming why.
 """
 
 from __future__ import annotations
@@ -19,8 +33,12 @@ import torch
 
 from . import _native
 
-FAMILIES = ("int8", "sparse", "svd", "topk")
-KINDS = ("native", "numba", "reference")
+FAMILIES = ("int8", "sparse", "svd", "topk", "quant")
+KINDS = ("native", "torch", "numba", "reference")
+
+# Set to 1 to use the native CUDA kernels by default (see the module docstring).
+CUDA_KERNELS_ENV = "PYKERNELS_CUDA_KERNELS"
+CUDA_NOT_VERIFIED = "built, not verified on hardware, opt-in"
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,11 +51,17 @@ def _numba_error() -> str | None:
     return None
 
 
+def cuda_kernels_enabled() -> bool:
+    """Whether the native CUDA kernels are chosen without forcing ``native``."""
+    return os.environ.get(CUDA_KERNELS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
     kind: str
-    device_type: str  # "cuda" or "cpu"; reference moves CUDA data to the CPU
+    # Device types it runs on; "*" is any device (torch ops run where the data is).
+    device_types: tuple[str, ...]
     families: tuple[str, ...]
 
     def unavailable(self) -> str | None:
@@ -53,23 +77,40 @@ class Backend:
             return _numba_error()
         return None
 
-    def refuses(self, family: str, device: torch.device) -> str | None:
-        """Why this backend will not run `family` on `device`, or None."""
+    def refuses(self, family: str, device: torch.device, forced: bool = False) -> str | None:
+        """Why this backend will not run `family` on `device`, or None.
+
+        ``forced``: PYKERNELS_BACKEND names this backend's kind, which lifts
+        the preferences below (never the hard limits).
+        """
         if family not in self.families:
             return f"{self.name} has no {family} kernels"
-        if self.kind == "reference":
-            if device.type not in ("cpu", "cuda"):
-                return f"reference runs on cpu or cuda tensors, not {device.type}"
-        elif device.type != self.device_type:
-            return f"{self.name} runs on {self.device_type} tensors, not {device.type}"
-        return self.unavailable()
+        if "*" not in self.device_types and device.type not in self.device_types:
+            return (
+                f"{self.name} runs on {' or '.join(self.device_types)} tensors, not {device.type}"
+            )
+        why = self.unavailable()
+        if why is not None or forced:
+            return why
+        if self.name == "native-cuda" and not cuda_kernels_enabled():
+            return (
+                f"{CUDA_NOT_VERIFIED}: set {CUDA_KERNELS_ENV}=1 or PYKERNELS_BACKEND=native to "
+                "use them"
+            )
+        if self.kind == "torch" and device.type == "cpu":
+            return "runs cpu tensors only when forced (PYKERNELS_BACKEND=torch)"
+        if self.kind == "reference" and device.type != "cpu":
+            return f"copies to the host: the test oracle, used on {device.type} only when forced"
+        return None
 
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("native-cuda", "native", "cuda", ("topk",)),
-    Backend("native-cpu", "native", "cpu", ("int8", "sparse", "svd", "topk")),
-    Backend("numba", "numba", "cpu", ("int8", "sparse", "svd", "topk")),
-    Backend("reference", "reference", "cpu", ("int8", "sparse", "svd", "topk")),
+    Backend("native-cuda", "native", ("cuda",), ("topk",)),
+    Backend("torch", "torch", ("*",), FAMILIES),
+    Backend("native-cpu", "native", ("cpu",), FAMILIES),
+    Backend("numba", "numba", ("cpu",), FAMILIES),
+    # The reference computes on the host and copies back (cpu or cuda tensors).
+    Backend("reference", "reference", ("cpu", "cuda"), FAMILIES),
 )
 
 
@@ -114,6 +155,7 @@ def choose(family: str, device: torch.device | str) -> Backend:
         family,
         device.type,
         os.environ.get("PYKERNELS_BACKEND", ""),
+        os.environ.get(CUDA_KERNELS_ENV, ""),
         _native.C is None,
         _native.C_cuda is None,
     )
@@ -129,7 +171,7 @@ def _search(family: str, device: torch.device) -> Backend:
     for b in BACKENDS:
         if kind is not None and b.kind != kind:
             continue
-        why = b.refuses(family, device)
+        why = b.refuses(family, device, forced=kind is not None)
         if why is None:
             return b
         reasons.append(f"{b.name}: {why}")
@@ -147,6 +189,9 @@ def skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
     carries (or refuses) the backward.
     """
     if torch.compiler.is_compiling():
+        return False
+    # Meta tensors (shape-only) take the custom op's fake implementation.
+    if any(t is not None and t.device.type == "meta" for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 

@@ -38,16 +38,26 @@ def info() -> dict[str, Any]:
             isa_active=cpu["isa_active"],
             avx512_vnni=cpu["avx512_vnni"],
             threads=cpu["threads"],
-            openmp=cpu["openmp"],
+            threading=cpu["threading"],
         )
     else:
         d.update(native_cpu_error=_native.C_error, threads=torch.get_num_threads())
+    # No AMX tile kernel is shipped: none has been run on an AMX machine yet,
+    # and an untested tile kernel could be silently wrong. AMX CPUs run the
+    # AVX-512 VNNI kernels.
+    d["amx_kernels"] = "not built (untested: no AMX machine yet); AMX CPUs use avx512"
     if _native.C_cuda is not None:
         cu = _native.C_cuda.cuda_info()
         d.update(
             cuda_archs_compiled=cu["archs_compiled"],
             cuda_runtime=cu["runtime_version"],
             cuda_driver=cu["driver_version"],
+        )
+        enabled = backends.cuda_kernels_enabled()
+        d["native_cuda_status"] = f"{backends.CUDA_NOT_VERIFIED}" + (
+            f" (enabled by {backends.CUDA_KERNELS_ENV}=1)"
+            if enabled
+            else f" (set {backends.CUDA_KERNELS_ENV}=1 to use)"
         )
     else:
         d["native_cuda_error"] = _native.C_cuda_error

@@ -7,17 +7,17 @@ import torch
 
 from pykernels import _native, backends
 
-CPU_BACKENDS = ["native", "numba", "reference"]
+CPU_BACKENDS = ["native", "torch", "numba", "reference"]
 
 
 def _available(kind: str) -> bool:
-    b = next(b for b in backends.BACKENDS if b.kind == kind and b.device_type == "cpu")
-    return b.unavailable() is None
+    name = {"native": "native-cpu"}.get(kind, kind)
+    return next(b for b in backends.BACKENDS if b.name == name).unavailable() is None
 
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request, monkeypatch):
-    """Forces each CPU backend in turn (PYKERNELS_BACKEND)."""
+    """Forces each backend in turn on CPU tensors (PYKERNELS_BACKEND)."""
     if not _available(request.param):
         pytest.skip(f"{request.param} backend unavailable here")
     monkeypatch.setenv("PYKERNELS_BACKEND", request.param)

@@ -30,7 +30,7 @@ def test_auto_order_prefers_native(monkeypatch):
 
 
 def test_forced_backends(monkeypatch):
-    for kind, name in [("numba", "numba"), ("reference", "reference")]:
+    for kind, name in [("numba", "numba"), ("reference", "reference"), ("torch", "torch")]:
         monkeypatch.setenv("PYKERNELS_BACKEND", kind)
         assert backends.choose("topk", "cpu").name == name
 
@@ -59,7 +59,56 @@ def test_cuda_without_gpu(monkeypatch):
     with pytest.raises(backends.BackendUnavailable, match="native-cuda"):
         backends.choose("topk", "cuda")
     monkeypatch.delenv("PYKERNELS_BACKEND")
-    assert backends.choose("topk", "cuda").name == "reference"
+    # Torch ops on the device, never the host-copying reference.
+    for family in backends.FAMILIES:
+        assert backends.choose(family, "cuda").name == "torch"
+        assert pk.info()["backends"][family]["cuda"] == "torch"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A machine where _C_cuda is built and torch sees a GPU (no GPU is touched)."""
+    monkeypatch.setattr(_native, "C_cuda", object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv(backends.CUDA_KERNELS_ENV, raising=False)
+
+
+def test_native_cuda_is_opt_in(fake_gpu, monkeypatch):
+    # Built but never verified on a GPU: not chosen unless asked for.
+    assert backends.choose("topk", "cuda").name == "torch"
+    why = backends.BACKENDS[0].refuses("topk", torch.device("cuda"))
+    assert backends.CUDA_NOT_VERIFIED in why and backends.CUDA_KERNELS_ENV in why
+    monkeypatch.setenv(backends.CUDA_KERNELS_ENV, "1")
+    assert backends.choose("topk", "cuda").name == "native-cuda"
+    monkeypatch.delenv(backends.CUDA_KERNELS_ENV)
+    monkeypatch.setenv("PYKERNELS_BACKEND", "native")
+    assert backends.choose("topk", "cuda").name == "native-cuda"
+    # No native CUDA int8 kernel: forcing native on CUDA says so.
+    with pytest.raises(backends.BackendUnavailable, match="native-cuda has no int8 kernels"):
+        backends.choose("int8", "cuda")
+
+
+def test_reference_and_torch_only_where_meant(monkeypatch):
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    ref = next(b for b in backends.BACKENDS if b.name == "reference")
+    tb = next(b for b in backends.BACKENDS if b.name == "torch")
+    assert "only when forced" in ref.refuses("int8", torch.device("cuda"))
+    assert ref.refuses("int8", torch.device("cuda"), forced=True) is None
+    assert "only when forced" in tb.refuses("int8", torch.device("cpu"))
+    assert tb.refuses("int8", torch.device("cpu"), forced=True) is None
+    assert tb.refuses("sparse", torch.device("meta")) is None
+    monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
+    for family in backends.FAMILIES:
+        assert backends.choose(family, "cpu").name == "torch"
+
+
+def test_info_says_what_is_not_shipped():
+    d = pk.info()
+    assert "amx" not in d.get("isa_compiled", [])
+    assert "not built" in d["amx_kernels"]
+    if _native.C_cuda is not None:
+        assert backends.CUDA_NOT_VERIFIED in d["native_cuda_status"]
 
 
 def test_set_cpu_isa_rejects_unknown_names():

@@ -22,8 +22,7 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
   PK_CHECK_ARG(ld >= cols, "x: row stride ", ld, " is smaller than the row length ", cols);
   PK_CHECK_ARG(rows * cols == 0 || (x && q && scale), "x, q and scale must not be null");
   const int nt = threads_for(rows * cols, int64_t(1) << 15);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(0, rows, nt, [&](int64_t r) {
     const float* xr = x + r * ld;
     int8_t* qr = q + r * cols;
     float amax = 0.0f;
@@ -36,13 +35,13 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
     scale[r] = s;
     if (!(s > 0.0f) || std::isinf(s)) {  // zero row, or NaN/inf: q carries no information
       for (int64_t c = 0; c < cols; ++c) qr[c] = 0;
-      continue;
+      return;
     }
     for (int64_t c = 0; c < cols; ++c) {
       const float v = std::nearbyint(xr[c] / s);  // round half to even
       qr[c] = int8_t(std::min(127.0f, std::max(-127.0f, v)));
     }
-  }
+  });
 }
 
 #ifndef PK_PACK_MIN_ROWS
@@ -76,25 +75,22 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
   const int64_t mchunks = std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, m));
   const int64_t tasks = nblocks * mchunks;
   const int64_t rows = (m + mchunks - 1) / mchunks;
-#pragma omp parallel for num_threads(std::max(1, int(std::min<int64_t>(nt, tasks)))) \
-    schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
+  parallel_for(0, tasks, std::max(1, int(std::min<int64_t>(nt, tasks))), [&](int64_t t) {
     const int64_t blk = t / mchunks, mc = t % mchunks;
     const int64_t m0 = mc * rows, m1 = std::min(m, m0 + rows);
     if (m0 < m1) kern->gemm_packed(g, m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
-  }
+  });
 }
 
 // Quantizes x (M x K) into the kernel's activation format in rows of ldq.
 void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, int64_t k,
                    int64_t ldx, uint8_t* q, int64_t ldq, float* scale) {
   const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 15), m)));
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int t = 0; t < nt; ++t) {
+  parallel_for(0, nt, nt, [&](int t) {
     int64_t r0, r1;
     split_range(m, nt, t, 1, &r0, &r1);
     if (r0 < r1) kern->quantize_a(x, xt, ldx, k, q, ldq, scale, r0, r1);
-  }
+  });
 }
 
 }  // namespace
@@ -110,12 +106,11 @@ void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t*
   const int64_t panels = packed_n(n) / 16;
   const int nt = std::max(
       1, int(std::min<int64_t>(threads_for(packed_n(n) * packed_k(k), int64_t(1) << 18), panels)));
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int t = 0; t < nt; ++t) {
+  parallel_for(0, nt, nt, [&](int t) {
     int64_t p0, p1;
     split_range(panels, nt, t, 1, &p0, &p1);
     if (p0 < p1) kern->pack(w, n, k, ldw, packed, comp, p0, p1);
-  }
+  });
 }
 
 void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k,
@@ -137,13 +132,12 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
     uint8_t* au = scratch<uint8_t>(2, m * ldu);
     const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 16), m)));
     if (!kern->signed_a) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t i = 0; i < m; ++i) {
+      parallel_for(0, m, nt, [&](int64_t i) {
         uint8_t* dst = au + i * ldu;
         const int8_t* src = a + i * lda;
         for (int64_t p = 0; p < k; ++p) dst[p] = uint8_t(src[p]) ^ 0x80;
         for (int64_t p = k; p < ldu; ++p) dst[p] = 128;
-      }
+      });
       PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
       run_packed(kern, g, m);
       return;
@@ -152,8 +146,7 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
     // where a > -128 and -127 where a = -128 (e = 1 there), so c = a' b^T -
     // e b^T. The second product runs over the rows holding -128 only.
     uint8_t* flag = scratch<uint8_t>(3, m);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
+    parallel_for(0, m, nt, [&](int64_t i) {
       int8_t* dst = reinterpret_cast<int8_t*>(au + i * ldu);
       const int8_t* src = a + i * lda;
       int any = 0;
@@ -163,7 +156,7 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
       }
       for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
       flag[i] = uint8_t(any);
-    }
+    });
     PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
     run_packed(kern, g, m);
     std::vector<int64_t> rows;
@@ -182,12 +175,11 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
     std::vector<int32_t> ce(static_cast<size_t>(me * n));
     PackedGemm ge{au, ldu, bp, kp, comp, n, ce.data(), n, nullptr, nullptr, nullptr, FType::f32};
     run_packed(kern, ge, me);
-#pragma omp parallel for num_threads(std::max(1, int(std::min<int64_t>(nt, me)))) schedule(static)
-    for (int64_t r = 0; r < me; ++r) {
+    parallel_for(0, me, std::max(1, int(std::min<int64_t>(nt, me))), [&](int64_t r) {
       int32_t* cr = c + rows[r] * ldc;
       const int32_t* er = ce.data() + r * n;
       for (int64_t j = 0; j < n; ++j) cr[j] = int32_t(uint32_t(cr[j]) - uint32_t(er[j]));
-    }
+    });
     return;
   }
   // Few rows: the row-major kernel, threads over blocks of 64 columns of c
@@ -196,9 +188,9 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
   const int64_t nblocks = (n + kNb - 1) / kNb;
   const int nt =
       int(std::min<int64_t>(threads_for(m * n * std::max<int64_t>(k, 1), 1 << 18), nblocks));
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t blk = 0; blk < nblocks; ++blk)
+  parallel_for(0, nblocks, nt, [&](int64_t blk) {
     kern->gemm(a, b, c, 0, m, blk * kNb, std::min(n, blk * kNb + kNb), k, lda, ldb, ldc);
+  });
 }
 
 void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
@@ -245,12 +237,11 @@ void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64
   const int nt =
       std::max(1, int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 18), (n + 63) / 64)));
   float* wf = scratch<float>(1, int64_t(nt) * 4 * k);  // each thread's fp32 weight rows
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int t = 0; t < nt; ++t) {
+  parallel_for(0, nt, nt, [&](int t) {
     int64_t n0, n1;
     split_range(n, nt, t, 4, &n0, &n1);
     if (n0 < n1) kern->weight_only(xp, m, k, w, w_scale, bias, y, yt, n, n0, n1, wf + t * 4 * k);
-  }
+  });
 }
 
 }  // namespace int8

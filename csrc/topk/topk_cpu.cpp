@@ -162,13 +162,12 @@ class Selector {
   void ef_pass_only() {
     uint32_t dummy_b;
     int64_t dummy_i;
-#pragma omp parallel for num_threads(nt_) schedule(static, 1)
-    for (int t = 0; t < nt_; ++t) {
+    parallel(nt_, [&](int t) {
       int64_t b, e;
       range(t, &b, &e);
       kern_->collect_ef(a_.x, int32_t(a_.dtype), a_.residual, b, e, kNoCandidates, &dummy_b,
                         &dummy_i, 0);
-    }
+    });
     to_residual_view();
   }
 
@@ -181,8 +180,7 @@ class Selector {
     Buffers& buf = workspace(off_[nt_]);
     bits_ = buf.bits.get();
     idx_ = buf.idx.get();
-#pragma omp parallel for num_threads(nt_) schedule(static, 1)
-    for (int i = 0; i < nt_; ++i) {
+    parallel(nt_, [&](int i) {
       int64_t b, e;
       range(i, &b, &e);
       uint32_t* ob = bits_ + off_[i];
@@ -195,7 +193,7 @@ class Selector {
       else
         f = kern_->collect_u32(static_cast<const uint32_t*>(src_), b, e, t, ob, oi, cap_[i]);
       found_[i] = f;
-    }
+    });
   }
   int64_t stored(int i) const { return std::min(found_[i], cap_[i]); }
   int64_t stored_total() const {
@@ -248,8 +246,7 @@ class Selector {
     const size_t bins = size_t(1) << d;
     std::vector<int64_t> hist(size_t(nt_) * bins, 0);
     const uint32_t mask = key_mask(), digit = uint32_t(bins - 1);
-#pragma omp parallel for num_threads(nt_) schedule(static, 1)
-    for (int i = 0; i < nt_; ++i) {
+    parallel(nt_, [&](int i) {
       int64_t b, e;
       range(i, &b, &e);
       int64_t* h = hist.data() + size_t(i) * bins;
@@ -263,7 +260,7 @@ class Selector {
         count(static_cast<const uint16_t*>(src_));
       else
         count(static_cast<const uint32_t*>(src_));
-    }
+    });
     return hist;
   }
 
@@ -338,15 +335,14 @@ class Selector {
     std::vector<int64_t> out, ties;
     emission_offsets(gt, eq, need, &out, &ties);
     const uint32_t mask = key_mask();
-#pragma omp parallel for num_threads(nt_) schedule(static, 1)
-    for (int i = 0; i < nt_; ++i) {
+    parallel(nt_, [&](int i) {
       int64_t b, e, o = out[i], t = ties[i];
       range(i, &b, &e);
       for (int64_t j = b; j < e; ++j) {
         const uint32_t bits = raw_bits(j), key = bits & mask;
         if (key > kth || (key == kth && t-- > 0)) write(o++, bits, j);
       }
-    }
+    });
   }
 
   // --- selection among the candidates -----------------------------------------
@@ -423,15 +419,19 @@ class Selector {
     }
     const float y = bits_to_f32(bits);
     float sent = y;
+    // A finite y past the 16-bit type's range is sent saturated (its largest
+    // finite value, signed) and the excess stays in the residual (topk.h).
     switch (a_.dtype) {
       case DType::f16: {
-        const uint16_t h = f32_to_f16(y);
+        uint16_t h = f32_to_f16(y);
+        if ((h & 0x7fffu) == 0x7c00u && std::isfinite(y)) h = uint16_t((h & 0x8000u) | 0x7bffu);
         static_cast<uint16_t*>(a_.values)[o] = h;
         sent = f16_to_f32(h);
         break;
       }
       case DType::bf16: {
-        const uint16_t h = f32_to_bf16(y);
+        uint16_t h = f32_to_bf16(y);
+        if ((h & 0x7fffu) == 0x7f80u && std::isfinite(y)) h = uint16_t((h & 0x8000u) | 0x7f7fu);
         static_cast<uint16_t*>(a_.values)[o] = h;
         sent = bf16_to_f32(h);
         break;
@@ -439,8 +439,8 @@ class Selector {
       default:
         static_cast<uint32_t*>(a_.values)[o] = bits;
     }
-    // The remainder keeps what rounding to x's dtype lost; an overflow to inf
-    // or a NaN leaves nothing meaningful to keep.
+    // The remainder keeps what rounding (or saturating) to x's dtype lost; a
+    // y that is itself inf or NaN leaves nothing meaningful to keep.
     a_.residual[index] = (std::isfinite(sent) && std::isfinite(y)) ? y - sent : 0.0f;
   }
 
@@ -452,8 +452,7 @@ class Selector {
     kth_key(&kth, &greater);
     const uint32_t mask = key_mask();
     std::vector<int64_t> gt(size_t(nt_), 0), eq(size_t(nt_), 0);
-#pragma omp parallel for num_threads(nt_) schedule(static, 1)
-    for (int i = 0; i < nt_; ++i) {
+    parallel(nt_, [&](int i) {
       int64_t g = 0, q = 0;
       for (int64_t j = off_[i], e = off_[i] + stored(i); j < e; ++j) {
         const uint32_t key = bits_[j] & mask;
@@ -462,24 +461,22 @@ class Selector {
       }
       gt[i] = g;
       eq[i] = q;
-    }
+    });
     const int64_t need = a_.k - greater;
     std::vector<int64_t> out, ties;
     emission_offsets(gt, eq, need, &out, &ties);
-#pragma omp parallel for num_threads(nt_) schedule(static, 1)
-    for (int i = 0; i < nt_; ++i) {
+    parallel(nt_, [&](int i) {
       int64_t o = out[i], t = ties[i];
       for (int64_t j = off_[i], e = off_[i] + stored(i); j < e; ++j) {
         const uint32_t key = bits_[j] & mask;
         if (key > kth || (key == kth && t-- > 0)) write(o++, bits_[j], idx_[j]);
       }
-    }
+    });
   }
 
   void emit_all() {
     const int nt = nt_;
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int t = 0; t < nt; ++t) {
+    parallel(nt, [&](int t) {
       int64_t b, e;
       range(t, &b, &e);
       for (int64_t i = b; i < e; ++i) {
@@ -487,7 +484,7 @@ class Selector {
             ef_ ? f32_to_bits(to_f32(a_.x, a_.dtype, i) + a_.residual[i]) : raw_bits(i);
         write(i, bits, i);
       }
-    }
+    });
   }
 
   const Args& a_;

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks
 from ..ops.int8 import Int8PackedWeight
-from ._module import nbytes_of
+from ._module import convertible_children, guard_fused_paths, nbytes_of
 
 MODES = ("dynamic", "weight_only")
 
@@ -43,8 +44,8 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"Int8Linear: {name} must be a non-negative int, got {v!r}")
+            _checks.check_int("Int8Linear", name, v, 0)
+        bias = _checks.check_bool("Int8Linear", "bias", bias)
         if mode not in MODES:
             raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
         self.in_features = in_features
@@ -65,13 +66,24 @@ class Int8Linear(nn.Module):
     # --- weight storage -------------------------------------------------
 
     def _set_weight(self, w_q: Tensor) -> None:
-        """Stores an int8 [N, K] weight in this mode's layout (non-persistent buffers)."""
-        if self.mode == "dynamic":
+        """Stores an int8 [N, K] weight in the layout this mode and device read
+        (non-persistent buffers).
+
+        Dynamic mode on the CPU keeps only the packed layout the native kernels
+        read; everywhere else (weight-only mode, or a GPU, where torch ops read
+        the row-major weight) it is the [N, K] matrix itself.
+        """
+        for name in ("weight", "weight_packed", "weight_comp"):
+            self._buffers.pop(name, None)
+        if self._packs(w_q.device):
             p = ops.pack_int8_weight(w_q)
             self.register_buffer("weight_packed", p.packed, persistent=False)
             self.register_buffer("weight_comp", p.comp, persistent=False)
         else:
             self.register_buffer("weight", w_q.contiguous(), persistent=False)
+
+    def _packs(self, device: torch.device) -> bool:
+        return self.mode == "dynamic" and device.type == "cpu"
 
     def _packed(self) -> Int8PackedWeight:
         return Int8PackedWeight(
@@ -80,7 +92,7 @@ class Int8Linear(nn.Module):
 
     def weight_int8(self) -> Tensor:
         """The int8 [N, K] weight (unpacked from the kernel layout when needed)."""
-        if self.mode == "dynamic":
+        if "weight_packed" in self._buffers:
             return ops.unpack_int8_weight(self._packed())
         return self.weight
 
@@ -132,9 +144,11 @@ class Int8Linear(nn.Module):
     # --- forward ----------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "dynamic":
+        if self.mode == "weight_only":
+            return ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+        if "weight_packed" in self._buffers:
             return ops.int8_linear(x, self._packed(), self.weight_scale, self.bias)
-        return ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
 
     # --- module protocol ---------------------------------------------------
 
@@ -151,6 +165,12 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
+        # A move between the CPU and another device changes the layout the
+        # weight is read in (see _set_weight).
+        packed = "weight_packed" in self._buffers
+        if packed != self._packs(self.weight_scale.device):
+            with torch.no_grad():
+                self._set_weight(self.weight_int8())
         # .half() / .to(dtype) convert float buffers; the kernels want float32
         # scales and the bias is kept in float32 (converted per call anyway).
         if self.weight_scale.dtype != torch.float32:
@@ -196,17 +216,20 @@ def quantize_int8(
     """Replaces every ``nn.Linear`` that ``filter_fn(module, fqn)`` accepts with an Int8Linear.
 
     ``fqn`` is the module's dotted name in ``model`` (``""`` for the model
-    itself). Without ``filter_fn`` every Linear is converted. The model is
-    deep-copied first unless ``inplace=True``; the converted model is
-    returned (an Int8Linear when ``model`` is itself a Linear).
+    itself). Without ``filter_fn`` every Linear is converted, except the
+    output projection of ``nn.MultiheadAttention``, which attention reads as
+    a dense weight and which is left as it is (the feed-forward Linears of
+    ``nn.TransformerEncoderLayer`` are converted, with torch's fused
+    inference path turned off for that layer). The model is deep-copied
+    first unless ``inplace=True``; the converted model is returned (an
+    Int8Linear when ``model`` is itself a Linear).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"quantize_int8: mode must be one of {MODES}, got {mode!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError("quantize_int8: filter_fn must be callable or None")
-    if not inplace:
+    _checks.check_callable("quantize_int8", "filter_fn", filter_fn)
+    if not _checks.check_bool("quantize_int8", "inplace", inplace):
         model = copy.deepcopy(model)
 
     def accept(m: nn.Module, fqn: str) -> bool:
@@ -214,9 +237,7 @@ def quantize_int8(
 
     if accept(model, ""):
         return Int8Linear.from_linear(model, mode=mode)
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if accept(child, child_fqn):
-                setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    for parent, name, child in convertible_children(model, (nn.Linear,), accept):
+        setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    guard_fused_paths(model)
     return model

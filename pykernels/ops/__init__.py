@@ -9,6 +9,7 @@ from .int8 import (
     quantize_per_row,
     unpack_int8_weight,
 )
+from .quant import dequantize_buckets, quantize_buckets
 from .sparse import SparseWeight, prune, sparse_linear, to_dense, to_sparse
 from .svd import batched_svd, randomized_svd, svd_rank
 from .topk import topk_densify, topk_sparsify
@@ -16,11 +17,13 @@ from .topk import topk_densify, topk_sparsify
 __all__ = [
     "Int8PackedWeight",
     "batched_svd",
+    "dequantize_buckets",
     "int8_gemm",
     "int8_linear",
     "int8_weight_linear",
     "pack_int8_weight",
     "prune",
+    "quantize_buckets",
     "quantize_per_row",
     "randomized_svd",
     "SparseWeight",

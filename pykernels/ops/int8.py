@@ -4,8 +4,8 @@
 Every function here is a ``torch.library`` custom op with a fake
 implementation, so it traces under ``torch.compile`` without a graph break.
 CPU runs the native kernels (AVX-512 VNNI, AVX2 or portable, chosen at run
-time), else Numba, else the reference; CUDA tensors run the reference in
-torch on the device (no native CUDA int8 kernel yet).
+time), else Numba, else the reference; other devices run torch ops there
+(``torch._int_mm`` with the scales around it: the torch backend).
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import torch
 from torch import Tensor
 
 from .. import _reference, backends
+from . import _checks
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cpu_call(device: torch.device, fn: str, *tensors: Tensor) -> None:
-    """Runs `fn` of the chosen CPU backend on the tensors (outputs last)."""
-    # No CUDA kernels for int8 yet: for CUDA tensors choose() falls through to
-    # the reference backend, which runs on copies in host memory.
-    backend = backends.choose("int8", device)
+def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
+    """Runs buffer-level `fn` of a CPU backend on the tensors (outputs last).
+
+    The reference computes on the host: a non-CPU tensor (forced reference
+    only) goes through a host copy and back.
+    """
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
     backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu])
     for t, c in zip(tensors, cpu):
@@ -38,11 +40,16 @@ def _cpu_call(device: torch.device, fn: str, *tensors: Tensor) -> None:
 
 @torch.library.custom_op("pykernels::quantize_per_row", mutates_args=())
 def _quantize_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    backend = backends.choose("int8", x.device)
+    if backend.kind == "torch":
+        from .._torch import int8 as ti
+
+        return ti.quantize_per_row(x.detach())
     x2 = x.detach().float().contiguous()
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.numel():
-        _cpu_call(x.device, "quantize_per_row", x2, q, scale)
+        _cpu_call(backend, "quantize_per_row", x2, q, scale)
     else:
         scale.zero_()
     return q, scale
@@ -55,9 +62,14 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("pykernels::int8_gemm", mutates_args=())
 def _int8_gemm_op(a: Tensor, b: Tensor) -> Tensor:
+    backend = backends.choose("int8", a.device)
+    if backend.kind == "torch":
+        from .._torch import int8 as ti
+
+        return ti.int8_gemm(a.contiguous(), b.contiguous())
     c = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
     if c.numel():
-        _cpu_call(a.device, "int8_gemm", a.contiguous(), b.contiguous(), c)
+        _cpu_call(backend, "int8_gemm", a.contiguous(), b.contiguous(), c)
     return c
 
 
@@ -146,14 +158,21 @@ def _pack_op(w: Tensor) -> tuple[Tensor, Tensor]:
     np_, kp = _reference.packed_shape(n, k)
     w = w.contiguous()
     backend = backends.choose("int8", w.device)
-    if backend.name == "native-cpu":
+    if backend.name == "native-cpu" and w.numel():
         packed = torch.empty(np_ * kp, dtype=torch.int8)
         comp = torch.empty(np_, dtype=torch.int32)
         backends.cpu_function(backend, "int8", "int8_pack_weight")(
             w.numpy(), packed.numpy(), comp.numpy()
         )
         return packed, comp
-    # Numba and reference: the layout by index arithmetic, in torch on w's device.
+    return _pack_reference(w)
+
+
+def _pack_reference(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The packed layout by index arithmetic, in torch on w's device (Numba and
+    reference backends, and the check of a packed weight)."""
+    n, k = w.shape
+    np_, kp = _reference.packed_shape(n, k)
     off = torch.from_numpy(_reference.packed_offsets(n, k)).to(w.device)
     packed = torch.zeros(np_ * kp, dtype=torch.int8, device=w.device)
     packed[off.reshape(-1)] = w.reshape(-1)
@@ -183,16 +202,17 @@ def _no_backward(name: str):
 def _run_linear(
     kind: str,
     x: Tensor,
-    native_weight: tuple[Tensor, ...],
+    native_weight: Callable[[], tuple[Tensor, ...]],
     rowmajor_weight: Callable[[], Tensor],
     w_scale: Tensor,
     bias: Tensor | None,
 ) -> Tensor:
     """int8_linear or int8_weight_linear (`kind`) on the chosen backend.
 
-    The native kernel takes `native_weight` (packed weight and compensation,
-    or the row-major weight); Numba and the reference take the row-major
-    int8 weight, built only when one of them runs.
+    The native kernel takes `native_weight()` (packed weight and
+    compensation, or the row-major weight); the other backends take the
+    row-major int8 weight. Each is built only when the backend that needs it
+    runs.
     """
     m, n = x.shape[0], w_scale.shape[0]
     backend = backends.choose("int8", x.device)
@@ -201,7 +221,7 @@ def _run_linear(
         backends.cpu_function(backend, "int8", kind)(
             _fbuf(x),
             _FTYPE[x.dtype],
-            *[t.numpy() for t in native_weight],
+            *[t.numpy() for t in native_weight()],
             w_scale.numpy(),
             None if bias is None else bias.numpy(),
             _fbuf(y),
@@ -209,6 +229,10 @@ def _run_linear(
         )
         return y
     w = rowmajor_weight()
+    if backend.kind == "torch":
+        from .._torch import int8 as ti
+
+        return getattr(ti, kind)(x, w, w_scale, bias)
     if backend.name == "numba":
         from .._numba import int8 as nb
 
@@ -230,7 +254,7 @@ def _linear_impl(
     def unpack() -> Tensor:
         return _reference.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
 
-    return _run_linear("int8_linear", x, (packed, comp), unpack, w_scale, bias)
+    return _run_linear("int8_linear", x, lambda: (packed, comp), unpack, w_scale, bias)
 
 
 @torch.library.custom_op("pykernels::int8_linear", mutates_args=())
@@ -245,8 +269,25 @@ def _(x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | N
     return x.new_empty(x.shape[0], w_scale.shape[0])
 
 
+def _linear_rowmajor_impl(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    def pack() -> tuple[Tensor, Tensor]:
+        return _pack_op(w)
+
+    return _run_linear("int8_linear", x, pack, lambda: w, w_scale, bias)
+
+
+@torch.library.custom_op("pykernels::int8_linear_rowmajor", mutates_args=())
+def _linear_rowmajor_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return _linear_rowmajor_impl(x, w, w_scale, bias)
+
+
+@_linear_rowmajor_op.register_fake
+def _(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def _weight_linear_impl(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    return _run_linear("int8_weight_linear", x, (w,), lambda: w, w_scale, bias)
+    return _run_linear("int8_weight_linear", x, lambda: (w,), lambda: w, w_scale, bias)
 
 
 @torch.library.custom_op("pykernels::int8_weight_linear", mutates_args=())
@@ -269,6 +310,62 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "pykernels::int8_weight_linear", _no_backward("int8_weight_linear"), setup_context=_setup
 )
+torch.library.register_autograd(
+    "pykernels::int8_linear_rowmajor", _no_backward("int8_linear"), setup_context=_setup
+)
+
+
+def _check_packed(fn: str, w: Int8PackedWeight, name: str = "w_q") -> None:
+    """Checks a packed weight: shapes, dtypes and devices always, and (once per
+    weight, while its tensors are unchanged) that it is the packing of some
+    int8 [n, k] weight: zero padding and the matching compensation, which the
+    native kernel relies on and the other backends ignore, so a mismatch would
+    give each backend a different answer."""
+    if (
+        not torch.compiler.is_compiling()  # data pointers do not trace
+        and type(w.n) is int  # noqa: E721 - exactly int: a float 20.0 would pass ==
+        and type(w.k) is int  # noqa: E721
+        and _checks.is_checked((w.packed, w.comp), ("int8-packed", w.n, w.k))
+    ):
+        return  # this weight passed in full and has not changed since
+    n = _checks.check_int(fn, f"{name}.n", w.n, 0)
+    k = _checks.check_int(fn, f"{name}.k", w.k, 0, MAX_K - 1)
+    np_, kp = _reference.packed_shape(n, k)
+    for field, t in (("packed", w.packed), ("comp", w.comp)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name}.{field} must be a torch.Tensor, got {type(t).__name__}")
+    if w.packed.dtype != torch.int8:
+        raise TypeError(f"{fn}: {name}.packed must be int8, got {w.packed.dtype}")
+    if w.comp.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name}.comp must be int32, got {w.comp.dtype}")
+    if w.packed.shape != (np_ * kp,):
+        raise ValueError(
+            f"{fn}: {name}.packed must be 1-D of {np_ * kp} elements for [{n}, {k}], "
+            f"got shape {tuple(w.packed.shape)}"
+        )
+    if w.comp.shape != (np_,):
+        raise ValueError(f"{fn}: {name}.comp must have shape ({np_},), got {tuple(w.comp.shape)}")
+    if w.comp.device != w.packed.device:
+        raise ValueError(
+            f"{fn}: {name}.comp is on {w.comp.device} but {name}.packed is on {w.packed.device}"
+        )
+    if not _checks.has_data(w.packed, w.comp) or w.packed.numel() == 0:
+        return
+    key = ("int8-packed", n, k)
+    if _checks.is_checked((w.packed, w.comp), key):
+        return
+    packed, comp = _pack_reference(_reference.int8_unpack_weight(w.packed, n, k))
+    if not torch.equal(packed, w.packed):
+        raise ValueError(
+            f"{fn}: {name}.packed is not a packed [{n}, {k}] weight (its padding must be zero): "
+            "build it with pack_int8_weight"
+        )
+    if not torch.equal(comp, w.comp):
+        raise ValueError(
+            f"{fn}: {name}.comp does not match {name}.packed (it must hold 128 * the sum of "
+            "each weight row): build it with pack_int8_weight"
+        )
+    _checks.mark_checked((w.packed, w.comp), key)
 
 
 def _check_weight(fn: str, w_q: Tensor) -> None:
@@ -288,7 +385,10 @@ def pack_int8_weight(w_q: Tensor) -> Int8PackedWeight:
     """Packs an int8 [N, K] weight once for :func:`int8_linear` (see Int8PackedWeight)."""
     _check_weight("pack_int8_weight", w_q)
     packed, comp = torch.ops.pykernels.int8_pack_weight(w_q)
-    return Int8PackedWeight(packed, comp, int(w_q.shape[0]), int(w_q.shape[1]))
+    n, k = int(w_q.shape[0]), int(w_q.shape[1])
+    if _checks.has_data(packed, comp):  # made here: nothing to check
+        _checks.mark_checked((packed, comp), ("int8-packed", n, k))
+    return Int8PackedWeight(packed, comp, n, k)
 
 
 def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
@@ -297,6 +397,7 @@ def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
         raise TypeError(
             f"unpack_int8_weight: w must be an Int8PackedWeight, got {type(w).__name__}"
         )
+    _check_packed("unpack_int8_weight", w, "w")
     return _reference.int8_unpack_weight(w.packed, w.n, w.k)
 
 
@@ -339,7 +440,10 @@ def _rows(
     if x2.shape[0] == 0 or n == 0 or k == 0:
         y = x.new_zeros(*lead, n)
         return x2, lead, (y if bias32 is None or k else (y + bias32).to(x.dtype))
-    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), lead, None
+    # The kernels read rows of unit stride, one after another: an expanded
+    # (zero-stride) or interleaved x is copied first.
+    rows_ok = (k <= 1 or x2.stride(1) == 1) and (x2.shape[0] <= 1 or x2.stride(0) >= k)
+    return (x2 if rows_ok else x2.contiguous()), lead, None
 
 
 def int8_linear(
@@ -358,12 +462,8 @@ def int8_linear(
     """
     fn = "int8_linear"
     if isinstance(w_q, Int8PackedWeight):
-        n, k, device = w_q.n, w_q.k, w_q.packed.device
-        np_, kp = _reference.packed_shape(n, k)
-        if w_q.packed.dtype != torch.int8 or w_q.packed.numel() != np_ * kp:
-            raise ValueError(f"{fn}: w_q.packed must be int8 with {np_ * kp} elements")
-        if w_q.comp.dtype != torch.int32 or w_q.comp.shape != (np_,):
-            raise ValueError(f"{fn}: w_q.comp must be int32 of shape ({np_},)")
+        _check_packed(fn, w_q)
+        n, k, device = int(w_q.n), int(w_q.k), w_q.packed.device
     else:
         _check_weight(fn, w_q)
         n, k = w_q.shape
@@ -372,10 +472,15 @@ def int8_linear(
     x2, lead, done = _rows(x, n, k, bias32)
     if done is not None:
         return done
-    if not isinstance(w_q, Int8PackedWeight):
-        w_q = pack_int8_weight(w_q)
-    op = _linear_impl if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear
-    y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
+    skip = backends.skip_dispatcher(x2)
+    if isinstance(w_q, Int8PackedWeight):
+        op = _linear_impl if skip else torch.ops.pykernels.int8_linear
+        y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32)
+    else:
+        # Packed inside, and only for the native CPU kernel: other backends
+        # (torch ops on a GPU) read the row-major weight as it is.
+        op = _linear_rowmajor_impl if skip else torch.ops.pykernels.int8_linear_rowmajor
+        y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
     return y.view(*lead, n)
 
 

@@ -1,0 +1,73 @@
+"""`python -m pykernels bench --isa`: which tiers run, and with which caps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pykernels.bench import tiers
+
+
+def test_parse_tiers():
+    assert tiers.parse(["avx2,native", "avx2", " AVX512 "]) == ["avx2", "native", "avx512"]
+    with pytest.raises(ValueError, match="tier must be one of"):
+        tiers.parse(["avx3"])
+
+
+def test_every_tier_caps_ours_and_every_peer_together():
+    for tier in ("avx2", "avx512", "amx"):
+        env = tiers.caps(tier)
+        assert set(env) == set(tiers.CAP_VARS)
+        assert env["PYKERNELS_CPU_ISA"] == tier
+    assert tiers.caps("native") == {}
+
+
+def test_a_tier_above_the_cpu_is_skipped(monkeypatch):
+    monkeypatch.setattr(tiers, "detected", lambda: ("avx2", False))
+    assert tiers.unsupported("avx2") is None and tiers.unsupported("native") is None
+    assert "cannot run here" in tiers.unsupported("avx512")
+    assert "cannot run here" in tiers.unsupported("amx")
+
+
+def test_run_gives_each_child_its_caps(monkeypatch, tmp_path):
+    monkeypatch.setattr(tiers, "detected", lambda: ("avx2", False))
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")  # a stale cap must not leak
+    seen = {}
+
+    def fake_run(cmd, env):
+        tier = env.get("PYKERNELS_CPU_ISA", "native")
+        seen[tier] = {k: env.get(k) for k in tiers.CAP_VARS}
+        out = cmd[cmd.index("--json") + 1]
+        with open(out, "w") as f:
+            json.dump({"meta": {}, "results": [{"impl": "x"}]}, f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tiers.subprocess, "run", fake_run)
+    path = tmp_path / "t.json"
+    assert tiers.run(["avx2", "avx512", "native"], ["--family", "topk"], str(path)) == 0
+    assert seen["avx2"] == tiers.caps("avx2")
+    assert all(v is None for v in seen["native"].values())
+    data = json.loads(path.read_text())
+    assert set(data["tiers"]) == {"avx2", "native"} and "avx512" in data["skipped"]
+    assert data["tiers"]["avx2"]["meta"]["tier"] == "avx2"
+
+
+def test_the_caps_reach_torch(tmp_path):
+    """A child started with a tier's caps really runs torch at that tier."""
+    if tiers.unsupported("avx2"):
+        pytest.skip("no AVX2 here")
+    env = {k: v for k, v in os.environ.items() if k not in tiers.CAP_VARS}
+    env.update(tiers.caps("avx2"))
+    code = (
+        "import torch, pykernels as pk; "
+        "print(torch.backends.cpu.get_cpu_capability(), pk.info()['isa_active'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["AVX2", "avx2"]

@@ -1,0 +1,379 @@
+"""pk.compress: recipes, structured pruning, the report, pk.save / pk.load.
+
+Every compressed model is checked against a reference built by hand from the
+original's weights on fresh random data: the pruned model against the
+original with the removed units' weights taken out, the int8 model against
+the layers converted one by one, the loaded model bit for bit against the
+saved one.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pykernels as pk
+from pykernels.compress import recipes
+from pykernels.nn import Int8Embedding, Int8Linear, LowRankLinear, SparseLinear
+
+
+def mlp(gen, d_in=24, hidden=40, d_out=6):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, d_out),
+    ).eval()
+
+
+def kept_rows(small: torch.Tensor, big: torch.Tensor) -> list[int]:
+    """Indices of ``big``'s rows that ``small``'s rows are, in order (rows are unique)."""
+    idx = []
+    for row in small:
+        hit = (big == row).all(dim=1).nonzero().flatten()
+        assert hit.numel() == 1, "a pruned row is not one of the original rows"
+        idx.append(int(hit))
+    assert idx == sorted(idx)
+    return idx
+
+
+# --- recipes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, types",
+    [
+        ("int8", [recipes.Int8]),
+        ("sparse:0.9", [recipes.Sparse]),
+        ("sparse:2:4", [recipes.Sparse]),
+        ("lowrank:0.9", [recipes.LowRank]),
+        ("prune:0.3", [recipes.PruneStructured]),
+        ("prune:0.3+int8", [recipes.PruneStructured, recipes.Int8]),
+        (
+            "prune:0.25:taylor+lowrank:0.95+int8",
+            [recipes.PruneStructured, recipes.LowRank, recipes.Int8],
+        ),
+    ],
+)
+def test_string_shortcuts_parse_to_steps_that_print_back(text, types):
+    steps = recipes.parse(text)
+    assert [type(s) for s in steps] == types
+    # a step's string is a shortcut for the same step
+    again = recipes.parse("+".join(str(s) for s in steps))
+    assert [s.spec() for s in again] == [s.spec() for s in steps]
+
+
+def test_string_shortcuts_carry_their_arguments():
+    (s,) = recipes.parse("sparse:2:4")
+    assert s.pattern == "2:4" and s.sparsity in (None, 0.5)
+    (s,) = recipes.parse("sparse:0.8")
+    assert s.sparsity == 0.8 and s.pattern == "unstructured"
+    (s,) = recipes.parse("lowrank:0.9")
+    assert s.energy == 0.9
+    (s,) = recipes.parse("prune:0.3:taylor")
+    assert s.ratio == 0.3 and s.importance == "taylor"
+
+
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("int9", "int9"),
+        ("prune:0.3+quantize", "quantize"),
+        ("prune:abc", "prune:abc"),
+        ("sparse:1.5", "sparse:1.5"),
+        ("prune:0.3++int8", ""),
+        ("lowrank:", "lowrank:"),
+        ("sparse:0.9:block:7", "sparse:0.9:block:7"),
+    ],
+)
+def test_malformed_recipes_name_the_bad_part_and_list_valid_steps(text, bad):
+    with pytest.raises(ValueError) as e:
+        pk.compress(mlp(torch.Generator().manual_seed(0)), text, torch.randn(2, 24), progress=False)
+    msg = str(e.value)
+    assert bad in msg
+    if bad in ("int9", "quantize"):
+        for name in ("int8", "sparse", "lowrank", "prune"):
+            assert name in msg
+
+
+def test_bad_arguments_are_refused_before_any_work(gen):
+    m = mlp(gen)
+    x = torch.randn(3, 24, generator=gen)
+    with pytest.raises(TypeError, match="model"):
+        pk.compress("not a model", "int8", x)
+    with pytest.raises((TypeError, ValueError), match="recipe"):
+        pk.compress(m, 42, x)
+    with pytest.raises((TypeError, ValueError), match="recipe is empty"):
+        pk.compress(m, "", x)
+    with pytest.raises(ValueError, match="example_inputs|does not run"):
+        pk.compress(m, "int8", torch.randn(3, 7))
+    with pytest.raises(TypeError, match="inplace"):
+        pk.compress(m, "int8", x, inplace="yes")
+
+
+# --- the caller's model, filters -------------------------------------------
+
+
+def test_the_callers_model_is_untouched_unless_inplace(gen):
+    m = mlp(gen).train()
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(5, 24, generator=gen)
+    out, report = pk.compress(m, "prune:0.5+int8", x, progress=False)
+    assert out is not m and m.training and out.training
+    assert all(type(a) is type(b) for a, b in zip(m.modules(), mlp(gen).modules()))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    out2, _ = pk.compress(m, "int8", x, inplace=True, progress=False)
+    assert out2 is m and isinstance(m[0], Int8Linear)
+
+
+def test_int8_matches_the_layers_converted_one_by_one(gen):
+    m = mlp(gen)
+    x = torch.randn(9, 24, generator=gen)
+    out, _ = pk.compress(m, "int8", x, progress=False)
+    by_hand = copy.deepcopy(m)
+    for i in (0, 2, 4):
+        by_hand[i] = Int8Linear.from_linear(m[i])
+    with torch.no_grad():
+        assert torch.equal(out(x), by_hand(x))
+
+
+def test_filter_fn_and_exclude_pick_the_layers(gen):
+    m = mlp(gen)
+    x = torch.randn(4, 24, generator=gen)
+    out, _ = pk.compress(m, "int8", x, filter_fn=lambda mod, fqn: fqn != "2", progress=False)
+    assert [type(out[i]) for i in (0, 2, 4)] == [Int8Linear, nn.Linear, Int8Linear]
+    out, _ = pk.compress(m, "int8", x, exclude=["0", "re:[24]$"], progress=False)
+    assert [type(out[i]) for i in (0, 2, 4)] == [nn.Linear, nn.Linear, nn.Linear]
+    out, _ = pk.compress(m, "int8", x, exclude=["re:4"], progress=False)
+    assert [type(out[i]) for i in (0, 2, 4)] == [Int8Linear, Int8Linear, nn.Linear]
+
+
+def test_sparse_and_lowrank_steps_give_their_layers(gen):
+    m = mlp(gen, d_in=64, hidden=64)
+    x = torch.randn(4, 64, generator=gen)
+    out, _ = pk.compress(m, "sparse:0.8", x, progress=False)
+    assert isinstance(out[0], SparseLinear)
+    dense = out[0].to_dense() if hasattr(out[0], "to_dense") else None
+    if dense is not None:
+        assert float((dense == 0).float().mean()) >= 0.79
+    out, _ = pk.compress(m, "sparse:2:4", x, progress=False)
+    assert isinstance(out[0], SparseLinear)
+    out, _ = pk.compress(m, recipes.LowRank(rank=4), x, progress=False)
+    assert isinstance(out[0], LowRankLinear)
+    ref = pk.nn.LowRankLinear.from_linear(m[0], rank=4)
+    assert torch.allclose(out[0](x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+# --- structured pruning ----------------------------------------------------
+
+
+def test_mlp_neurons_are_removed_and_the_rest_computes_as_before(gen):
+    m = mlp(gen, hidden=40)
+    x = torch.randn(16, 24, generator=gen)
+    out, report = pk.compress(m, "prune:0.5", x, progress=False)
+    assert out[0].out_features == 20 and out[2].out_features == 20
+    assert out[0].in_features == 24 and out[4].out_features == 6  # model width kept
+    # reference: the original with the removed hidden units' rows and columns taken out
+    k0 = kept_rows(out[0].weight.detach(), m[0].weight.detach())
+    k1 = kept_rows(out[2].weight.detach()[:, :], m[2].weight.detach()[:, k0])
+    h = F.relu(F.linear(x, m[0].weight[k0], m[0].bias[k0]))
+    h = F.gelu(F.linear(h, m[2].weight[k1][:, k0], m[2].bias[k1]))
+    want = F.linear(h, m[4].weight[:, k1], m[4].bias)
+    with torch.no_grad():
+        assert torch.allclose(out(x), want, rtol=1e-5, atol=1e-6)
+    assert report.total["params_after"] == sum(p.numel() for p in out.parameters())
+    assert report.total["params_before"] == sum(p.numel() for p in m.parameters())
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.c1(x)))
+        h = self.c2(h).mean(dim=(2, 3))
+        return self.head(h)
+
+
+def test_conv_bn_conv_channels_shrink_and_match_a_hand_built_copy(gen):
+    torch.manual_seed(1)
+    m = ConvNet().eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.weight.normal_()
+        m.bn.bias.normal_()
+    x = torch.randn(2, 3, 10, 10, generator=gen)
+    out, _ = pk.compress(m, "prune:0.5", x, progress=False)
+    assert out.c1.out_channels == 8 and out.bn.num_features == 8 and out.c2.in_channels == 8
+    keep = kept_rows(out.c1.weight.detach().flatten(1), m.c1.weight.detach().flatten(1))
+    ref = copy.deepcopy(m)
+    ref.c1 = nn.Conv2d(3, 8, 3, padding=1)
+    ref.c1.weight.data, ref.c1.bias.data = m.c1.weight[keep].detach(), m.c1.bias[keep].detach()
+    ref.bn = nn.BatchNorm2d(8).eval()
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(ref.bn, name).data = getattr(m.bn, name)[keep].detach().clone()
+    ref.c2 = nn.Conv2d(8, 8, 3, padding=1)
+    ref.c2.weight.data, ref.c2.bias.data = m.c2.weight[:, keep].detach(), m.c2.bias.detach()
+    with torch.no_grad():
+        assert torch.allclose(out(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class Residual(nn.Module):
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = x + self.down(F.relu(self.up(self.norm(x))))
+        return self.out(x)
+
+
+def test_residual_width_is_never_pruned(gen):
+    torch.manual_seed(2)
+    m = Residual().eval()
+    x = torch.randn(7, 32, generator=gen)
+    out, report = pk.compress(m, "prune:0.5", x, progress=False)
+    assert out.up.out_features == 32 and out.up.in_features == 32
+    assert out.down.out_features == 32 and out.norm.normalized_shape == (32,)
+    k = kept_rows(out.up.weight.detach(), m.up.weight.detach())
+    h = F.relu(F.linear(m.norm(x), m.up.weight[k], m.up.bias[k]))
+    want = m.out(x + F.linear(h, m.down.weight[:, k], m.down.bias))
+    with torch.no_grad():
+        assert torch.allclose(out(x), want, rtol=1e-5, atol=1e-5)
+    assert report.skipped, "the residual stream is reported as left alone"
+
+
+def test_taylor_importance_prunes_too(gen):
+    m = mlp(gen)
+    x = torch.randn(8, 24, generator=gen)
+    out, _ = pk.compress(m, "prune:0.25:taylor", x, progress=False)
+    assert out[0].out_features == 30
+    with torch.no_grad():
+        assert out(x).shape == (8, 6)
+
+
+# --- the report --------------------------------------------------------------
+
+
+def test_report_figures_are_the_models_own(gen):
+    m = mlp(gen)
+    x = torch.randn(8, 24, generator=gen)
+    out, r = pk.compress(m, "prune:0.5+int8", x, progress=False)
+    t = r.total
+    held = [*out.parameters(), *out.buffers()]  # in memory: int8 packed in the kernels' tiles
+    assert t["bytes_after"] == sum(b.numel() * b.element_size() for b in held)
+    assert t["bytes_before"] == sum(p.numel() * 4 for p in m.state_dict().values())
+    assert t["latency_ms_before"] > 0 and t["latency_ms_after"] > 0
+    with torch.no_grad():
+        y, y_ref = out(x), m(x)
+    rel = float((y - y_ref).norm() / y_ref.norm())
+    key = next(k for k in t if "rel" in k and "err" in k)
+    assert t[key] == pytest.approx(rel, rel=1e-4, abs=1e-7)
+    assert {row.name for row in r.layers} == {"0", "2", "4"}
+    text = str(r)
+    assert "prune:0.5+int8" in text and "latency" in text
+    d = r.to_dict()
+    assert d["total"]["params_after"] == t["params_after"]
+
+
+# --- save / load -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "recipe", ["prune:0.5+int8", "sparse:0.8", "lowrank:0.9", "prune:0.3+sparse:0.5"]
+)
+def test_save_load_round_trip_is_bit_exact(recipe, gen, tmp_path):
+    pytest.importorskip("safetensors")
+    m = mlp(gen, d_in=32, hidden=48)
+    x = torch.randn(6, 32, generator=gen)
+    out, _ = pk.compress(m, recipe, x, progress=False)
+    path = tmp_path / "model.safetensors"
+    pk.save(out, path)
+    fresh = mlp(torch.Generator().manual_seed(99), d_in=32, hidden=48)
+    loaded = pk.load(path, fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out(x))
+    assert [type(a) for a in loaded.modules()] == [type(b) for b in out.modules()]
+
+
+def test_load_refuses_a_corrupted_file_and_another_architecture(gen, tmp_path):
+    pytest.importorskip("safetensors")
+    m = mlp(gen)
+    x = torch.randn(4, 24, generator=gen)
+    out, _ = pk.compress(m, "int8", x, progress=False)
+    path = tmp_path / "m.safetensors"
+    pk.save(out, path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # a tensor byte
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        pk.load(bad, mlp(gen))
+    with pytest.raises(ValueError):
+        pk.load(path, mlp(gen, hidden=41))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a file at all")
+    with pytest.raises(ValueError, match=re.escape(str(junk))):
+        pk.load(junk, mlp(gen))
+
+
+# --- Int8Embedding -----------------------------------------------------------
+
+
+def test_int8_embedding_matches_row_wise_quantization(gen):
+    emb = nn.Embedding(300, 48, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(300, 48, generator=gen) * torch.rand(300, 1, generator=gen))
+        emb.weight[0] = 0
+    q = Int8Embedding.from_embedding(emb)
+    w = emb.weight.detach()
+    scale = w.abs().amax(dim=1) / 127
+    want = torch.where(scale[:, None] > 0, torch.round(w / scale[:, None]).clamp(-127, 127), 0)
+    assert torch.equal(q.weight.float(), want)
+    ids = torch.randint(0, 300, (5, 7), generator=gen)
+    got = q(ids)
+    assert got.shape == (5, 7, 48)
+    assert torch.allclose(got, (want * scale[:, None])[ids], rtol=1e-6, atol=0)
+    assert (got - emb(ids)).abs().max() <= scale[ids].max() / 2 + 1e-6
+    assert torch.equal(q(torch.zeros(3, dtype=torch.long)), torch.zeros(3, 48))
+    assert q.nbytes() == 300 * 48 + 300 * 4
+    assert "int8" in repr(q)
+    with pytest.raises(TypeError, match="embedding"):
+        Int8Embedding.from_embedding(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="input"):
+        q(torch.zeros(3))
+    with pytest.raises(ValueError, match="max_norm"):
+        Int8Embedding.from_embedding(nn.Embedding(4, 4, max_norm=1.0))
+
+
+def test_int8_recipe_converts_embeddings(gen):
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    m = Tiny().eval()
+    ids = torch.randint(0, 100, (3, 5), generator=gen)
+    out, r = pk.compress(m, "int8", ids, progress=False)
+    assert isinstance(out.emb, Int8Embedding) and isinstance(out.fc, Int8Linear)
+    assert out.emb.nbytes() == 100 * 16 + 100 * 4
+    assert r.total["bytes_after"] < 0.4 * r.total["bytes_before"]

