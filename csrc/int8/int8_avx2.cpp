@@ -69,11 +69,14 @@ inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, i
     return;
   }
   const __m256i m = lane_mask(cnt);
-  const __m256 ws = cnt == 8 ? _mm256_loadu_ps(g.b_scale + col) : _mm256_maskload_ps(g.b_scale + col, m);
+  const __m256 ws =
+      cnt == 8 ? _mm256_loadu_ps(g.b_scale + col) : _mm256_maskload_ps(g.b_scale + col, m);
   // Same arithmetic as store_out: acc * (a_scale * w_scale) + bias.
-  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(_mm256_set1_ps(g.a_scale[row]), ws));
+  __m256 v =
+      _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(_mm256_set1_ps(g.a_scale[row]), ws));
   if (g.bias)
-    v = _mm256_add_ps(v, cnt == 8 ? _mm256_loadu_ps(g.bias + col) : _mm256_maskload_ps(g.bias + col, m));
+    v = _mm256_add_ps(
+        v, cnt == 8 ? _mm256_loadu_ps(g.bias + col) : _mm256_maskload_ps(g.bias + col, m));
   if (g.yt == FType::f32) {
     float* y = static_cast<float*>(g.c) + off;
     if (cnt == 8)
@@ -107,20 +110,20 @@ inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, i
 #define PK_ACC(i) __m256i c##i##0, c##i##1, c##i##2, c##i##3, c##i##4, c##i##5, c##i##6, c##i##7;
 #define PK_ZERO(i) \
   c##i##0 = c##i##1 = c##i##2 = c##i##3 = c##i##4 = c##i##5 = c##i##6 = c##i##7 = zero;
-#define PK_ROW(i)                                           \
-  if (MR > i) {                                             \
-    const __m256i x = bcast4(a + i * lda + 4 * q);          \
-    c##i##0 = dot(c##i##0, u0, x, w0, ones);                \
-    if (NV > 1) c##i##1 = dot(c##i##1, u1, x, w1, ones);    \
-    if (NV > 2) c##i##2 = dot(c##i##2, u2, x, w2, ones);    \
-    if (NV > 3) c##i##3 = dot(c##i##3, u3, x, w3, ones);    \
-    if (NV > 4) c##i##4 = dot(c##i##4, u4, x, w4, ones);    \
-    if (NV > 5) c##i##5 = dot(c##i##5, u5, x, w5, ones);    \
-    if (NV > 6) c##i##6 = dot(c##i##6, u6, x, w6, ones);    \
-    if (NV > 7) c##i##7 = dot(c##i##7, u7, x, w7, ones);    \
+#define PK_ROW(i)                                        \
+  if (MR > i) {                                          \
+    const __m256i x = bcast4(a + i * lda + 4 * q);       \
+    c##i##0 = dot(c##i##0, u0, x, w0, ones);             \
+    if (NV > 1) c##i##1 = dot(c##i##1, u1, x, w1, ones); \
+    if (NV > 2) c##i##2 = dot(c##i##2, u2, x, w2, ones); \
+    if (NV > 3) c##i##3 = dot(c##i##3, u3, x, w3, ones); \
+    if (NV > 4) c##i##4 = dot(c##i##4, u4, x, w4, ones); \
+    if (NV > 5) c##i##5 = dot(c##i##5, u5, x, w5, ones); \
+    if (NV > 6) c##i##6 = dot(c##i##6, u6, x, w6, ones); \
+    if (NV > 7) c##i##7 = dot(c##i##7, u7, x, w7, ones); \
   }
 #define PK_ROW_ARRAY(i) {c##i##0, c##i##1, c##i##2, c##i##3, c##i##4, c##i##5, c##i##6, c##i##7}
-#define PK_W(t)                                          \
+#define PK_W(t)                                             \
   const __m256i w##t = NV > t ? load32(bq + 32 * t) : zero; \
   const __m256i u##t = _mm256_abs_epi8(w##t);
 
@@ -133,15 +136,16 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
   // clang-format off
   PK_ACC(0) PK_ACC(1) PK_ACC(2) PK_ACC(3)
   PK_ZERO(0) PK_ZERO(1) PK_ZERO(2) PK_ZERO(3)
-  // clang-format on
-  int64_t gs;
+      // clang-format on
+      int64_t gs;
   const int8_t* b = panel_base(g.b, g.kp, packed_n(g.n), p0, &gs);
   const int8_t* a = reinterpret_cast<const int8_t*>(g.a) + i0 * g.lda;
   const int64_t lda = g.lda, groups = g.kp / 4;
   for (int64_t q = 0; q < groups; ++q) {
     const int8_t* bq = b + q * gs;
 #ifdef PK_PREFETCH
-    for (int t = 0; t < NV; t += 2) _mm_prefetch(reinterpret_cast<const char*>(bq + PK_PREFETCH * gs + 32 * t), _MM_HINT_T0);
+    for (int t = 0; t < NV; t += 2)
+      _mm_prefetch(reinterpret_cast<const char*>(bq + PK_PREFETCH * gs + 32 * t), _MM_HINT_T0);
 #endif
     // clang-format off
     PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
@@ -308,8 +312,8 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx2() {
-  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed, &pack_generic,
-                                 &quantize_s8, &weight_only_generic, true};
+  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed,         &pack_generic,
+                                 &quantize_s8,           &weight_only_generic, true};
   return &table;
 }
 

@@ -58,7 +58,7 @@ struct GemmKernels {
   // Rows [r0, r1) of x quantized as quantize_per_row does, stored in rows of
   // ldq bytes in this table's activation format (the bytes past k zero in it).
   void (*quantize_a)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
-                      float* scale, int64_t r0, int64_t r1);
+                     float* scale, int64_t r0, int64_t r1);
   // Weight-only linear for output columns [n0, n1): x is M x K fp32 (row
   // stride k), w row-major N x K int8; wf is 4 * k floats of scratch.
   void (*weight_only)(const float* x, int64_t m, int64_t k, const int8_t* w, const float* w_scale,

@@ -7,7 +7,7 @@ namespace int8 {
 
 const GemmKernels* gemm_kernels_portable() {
   static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed_generic, &pack_generic,
-                                 &quantize_u8_generic, &weight_only_generic, false};
+                                 &quantize_u8_generic,   &weight_only_generic, false};
   return &table;
 }
 
