@@ -5,7 +5,8 @@
 family will use. See README.md.
 """
 
-from . import backends, nn, ops
+from . import backends, compress, nn, ops
+from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
 from .ops.sparse import prune
@@ -24,13 +25,18 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "CompressionReport",
     "backends",
+    "compress",
     "factorize",
     "info",
+    "load",
     "nn",
     "ops",
     "prune",
     "quantize_int8",
+    "recipes",
+    "save",
     "set_num_threads",
     "sparsify",
     "version",

@@ -1,4 +1,4 @@
-"""``python -m pykernels info | bench``."""
+"""``python -m pykernels info | bench | demo | compress``."""
 
 from __future__ import annotations
 
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         "this CPU cannot run is skipped",
     )
     p_bench.set_defaults(fn=_bench)
+    from .compress.demo import add_parsers as _add_compress_parsers
+
+    _add_compress_parsers(sub)  # demo, compress
     args = parser.parse_args(argv)
     return args.fn(args)
 

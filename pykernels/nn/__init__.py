@@ -1,10 +1,12 @@
 """Drop-in compressed layers."""
 
+from .embedding import Int8Embedding
 from .int8 import Int8Linear, quantize_int8
 from .sparse import SparseLinear, sparsify
 from .svd import LowRankLinear, TuckerConv2d, factorize
 
 __all__ = [
+    "Int8Embedding",
     "Int8Linear",
     "LowRankLinear",
     "SparseLinear",

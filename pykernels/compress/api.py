@@ -1,0 +1,81 @@
+"""``pk.compress(model, recipe, example_inputs)``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import io, recipes
+from .context import Context, FilterFn, Selector, call_model, check_example_inputs
+from .report import CompressionReport, measure
+
+
+def compress(
+    model: nn.Module,
+    recipe: Any,
+    example_inputs: Any,
+    *,
+    filter_fn: FilterFn | None = None,
+    exclude: list[str] | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> tuple[nn.Module, CompressionReport]:
+    """Compresses ``model`` by ``recipe`` and measures what that cost.
+
+    Args:
+        model: any ``nn.Module``.
+        recipe: steps applied in order: a list of :mod:`pykernels.recipes` steps
+            (``Int8``, ``Sparse``, ``LowRank``, ``PruneStructured``), or the same
+            as a string joined by ``+``: ``"prune:0.3+int8"``, ``"sparse:0.9"``,
+            ``"sparse:2:4"``, ``"lowrank:0.9"``.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (a Hugging Face batch): used for tracing, Taylor
+            importance and the report.
+        filter_fn: ``filter_fn(module, fqn) -> bool``, as in torchao: a step
+            touches only the modules it accepts.
+        exclude: fully qualified names (a name excludes the module and all under
+            it) or ``"re:<regex>"`` patterns matched from the start of the name.
+        inplace: compress ``model`` itself; otherwise a deep copy, and ``model``
+            is never changed.
+        progress: tqdm progress bars on anything that takes more than a second.
+
+    Returns:
+        ``(compressed_model, report)``: the model in the caller's training
+        mode, and a :class:`CompressionReport`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
+    steps = recipes.parse(recipe)
+    check_example_inputs(example_inputs)
+    if not isinstance(inplace, bool) or not isinstance(progress, bool):
+        raise TypeError("compress: inplace and progress must be bool")
+    selector = Selector(model, filter_fn, exclude)
+    training = model.training
+    model.eval()
+    try:
+        try:
+            with torch.no_grad():
+                call_model(model, example_inputs)
+        except Exception as e:
+            raise ValueError(
+                f"compress: the model does not run on example_inputs: {type(e).__name__}: {e}"
+            ) from e
+        # The reference must stay uncompressed: the caller's model, or a copy of it.
+        reference = copy.deepcopy(model) if inplace else model
+        work = model if inplace else copy.deepcopy(model)
+        ctx = Context(work, example_inputs, selector, progress)
+        for step in steps:
+            ctx.step = str(step)
+            step.apply(ctx)
+            ctx.model.eval()
+        work = ctx.model
+        text = "+".join(str(s) for s in steps)
+        report = measure(reference, work, ctx, text)
+        io.record(work, steps, reference, ctx.changes, ctx.attrs)
+    finally:
+        model.train(training)
+    work.train(training)
+    return work, report

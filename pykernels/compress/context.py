@@ -1,0 +1,254 @@
+"""What a recipe step sees while it runs: which modules it may touch, how to call
+the model on the example inputs, and where it records what it changed."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class Change:
+    """One module the recipe replaced or reshaped, keyed by its fully qualified name.
+
+    ``in_keep`` / ``out_keep``: the original input / output features (channels)
+    the module still has, when pruning removed some, along ``feature_dim``
+    (-1 for Linear-like layers, 1 for convolutions and batch norms). They
+    compose over steps, so the report can compare the final module with the
+    original one (the module at the same fqn of the uncompressed model).
+    """
+
+    fqn: str
+    steps: list[str] = field(default_factory=list)
+    in_keep: Tensor | None = None
+    out_keep: Tensor | None = None
+    feature_dim: int = -1
+
+
+@dataclass
+class Skipped:
+    fqn: str
+    step: str
+    reason: str
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, a tuple or a mapping."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def check_example_inputs(example_inputs: Any) -> None:
+    if isinstance(example_inputs, Tensor):
+        return
+    if isinstance(example_inputs, Mapping):
+        bad = [k for k in example_inputs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"compress: example_inputs keys must be str, got {bad[0]!r}")
+        return
+    if isinstance(example_inputs, (tuple, list)):
+        return
+    raise TypeError(
+        "compress: example_inputs must be a tensor, a tuple of positional inputs or a dict of "
+        f"keyword inputs (a Hugging Face batch), got {type(example_inputs).__name__}"
+    )
+
+
+class Selector:
+    """``filter_fn(module, fqn)`` (as in torchao) and ``exclude`` patterns on fqns.
+
+    An exclude entry ``"name"`` excludes that module and everything under it;
+    ``"re:<regex>"`` excludes every fqn the regex matches from its start
+    (``re.match``, as llm-compressor's ``ignore``).
+    """
+
+    def __init__(self, model: nn.Module, filter_fn: FilterFn | None, exclude: Any) -> None:
+        if filter_fn is not None and not callable(filter_fn):
+            raise TypeError(
+                f"compress: filter_fn must be callable (module, fqn) -> bool or None, "
+                f"got {type(filter_fn).__name__}"
+            )
+        self.filter_fn = filter_fn
+        if exclude is None:
+            exclude = []
+        if isinstance(exclude, str) or not isinstance(exclude, Iterable):
+            raise TypeError(
+                "compress: exclude must be a list of names or 're:' patterns, "
+                f"got {type(exclude).__name__}"
+            )
+        names = {fqn for fqn, _ in model.named_modules()}
+        self.names: list[str] = []
+        self.patterns: list[re.Pattern] = []
+        for e in exclude:
+            if not isinstance(e, str) or not e:
+                raise TypeError(f"compress: exclude entries must be non-empty str, got {e!r}")
+            if e.startswith("re:"):
+                try:
+                    self.patterns.append(re.compile(e[3:]))
+                except re.error as err:
+                    raise ValueError(
+                        f"compress: exclude pattern {e!r} is not a regex: {err}"
+                    ) from None
+            else:
+                if e not in names:
+                    raise ValueError(
+                        f"compress: exclude names {e!r}, which is no module of the model "
+                        "(use 're:' for a pattern)"
+                    )
+                self.names.append(e)
+
+    def excluded(self, fqn: str) -> bool:
+        if any(fqn == n or fqn.startswith(n + ".") for n in self.names):
+            return True
+        return any(p.match(fqn) for p in self.patterns)
+
+    def __call__(self, module: nn.Module, fqn: str) -> bool:
+        if self.excluded(fqn):
+            return False
+        if self.filter_fn is None:
+            return True
+        ok = self.filter_fn(module, fqn)
+        if not isinstance(ok, bool):
+            raise TypeError(
+                f"compress: filter_fn must return a bool, got {type(ok).__name__} for {fqn!r}"
+            )
+        return ok
+
+
+class Context:
+    """Passed to :meth:`pykernels.recipes.Step.apply`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        selector: Selector,
+        progress: bool,
+    ) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.accept = selector
+        self.show_progress = progress
+        self.changes: dict[str, Change] = {}
+        self.skipped: list[Skipped] = []
+        self.attrs: dict[str, dict[str, Any]] = {}
+        self.step = ""
+
+    def call(self, model: nn.Module | None = None) -> Any:
+        return call_model(self.model if model is None else model, self.example_inputs)
+
+    def modules(self, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+        """(fqn, module) for every module of one of ``types`` (the model itself included),
+        each once, outermost first; modules inside a match are not visited."""
+        out: list[tuple[str, nn.Module]] = []
+        for fqn, m in self.model.named_modules():
+            if any(fqn.startswith(f + ".") or f == "" for f, _ in out):
+                continue
+            if isinstance(m, types):
+                out.append((fqn, m))
+        return out
+
+    def progress(self, items: Iterable, desc: str, total: int | None = None) -> Iterator:
+        return progress(items, desc, self.show_progress, total)
+
+    def _change(self, fqn: str) -> Change:
+        if fqn not in self.changes:
+            self.changes[fqn] = Change(fqn)
+        ch = self.changes[fqn]
+        if not ch.steps or ch.steps[-1] != self.step:
+            ch.steps.append(self.step)
+        return ch
+
+    def replace(self, fqn: str, new: nn.Module) -> None:
+        """Swaps the module at ``fqn`` for ``new`` (a different layer of the same function)."""
+        self._change(fqn)
+        if fqn == "":
+            self.model = new
+        else:
+            self.model.set_submodule(fqn, new)
+
+    def reshaped(
+        self,
+        fqn: str,
+        in_keep: Tensor | None = None,
+        out_keep: Tensor | None = None,
+        feature_dim: int = -1,
+    ) -> None:
+        """Records that pruning kept ``in_keep`` / ``out_keep`` of the module at ``fqn``."""
+        ch = self._change(fqn)
+        ch.feature_dim = feature_dim
+        if in_keep is not None:
+            ch.in_keep = in_keep if ch.in_keep is None else ch.in_keep[in_keep]
+        if out_keep is not None:
+            ch.out_keep = out_keep if ch.out_keep is None else ch.out_keep[out_keep]
+
+    def set_attr(self, fqn: str, name: str, value: int) -> None:
+        """Sets an int attribute (a head count) that :func:`pykernels.load` must restore."""
+        setattr(self.model.get_submodule(fqn), name, value)
+        self.attrs.setdefault(fqn, {})[name] = value
+
+    def skip(self, fqn: str, reason: str) -> None:
+        self.skipped.append(Skipped(fqn, self.step, reason))
+
+
+_warned_tqdm = False
+
+
+def progress(items: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterator:
+    """A tqdm bar that appears only on work that takes more than a second."""
+    global _warned_tqdm
+    if not enabled:
+        return iter(items)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if not _warned_tqdm:
+            warnings.warn(
+                "pykernels: progress bars need tqdm (pip install tqdm); pass progress=False "
+                "to silence this",
+                stacklevel=3,
+            )
+            _warned_tqdm = True
+        return iter(items)
+    return iter(tqdm(items, desc=desc, total=total, delay=1.0, leave=False))
+
+
+def output_tensor(out: Any) -> Tensor:
+    """The tensor a model's output is compared by: itself, ``last_hidden_state``, or the
+    first tensor of a tuple / dict / ModelOutput."""
+    if isinstance(out, Tensor):
+        return out
+    lhs = getattr(out, "last_hidden_state", None)
+    if isinstance(lhs, Tensor):
+        return lhs
+    if isinstance(out, Mapping):
+        if isinstance(out.get("last_hidden_state"), Tensor):
+            return out["last_hidden_state"]
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, Tensor):
+            return v
+    raise TypeError(
+        f"compress: cannot find a tensor in the model's output ({type(out).__name__}) to compare"
+    )
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")

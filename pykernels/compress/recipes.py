@@ -1,0 +1,388 @@
+"""Recipe steps for :func:`pykernels.compress`, and the string shortcuts for them.
+
+A recipe is a list of steps applied in order, or the same steps as one string
+joined by ``+``: ``"prune:0.3+int8"``. Each step is a :class:`Step` subclass
+registered under a short name with :func:`register_step`; its string form is
+``name[:arg[:arg...]]``, each argument positional or ``key=value``
+(``"prune:0.3:importance=taylor:round_to=16"``). A module outside this one
+adds a step by subclassing :class:`Step` and registering it; :meth:`Step.spec`
+is what the saved manifest records, and :meth:`Step.from_spec` reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .context import Context
+
+_STEPS: dict[str, type[Step]] = {}
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Registers a :class:`Step` subclass under ``cls.name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise TypeError(f"register_step: expected a Step subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or any(c in name for c in ":+= "):
+        raise ValueError(f"register_step: {cls.__name__}.name must be a plain word, got {name!r}")
+    if name in _STEPS and _STEPS[name] is not cls:
+        raise ValueError(f"register_step: a step named {name!r} is already registered")
+    _STEPS[name] = cls
+    return cls
+
+
+def step_names() -> list[str]:
+    return sorted(_STEPS)
+
+
+class Step:
+    """One compression step. Subclasses are dataclasses with a ``name`` and ``apply``.
+
+    ``apply(model, ctx)`` changes ``ctx.model`` in place, through
+    ``ctx.replace`` / ``ctx.reshaped`` / ``ctx.set_attr`` so the report and
+    :func:`pykernels.save` know what changed, and ``ctx.skip`` for what it
+    left alone and why. It considers only modules ``ctx.accept(module, fqn)``
+    accepts.
+    """
+
+    name: ClassVar[str] = ""
+    #: positional order of the string form's arguments
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    def apply(self, ctx: Context) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description: ``{"step": name, **fields}``."""
+        return {"step": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Step:
+        args = {k: v for k, v in spec.items() if k != "step"}
+        return cls(**args)
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        """Builds the step from the string form's arguments (``text`` is for messages)."""
+        kwargs: dict[str, Any] = {}
+        names = [f.name for f in fields(cls)]
+        for i, a in enumerate(args):
+            if "=" in a:
+                key, _, value = a.partition("=")
+                if key not in names:
+                    raise ValueError(
+                        f"recipe step {text!r}: unknown argument {key!r}; {cls.name} takes "
+                        f"{', '.join(names)}"
+                    )
+            elif i < len(cls.positional):
+                key, value = cls.positional[i], a
+            else:
+                raise ValueError(
+                    f"recipe step {text!r}: too many positional arguments; {cls.name} takes "
+                    f"{', '.join(cls.positional) or 'none'} positionally"
+                )
+            if key in kwargs:
+                raise ValueError(f"recipe step {text!r}: {key} given twice")
+            kwargs[key] = _literal(value)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"recipe step {text!r}: {e}") from None
+
+    def __str__(self) -> str:
+        parts = [self.name]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v != f.default:
+                parts.append(f"{f.name}={v}")
+        return ":".join(parts)
+
+
+def _literal(text: str) -> Any:
+    """An argument's value: int, float, None, bool, or the text itself."""
+    if text in ("None", "none"):
+        return None
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _fraction(name: str, v: Any, lo_open: bool = False, hi_open: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    lo_ok = v > 0 if lo_open else v >= 0
+    hi_ok = v < 1 if hi_open else v <= 1
+    if not (lo_ok and hi_ok):
+        lo, hi = ("(0" if lo_open else "[0"), ("1)" if hi_open else "1]")
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {v!r}")
+    return float(v)
+
+
+def parse(recipe: Any) -> list[Step]:
+    """A recipe (a string, a Step, or a list of them) as a list of Steps."""
+    if isinstance(recipe, Step):
+        return [recipe]
+    if isinstance(recipe, str):
+        if not recipe.strip():
+            raise ValueError(f"recipe is empty; valid steps: {', '.join(step_names())}")
+        return [_parse_one(part.strip(), recipe) for part in recipe.split("+")]
+    if isinstance(recipe, (list, tuple)):
+        if not recipe:
+            raise ValueError(f"recipe is empty; valid steps: {', '.join(step_names())}")
+        out: list[Step] = []
+        for item in recipe:
+            if isinstance(item, Step):
+                out.append(item)
+            elif isinstance(item, str):
+                out.extend(parse(item))
+            else:
+                raise TypeError(
+                    f"recipe entries must be pykernels.recipes steps or strings, got "
+                    f"{type(item).__name__}"
+                )
+        return out
+    raise TypeError(
+        f"recipe must be a string like 'prune:0.3+int8' or a list of steps, got "
+        f"{type(recipe).__name__}"
+    )
+
+
+def _parse_one(text: str, whole: str) -> Step:
+    if not text:
+        raise ValueError(
+            f"recipe {whole!r} has an empty step (two '+' in a row, or a trailing '+')"
+        )
+    name, *args = text.split(":")
+    cls = _STEPS.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(
+            f"unknown recipe step {name!r} in {whole!r}; valid steps: {', '.join(step_names())}"
+            " (e.g. 'prune:0.3+int8', 'sparse:0.9', 'sparse:2:4', 'lowrank:0.9')"
+        )
+    if any(not a for a in args):
+        raise ValueError(f"recipe step {text!r} has an empty argument")
+    return cls.from_args(args, text)
+
+
+def from_specs(specs: list[dict[str, Any]]) -> list[Step]:
+    """The steps a saved manifest recorded (unknown names raise ValueError)."""
+    out = []
+    for spec in specs:
+        cls = _STEPS.get(spec.get("step")) if isinstance(spec, dict) else None
+        if cls is None:
+            raise ValueError(
+                f"unknown recipe step {spec!r}; valid steps: {', '.join(step_names())}"
+            )
+        out.append(cls.from_spec(spec))
+    return out
+
+
+# --- the steps -----------------------------------------------------------------
+
+
+@register_step
+@dataclass
+class Int8(Step):
+    """Linear layers -> :class:`pykernels.nn.Int8Linear` (``mode``: ``"dynamic"`` W8A8
+    or ``"weight_only"`` W8A16); embedding tables -> row-wise
+    :class:`pykernels.nn.Int8Embedding` unless ``embeddings=False``."""
+
+    mode: str = "dynamic"
+    embeddings: bool = True
+    name: ClassVar[str] = "int8"
+    positional: ClassVar[tuple[str, ...]] = ("mode",)
+
+    def __post_init__(self) -> None:
+        from ..nn.int8 import MODES
+
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.embeddings, bool):
+            raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import Int8Embedding, Int8Linear
+
+        types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)
+        targets = [(f, m) for f, m in ctx.modules(types) if ctx.accept(m, f)]
+        for fqn, m in ctx.progress(targets, "int8"):
+            if isinstance(m, nn.Linear):
+                ctx.replace(fqn, Int8Linear.from_linear(m, mode=self.mode))
+            elif m.max_norm is not None:
+                ctx.skip(fqn, "max_norm renormalizes rows at lookup; kept in float")
+            else:
+                ctx.replace(fqn, Int8Embedding.from_embedding(m))
+
+
+@register_step
+@dataclass
+class Sparse(Step):
+    """Linear layers -> :class:`pykernels.nn.SparseLinear`, magnitude-pruned per layer
+    to ``sparsity`` (``pattern``: ``"unstructured"``, ``"block"`` (4x4) or ``"2:4"``).
+
+    ``"sparse:0.9"``, ``"sparse:0.9:block"``, ``"sparse:2:4"``."""
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    name: ClassVar[str] = "sparse"
+    positional: ClassVar[tuple[str, ...]] = ("sparsity", "pattern")
+
+    def __post_init__(self) -> None:
+        from ..ops.sparse import PATTERNS
+
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.pattern == "2:4":
+            if self.sparsity not in (None, 0.5):
+                raise ValueError(f"2:4 means sparsity 0.5, got sparsity={self.sparsity!r}")
+            self.sparsity = None
+        else:
+            self.sparsity = _fraction("sparsity", self.sparsity)
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        if args[:2] == ["2", "4"]:  # "sparse:2:4": the pattern, not two numbers
+            args = ["pattern=2:4", *args[2:]]
+        return super().from_args(args, text)
+
+    def __str__(self) -> str:
+        if self.pattern == "2:4":
+            return "sparse:2:4"
+        tail = "" if self.pattern == "unstructured" else f":{self.pattern}"
+        return f"sparse:{self.sparsity:g}{tail}"
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import SparseLinear
+
+        targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
+        for fqn, m in ctx.progress(targets, "sparse"):
+            ctx.replace(fqn, SparseLinear.from_linear(m, self.sparsity, self.pattern))
+
+
+@register_step
+@dataclass
+class LowRank(Step):
+    """Linear layers -> :class:`pykernels.nn.LowRankLinear` by truncated SVD: exactly one
+    of ``energy`` (of ``||W||_F^2`` kept), ``rank`` or ``tol`` (relative error).
+    A layer whose factors would not be smaller stays dense (listed as skipped).
+
+    ``"lowrank:0.9"`` (energy), ``"lowrank:rank=64"``, ``"lowrank:tol=0.2"``."""
+
+    energy: float | None = None
+    rank: int | None = None
+    tol: float | None = None
+    name: ClassVar[str] = "lowrank"
+    positional: ClassVar[tuple[str, ...]] = ("energy",)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("energy", "rank", "tol") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of energy, rank and tol, got {given or 'none'}")
+        if self.energy is not None:
+            self.energy = _fraction("energy", self.energy, lo_open=True, hi_open=False)
+        if self.tol is not None:
+            self.tol = _fraction("tol", self.tol, lo_open=True)
+        if self.rank is not None and (
+            not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1
+        ):
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+
+    def __str__(self) -> str:
+        if self.energy is not None:
+            return f"lowrank:{self.energy:g}"
+        return f"lowrank:rank={self.rank}" if self.rank is not None else f"lowrank:tol={self.tol:g}"
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import LowRankLinear
+        from ..nn._module import nbytes_of
+
+        targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
+        for fqn, m in ctx.progress(targets, "lowrank"):
+            new = LowRankLinear.from_linear(m, rank=self.rank, energy=self.energy, tol=self.tol)
+            if nbytes_of(new) < nbytes_of(m):
+                ctx.replace(fqn, new)
+            else:
+                ctx.skip(
+                    fqn,
+                    f"rank {new.rank} of {min(m.in_features, m.out_features)} would not be "
+                    "smaller than the dense layer",
+                )
+
+
+@register_step
+@dataclass
+class PruneStructured(Step):
+    """Removes whole neurons, channels and attention heads, leaving smaller dense modules.
+
+    ``ratio``: the fraction of each prunable group's units removed (at least one
+    unit is kept). ``importance``: ``"l2"`` (the norm of each unit's weights
+    across every layer it touches) or ``"taylor"`` (first order: ``|sum w *
+    dL/dw|`` over those weights, the estimated change of L when the unit is
+    removed, on the example inputs; L is the model's ``loss`` when it returns
+    one (labels in the batch), else 4 random projections of the output, whose
+    root mean square estimates the norm of the output's change).
+    ``round_to``: kept neuron / channel counts become multiples of it (for the
+    kernels' tiles); heads are whole heads anyway. What cannot be pruned
+    safely (a residual stream, a layer norm's input, an untraceable use) is
+    left alone and listed in the report. See :mod:`pykernels.compress.prune`.
+
+    ``"prune:0.3"``, ``"prune:0.3:taylor"``, ``"prune:0.3:round_to=16"``."""
+
+    ratio: float = 0.0
+    importance: str = "l2"
+    round_to: int | None = None
+    heads: bool = True
+    name: ClassVar[str] = "prune"
+    positional: ClassVar[tuple[str, ...]] = ("ratio", "importance")
+
+    def __post_init__(self) -> None:
+        self.ratio = _fraction("ratio", self.ratio)
+        if self.importance not in ("l2", "taylor"):
+            raise ValueError(f"importance must be 'l2' or 'taylor', got {self.importance!r}")
+        if self.round_to is not None and (
+            not isinstance(self.round_to, int)
+            or isinstance(self.round_to, bool)
+            or self.round_to < 1
+        ):
+            raise ValueError(f"round_to must be a positive int or None, got {self.round_to!r}")
+        if not isinstance(self.heads, bool):
+            raise ValueError(f"heads must be a bool, got {self.heads!r}")
+
+    def __str__(self) -> str:
+        s = f"prune:{self.ratio:g}"
+        if self.importance != "l2":
+            s += f":{self.importance}"
+        if self.round_to is not None:
+            s += f":round_to={self.round_to}"
+        if not self.heads:
+            s += ":heads=False"
+        return s
+
+    def apply(self, ctx: Context) -> None:
+        from .prune import prune_structured
+
+        prune_structured(ctx, self)
+
+
+__all__ = [
+    "Int8",
+    "LowRank",
+    "PruneStructured",
+    "Sparse",
+    "Step",
+    "from_specs",
+    "parse",
+    "register_step",
+    "step_names",
+]
