@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import pykernels as pk
+from pykernels import _native, _reference
 from pykernels.ops import sparse as sp
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (17, 130, 70), (40, 64, 33)]  # M, K, N
@@ -89,18 +91,169 @@ def test_forward_and_backward_match_dense(backend, block, mkn, gen):
     torch.testing.assert_close(got, gw * stored, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("m", [1, 2, 16, 17, 33, 70])
-def test_every_isa_and_chunk_width(cpu_isa, block, m, gen):
-    n, k = 37, 129  # edges: 4x4 blocks past n and k, chunks of 16 and 32 rows of x
-    w = random_sparse(n, k, 0.2, gen, block)
-    sw = pk.ops.to_sparse(w, block)
-    x = torch.randn(m, k, generator=gen, requires_grad=True)
-    y = pk.ops.sparse_linear(x, sw)
-    torch.testing.assert_close(y, (x.detach().double() @ w.double().T).float())
-    g = torch.randn(m, n, generator=gen)
+# --- the native kernels at every ISA cap --------------------------------------
+# Chunk edges of the kernels: widths 8, 16 and 32 columns of M (a ragged last
+# chunk takes the narrowest that holds it; a lone last row the one-token
+# path), 8-row output tiles, 4x4 blocks past N and K.
+CHUNK_MS = [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 48, 65, 70]
+
+
+def ragged_sparse(n, k, gen, block=1):
+    """A weight whose rows (or block rows) hold anything from nothing to most of K."""
+    rows = -(-n // block)
+    dens = torch.rand(rows, 1, generator=gen) * 0.7
+    dens[torch.randperm(rows, generator=gen)[: max(1, rows // 6)]] = 0.0  # empty rows
+    keep = torch.rand(rows, -(-k // block), generator=gen) < dens
+    if block != 1:
+        keep = sp.expand_block_mask(keep, n, k)
+    return torch.randn(n, k, generator=gen) * keep
+
+
+def with_int32_cols(sw):
+    """The same weight with 32-bit column indices (the kernels' other index path)."""
+    return sw._replace(col=sp.col_as_int64(sw.col).to(torch.int32))
+
+
+def assert_sums_close(got, ref, abs_terms):
+    """Equal up to float32 rounding of sums: error <= 1e-5 * (sum of |terms|) per element."""
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    err = (got.double() - ref.double()).abs()
+    bound = 1e-5 * abs_terms.double() + 1e-6
+    assert bool((err <= bound).all()), f"max excess {float((err - bound).max()):.3g}"
+
+
+def check_against_reference(x, sw, bias, gen):
+    """sparse_linear's output, dX and d(values) against _reference (float64 sums)."""
+    csr, perm = sp.bsr_to_csr(sw) if sw.block != 1 else (sw, None)
+    cols = sp.col_as_int64(csr.col)
+    rows = torch.repeat_interleave(torch.arange(sw.n), csr.row_ptr[1:] - csr.row_ptr[:-1])
+    w_abs = sw.to_dense().abs()
+    y_ref = _reference.sparse_linear(x, csr.row_ptr, cols, csr.values, sw.n, bias)
+    xg = x.clone().requires_grad_()
+    values = sw.values.clone().requires_grad_()
+    y = pk.ops.sparse_linear(xg, sw._replace(values=values), bias)
+    assert_sums_close(y, y_ref, x.abs() @ w_abs.T + (0 if bias is None else bias.abs()))
+    g = torch.randn(y.shape, generator=gen)
     y.backward(g)
-    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+    dx_ref, dv_ref = _reference.sparse_linear_backward(g, x, sw.to_dense(), csr.row_ptr, cols)
+    assert_sums_close(xg.grad, dx_ref, g.abs() @ w_abs)
+    dv_abs = (g.abs().T @ x.abs())[rows, cols]
+    if perm is not None:  # stored entries past N or K get no gradient
+        dv_ref = torch.zeros(values.numel()).index_put_((perm,), dv_ref).view(values.shape)
+        dv_abs = torch.zeros(values.numel()).index_put_((perm,), dv_abs).view(values.shape)
+    assert_sums_close(values.grad, dv_ref, dv_abs)
+
+
+@pytest.mark.parametrize("col32", [False, True], ids=["col16", "col32"])
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("m", CHUNK_MS)
+def test_every_isa_and_chunk_width(cpu_isa, block, m, col32, gen):
+    n, k = 203, 131  # neither a multiple of 4 nor of 8
+    sw = pk.ops.to_sparse(ragged_sparse(n, k, gen, block), block)
+    if col32:
+        sw = with_int32_cols(sw)
+    x = torch.randn(m, k, generator=gen)
+    check_against_reference(x, sw, torch.randn(n, generator=gen), gen)
+
+
+@pytest.fixture
+def two_threads():
+    before = _native.C.get_num_threads()
+    pk.set_num_threads(2)
+    yield
+    pk.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("m", [1, 9, 33])
+def test_every_isa_two_threads(cpu_isa, two_threads, block, m, gen):
+    """Large enough that the driver splits the rows (by stored values) between threads."""
+    n, k = 1003, 618
+    sw = pk.ops.to_sparse(ragged_sparse(n, k, gen, block), block)
+    x = torch.randn(m, k, generator=gen)
+    check_against_reference(x, sw, None, gen)
+
+
+@pytest.mark.parametrize("nk", [(1, 1), (3, 2), (5, 4), (9, 13), (10, 14), (11, 15), (12, 16)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_every_isa_block_edges(cpu_isa, nk, m, gen):
+    n, k = nk
+    w = torch.randn(n, k, generator=gen)  # every block stored, the edge ones padded
+    sw = pk.ops.to_sparse(w, 4)
+    check_against_reference(
+        torch.randn(m, k, generator=gen), sw, torch.randn(n, generator=gen), gen
+    )
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("m", [1, 9, 33])
+def test_every_isa_empty_weight(cpu_isa, block, m, gen):
+    n, k = 21, 18
+    sw = pk.ops.to_sparse(torch.zeros(n, k), block)
+    assert sw.values.numel() == 0
+    check_against_reference(
+        torch.randn(m, k, generator=gen), sw, torch.randn(n, generator=gen), gen
+    )
+
+
+@pytest.mark.parametrize("k, dtype", [(65536, torch.int16), (70001, torch.int32)])
+@pytest.mark.parametrize("m", [1, 9, 17])
+def test_every_isa_wide_k(cpu_isa, k, dtype, m, gen):
+    """Column indices past 32767 (read as unsigned 16-bit) and past 65535 (32-bit)."""
+    n = 12
+    w = torch.zeros(n, k)
+    for r in range(n):
+        idx = torch.randint(0, k, (r * 3,), generator=gen)
+        w[r, idx] = torch.randn(idx.numel(), generator=gen)
+    w[0, k - 1] = 1.5
+    w[1, 40000] = -2.0
+    sw = pk.ops.to_sparse(w)
+    assert sw.col.dtype == dtype
+    check_against_reference(torch.randn(m, k, generator=gen), sw, None, gen)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("m", [1, 5, 17, 40])
+def test_every_isa_nan_stays_in_its_token(cpu_isa, block, m, gen):
+    """A NaN in x reaches only its own token's outputs from rows storing its column."""
+    n, k = 45, 37
+    sw = pk.ops.to_sparse(ragged_sparse(n, k, gen, block), block)
+    x = torch.randn(m, k, generator=gen)
+    x[m // 2, 7] = float("nan")
+    x[m - 1, k - 1] = float("inf")
+    csr = sp.bsr_to_csr(sw)[0] if block != 1 else sw
+    ref = _reference.sparse_linear(x, csr.row_ptr, sp.col_as_int64(csr.col), csr.values, n, None)
+    y = pk.ops.sparse_linear(x, sw)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    ok = torch.isfinite(ref)
+    bound = x.nan_to_num(0, 0, 0).abs() @ sw.to_dense().abs().T
+    assert_sums_close(y[ok], ref[ok], bound[ok])
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("m", [1, 3, 9, 33])
+def test_every_isa_strided_rows_read_nothing_past_k(cpu_isa, block, m, gen):
+    """The native kernel takes x with a row stride; what lies past K is never read."""
+    n, k = 19, 13  # the last block column covers K = 12 only
+    sw = pk.ops.to_sparse(ragged_sparse(n, k, gen, block), block)
+    base = torch.full((m, k + 3), float("nan"))
+    base[:, :k] = torch.randn(m, k, generator=gen)
+    view = base[:, :k]
+    y = torch.empty(m, n)
+    _native.C.sparse_linear(
+        view.numpy(),
+        sw.row_ptr.numpy(),
+        sw.col.numpy().view(np.uint16),
+        sw.values.reshape(-1).numpy(),
+        block,
+        n,
+        None,
+        y.numpy(),
+    )
+    w = sw.to_dense().double()
+    assert_sums_close(y, (view.double() @ w.T).float(), view.abs().double() @ w.abs().T)
+    assert torch.equal(pk.ops.sparse_linear(view, sw), y)
 
 
 def test_batches_views_dtypes_and_empty(gen):

@@ -2,6 +2,7 @@
 // read, threads split by stored values (not rows, so skewed rows balance),
 // ISA choice per call.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -24,6 +25,33 @@ const Kernels* kernels() {
   if (active_isa() >= Isa::avx2) return kernels_avx2();
 #endif
   return kernels_portable();
+}
+
+// Columns of M per chunk of transposed activations (the kernels' MC), for
+// the rows of x still to do. AVX2: 8, 16 or 32, the smallest that holds
+// what is left, so a short last chunk is not padded to 32, and at most 16
+// for 4x4 blocks (sparse_avx2.cpp says why); a lone row takes the
+// one-token path. Others: 16 when M <= 16, else 32 for every chunk.
+int chunk_width(const Kernels* kern, const Matrix& w, int64_t m, int64_t left) {
+#ifdef PK_HAVE_AVX2
+  if (kern == kernels_avx2()) {
+    const int widest = w.block == 1 ? 32 : 16;
+    return left == 1 ? 1 : left <= 8 ? 8 : left <= 16 || widest == 16 ? 16 : 32;
+  }
+#else
+  (void)kern;
+  (void)w;
+#endif
+  (void)left;
+  return m == 1 ? 1 : (m <= 16 ? 16 : 32);
+}
+
+// Scratch slot `slot` holding `count` floats, 64-byte aligned: malloc's 16
+// bytes would split every other 32-byte load of a chunk row across two
+// cache lines.
+float* aligned_scratch(int slot, int64_t count) {
+  float* p = scratch<float>(slot, count + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
 int64_t stored_rows(const Matrix& w) { return w.block == 1 ? w.n : (w.n + kBlock - 1) / kBlock; }
@@ -68,10 +96,11 @@ void linear_cpu(const Matrix& w, const float* x, int64_t m, int64_t ldx, const f
   const Kernels* kern = kernels();
   const int64_t rows = stored_rows(w), nnz = w.row_ptr[rows];
   const int nt = std::max(1, int(std::min<int64_t>(threads_for(nnz * m + w.n, 1 << 16), rows)));
-  const int mc_pad = m == 1 ? 1 : (m <= 16 ? 16 : 32);
-  float* xt = mc_pad == 1 ? nullptr : scratch<float>(0, w.k * mc_pad);
-  for (int64_t m0 = 0; m0 < m; m0 += mc_pad) {
-    const int64_t mc = std::min<int64_t>(mc_pad, m - m0);
+  const int widest = chunk_width(kern, w, m, m);  // the first chunk is the widest
+  float* xt = widest == 1 ? nullptr : aligned_scratch(0, w.k * widest);
+  for (int64_t m0 = 0, mc; m0 < m; m0 += mc) {
+    const int mc_pad = chunk_width(kern, w, m, m - m0);
+    mc = std::min<int64_t>(mc_pad, m - m0);
     const float* src = x + m0 * ldx;  // one token: its row is already contiguous
     if (mc_pad != 1) {
       transpose_chunk(x, ldx, m0, mc, w.k, mc_pad, xt, nt);
@@ -96,14 +125,15 @@ void linear_backward_cpu(const Matrix& w, const float* dy, const float* x, int64
   const Kernels* kern = kernels();
   const int nt =
       std::max(1, int(std::min<int64_t>(threads_for(nnz * m + w.n + w.k, 1 << 16), rows)));
-  const int mc_pad = m == 1 ? 1 : (m <= 16 ? 16 : 32);
-  float* xt = scratch<float>(0, w.k * mc_pad);
-  float* dyt = scratch<float>(1, w.n * mc_pad);
+  const int widest = chunk_width(kern, w, m, m);  // the first chunk is the widest
+  float* xt = aligned_scratch(0, w.k * widest);
+  float* dyt = aligned_scratch(1, w.n * widest);
   // dx: each thread scatters its rows into a private K x mc_pad buffer; the
   // buffers are summed after (no two threads write one element).
-  float* dxt = dx ? scratch<float>(2, int64_t(nt) * w.k * mc_pad) : nullptr;
-  for (int64_t m0 = 0; m0 < m; m0 += mc_pad) {
-    const int64_t mc = std::min<int64_t>(mc_pad, m - m0);
+  float* dxt = dx ? aligned_scratch(2, int64_t(nt) * w.k * widest) : nullptr;
+  for (int64_t m0 = 0, mc; m0 < m; m0 += mc) {
+    const int mc_pad = chunk_width(kern, w, m, m - m0);
+    mc = std::min<int64_t>(mc_pad, m - m0);
     transpose_chunk(dy, w.n, m0, mc, w.n, mc_pad, dyt, nt);
     if (dvalues) transpose_chunk(x, ldx, m0, mc, w.k, mc_pad, xt, nt);
     parallel_for(0, nt, nt, [&](int t) {
