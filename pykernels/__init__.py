@@ -5,7 +5,7 @@
 family will use. See README.md.
 """
 
-from . import backends, compress, nn, ops
+from . import backends, compress, nn, ops, qat
 from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
@@ -34,6 +34,7 @@ __all__ = [
     "nn",
     "ops",
     "prune",
+    "qat",
     "quantize_int8",
     "recipes",
     "save",

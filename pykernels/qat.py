@@ -76,11 +76,14 @@ def prepare(
             )
         return True
 
-    if type(model) is not nn.Linear and filter_fn is None and not any(
-        type(m) is nn.Linear for m in model.modules()
+    if (
+        type(model) is not nn.Linear
+        and filter_fn is None
+        and not any(type(m) is nn.Linear for m in model.modules())
     ):
         raise TypeError(
-            f"prepare: {type(model).__name__} holds no nn.Linear: QAT supports nn.Linear layers only"
+            f"prepare: {type(model).__name__} holds no nn.Linear: "
+            "QAT supports nn.Linear layers only"
         )
     if not inplace:
         model = copy.deepcopy(model)
@@ -110,3 +113,57 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(child, QATLinear):
             setattr(parent, name, child.to_int8())
     return model
+
+
+# --- save / load and the recipe step ---------------------------------------------
+
+
+def _register() -> None:
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from .compress.kinds import dtype_name, dtype_of, register_kind
+    from .compress.recipes import Step, register_step
+
+    def describe(m: QATLinear) -> dict:
+        return {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "mode": m.mode,
+            "dtype": dtype_name(m.weight.dtype),
+        }
+
+    def build(c: dict) -> nn.Module:
+        return QATLinear(
+            c["in_features"], c["out_features"], c["bias"], c["mode"], dtype=dtype_of(c["dtype"])
+        )
+
+    register_kind(QATLinear, describe, build)
+
+    @register_step
+    @dataclass
+    class QAT(Step):
+        """Linear layers -> :class:`QATLinear`, ready for quantization-aware fine-tuning
+        (``"prune:0.3+qat"``); :func:`convert` afterwards gives the int8 model."""
+
+        mode: str = "dynamic"
+        name: ClassVar[str] = "qat"
+        positional: ClassVar[tuple[str, ...]] = ("mode",)
+
+        def __post_init__(self) -> None:
+            if self.mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+        def apply(self, ctx) -> None:
+            targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
+            for fqn, m in ctx.progress(targets, "qat"):
+                if type(m) is nn.Linear:
+                    ctx.replace(fqn, QATLinear.from_linear(m, mode=self.mode))
+                else:
+                    ctx.skip(fqn, f"{type(m).__name__} is not a plain nn.Linear")
+
+    globals()["QAT"] = QAT
+
+
+_register()

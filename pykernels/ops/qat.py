@@ -91,12 +91,12 @@ def _backward(ctx, gy: Tensor, gmask, gscale):  # noqa: ARG001
     return torch.ops.pykernels.fake_quant_backward(gy.float(), mask)
 
 
-torch.library.register_autograd(
-    "pykernels::fake_quant_per_row", _backward, setup_context=_setup
-)
+torch.library.register_autograd("pykernels::fake_quant_per_row", _backward, setup_context=_setup)
 
 
-def fake_quantize_per_row(x: Tensor, *, return_scale: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def fake_quantize_per_row(
+    x: Tensor, *, return_scale: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """int8 fake quantization of each row (last dimension) of ``x``, differentiable.
 
     ``scale = max|row| / 127`` (float32) and ``y = clamp(round_half_even(x /
