@@ -197,3 +197,15 @@ def test_qat_on_digits():
     r = qat_digits(seed=0)
     assert r["qat_int8"] >= r["fp32"] - 0.3
     assert r["qat_int8"] >= r["ptq_int8"]
+
+
+def test_mask_is_row_finiteness(gen):
+    """With absmax scales the clipping range holds every finite value: the kernel's
+    elementwise mask is 1 exactly on finite rows (what the backward's shortcut relies on)."""
+    x = torch.randn(40, 300, generator=gen) * torch.rand(40, 1, generator=gen) * 1e3
+    x[3] = 0.0
+    x[7, 9] = float("nan")
+    x[8, 1] = float("inf")
+    x[11] = torch.randn(300, generator=gen) * 1e-30  # subnormal scales
+    y, m, s = torch.ops.pykernels.fake_quant_per_row(x)
+    assert torch.equal(m.bool(), torch.isfinite(s)[:, None].expand_as(m))
