@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p_info.set_defaults(fn=_info)
     p_bench = sub.add_parser("bench", help="each family against its peers, with ratios")
     p_bench.add_argument(
-        "--family", action="append", choices=["int8", "sparse", "svd", "topk"], help="repeatable"
+        "--family",
+        action="append",
+        choices=["int8", "qat", "sparse", "svd", "topk"],
+        help="repeatable",
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
