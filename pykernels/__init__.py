@@ -5,7 +5,7 @@
 family will use. See README.md.
 """
 
-from . import backends, compress, nn, ops, qat
+from . import backends, compress, nn, ops, qat, schedules
 from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
@@ -38,6 +38,7 @@ __all__ = [
     "quantize_int8",
     "recipes",
     "save",
+    "schedules",
     "set_num_threads",
     "sparsify",
     "version",

@@ -6,6 +6,7 @@ is reproducible; about a second each on 2 cores."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +90,34 @@ def qat_digits(seed: int = 0) -> dict[str, float]:
 
 def float_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def pruning_digits(seed: int = 0, sparsity: float = 0.9, epochs: int = 30) -> dict[str, float]:
+    """Test accuracy (%) of a dense MLP (64-256-256-10), of the same pruned one-shot
+    by magnitude to ``sparsity`` (every Linear, per layer), of one-shot followed by
+    ``epochs`` of masked fine-tuning, and of gradual pruning (Zhu & Gupta, cubic,
+    over the first half of the same fine-tuning, masks every 10 steps). Pruned
+    models end as SparseLinear layers."""
+    from .nn import sparsify
+    from .schedules import GradualPruning, Polynomial
+
+    xtr, ytr, xte, yte = data(seed)
+    dense = train(mlp(seed, hidden=256), xtr, ytr, epochs=30, lr=3e-3, seed=seed)
+    steps = epochs * math.ceil(len(xtr) / 64)
+
+    def fine_tune(schedule: Polynomial) -> nn.Module:
+        model = copy.deepcopy(dense)
+        pruner = GradualPruning(model, schedule)
+        train(model, xtr, ytr, epochs, 1e-3, seed + 1, after_step=lambda _: pruner.step())
+        return pruner.finish()
+
+    one_shot_tuned = fine_tune(Polynomial(sparsity, sparsity, 0, 1, 1))
+    gradual = fine_tune(Polynomial(0.0, sparsity, begin_step=0, end_step=steps // 2, frequency=10))
+    layers = [m for m in gradual.modules() if hasattr(m, "density")]
+    return {
+        "dense": accuracy(dense, xte, yte),
+        "one_shot": accuracy(sparsify(dense, sparsity=sparsity), xte, yte),
+        "one_shot_finetuned": accuracy(one_shot_tuned, xte, yte),
+        "gradual": accuracy(gradual, xte, yte),
+        "gradual_density": sum(m.density() for m in layers) / len(layers),
+    }
