@@ -5,7 +5,7 @@
 family will use. See README.md.
 """
 
-from . import backends, compress, nn, ops, qat, schedules
+from . import backends, compress, distill, nn, ops, qat, schedules
 from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
@@ -28,6 +28,7 @@ __all__ = [
     "CompressionReport",
     "backends",
     "compress",
+    "distill",
     "factorize",
     "info",
     "load",
