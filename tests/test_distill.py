@@ -86,7 +86,12 @@ def test_loss_refuses_mismatches(gen):
     with pytest.raises(TypeError, match="student_out must be"):
         loss("x", torch.randn(4, 10))
     with pytest.raises(ValueError, match="hidden states given for only one"):
-        DistillLoss(hidden="mse")({"hidden": torch.randn(2, 3)}, {"logits": torch.randn(2, 3)})
+        logits = torch.randn(2, 3)
+        DistillLoss(hidden="mse")(
+            {"hidden": torch.randn(2, 3), "logits": logits}, {"logits": logits}
+        )
+    with pytest.raises(ValueError, match="logits given for only one"):
+        DistillLoss()({"logits": torch.randn(2, 3)}, {"hidden": torch.randn(2, 3)})
 
 
 def test_fit_refuses(gen):
@@ -128,16 +133,16 @@ def test_fit_on_digits(kind):
         student,
         teacher,
         batches,
-        steps=8 * len(batches),
+        steps=20 * len(batches),
         optimizer=torch.optim.Adam(student.parameters(), lr=3e-3),
         loss=DistillLoss(temperature=4.0, alpha=0.7),
         progress=False,
     )
-    assert len(hist) == 8 * len(batches) and all(math.isfinite(h) for h in hist)
+    assert len(hist) == 20 * len(batches) and all(math.isfinite(h) for h in hist)
     assert sum(hist[-10:]) < 0.5 * sum(hist[:10])
     if kind == "qat":
         student = pk.qat.convert(student)
     acc = D.accuracy(student, xte, yte)
-    assert acc >= D.accuracy(teacher, xte, yte) - 4.0
+    assert acc >= D.accuracy(teacher, xte, yte) - 2.0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not teacher.training
