@@ -99,7 +99,8 @@ class Encoder(nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=9.0, help="training time budget")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps too")
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--heldout", type=int, default=400)
@@ -150,7 +151,7 @@ def main() -> None:
     )
     budget, trained, step = args.minutes * 60, 0.0, 0
     offset = 0
-    while trained < budget:
+    while trained < budget and not (args.max_steps and step >= args.max_steps):
         chunk = batches[offset : offset + args.eval_every]
         offset = (offset + args.eval_every) % len(batches)
         if len(chunk) < args.eval_every:
