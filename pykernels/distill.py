@@ -204,7 +204,8 @@ def fit(
     in train mode. ``optimizer`` defaults to AdamW (lr 1e-4) over the
     student's trainable parameters; ``loss`` to :class:`DistillLoss`\\ ().
     ``callback(step, loss)`` runs after each step (for a curve, or early
-    evaluation). A tqdm bar shows progress unless ``progress=False``.
+    evaluation). A tqdm bar (when tqdm is installed) shows progress unless
+    ``progress=False``.
     """
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("fit: student and teacher must be nn.Modules")
@@ -230,9 +231,12 @@ def fit(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="distill", unit="step")
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional: no bar then
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=steps, desc="distill", unit="step")
     was_training = student.training
     teacher.eval()
     student.train()

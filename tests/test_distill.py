@@ -120,6 +120,7 @@ def _digits_teacher():
 def test_fit_on_digits(kind):
     """A small student distilled from a larger teacher learns the task; works with QAT
     and sparse students; the loss goes down; the teacher is not touched."""
+    pytest.importorskip("sklearn")
     D, teacher, xtr, ytr, xte, yte = _digits_teacher()
     torch.manual_seed(1)
     student = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -146,3 +147,25 @@ def test_fit_on_digits(kind):
     assert acc >= D.accuracy(teacher, xte, yte) - 2.0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not teacher.training
+
+
+def test_fit_generator_batches_callback_and_defaults(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    teacher, student = nn.Linear(6, 4), nn.Linear(6, 4)
+    data = [torch.randn(8, 6, generator=gen) for _ in range(3)]
+    seen = []
+    hist = fit(student, teacher, data, steps=7, callback=lambda s, v: seen.append((s, v)))
+    assert [s for s, _ in seen] == list(range(7)) and [v for _, v in seen] == hist
+    assert student.training  # restored
+
+    # a mapping batch goes in as keyword arguments
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    hist = fit(Kw(), Kw(), [{"x": d} for d in data], steps=2, progress=False)
+    assert len(hist) == 2

@@ -192,6 +192,7 @@ def test_save_load_and_recipe(tmp_path, gen):
 
 def test_qat_on_digits():
     """int8 after QAT >= fp32 - 0.3 points and >= post-training int8 (test split)."""
+    pytest.importorskip("sklearn")
     from pykernels._digits import qat_digits
 
     r = qat_digits(seed=0)

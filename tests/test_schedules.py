@@ -96,6 +96,7 @@ def test_gradual_block_pattern(gen):
 def test_gradual_pruning_on_digits():
     """90% unstructured reached gradually stays within 1 point of dense; one-shot 90%
     loses more (without fine-tuning, by far)."""
+    pytest.importorskip("sklearn")
     from pykernels._digits import pruning_digits
 
     r = pruning_digits(seed=0)
