@@ -5,7 +5,7 @@
 family will use. See README.md.
 """
 
-from . import backends, compress, distill, nn, ops, qat, schedules
+from . import backends, comm, compress, distill, nn, ops, qat, schedules
 from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
@@ -14,12 +14,28 @@ from .ops.sparse import prune
 __version__ = version()
 
 
-def set_num_threads(n: int) -> None:
-    """Threads the native CPU kernels use (their own pool), independent of torch's."""
-    from . import _native
+def max_threads() -> int:
+    """The most threads :func:`set_num_threads` takes: 1024, or 4x the CPUs if more."""
+    import os
 
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    return max(1024, 4 * (os.cpu_count() or 1))
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the native CPU kernels use, independent of torch's.
+
+    ``n`` is an int in ``[1, max_threads()]``: the thread runtime (torch's OpenMP,
+    or our pool) would try to start every thread asked for, so a huge count is
+    refused rather than passed on.
+    """
+    from . import _native
+    from .ops import _checks
+
+    if not _checks.is_int(n):
+        raise TypeError(f"set_num_threads: n must be a positive int, got {type(n).__name__}")
+    if not 1 <= n <= max_threads():
+        raise ValueError(f"set_num_threads: n must be a positive int <= {max_threads()}, got {n}")
+    n = int(n)
     if _native.C is not None:
         _native.C.set_num_threads(n)
 
@@ -27,11 +43,13 @@ def set_num_threads(n: int) -> None:
 __all__ = [
     "CompressionReport",
     "backends",
+    "comm",
     "compress",
     "distill",
     "factorize",
     "info",
     "load",
+    "max_threads",
     "nn",
     "ops",
     "prune",

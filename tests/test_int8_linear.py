@@ -236,7 +236,7 @@ def test_bad_packed_weight():
     p = pk.ops.pack_int8_weight(W)
     with pytest.raises(ValueError, match="w_q.comp"):
         pk.ops.int8_linear(X, p._replace(comp=p.comp[:-1]), S)
-    with pytest.raises(ValueError, match="w_q.packed"):
+    with pytest.raises(TypeError, match="w_q.packed must be int8"):  # a dtype: TypeError
         pk.ops.int8_linear(X, p._replace(packed=p.packed.int()), S)
     with pytest.raises(TypeError, match="Int8PackedWeight"):
         pk.ops.unpack_int8_weight(W)

@@ -469,3 +469,31 @@ def test_layer_to_cuda(gen):
     ref = layer(x)
     g = layer.to("cuda")
     torch.testing.assert_close(g(x.cuda()).cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_structure_expansion_is_remembered_until_the_structure_changes(gen):
+    """bsr_to_csr reuses its expansion for the same col/row_ptr, and rebuilds it
+    after an in-place change or for other tensors: gradients stay right."""
+    w = random_sparse(37, 50, 0.3, gen, block=4)
+    sw = sp.to_sparse(w, block=4)
+    csr1, perm1 = sp.bsr_to_csr(sw)
+    csr2, perm2 = sp.bsr_to_csr(sw)
+    assert perm2 is perm1 and csr2.row_ptr is csr1.row_ptr
+    # the values are gathered per call, never remembered
+    sw2 = sw._replace(values=sw.values * 2)
+    assert torch.equal(sp.bsr_to_csr(sw2)[0].values, csr1.values * 2)
+    # another weight's structure written in place into the same tensors
+    other = sp.to_sparse(random_sparse(37, 50, 0.3, gen, block=4), block=4)
+    nblk = min(other.col.numel(), sw.col.numel())
+    sw.col[:nblk].copy_(other.col[:nblk])
+    fresh = sp._expand_structure(sw)
+    got = sp.bsr_to_csr(sw)
+    assert got[1] is not perm1
+    assert torch.equal(got[1], fresh[2]) and torch.equal(got[0].row_ptr, fresh[1])
+    # a copy of the tensors is a different structure object: no stale hit
+    sw3 = sw._replace(col=sw.col.clone(), row_ptr=sw.row_ptr.clone())
+    assert sp.bsr_to_csr(sw3)[1] is not got[1]
+    # and training through the layer matches the dense reference
+    x = torch.randn(5, 50, generator=gen)
+    check_against_reference(x, sp.to_sparse(w, block=4), None, gen)
+    check_against_reference(x, sp.to_sparse(w, block=4), None, gen)

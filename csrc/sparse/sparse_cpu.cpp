@@ -81,7 +81,12 @@ void transpose_chunk(const float* x, int64_t ldx, int64_t m0, int64_t mc, int64_
 void check(const Matrix& w) {
   PK_CHECK_ARG(w.n >= 0 && w.k >= 0, "weight: negative shape");
   PK_CHECK_ARG(w.block == 1 || w.block == kBlock, "weight: block size must be 1 or ", kBlock);
-  PK_CHECK_ARG(!w.col16 || w.k <= 65536, "weight: 16-bit column indices need K <= 65536");
+  // A BSR index counts block columns, so 16 bits address 4 x 65536 columns.
+  const int64_t kcols = w.block == 1 ? w.k : (w.k + kBlock - 1) / kBlock;
+  PK_CHECK_ARG(!w.col16 || kcols <= 65536,
+               "weight: 16-bit column indices address at most 65536 columns (block columns for "
+               "BSR), got ",
+               kcols);
   PK_CHECK_ARG(w.row_ptr, "weight: row_ptr must not be null");
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -19,6 +20,14 @@ namespace svd {
 namespace {
 
 constexpr double kTol = 1e-13;  // |u_p . u_q| <= kTol * |u_p| |u_q| counts as orthogonal
+// A column a rotation leaves with a norm within kNoise * eps * sqrt(rows) of the
+// pair's is rounding noise (the pair was parallel: a rank-deficient or constant
+// matrix), and is set to zero. Left alone, its direction is random, so it is
+// never orthogonal to the others to kTol and every sweep rotates it again: the
+// iteration did not converge. Zeroing it changes the matrix by less than the
+// rotation's own rounding error; its singular value is then 0 and its left
+// vector is completed below.
+constexpr double kNoise = 8.0;
 
 double dot(const double* x, const double* y, int64_t len) {
   double s = 0.0;
@@ -42,6 +51,8 @@ int jacobi(std::vector<double>& w, std::vector<double>& v, int64_t rows, int64_t
   for (int64_t j = 0; j < cols; ++j)
     for (int64_t i = 0; i < cols; ++i) v[j * cols + i] = i == j ? 1.0 : 0.0;
   std::vector<double> norm2(static_cast<size_t>(cols));
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double noise = (kNoise * eps) * (kNoise * eps) * double(rows);
   for (int sweep = 1; sweep <= kMaxSweeps; ++sweep) {
     // Norms refreshed once a sweep; within it the rotation updates them
     // exactly (alpha - t gamma, beta + t gamma), which saves two of the three
@@ -51,18 +62,36 @@ int jacobi(std::vector<double>& w, std::vector<double>& v, int64_t rows, int64_t
     for (int64_t p = 0; p + 1 < cols; ++p)
       for (int64_t q = p + 1; q < cols; ++q) {
         const double alpha = norm2[p], beta = norm2[q];
+        if (alpha == 0.0 || beta == 0.0) continue;
         const double gamma = dot(&w[p * rows], &w[q * rows], rows);
-        if (alpha == 0.0 || beta == 0.0 || std::fabs(gamma) <= kTol * std::sqrt(alpha * beta))
-          continue;
+        // sqrt of each: their product can underflow for tiny columns.
+        if (std::fabs(gamma) <= kTol * std::sqrt(alpha) * std::sqrt(beta)) continue;
         rotated = true;
         const double zeta = (beta - alpha) / (2.0 * gamma);
+        // 1 + zeta^2 overflows for a tiny column against a large one, which
+        // made t = 0, a rotation that did nothing, forever; past 1e150 the
+        // root is |zeta| to double precision.
+        const double az = std::fabs(zeta);
         const double t =
-            std::copysign(1.0, zeta) / (std::fabs(zeta) + std::sqrt(1.0 + zeta * zeta));
+            std::copysign(1.0, zeta) / (az + (az < 1e150 ? std::sqrt(1.0 + az * az) : az));
         const double c = 1.0 / std::sqrt(1.0 + t * t), sn = c * t;
         rotate(&w[p * rows], &w[q * rows], rows, c, sn);
         rotate(&v[p * cols], &v[q * cols], cols, c, sn);
-        norm2[p] = std::max(0.0, alpha - t * gamma);
-        norm2[q] = beta + t * gamma;
+        double np = alpha - t * gamma, nq = beta + t * gamma;
+        // The updates cancel when a norm drops a lot: recompute it then.
+        if (np < 0.25 * alpha) np = dot(&w[p * rows], &w[p * rows], rows);
+        if (nq < 0.25 * beta) nq = dot(&w[q * rows], &w[q * rows], rows);
+        const double floor = noise * (alpha + beta);
+        if (np <= floor) {
+          std::fill(&w[p * rows], &w[p * rows] + rows, 0.0);
+          np = 0.0;
+        }
+        if (nq <= floor) {
+          std::fill(&w[q * rows], &w[q * rows] + rows, 0.0);
+          nq = 0.0;
+        }
+        norm2[p] = np;
+        norm2[q] = nq;
       }
     if (!rotated) return sweep;
   }
@@ -101,32 +130,38 @@ int run(const T* a, int64_t batch, int64_t m, int64_t n, T* u, T* s, T* vh) {
       std::stable_sort(order.begin(), order.end(),
                        [&](int64_t x, int64_t y) { return sv[x] > sv[y]; });
       // Left vectors of the tall matrix: w[j] / s_j; zero columns are
-      // completed to an orthonormal set by Gram-Schmidt on unit vectors.
+      // completed to an orthonormal set by Gram-Schmidt on the unit vector
+      // the columns so far cover least: its part outside them has norm^2
+      // 1 - sum_q left[q][e]^2, at least (rows - r) / rows for the best e,
+      // so two passes leave it orthogonal. (A fixed bar on that norm failed
+      // once most of the space was taken: many zero singular values.)
       std::vector<double> left(static_cast<size_t>(rows * cols));
-      int64_t filled = 0;
       for (int64_t r = 0; r < cols; ++r) {
         const int64_t j = order[r];
         double* dst = &left[r * rows];
         if (sv[j] > 0.0) {
           for (int64_t i = 0; i < rows; ++i) dst[i] = w[j * rows + i] / sv[j];
-          ++filled;
-        } else {
-          for (int64_t e = 0; e < rows; ++e) {
-            for (int64_t i = 0; i < rows; ++i) dst[i] = i == e ? 1.0 : 0.0;
-            for (int pass = 0; pass < 2; ++pass)
-              for (int64_t q = 0; q < r; ++q) {
-                const double d = dot(&left[q * rows], dst, rows);
-                for (int64_t i = 0; i < rows; ++i) dst[i] -= d * left[q * rows + i];
-              }
-            const double nn = std::sqrt(dot(dst, dst, rows));
-            if (nn > 0.5) {
-              for (int64_t i = 0; i < rows; ++i) dst[i] /= nn;
-              break;
-            }
+          continue;
+        }
+        int64_t best = 0;
+        double best_rest = -1.0;
+        for (int64_t e = 0; e < rows; ++e) {
+          double rest = 1.0;
+          for (int64_t q = 0; q < r; ++q) rest -= left[q * rows + e] * left[q * rows + e];
+          if (rest > best_rest) {
+            best = e;
+            best_rest = rest;
           }
         }
+        for (int64_t i = 0; i < rows; ++i) dst[i] = i == best ? 1.0 : 0.0;
+        for (int pass = 0; pass < 2; ++pass)
+          for (int64_t q = 0; q < r; ++q) {
+            const double d = dot(&left[q * rows], dst, rows);
+            for (int64_t i = 0; i < rows; ++i) dst[i] -= d * left[q * rows + i];
+          }
+        const double nn = std::sqrt(dot(dst, dst, rows));
+        for (int64_t i = 0; i < rows; ++i) dst[i] /= nn;
       }
-      (void)filled;
       T* ub = u + b * m * k;
       T* vb = vh + b * k * n;
       T* sb = s + b * k;

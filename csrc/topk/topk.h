@@ -9,7 +9,13 @@
 // y = x + residual and the residual is overwritten in the same pass with the
 // part of y that was not sent: y where not selected, and y - value (the
 // rounding remainder, 0 for fp32) where selected, so that
-// x + residual_old == densify(values) + residual_new.
+// x + residual_old == densify(values) + residual_new (in fp32 arithmetic).
+// A finite y beyond an fp16/bf16 value's range is sent saturated, as the
+// largest finite value of its sign, and the excess stays in the residual
+// (sending inf would break the identity and poison every later sum). The
+// identity is then exact for |y| < 2^29 and within one fp32 rounding of y
+// above (fp16's 65504 is then below y's last place); bf16 is always exact.
+// A y that is inf or NaN is sent as it is and leaves 0 behind.
 #pragma once
 #include <cstdint>
 

@@ -419,15 +419,19 @@ class Selector {
     }
     const float y = bits_to_f32(bits);
     float sent = y;
+    // A finite y past the 16-bit type's range is sent saturated (its largest
+    // finite value, signed) and the excess stays in the residual (topk.h).
     switch (a_.dtype) {
       case DType::f16: {
-        const uint16_t h = f32_to_f16(y);
+        uint16_t h = f32_to_f16(y);
+        if ((h & 0x7fffu) == 0x7c00u && std::isfinite(y)) h = uint16_t((h & 0x8000u) | 0x7bffu);
         static_cast<uint16_t*>(a_.values)[o] = h;
         sent = f16_to_f32(h);
         break;
       }
       case DType::bf16: {
-        const uint16_t h = f32_to_bf16(y);
+        uint16_t h = f32_to_bf16(y);
+        if ((h & 0x7fffu) == 0x7f80u && std::isfinite(y)) h = uint16_t((h & 0x8000u) | 0x7f7fu);
         static_cast<uint16_t*>(a_.values)[o] = h;
         sent = bf16_to_f32(h);
         break;
@@ -435,8 +439,8 @@ class Selector {
       default:
         static_cast<uint32_t*>(a_.values)[o] = bits;
     }
-    // The remainder keeps what rounding to x's dtype lost; an overflow to inf
-    // or a NaN leaves nothing meaningful to keep.
+    // The remainder keeps what rounding (or saturating) to x's dtype lost; a
+    // y that is itself inf or NaN leaves nothing meaningful to keep.
     a_.residual[index] = (std::isfinite(sent) && std::isfinite(y)) ? y - sent : 0.0f;
   }
 

@@ -167,7 +167,7 @@ __global__ void count_select_kernel(const uint32_t* __restrict__ cb, int64_t c, 
 }
 
 // Output slot o from an entry's bits; with error feedback (EF) the bits are
-// y's and the residual keeps what rounding to x's dtype lost.
+// y's and the residual keeps what rounding (or saturating) to x's dtype lost.
 template <DType DT, bool EF, bool U16>
 __device__ __forceinline__ void write_out(int64_t o, uint32_t bits, int64_t index, void* values,
                                           int64_t* indices, float* r) {
@@ -181,14 +181,18 @@ __device__ __forceinline__ void write_out(int64_t o, uint32_t bits, int64_t inde
   }
   const float y = __uint_as_float(bits);
   float sent = y;
+  // A finite y past the 16-bit type's range is sent saturated (its largest
+  // finite value, signed) and the excess stays in the residual; see topk.h.
   if (DT == DType::f16) {
-    const __half h = __float2half_rn(y);
-    static_cast<unsigned short*>(values)[o] = __half_as_ushort(h);
-    sent = __half2float(h);
+    unsigned short h = __half_as_ushort(__float2half_rn(y));
+    if ((h & 0x7fffu) == 0x7c00u && isfinite(y)) h = (h & 0x8000u) | 0x7bffu;
+    static_cast<unsigned short*>(values)[o] = h;
+    sent = __half2float(__ushort_as_half(h));
   } else if (DT == DType::bf16) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(y);
-    static_cast<unsigned short*>(values)[o] = __bfloat16_as_ushort(h);
-    sent = __bfloat162float(h);
+    unsigned short h = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+    if ((h & 0x7fffu) == 0x7f80u && isfinite(y)) h = (h & 0x8000u) | 0x7f7fu;
+    static_cast<unsigned short*>(values)[o] = h;
+    sent = __bfloat162float(__ushort_as_bfloat16(h));
   } else {
     static_cast<uint32_t*>(values)[o] = bits;
   }

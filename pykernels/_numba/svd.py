@@ -10,6 +10,8 @@ import numpy as np
 
 MAX_SWEEPS = 60
 TOL = 1e-13
+EPS = np.finfo(np.float64).eps
+NOISE = 8.0  # csrc/svd/svd_cpu.cpp kNoise: see there
 
 
 @numba.njit(cache=True, nogil=True)
@@ -28,6 +30,7 @@ def _jacobi(w, v):
         for i in range(cols):
             v[j, i] = 1.0 if i == j else 0.0
     norm2 = np.empty(cols)
+    noise = (NOISE * EPS * math.sqrt(rows)) ** 2
     for sweep in range(1, MAX_SWEEPS + 1):
         for j in range(cols):
             norm2[j] = _dot(w[j], w[j])
@@ -35,12 +38,16 @@ def _jacobi(w, v):
         for p in range(cols - 1):
             for q in range(p + 1, cols):
                 alpha, beta = norm2[p], norm2[q]
+                if alpha == 0.0 or beta == 0.0:
+                    continue
                 gamma = _dot(w[p], w[q])
-                if alpha == 0.0 or beta == 0.0 or abs(gamma) <= TOL * math.sqrt(alpha * beta):
+                if abs(gamma) <= TOL * math.sqrt(alpha) * math.sqrt(beta):
                     continue
                 rotated = True
                 zeta = (beta - alpha) / (2.0 * gamma)
-                t = math.copysign(1.0, zeta) / (abs(zeta) + math.sqrt(1.0 + zeta * zeta))
+                az = abs(zeta)
+                root = math.sqrt(1.0 + az * az) if az < 1e150 else az
+                t = math.copysign(1.0, zeta) / (az + root)
                 c = 1.0 / math.sqrt(1.0 + t * t)
                 s = c * t
                 for i in range(rows):
@@ -51,8 +58,21 @@ def _jacobi(w, v):
                     a, b = v[p, i], v[q, i]
                     v[p, i] = c * a - s * b
                     v[q, i] = s * a + c * b
-                norm2[p] = max(0.0, alpha - t * gamma)
-                norm2[q] = beta + t * gamma
+                np_ = alpha - t * gamma
+                nq = beta + t * gamma
+                if np_ < 0.25 * alpha:
+                    np_ = _dot(w[p], w[p])
+                if nq < 0.25 * beta:
+                    nq = _dot(w[q], w[q])
+                floor = noise * (alpha + beta)
+                if np_ <= floor:
+                    w[p, :] = 0.0
+                    np_ = 0.0
+                if nq <= floor:
+                    w[q, :] = 0.0
+                    nq = 0.0
+                norm2[p] = np_
+                norm2[q] = nq
         if not rotated:
             return sweep
     return MAX_SWEEPS + 1
@@ -74,17 +94,20 @@ def _one(a, u, s, vh):
         j = order[r]
         if sv[j] > 0.0:
             left[r] = w[j] / sv[j]
-        else:  # complete with unit vectors, orthogonalised against the columns so far
+        else:  # complete: see csrc/svd/svd_cpu.cpp
+            best, best_left = 0, -1.0
             for e in range(rows):
-                d = np.zeros(rows)
-                d[e] = 1.0
-                for _ in range(2):
-                    for q in range(r):
-                        d -= _dot(left[q], d) * left[q]
-                nn = math.sqrt(_dot(d, d))
-                if nn > 0.5:
-                    left[r] = d / nn
-                    break
+                rest = 1.0
+                for q in range(r):
+                    rest -= left[q, e] * left[q, e]
+                if rest > best_left:
+                    best, best_left = e, rest
+            d = np.zeros(rows)
+            d[best] = 1.0
+            for _ in range(2):
+                for q in range(r):
+                    d -= _dot(left[q], d) * left[q]
+            left[r] = d / math.sqrt(_dot(d, d))
     for r in range(k):
         j = order[r]
         s[r] = sv[j]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._reference import KEY_MASK, bits_to_float32, float32_to_bits
+from .._reference import KEY_MASK, bits_to_float32, float32_to_bits_saturating
 
 HIST_BITS = 11
 
@@ -96,7 +96,7 @@ def topk_sparsify(
         return
     y = residual
     sel = _select(y.view(np.uint32), 0x7FFFFFFF, 31, k)
-    sent_bits = float32_to_bits(y[sel], dtype)
+    sent_bits = float32_to_bits_saturating(y[sel], dtype)
     sent = bits_to_float32(sent_bits, dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         ok = np.isfinite(sent) & np.isfinite(y[sel])

@@ -15,8 +15,11 @@ BLOCK = 4
 
 
 # torch trusts a sparse tensor's structure unless asked to check it, and a bad
-# index then reads out of bounds (on a GPU too): check it.
-_CHECK = True
+# index then reads out of bounds (on a GPU too). pykernels.ops.sparse checks
+# every structure (the same invariants torch's check_invariants does, and
+# once per weight rather than on every call, which on a GPU would also
+# synchronise the stream) before any backend runs, so it is not checked again.
+_CHECK = False
 
 
 def _csr(values: Tensor, col: Tensor, row_ptr: Tensor, n: int, k: int) -> Tensor:
@@ -38,6 +41,11 @@ def sparse_linear(
         y = (_csr(values, col, row_ptr, n, k) @ x.T).T
     else:
         nb, kb = row_ptr.numel() - 1, -(-k // BLOCK)
+        if k % BLOCK:
+            # The padding past K multiplies zeros here but is skipped by the
+            # native kernels: zero it, so a NaN stored there cannot leak in.
+            values = values.clone()
+            values[col == kb - 1, :, k % BLOCK :] = 0
         w = torch.sparse_bsr_tensor(
             row_ptr, col, values, size=(nb * BLOCK, kb * BLOCK), check_invariants=_CHECK
         )

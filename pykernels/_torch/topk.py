@@ -45,6 +45,12 @@ def topk_sparsify(x: Tensor, k: int, residual: Tensor | None) -> tuple[Tensor, T
     idx = select(magnitude_keys(y), k)
     picked = y[idx]
     values = picked.to(x.dtype)
+    if x.dtype != torch.float32:
+        # A finite sum past the dtype's range is sent saturated, the excess
+        # kept in the residual (csrc/topk/topk.h).
+        top = torch.finfo(x.dtype).max
+        over = torch.isinf(values) & torch.isfinite(picked)
+        values = torch.where(over, torch.where(picked > 0, top, -top).to(x.dtype), values)
     sent = values.float()
     # What rounding to x's dtype left behind stays in the residual; nothing is
     # left where the value or the sum is not finite (inf - inf would be NaN).

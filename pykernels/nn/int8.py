@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks
 from ..ops.int8 import Int8PackedWeight
-from ._module import nbytes_of
+from ._module import convertible_children, guard_fused_paths, nbytes_of
 
 MODES = ("dynamic", "weight_only")
 
@@ -43,8 +44,8 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"Int8Linear: {name} must be a non-negative int, got {v!r}")
+            _checks.check_int("Int8Linear", name, v, 0)
+        bias = _checks.check_bool("Int8Linear", "bias", bias)
         if mode not in MODES:
             raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
         self.in_features = in_features
@@ -215,17 +216,20 @@ def quantize_int8(
     """Replaces every ``nn.Linear`` that ``filter_fn(module, fqn)`` accepts with an Int8Linear.
 
     ``fqn`` is the module's dotted name in ``model`` (``""`` for the model
-    itself). Without ``filter_fn`` every Linear is converted. The model is
-    deep-copied first unless ``inplace=True``; the converted model is
-    returned (an Int8Linear when ``model`` is itself a Linear).
+    itself). Without ``filter_fn`` every Linear is converted, except the
+    output projection of ``nn.MultiheadAttention``, which attention reads as
+    a dense weight and which is left as it is (the feed-forward Linears of
+    ``nn.TransformerEncoderLayer`` are converted, with torch's fused
+    inference path turned off for that layer). The model is deep-copied
+    first unless ``inplace=True``; the converted model is returned (an
+    Int8Linear when ``model`` is itself a Linear).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"quantize_int8: mode must be one of {MODES}, got {mode!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError("quantize_int8: filter_fn must be callable or None")
-    if not inplace:
+    _checks.check_callable("quantize_int8", "filter_fn", filter_fn)
+    if not _checks.check_bool("quantize_int8", "inplace", inplace):
         model = copy.deepcopy(model)
 
     def accept(m: nn.Module, fqn: str) -> bool:
@@ -233,9 +237,7 @@ def quantize_int8(
 
     if accept(model, ""):
         return Int8Linear.from_linear(model, mode=mode)
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if accept(child, child_fqn):
-                setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    for parent, name, child in convertible_children(model, (nn.Linear,), accept):
+        setattr(parent, name, Int8Linear.from_linear(child, mode=mode))
+    guard_fused_paths(model)
     return model

@@ -10,10 +10,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops import sparse as sp
-from ._module import nbytes_of, take_loaded_sizes
+from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
 
 SCOPES = ("layer", "global")
+_STRUCTURE = ("values", "col", "row_ptr")  # in sp.check_structure's order
 
 
 class SparseLinear(nn.Module):
@@ -54,6 +56,8 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear.from_linear: linear must be an nn.Linear, got {got}")
         if pattern not in sp.PATTERNS:
             raise ValueError(f"SparseLinear.from_linear: pattern must be one of {sp.PATTERNS}")
+        if sparsity is not None:
+            sparsity = sp._check_sparsity("SparseLinear.from_linear", sparsity)
         w = linear.weight.detach()
         if sparsity is not None or pattern == "2:4":
             w = sp.prune(w, sparsity, pattern)
@@ -74,8 +78,10 @@ class SparseLinear(nn.Module):
             return sp.to_dense(self.sparse_weight())
 
     def density(self) -> float:
-        """Fraction of the weight's entries that are non-zero."""
+        """Fraction of the weight's entries that are non-zero (NaN on meta: no values)."""
         total = self.in_features * self.out_features
+        if self.values.device.type == "meta":
+            return float("nan")
         return float((self.to_dense() != 0).sum()) / total if total else 0.0
 
     def nbytes(self) -> int:
@@ -93,6 +99,20 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # A corrupted structure is refused now, with the key named, rather than
+        # at the first forward (or, on a backend that trusted it, never).
+        dev = self.col.device
+        parts = {f: state_dict.get(prefix + f, getattr(self, f)) for f in _STRUCTURE}
+        parts = {f: t.to(dev) if isinstance(t, Tensor) else t for f, t in parts.items()}
+        if any(isinstance(state_dict.get(prefix + f), Tensor) for f in _STRUCTURE):
+            sp.check_structure(
+                "SparseLinear.load_state_dict",
+                *(parts[f] for f in _STRUCTURE),
+                self.out_features,
+                self.in_features,
+                self.block,
+                name=lambda field: f"state_dict[{prefix + field!r}]",
+            )
         # The number of stored values depends on the weight: take the loaded one
         # (row_ptr's size is the row count, which must match).
         take_loaded_sizes(self, state_dict, prefix, {"values": 0, "col": 0})
@@ -103,7 +123,7 @@ class SparseLinear(nn.Module):
 
 def sparsify(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | None,
     pattern: str = "unstructured",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     scope: str = "layer",
@@ -116,7 +136,10 @@ def sparsify(
     ``torch.nn.utils.prune.global_unstructured`` does; for the block pattern
     one block-norm threshold), so layers end up with different densities and
     the selected weights as a whole have ``sparsity``. 2:4 is per group of
-    four, so its scope does not matter. Deep-copies the model unless
+    four, so its scope does not matter, and its sparsity is 0.5: ``sparsity``
+    must then be 0.5 or None (anything else is refused). The output
+    projection of ``nn.MultiheadAttention`` is left dense (attention reads
+    its weight directly); see :func:`pykernels.quantize_int8`. Deep-copies the model unless
     ``inplace=True``; returns the converted model.
     """
     if not isinstance(model, nn.Module):
@@ -125,8 +148,16 @@ def sparsify(
         raise ValueError(f"sparsify: pattern must be one of {sp.PATTERNS}, got {pattern!r}")
     if scope not in SCOPES:
         raise ValueError(f"sparsify: scope must be one of {SCOPES}, got {scope!r}")
+    _checks.check_callable("sparsify", "filter_fn", filter_fn)
+    inplace = _checks.check_bool("sparsify", "inplace", inplace)
     if pattern != "2:4":
         sparsity = sp._check_sparsity("sparsify", sparsity)
+    elif sparsity is not None and sp._check_sparsity("sparsify", sparsity) != 0.5:
+        # 2:4 keeps two of every four whatever is asked: refuse rather than
+        # return a model at a sparsity the caller did not ask for.
+        raise ValueError(
+            f"sparsify: the 2:4 pattern has sparsity 0.5, got sparsity={sparsity}; pass 0.5 or None"
+        )
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -135,12 +166,7 @@ def sparsify(
 
     if accept(model, ""):
         return SparseLinear.from_linear(model, sparsity if pattern != "2:4" else None, pattern)
-    targets = []
-    for fqn, parent in model.named_modules():
-        for name, child in parent.named_children():
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if accept(child, child_fqn):
-                targets.append((parent, name, child))
+    targets = convertible_children(model, (nn.Linear,), accept)
     block = sp.BLOCK if pattern == "block" else 1
     masks = None
     if scope == "global" and pattern != "2:4" and targets:
@@ -167,4 +193,5 @@ def sparsify(
         else:
             layer = SparseLinear.from_linear(child, sparsity if pattern != "2:4" else None, pattern)
         setattr(parent, name, layer)
+    guard_fused_paths(model)
     return model

@@ -11,21 +11,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops import svd as ops_svd
-from ._module import nbytes_of, take_loaded_sizes
+from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
 
 
 def _one_of(fn: str, rank, energy, tol) -> None:
+    """Exactly one of the three targets, each checked here under `fn`'s name."""
     if sum(v is not None for v in (rank, energy, tol)) != 1:
         raise ValueError(f"{fn}: give exactly one of rank, energy and tol")
+    if rank is not None:
+        _checks.check_int(fn, "rank", rank, 1)
+    if energy is not None and not 0 < _checks.check_number(fn, "energy", energy) <= 1:
+        raise ValueError(f"{fn}: energy must be in (0, 1], got {energy!r}")
+    if tol is not None and not 0 <= _checks.check_number(fn, "tol", tol) < 1:
+        raise ValueError(f"{fn}: tol must be in [0, 1), got {tol!r}")
 
 
-def _factor(w: Tensor, rank: int | None, energy: float | None, tol: float | None):
+def _factor(fn: str, w: Tensor, rank: int | None, energy: float | None, tol: float | None):
     """(u, s, vh) of the 2-D w truncated by rank, energy or relative error."""
     if rank is not None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__} {rank!r}")
+        if rank < 1:
+            raise ValueError(f"{fn}: rank must be a positive int, got {rank!r}")
         rank = min(rank, min(w.shape))
+        if rank == 0:  # an empty weight (no inputs or no outputs): nothing to factor
+            z = w.new_zeros
+            return z(w.shape[0], 0), z(0), z(0, w.shape[1])
         return ops_svd.randomized_svd(w, rank)
     _, u, s, vh = ops_svd.svd_rank(w, tol=tol, energy=energy)
     return u, s, vh
@@ -36,16 +49,20 @@ class LowRankLinear(nn.Module):
 
     The two factors are ordinary parameters (balanced by sqrt(S), which
     trains better than putting S on one side), so fine-tuning works with
-    autograd. Build it with :meth:`from_linear`.
+    autograd. Inputs of another float dtype than the factors' are computed in
+    the factors' dtype and returned in their own, as Int8Linear and
+    SparseLinear do. Build it with :meth:`from_linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"LowRankLinear: {name} must be a positive int, got {v!r}")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-            raise ValueError(f"LowRankLinear: rank must be a non-negative int, got {rank!r}")
+        for name, v in (
+            ("in_features", in_features),
+            ("out_features", out_features),
+            ("rank", rank),
+        ):
+            _checks.check_int("LowRankLinear", name, v, 0)
+        bias = _checks.check_bool("LowRankLinear", "bias", bias)
         self.in_features, self.out_features = in_features, out_features
         self.down = nn.Parameter(torch.zeros(rank, in_features))
         self.up = nn.Parameter(torch.zeros(out_features, rank))
@@ -70,8 +87,13 @@ class LowRankLinear(nn.Module):
             got = type(linear).__name__
             raise TypeError(f"LowRankLinear.from_linear: linear must be an nn.Linear, got {got}")
         _one_of("LowRankLinear.from_linear", rank, energy, tol)
+        if linear.weight.device.type == "meta":
+            raise ValueError(
+                "LowRankLinear.from_linear: linear.weight is a meta tensor: its factors "
+                "depend on its values"
+            )
         w = linear.weight.detach().float()
-        u, s, vh = _factor(w, rank, energy, tol)
+        u, s, vh = _factor("LowRankLinear.from_linear", w, rank, energy, tol)
         layer = cls(linear.in_features, linear.out_features, s.numel(), linear.bias is not None)
         root = s.sqrt()
         with torch.no_grad():
@@ -84,6 +106,10 @@ class LowRankLinear(nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_floating_point() and x.dtype != self.down.dtype and not torch.is_autocast_enabled():
+            # As the other compressed layers: any float input, output in its dtype.
+            y = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up, self.bias)
+            return y.to(x.dtype)
         return F.linear(F.linear(x, self.down), self.up, self.bias)
 
     def to_dense(self) -> Tensor:
@@ -148,25 +174,29 @@ class TuckerConv2d(nn.Module):
             )
         if conv.padding_mode != "zeros":
             raise ValueError("TuckerConv2d.from_conv: only padding_mode='zeros' is supported")
+        fn = "TuckerConv2d.from_conv"
         if (ranks is None) == (energy is None):
-            raise ValueError("TuckerConv2d.from_conv: give exactly one of ranks and energy")
+            raise ValueError(f"{fn}: give exactly one of ranks and energy")
+        if energy is not None and not 0 < _checks.check_number(fn, "energy", energy) <= 1:
+            raise ValueError(f"{fn}: energy must be in (0, 1], got {energy!r}")
+        if ranks is not None:
+            if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
+                raise TypeError(f"{fn}: ranks must be two positive ints, got {ranks!r}")
+            for r in ranks:
+                _checks.check_int(fn, "ranks", r, 1)
         w = conv.weight.detach().float()  # [O, I, kh, kw]
         o, i = w.shape[:2]
         if ranks is not None:
-            if (
-                not isinstance(ranks, (tuple, list))
-                or len(ranks) != 2
-                or not all(isinstance(r, int) and r >= 1 for r in ranks)
-            ):
-                raise ValueError(
-                    f"TuckerConv2d.from_conv: ranks must be two positive ints, got {ranks!r}"
-                )
             r_out, r_in = min(ranks[0], o), min(ranks[1], i)
-            u_out = _factor(w.reshape(o, -1), r_out, None, None)[0]
-            u_in = _factor(w.transpose(0, 1).reshape(i, -1), r_in, None, None)[0]
+            u_out = _factor("TuckerConv2d.from_conv", w.reshape(o, -1), r_out, None, None)[0]
+            u_in = _factor(
+                "TuckerConv2d.from_conv", w.transpose(0, 1).reshape(i, -1), r_in, None, None
+            )[0]
         else:
-            u_out = _factor(w.reshape(o, -1), None, energy, None)[0]
-            u_in = _factor(w.transpose(0, 1).reshape(i, -1), None, energy, None)[0]
+            u_out = _factor("TuckerConv2d.from_conv", w.reshape(o, -1), None, energy, None)[0]
+            u_in = _factor(
+                "TuckerConv2d.from_conv", w.transpose(0, 1).reshape(i, -1), None, energy, None
+            )[0]
         core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)  # [r_out, r_in, kh, kw]
         dev = conv.weight.device
         first = nn.Conv2d(i, u_in.shape[1], 1, bias=False).to(dev)
@@ -211,12 +241,15 @@ def factorize(
     Exactly one of ``rank``, ``energy``, ``tol``. Convolutions take ``rank``
     as both Tucker ranks, or ``energy``; with ``tol`` they are left alone.
     A layer whose factorization would not be smaller than the original is
-    left alone. Deep-copies the model unless ``inplace=True``.
+    left alone, and so is the output projection of ``nn.MultiheadAttention``
+    (see :func:`pykernels.quantize_int8`). Deep-copies the model unless
+    ``inplace=True``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"factorize: model must be an nn.Module, got {type(model).__name__}")
     _one_of("factorize", rank, energy, tol)
-    if not inplace:
+    _checks.check_callable("factorize", "filter_fn", filter_fn)
+    if not _checks.check_bool("factorize", "inplace", inplace):
         model = copy.deepcopy(model)
 
     def convert(m: nn.Module) -> nn.Module | None:
@@ -236,11 +269,9 @@ def factorize(
 
     if isinstance(model, (nn.Linear, nn.Conv2d)) and accept(model, ""):
         return convert(model) or model
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and accept(child, child_fqn):
-                new = convert(child)
-                if new is not None:
-                    setattr(parent, name, new)
+    for parent, name, child in convertible_children(model, (nn.Linear, nn.Conv2d), accept):
+        new = convert(child)
+        if new is not None:
+            setattr(parent, name, new)
+    guard_fused_paths(model)
     return model

@@ -10,6 +10,7 @@ from .int8 import (
     unpack_int8_weight,
 )
 from .qat import fake_quantize_per_row
+from .quant import dequantize_buckets, quantize_buckets
 from .sparse import SparseWeight, prune, sparse_linear, to_dense, to_sparse
 from .svd import batched_svd, randomized_svd, svd_rank
 from .topk import topk_densify, topk_sparsify
@@ -18,11 +19,13 @@ __all__ = [
     "Int8PackedWeight",
     "batched_svd",
     "fake_quantize_per_row",
+    "dequantize_buckets",
     "int8_gemm",
     "int8_linear",
     "int8_weight_linear",
     "pack_int8_weight",
     "prune",
+    "quantize_buckets",
     "quantize_per_row",
     "randomized_svd",
     "SparseWeight",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _reference, backends
+from . import _checks
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
@@ -157,14 +158,21 @@ def _pack_op(w: Tensor) -> tuple[Tensor, Tensor]:
     np_, kp = _reference.packed_shape(n, k)
     w = w.contiguous()
     backend = backends.choose("int8", w.device)
-    if backend.name == "native-cpu":
+    if backend.name == "native-cpu" and w.numel():
         packed = torch.empty(np_ * kp, dtype=torch.int8)
         comp = torch.empty(np_, dtype=torch.int32)
         backends.cpu_function(backend, "int8", "int8_pack_weight")(
             w.numpy(), packed.numpy(), comp.numpy()
         )
         return packed, comp
-    # Numba and reference: the layout by index arithmetic, in torch on w's device.
+    return _pack_reference(w)
+
+
+def _pack_reference(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The packed layout by index arithmetic, in torch on w's device (Numba and
+    reference backends, and the check of a packed weight)."""
+    n, k = w.shape
+    np_, kp = _reference.packed_shape(n, k)
     off = torch.from_numpy(_reference.packed_offsets(n, k)).to(w.device)
     packed = torch.zeros(np_ * kp, dtype=torch.int8, device=w.device)
     packed[off.reshape(-1)] = w.reshape(-1)
@@ -307,6 +315,59 @@ torch.library.register_autograd(
 )
 
 
+def _check_packed(fn: str, w: Int8PackedWeight, name: str = "w_q") -> None:
+    """Checks a packed weight: shapes, dtypes and devices always, and (once per
+    weight, while its tensors are unchanged) that it is the packing of some
+    int8 [n, k] weight: zero padding and the matching compensation, which the
+    native kernel relies on and the other backends ignore, so a mismatch would
+    give each backend a different answer."""
+    if (
+        not torch.compiler.is_compiling()  # data pointers do not trace
+        and type(w.n) is int  # noqa: E721 - exactly int: a float 20.0 would pass ==
+        and type(w.k) is int  # noqa: E721
+        and _checks.is_checked((w.packed, w.comp), ("int8-packed", w.n, w.k))
+    ):
+        return  # this weight passed in full and has not changed since
+    n = _checks.check_int(fn, f"{name}.n", w.n, 0)
+    k = _checks.check_int(fn, f"{name}.k", w.k, 0, MAX_K - 1)
+    np_, kp = _reference.packed_shape(n, k)
+    for field, t in (("packed", w.packed), ("comp", w.comp)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name}.{field} must be a torch.Tensor, got {type(t).__name__}")
+    if w.packed.dtype != torch.int8:
+        raise TypeError(f"{fn}: {name}.packed must be int8, got {w.packed.dtype}")
+    if w.comp.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name}.comp must be int32, got {w.comp.dtype}")
+    if w.packed.shape != (np_ * kp,):
+        raise ValueError(
+            f"{fn}: {name}.packed must be 1-D of {np_ * kp} elements for [{n}, {k}], "
+            f"got shape {tuple(w.packed.shape)}"
+        )
+    if w.comp.shape != (np_,):
+        raise ValueError(f"{fn}: {name}.comp must have shape ({np_},), got {tuple(w.comp.shape)}")
+    if w.comp.device != w.packed.device:
+        raise ValueError(
+            f"{fn}: {name}.comp is on {w.comp.device} but {name}.packed is on {w.packed.device}"
+        )
+    if not _checks.has_data(w.packed, w.comp) or w.packed.numel() == 0:
+        return
+    key = ("int8-packed", n, k)
+    if _checks.is_checked((w.packed, w.comp), key):
+        return
+    packed, comp = _pack_reference(_reference.int8_unpack_weight(w.packed, n, k))
+    if not torch.equal(packed, w.packed):
+        raise ValueError(
+            f"{fn}: {name}.packed is not a packed [{n}, {k}] weight (its padding must be zero): "
+            "build it with pack_int8_weight"
+        )
+    if not torch.equal(comp, w.comp):
+        raise ValueError(
+            f"{fn}: {name}.comp does not match {name}.packed (it must hold 128 * the sum of "
+            "each weight row): build it with pack_int8_weight"
+        )
+    _checks.mark_checked((w.packed, w.comp), key)
+
+
 def _check_weight(fn: str, w_q: Tensor) -> None:
     if not isinstance(w_q, Tensor):
         raise TypeError(f"{fn}: w_q must be a torch.Tensor, got {type(w_q).__name__}")
@@ -324,7 +385,10 @@ def pack_int8_weight(w_q: Tensor) -> Int8PackedWeight:
     """Packs an int8 [N, K] weight once for :func:`int8_linear` (see Int8PackedWeight)."""
     _check_weight("pack_int8_weight", w_q)
     packed, comp = torch.ops.pykernels.int8_pack_weight(w_q)
-    return Int8PackedWeight(packed, comp, int(w_q.shape[0]), int(w_q.shape[1]))
+    n, k = int(w_q.shape[0]), int(w_q.shape[1])
+    if _checks.has_data(packed, comp):  # made here: nothing to check
+        _checks.mark_checked((packed, comp), ("int8-packed", n, k))
+    return Int8PackedWeight(packed, comp, n, k)
 
 
 def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
@@ -333,6 +397,7 @@ def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
         raise TypeError(
             f"unpack_int8_weight: w must be an Int8PackedWeight, got {type(w).__name__}"
         )
+    _check_packed("unpack_int8_weight", w, "w")
     return _reference.int8_unpack_weight(w.packed, w.n, w.k)
 
 
@@ -375,7 +440,10 @@ def _rows(
     if x2.shape[0] == 0 or n == 0 or k == 0:
         y = x.new_zeros(*lead, n)
         return x2, lead, (y if bias32 is None or k else (y + bias32).to(x.dtype))
-    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), lead, None
+    # The kernels read rows of unit stride, one after another: an expanded
+    # (zero-stride) or interleaved x is copied first.
+    rows_ok = (k <= 1 or x2.stride(1) == 1) and (x2.shape[0] <= 1 or x2.stride(0) >= k)
+    return (x2 if rows_ok else x2.contiguous()), lead, None
 
 
 def int8_linear(
@@ -394,12 +462,8 @@ def int8_linear(
     """
     fn = "int8_linear"
     if isinstance(w_q, Int8PackedWeight):
-        n, k, device = w_q.n, w_q.k, w_q.packed.device
-        np_, kp = _reference.packed_shape(n, k)
-        if w_q.packed.dtype != torch.int8 or w_q.packed.numel() != np_ * kp:
-            raise ValueError(f"{fn}: w_q.packed must be int8 with {np_ * kp} elements")
-        if w_q.comp.dtype != torch.int32 or w_q.comp.shape != (np_,):
-            raise ValueError(f"{fn}: w_q.comp must be int32 of shape ({np_},)")
+        _check_packed(fn, w_q)
+        n, k, device = int(w_q.n), int(w_q.k), w_q.packed.device
     else:
         _check_weight(fn, w_q)
         n, k = w_q.shape

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _reference, backends
+from . import _checks
 
 BLOCK = 4  # BSR block: 4 x 4 (csrc/sparse/sparse.h says why)
 PATTERNS = ("unstructured", "block", "2:4")
@@ -70,14 +71,21 @@ def to_sparse(w: Tensor, block: int = 1) -> SparseWeight:
     """The sparse form of a dense [n, k] weight, keeping exactly its non-zeros.
 
     ``block=1``: CSR of the non-zero entries. ``block=4``: BSR of every 4x4
-    block holding a non-zero (zeros inside kept blocks are stored).
+    block holding a non-zero (zeros inside kept blocks are stored). NaN and
+    inf count as non-zeros; -0.0 counts as a zero and is not stored (pruning
+    by multiplying with a 0/1 mask leaves -0.0 behind, which should not cost
+    storage), so it comes back from :func:`to_dense` as +0.0.
     """
     if not isinstance(w, Tensor):
         raise TypeError(f"to_sparse: w must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(f"to_sparse: w must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
-    if block not in (1, BLOCK):
+    if not w.is_floating_point():
+        raise TypeError(f"to_sparse: w must be a float tensor, got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"to_sparse: w must be 2-D [n, k], got shape {tuple(w.shape)}")
+    if _checks.check_int("to_sparse", "block", block) not in (1, BLOCK):
         raise ValueError(f"to_sparse: block must be 1 or {BLOCK}, got {block!r}")
+    if w.device.type == "meta":
+        raise ValueError("to_sparse: w is a meta tensor: which entries are non-zero is unknown")
     w = w.detach()
     n, k = w.shape
     if block == 1:
@@ -103,9 +111,18 @@ def to_sparse(w: Tensor, block: int = 1) -> SparseWeight:
 
 
 def to_dense(sw: SparseWeight) -> Tensor:
-    """The dense float32 [n, k] weight of a SparseWeight, bit-exact."""
+    """The dense float32 [n, k] weight of a SparseWeight.
+
+    Every stored value comes back bit-exact (NaN payloads included); entries
+    not stored are +0.0. :func:`to_sparse` stores the non-zeros only (for
+    BSR, every entry of a block holding one), and -0.0 is a zero:
+    ``to_dense(to_sparse(w))`` equals ``w`` (``torch.equal``, NaN aside) with
+    each -0.0 that was not stored turned to +0.0.
+    """
     _check_weight("to_dense", sw)
     dev = sw.values.device
+    if dev.type == "meta":
+        return torch.empty(sw.n, sw.k, dtype=torch.float32, device=dev)
     cols = col_as_int64(sw.col)
     if sw.block == 1:
         rows = torch.repeat_interleave(
@@ -125,14 +142,61 @@ def bsr_to_csr(sw: SparseWeight) -> tuple[SparseWeight, Tensor]:
     """A BSR weight as CSR over every stored entry, and the map from CSR to BSR values.
 
     ``csr.values == sw.values.flatten()[perm]``; entries of edge blocks past
-    n or k are left out. Backward runs on this form.
+    n or k are left out. Backward runs on this form. The structure (columns,
+    row pointers, ``perm``) depends only on ``sw.col`` and ``sw.row_ptr`` and
+    is remembered for them until either changes: building it (an argsort over
+    every stored entry) cost more than the backward kernels themselves on
+    every training step of a block-sparse layer.
     """
+    col, row_ptr, perm = _csr_structure(sw)
+    return SparseWeight(sw.values.reshape(-1)[perm].float(), col, row_ptr, sw.n, sw.k, 1), perm
+
+
+# Expanded structures by id of the BSR column tensor, as ops/_checks.py keeps
+# its fingerprints: weak references to the very tensors (a reused id never
+# matches), their version counters and data pointers (an in-place change or a
+# swap voids the entry), and the entry goes when the column tensor does.
+_EXPANDED: dict[int, tuple] = {}
+
+
+def _structure_state(t: Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        version = -1
+    return (version, t.data_ptr(), t.numel(), t.dtype, t.device)
+
+
+def _csr_structure(sw: SparseWeight) -> tuple[Tensor, Tensor, Tensor]:
+    import weakref
+
+    try:
+        state = (_structure_state(sw.col), _structure_state(sw.row_ptr), sw.n, sw.k)
+    except (RuntimeError, NotImplementedError):  # fake or functional tensors: no storage
+        return _expand_structure(sw)
+    key = id(sw.col)
+    hit = _EXPANDED.get(key)
+    if hit is not None:
+        rcol, rrow, hstate, value = hit
+        if rcol() is sw.col and rrow() is sw.row_ptr and hstate == state:
+            return value
+    value = _expand_structure(sw)
+    try:
+        rcol = weakref.ref(sw.col, lambda _r, key=key: _EXPANDED.pop(key, None))
+        rrow = weakref.ref(sw.row_ptr)
+    except TypeError:
+        return value
+    _EXPANDED[key] = (rcol, rrow, state, value)
+    return value
+
+
+def _expand_structure(sw: SparseWeight) -> tuple[Tensor, Tensor, Tensor]:
     dev = sw.values.device
     nb = -(-sw.n // BLOCK)
     counts = sw.row_ptr[1:] - sw.row_ptr[:-1]  # blocks per block row
     brow = torch.repeat_interleave(torch.arange(nb, device=dev), counts)  # [nblocks]
     bcol = col_as_int64(sw.col)
-    j = torch.arange(sw.values.shape[0], device=dev)
+    j = torch.arange(bcol.shape[0], device=dev)
     rr = torch.arange(BLOCK, device=dev)
     # entry (block j, row rr, col kk) -> row 4*brow+rr, col 4*bcol+kk, value j*16+rr*4+kk
     row = (brow[:, None, None] * BLOCK + rr[None, :, None]).expand(-1, BLOCK, BLOCK)
@@ -144,30 +208,139 @@ def bsr_to_csr(sw: SparseWeight) -> tuple[SparseWeight, Tensor]:
     row, col, perm = row[order], col[order], idx[order]
     row_ptr = torch.zeros(sw.n + 1, dtype=torch.int64, device=dev)
     row_ptr[1:] = torch.cumsum(torch.bincount(row, minlength=sw.n), 0)
-    csr = SparseWeight(
-        sw.values.reshape(-1)[perm].float(),
-        col.to(torch.int32).to(_col_dtype(sw.k, 1)),
-        row_ptr,
-        sw.n,
-        sw.k,
-        1,
-    )
-    return csr, perm
+    return col.to(torch.int32).to(_col_dtype(sw.k, 1)), row_ptr, perm
+
+
+def _structure_problem(row_ptr: Tensor, col: Tensor, kcols: int) -> str | None:
+    """What is wrong with a CSR/BSR structure whose shapes and dtypes are right, or None.
+
+    The invariants every backend relies on (torch's sparse tensors check the
+    same ones): row_ptr starts at 0, never decreases and ends at the number of
+    column indices; every column index is in [0, kcols); within a row the
+    indices strictly increase (sorted, no duplicates: a duplicate would be
+    summed by the products but not by to_dense).
+    """
+    nnz = col.numel()
+    steps = row_ptr[1:] - row_ptr[:-1]
+    c = col.to(torch.int32)
+    if col.dtype == torch.int16:
+        c = c & 0xFFFF
+    flags = [row_ptr[0] != 0, (steps < 0).any(), row_ptr[-1] != nnz]
+    if nnz:
+        flags += [c.min() < 0, c.max() >= kcols]
+    bad = torch.stack(flags).tolist() if flags else []
+    if bad[0]:
+        return f"row_ptr must start at 0, got {int(row_ptr[0])}"
+    if bad[1]:
+        r = int((steps < 0).nonzero()[0])
+        return f"row_ptr must not decrease, got row_ptr[{r}] > row_ptr[{r + 1}]"
+    if bad[2]:
+        return f"row_ptr must end at the number of column indices ({nnz}), got {int(row_ptr[-1])}"
+    if nnz and (bad[3] or bad[4]):
+        lo, hi = int(c.min()), int(c.max())
+        return (
+            f"col holds an index out of range: indices span [{lo}, {hi}], not within [0, {kcols})"
+        )
+    if nnz > 1:
+        # A row starts at row_ptr[r] of every non-empty row r; elsewhere a
+        # column must exceed the one before it.
+        starts = torch.zeros(nnz, dtype=torch.bool, device=col.device)
+        starts[row_ptr[:-1][steps > 0]] = True
+        unsorted = (c[1:] <= c[:-1]) & ~starts[1:]
+        if bool(unsorted.any()):
+            j = int(unsorted.nonzero()[0]) + 1
+            return (
+                f"col must increase strictly within each row (sorted, no duplicates), "
+                f"got col[{j - 1}] = {int(c[j - 1])} then col[{j}] = {int(c[j])}"
+            )
+    return None
+
+
+def check_structure(
+    fn: str,
+    values: Tensor,
+    col: Tensor,
+    row_ptr: Tensor,
+    n: int,
+    k: int,
+    block: int,
+    name=lambda field: f"w_sparse.{field}",
+) -> None:
+    """Checks a sparse weight's parts against each other: what every backend needs.
+
+    Shapes, dtypes and devices always; the contents (row pointers, column
+    range and order) whenever the values can be read, once per structure
+    (the result is kept until a tensor changes). ``name(field)`` names a part
+    in the messages. Raises TypeError or ValueError; the native bindings
+    check the contents again.
+    """
+    if (
+        not torch.compiler.is_compiling()  # data pointers do not trace
+        and type(n) is int  # noqa: E721 - exactly int: a float 20.0 would pass ==
+        and type(k) is int  # noqa: E721
+        and type(block) is int  # noqa: E721
+        and isinstance(values, Tensor)
+        and _checks.is_checked((col, row_ptr), ("sparse", n, k, block))
+        and values.device == col.device
+        and values.is_floating_point()
+        and values.shape == ((col.numel(),) if block == 1 else (col.numel(), BLOCK, BLOCK))
+    ):
+        return  # this structure passed in full and has not changed since
+    n = _checks.check_int(fn, name("n"), n, 0)
+    k = _checks.check_int(fn, name("k"), k, 0)
+    if _checks.check_int(fn, name("block"), block) not in (1, BLOCK):
+        raise ValueError(f"{fn}: {name('block')} must be 1 or {BLOCK}, got {block}")
+    for field, t in (("values", values), ("col", col), ("row_ptr", row_ptr)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name(field)} must be a torch.Tensor, got {type(t).__name__}")
+    if not values.is_floating_point():
+        raise TypeError(f"{fn}: {name('values')} must be a float tensor, got {values.dtype}")
+    if col.dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"{fn}: {name('col')} must be int16 or int32, got {col.dtype}")
+    if row_ptr.dtype != torch.int64:
+        raise TypeError(f"{fn}: {name('row_ptr')} must be int64, got {row_ptr.dtype}")
+    rows = n if block == 1 else -(-n // BLOCK)
+    kcols = k if block == 1 else -(-k // BLOCK)
+    if row_ptr.shape != (rows + 1,):
+        raise ValueError(
+            f"{fn}: {name('row_ptr')} must have shape ({rows + 1},) for {n} rows"
+            f"{'' if block == 1 else ' in 4-row blocks'}, got {tuple(row_ptr.shape)}"
+        )
+    if col.dim() != 1:
+        raise ValueError(f"{fn}: {name('col')} must be 1-D, got shape {tuple(col.shape)}")
+    want = (col.numel(),) if block == 1 else (col.numel(), BLOCK, BLOCK)
+    if values.shape != want:
+        raise ValueError(
+            f"{fn}: {name('values')} must have shape {want} (one "
+            f"{'value' if block == 1 else '4x4 block'} per column index), "
+            f"got {tuple(values.shape)}"
+        )
+    if col.dtype == torch.int16 and kcols > 65536:
+        raise ValueError(
+            f"{fn}: {name('col')} is int16, which addresses 65536 "
+            f"{'columns' if block == 1 else 'block columns'}; K = {k} needs int32"
+        )
+    for field, t in (("col", col), ("row_ptr", row_ptr)):
+        if t.device != values.device:
+            raise ValueError(
+                f"{fn}: {name(field)} is on {t.device} but {name('values')} is on {values.device}"
+            )
+    if not _checks.has_data(values, col, row_ptr):
+        return
+    key = ("sparse", n, k, block)
+    if _checks.is_checked((col, row_ptr), key):
+        return
+    problem = _structure_problem(row_ptr, col, kcols)
+    if problem is not None:
+        field, _, rest = problem.partition(" ")
+        raise ValueError(f"{fn}: {name(field)} {rest}")
+    _checks.mark_checked((col, row_ptr), key)
 
 
 def _check_weight(fn: str, sw: SparseWeight) -> None:
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"{fn}: w_sparse must be a SparseWeight, got {type(sw).__name__}")
-    rows = sw.n if sw.block == 1 else -(-sw.n // BLOCK)
-    if sw.block not in (1, BLOCK):
-        raise ValueError(f"{fn}: w_sparse.block must be 1 or {BLOCK}, got {sw.block}")
-    if sw.row_ptr.dtype != torch.int64 or sw.row_ptr.shape != (rows + 1,):
-        raise ValueError(f"{fn}: w_sparse.row_ptr must be int64 of shape ({rows + 1},)")
-    per = 1 if sw.block == 1 else BLOCK * BLOCK
-    if sw.col.dtype not in (torch.int16, torch.int32) or sw.col.dim() != 1:
-        raise ValueError(f"{fn}: w_sparse.col must be a 1-D int16 or int32 tensor")
-    if sw.values.numel() != sw.col.numel() * per or not sw.values.is_floating_point():
-        raise ValueError(f"{fn}: w_sparse.values must hold {per} float(s) per column index")
+    check_structure(fn, sw.values, sw.col, sw.row_ptr, sw.n, sw.k, sw.block)
 
 
 # --- buffers for the native kernels ------------------------------------------
@@ -181,7 +354,18 @@ def _col_np(col: Tensor) -> np.ndarray:
 def _forward_impl(
     x: Tensor, values: Tensor, col: Tensor, row_ptr: Tensor, bias: Tensor | None, n: int, block: int
 ) -> Tensor:
+    # Every backend reads the structure it is given: checked here too (once
+    # per structure), since under torch.compile this is the first place its
+    # contents are known.
+    check_structure("sparse_linear", values, col, row_ptr, n, x.shape[1], block)
+    return _forward_checked(x, values, col, row_ptr, bias, n, block)
+
+
+def _forward_checked(
+    x: Tensor, values: Tensor, col: Tensor, row_ptr: Tensor, bias: Tensor | None, n: int, block: int
+) -> Tensor:
     m, k = x.shape
+    col, row_ptr = col.contiguous(), row_ptr.contiguous()
     backend = backends.choose("sparse", x.device)
     sw = SparseWeight(values, col, row_ptr, n, k, block)
     if backend.name == "native-cpu":
@@ -371,12 +555,7 @@ def sparse_linear(x: Tensor, w_sparse: SparseWeight, bias: Tensor | None = None)
             raise TypeError(f"{fn}: bias must be a float tensor or None")
         if bias.shape != (n,):
             raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    for name, t in (
-        ("x", x),
-        ("bias", bias),
-        ("w_sparse.col", w_sparse.col),
-        ("w_sparse.row_ptr", w_sparse.row_ptr),
-    ):
+    for name, t in (("x", x), ("bias", bias)):
         if t is not None and t.device != w_sparse.values.device:
             raise ValueError(
                 f"{fn}: {name} is on {t.device} but w_sparse.values is on {w_sparse.values.device}"
@@ -387,8 +566,10 @@ def sparse_linear(x: Tensor, w_sparse: SparseWeight, bias: Tensor | None = None)
     x2 = x.reshape(math.prod(lead), k).float().contiguous()
     values = w_sparse.values.float()
     b32 = None if bias is None else bias.float()
+    # Called directly (the structure was checked above), or through the op,
+    # which checks it again where it runs (compiled code).
     op = (
-        _forward_impl
+        _forward_checked
         if backends.skip_dispatcher(x2, values, b32)
         else torch.ops.pykernels.sparse_linear
     )
@@ -451,8 +632,16 @@ def magnitude_keep(scores: Tensor, keep: int) -> Tensor:
 
 def prune_mask(weight: Tensor, sparsity: float | None, pattern: str = "unstructured") -> Tensor:
     """The boolean keep-mask :func:`prune` applies (see there)."""
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError("prune: weight must be a 2-D float tensor")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"prune: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"prune: weight must be a 2-D float tensor, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"prune: weight must be a 2-D float tensor, got shape {tuple(weight.shape)}"
+        )
+    if weight.device.type == "meta":
+        raise ValueError("prune: weight is a meta tensor: its magnitudes are unknown")
     if pattern not in PATTERNS:
         raise ValueError(f"prune: pattern must be one of {PATTERNS}, got {pattern!r}")
     if pattern == "2:4":

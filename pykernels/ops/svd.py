@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import _checks
+
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -40,24 +42,70 @@ def _orth(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
+class _NotFinite(ValueError):
+    """A product with `a` is not finite: a holds NaN or inf (or overflows)."""
+
+
+def _not_finite(fn: str, a: Tensor) -> ValueError:
+    return ValueError(
+        f"{fn}: a holds NaN or inf (or values so large that products with it overflow {a.dtype})"
+    )
+
+
 def _project_out(y: Tensor, basis: Tensor | None) -> Tensor:
     return y if basis is None else y - basis @ (basis.T @ y)
+
+
+def _orth_against(y: Tensor, basis: Tensor | None, gen: torch.Generator) -> Tensor:
+    """Orthonormal columns spanning what `y` adds to `basis`, as many as y has,
+    orthogonal to `basis`: a rank-revealing orthogonalization.
+
+    A plain QR of a rank-deficient y (an exactly low-rank matrix gives one: all
+    ones, a checkerboard, an integer outer product) still returns orthonormal
+    columns, but those past y's rank are the directions of its rounding noise,
+    which after projection need not be orthogonal to the basis at all: the
+    Krylov basis then stops being orthonormal and the factors come out wrong.
+    Here the directions y holds only at the noise level are recognised (an SVD
+    of QR's small R factor) and replaced by random ones orthogonalized against
+    everything kept.
+    """
+    m, w = y.shape
+    scale = float(torch.linalg.vector_norm(y))  # what the rounding is relative to
+    if not math.isfinite(scale):
+        raise _NotFinite()
+    y = _project_out(y, basis)
+    q, r = torch.linalg.qr(y)
+    sr = torch.linalg.svdvals(r)
+    noise = 16 * torch.finfo(y.dtype).eps * math.sqrt(max(m, w)) * scale
+    rank = int((sr > noise).sum())
+    kept = q
+    if rank < w:  # the directions of y above the noise, in order
+        ur = torch.linalg.svd(r).U
+        kept = q @ ur[:, :rank]
+    if basis is not None and rank:
+        # The second pass of Gram-Schmidt ("twice is enough"), on real
+        # directions only, so a plain QR after it is safe.
+        kept = _orth(_project_out(kept, basis))
+    if rank == w:
+        return kept
+    known = kept if basis is None else torch.cat([basis, kept], dim=1)
+    z = torch.randn(m, w - rank, generator=gen, device=y.device, dtype=y.dtype)
+    for _ in range(2):
+        z = _project_out(z, known)
+    return torch.cat([kept, _orth(_project_out(_orth(z), known))], dim=1)
 
 
 def _krylov_factors(a: Tensor, width: int, steps: int, gen: torch.Generator):
     """(K, Bt): K [m, (steps+1) * width] orthonormal, Bt = A^T K."""
     n = a.shape[1]
     omega = torch.randn(n, width, generator=gen, device=a.device, dtype=a.dtype)
-    blocks = [_orth(a @ omega)]
+    blocks = [_orth_against(a @ omega, None, gen)]
     products = []
     for _ in range(steps):
         w = a.T @ blocks[-1]
         products.append(w)
         basis = torch.cat(blocks, dim=1)
-        y = _project_out(a @ _orth(w), basis)
-        q = _orth(y)
-        # Again: when y was mostly rounding noise, q is not yet orthogonal to the basis.
-        blocks.append(_orth(_project_out(q, basis)))
+        blocks.append(_orth_against(a @ _orth(w), basis, gen))
     products.append(a.T @ blocks[-1])
     return torch.cat(blocks, dim=1), torch.cat(products, dim=1)
 
@@ -83,6 +131,49 @@ def _small_svd(k: Tensor, bt: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor
     return k @ us[:, :rank], sv[:rank], qb @ vhs[:rank].T
 
 
+def _wrap_seed(seed: int) -> int:
+    """A seed as the int64 a custom op carries; torch.Generator reads both alike."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _generator(a: Tensor, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=a.device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@torch.library.custom_op("pykernels::randomized_svd", mutates_args=())
+def _randomized_svd_op(
+    a: Tensor, rank: int, n_iter: int, oversample: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = "randomized_svd"
+    m, n = a.shape
+    width = rank + oversample
+    if (n_iter + 1) * width >= min(m, n):
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"{fn}: a holds NaN or inf")
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous()
+    transposed = m < n  # the Krylov basis lives in the smaller dimension
+    work = a.T if transposed else a
+    try:
+        k, bt = _krylov_factors(work, width, n_iter, _generator(a, seed))
+    except _NotFinite:
+        raise _not_finite(fn, a) from None
+    if not bool(torch.isfinite(bt).all()):
+        raise _not_finite(fn, a)
+    u, s, v = _small_svd(k, bt, rank)
+    if transposed:
+        u, v = v, u
+    return u.contiguous(), s[:rank].contiguous(), v.T.contiguous()
+
+
+@_randomized_svd_op.register_fake
+def _(a, rank, n_iter, oversample, seed):
+    m, n = a.shape
+    return a.new_empty(m, rank), a.new_empty(rank), a.new_empty(rank, n)
+
+
 def randomized_svd(
     a: Tensor, rank: int, n_iter: int = 1, oversample: int = 8, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,35 +184,90 @@ def randomized_svd(
     with orthonormal columns / rows, s ``[rank]`` descending. Deterministic
     for a seed (on one device and torch version). fp32 and fp64; fp16/bf16
     are computed in fp32. When the sketch would cover min(m, n), the exact
-    SVD is used instead.
+    SVD is used instead. Exactly low-rank matrices (rank below ``rank``)
+    factor exactly: the sketch is orthogonalized rank-revealingly. One custom
+    op, so it compiles with ``torch.compile(fullgraph=True)`` (its
+    data-dependent steps run inside it). No gradient flows through it.
     """
     fn = "randomized_svd"
     # NaN and inf always reach the (small) results, so they are checked there:
     # a full pass over a for it cost 15% of the call.
     a = _check_matrix(fn, a, finite=False)
     m, n = a.shape
-    for name, v, lo in (("rank", rank, 1), ("n_iter", n_iter, 0), ("oversample", oversample, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {v!r}")
+    rank = _checks.check_int(fn, "rank", rank, 1)
+    n_iter = _checks.check_int(fn, "n_iter", n_iter, 0)
+    oversample = _checks.check_int(fn, "oversample", oversample, 0)
+    seed = _checks.check_seed(fn, seed)
     if rank > min(m, n):
         raise ValueError(f"{fn}: rank must be <= min(m, n) = {min(m, n)}, got {rank}")
-    width = rank + oversample
-    if (n_iter + 1) * width >= min(m, n):
-        if not bool(torch.isfinite(a).all()):
-            raise ValueError(f"{fn}: a holds NaN or inf")
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank]
-    transposed = m < n  # the Krylov basis lives in the smaller dimension
+    return torch.ops.pykernels.randomized_svd(a, rank, n_iter, oversample, _wrap_seed(seed))
+
+
+@torch.library.custom_op("pykernels::svd_rank", mutates_args=())
+def _svd_rank_op(a: Tensor, target: float, block: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    fn = "svd_rank"
+    m, n = a.shape
+    transposed = m < n
     work = a.T if transposed else a
-    gen = torch.Generator(device=a.device)
-    gen.manual_seed(seed)
-    k, bt = _krylov_factors(work, width, n_iter, gen)
-    if not bool(torch.isfinite(bt).all()):
+    mm, nn = work.shape
+    total = float(work.double().pow(2).sum())
+    if not math.isfinite(total):
         raise ValueError(f"{fn}: a holds NaN or inf")
-    u, s, v = _small_svd(k, bt, rank)
+    if total == 0.0:
+        z = work.new_zeros
+        return z(m, 0), z(0), z(0, n)
+    gen = _generator(a, seed)
+    basis = work.new_zeros(mm, 0)
+    rows = []  # blocks of Q^T a, stacked: B = Q^T a
+    captured = 0.0
+    # Grow until what the basis misses is a small part of the allowed error:
+    # that residual counts against every rank read from the small SVD below.
+    full = False
+    while basis.shape[1] < min(mm, nn):
+        if basis.shape[1] + block > min(mm, nn) / 3:
+            # The answer is a large part of the dimension: a full SVD is then
+            # cheaper than growing the basis further.
+            full = True
+            break
+        b = min(block, min(mm, nn) - basis.shape[1])
+        omega = torch.randn(nn, b, generator=gen, device=a.device, dtype=work.dtype)
+        y = _project_out(work @ omega, basis)
+        for _ in range(2):  # power steps: the basis should hold the top subspace, not just energy
+            y = _project_out(work @ (work.T @ _orth(y)), basis)
+        try:
+            q = _orth_against(y, basis if basis.shape[1] else None, gen)
+        except _NotFinite:
+            raise _not_finite(fn, a) from None
+        r = q.T @ work
+        basis = torch.cat([basis, q], dim=1)
+        rows.append(r)
+        captured += float(r.double().pow(2).sum())
+        if (total - captured) / total <= target * 0.2:
+            break
+    if full:
+        basis, rows, captured = None, [work], total
+    bmat = torch.cat(rows, dim=0)
+    ub, s, vh = torch.linalg.svd(bmat, full_matrices=False)
+    tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])  # sum_{i>=j} s_i^2
+    residual = total - captured  # what the basis misses altogether
+    err = torch.cat([tail[1:], tail.new_zeros(1)]) + residual  # error of keeping s[:j+1]
+    ok = (err / total <= target).nonzero()
+    r = int(ok[0]) + 1 if ok.numel() else s.numel()
+    u = ub[:, :r] if basis is None else basis @ ub[:, :r]
+    v = vh[:r].T
     if transposed:
         u, v = v, u
-    return u.contiguous(), s[:rank].contiguous(), v.T.contiguous()
+    return u.contiguous(), s[:r].contiguous(), v.T.contiguous()
+
+
+@_svd_rank_op.register_fake
+def _(a, target, block, seed):
+    # The rank is read off the data: a size only known when the op has run.
+    m, n = a.shape
+    bound = min(m, n)  # a static bound only when the shapes are static
+    ctx = torch.library.get_ctx()
+    r = ctx.new_dynamic_size(max=bound) if isinstance(bound, int) else ctx.new_dynamic_size()
+    return a.new_empty(m, r), a.new_empty(r), a.new_empty(r, n)
 
 
 def svd_rank(
@@ -142,72 +288,31 @@ def svd_rank(
     estimate is below the target. The rank is then read off the SVD of the
     small ``Q^T a``. When the basis would pass a third of min(m, n), a full
     SVD is cheaper and is used instead. Returns ``(rank, u, s, vh)``.
+
+    One custom op, so it compiles with ``torch.compile(fullgraph=True)``; the
+    rank is then a size known only at run time (an unbacked symbolic int),
+    and a meta tensor, whose values are unknown, is refused.
     """
     fn = "svd_rank"
     a = _check_matrix(fn, a, finite=False)  # ||a||^2 below is not finite exactly then
     if (tol is None) == (energy is None):
         raise ValueError(f"{fn}: give exactly one of tol and energy")
     if tol is not None:
-        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1:
+        tol = _checks.check_number(fn, "tol", tol)
+        if not 0 <= tol < 1:  # also refuses NaN
             raise ValueError(f"{fn}: tol must be in [0, 1), got {tol!r}")
-        target = float(tol) ** 2
+        target = tol**2
     else:
-        if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1:
+        energy = _checks.check_number(fn, "energy", energy)
+        if not 0 < energy <= 1:
             raise ValueError(f"{fn}: energy must be in (0, 1], got {energy!r}")
-        target = 1.0 - float(energy)
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"{fn}: block must be a positive int, got {block!r}")
-    m, n = a.shape
-    transposed = m < n
-    work = a.T if transposed else a
-    mm, nn = work.shape
-    total = float(work.double().pow(2).sum())
-    if not math.isfinite(total):
-        raise ValueError(f"{fn}: a holds NaN or inf")
-    if total == 0.0:
-        z = work.new_zeros
-        u, vh = z(m, 0), z(0, n)
-        return 0, u, z(0), vh
-    gen = torch.Generator(device=a.device)
-    gen.manual_seed(seed)
-    basis = work.new_zeros(mm, 0)
-    rows = []  # blocks of Q^T a, stacked: B = Q^T a
-    captured = 0.0
-    # Grow until what the basis misses is a small part of the allowed error:
-    # that residual counts against every rank read from the small SVD below.
-    full = False
-    while basis.shape[1] < min(mm, nn):
-        if basis.shape[1] + block > min(mm, nn) / 3:
-            # The answer is a large part of the dimension: a full SVD is then
-            # cheaper than growing the basis further.
-            full = True
-            break
-        b = min(block, min(mm, nn) - basis.shape[1])
-        omega = torch.randn(nn, b, generator=gen, device=a.device, dtype=work.dtype)
-        y = _project_out(work @ omega, basis)
-        for _ in range(2):  # power steps: the basis should hold the top subspace, not just energy
-            y = _project_out(work @ (work.T @ _orth(y)), basis)
-        q = _orth(_project_out(_orth(y), basis))
-        r = q.T @ work
-        basis = torch.cat([basis, q], dim=1)
-        rows.append(r)
-        captured += float(r.double().pow(2).sum())
-        if (total - captured) / total <= target * 0.2:
-            break
-    if full:
-        basis, rows, captured = None, [work], total
-    bmat = torch.cat(rows, dim=0)
-    ub, s, vh = torch.linalg.svd(bmat, full_matrices=False)
-    tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])  # sum_{i>=j} s_i^2
-    residual = total - captured  # what the basis misses altogether
-    err = torch.cat([tail[1:], tail.new_zeros(1)]) + residual  # error of keeping s[:j+1]
-    ok = (err / total <= target).nonzero()
-    r = int(ok[0]) + 1 if ok.numel() else s.numel()
-    u = ub[:, :r] if basis is None else basis @ ub[:, :r]
-    v = vh[:r].T
-    if transposed:
-        u, v = v, u
-    return r, u.contiguous(), s[:r].contiguous(), v.T.contiguous()
+        target = 1.0 - energy
+    block = _checks.check_int(fn, "block", block, 1)
+    seed = _checks.check_seed(fn, seed)
+    if a.device.type == "meta":
+        raise ValueError(f"{fn}: a is a meta tensor: the rank depends on its values")
+    u, s, vh = torch.ops.pykernels.svd_rank(a, target, block, _wrap_seed(seed))
+    return s.shape[0], u, s, vh
 
 
 def optimal_error(s_full: Tensor, rank: int) -> float:
@@ -224,6 +329,10 @@ MAX_BATCHED_DIM = 256
 def _batched_op(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     from .. import backends
 
+    # Here rather than in batched_svd: under torch.compile the values are
+    # first known here.
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("batched_svd: a holds NaN or inf")
     b, m, n = a.shape
     k = min(m, n)
     backend = backends.choose("svd", a.device)
@@ -261,6 +370,8 @@ def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns ``u [..., m, k]``, ``s [..., k]``, ``vh [..., k, n]`` with
     ``k = min(m, n)``, in a's dtype (fp16/bf16 computed and returned in
     fp32). Other devices use ``torch.linalg.svd`` there (the torch backend).
+    NaN or inf in a is refused (a ValueError, raised inside the op so that
+    it holds under ``torch.compile(fullgraph=True)`` too).
     """
     fn = "batched_svd"
     if not isinstance(a, Tensor):
@@ -275,13 +386,12 @@ def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             f"{fn}: for small matrices (min(m, n) <= {MAX_BATCHED_DIM}), got {m} x {n}; "
             "use torch.linalg.svd or pykernels.ops.randomized_svd for large ones"
         )
-    if not bool(torch.isfinite(a).all()):
-        raise ValueError(f"{fn}: a holds NaN or inf")
     lead = a.shape[:-2]
     work = a.detach()
     if work.dtype in (torch.float16, torch.bfloat16):
         work = work.float()
-    work = work.reshape(-1, m, n).contiguous()
+    # The batch size is explicit: with -1, an empty matrix made it ambiguous.
+    work = work.reshape(math.prod(lead), m, n).contiguous()
     k = min(m, n)
     if work.shape[0] == 0 or k == 0:
         z = work.new_zeros

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, _reference, backends
+from . import _checks
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -84,6 +85,23 @@ def _(x: Tensor, k: int, approx: bool) -> tuple[Tensor, Tensor]:
     return x.new_empty(k), x.new_empty(k, dtype=torch.int64)
 
 
+def _topk_setup(ctx, inputs, output) -> None:
+    x = inputs[0]
+    ctx.save_for_backward(output[1])
+    ctx.shape = x.shape
+
+
+def _topk_grad(ctx, grad_values, grad_indices):  # noqa: ARG001
+    # values = x.flatten()[indices]: the gradient goes back to where each came from.
+    (indices,) = ctx.saved_tensors
+    gx = grad_values.new_zeros(math.prod(ctx.shape))
+    gx.index_add_(0, indices, grad_values)
+    return gx.view(ctx.shape), None, None
+
+
+torch.library.register_autograd("pykernels::topk_sparsify", _topk_grad, setup_context=_topk_setup)
+
+
 @torch.library.custom_op("pykernels::topk_sparsify_ef", mutates_args=("residual",))
 def _topk_sparsify_ef_op(
     x: Tensor, residual: Tensor, k: int, approx: bool
@@ -145,12 +163,20 @@ def topk_sparsify(
             place with what was not sent (entries not selected keep
             ``x + residual``, selected ones keep only the rounding remainder of
             the value to x's dtype, 0 for float32), so that
-            ``x + residual_before == topk_densify(values, indices) + residual_after``.
+            ``x + residual_before == topk_densify(values, indices) + residual_after``
+            in fp32. The sum is formed in fp32; a selected sum beyond an fp16
+            or bf16 value's range is sent saturated (the largest finite value,
+            signed) and the excess stays in the residual, never inf. The
+            identity is then exact for bf16 and for fp16 sums below 2^29,
+            within one fp32 rounding above. A sum that is inf or NaN in fp32
+            is sent as it is and leaves 0.
 
     Returns:
         ``(values, indices)``: values signed, in x's dtype (for error feedback,
         ``x + residual`` rounded to x's dtype); indices int64 into the
-        flattened tensor, ascending.
+        flattened tensor, ascending. Without a residual, values are
+        differentiable in x (as ``torch.topk``'s are: the gradient goes back
+        to the selected entries); with one, the outputs carry no gradient.
 
     Exact mode returns the same set as ``torch.topk(x.abs().flatten(), k)`` up
     to ties; entries of equal magnitude are taken lowest index first, so the
@@ -162,6 +188,8 @@ def topk_sparsify(
     if not isinstance(approx, bool):
         raise TypeError(f"topk_sparsify: approx must be a bool, got {type(approx).__name__}")
     if residual is None:
+        if backends.skip_dispatcher(x):  # eager, no gradient wanted: skip the dispatcher
+            return _run(x, None, k, approx)
         return torch.ops.pykernels.topk_sparsify(x, k, approx)
     if not isinstance(residual, Tensor):
         raise TypeError(f"topk_sparsify: residual must be a torch.Tensor, got {type(residual)}")
@@ -176,11 +204,26 @@ def topk_sparsify(
         raise ValueError(
             f"topk_sparsify: residual must be on x's device {x.device}, got {residual.device}"
         )
+    _checks.check_writable("topk_sparsify", "residual", residual)
+    # Error feedback is state, not a function to differentiate: no gradient
+    # flows through it (and residual is updated in place whatever it is).
+    x, residual = x.detach(), residual.detach()
+    if backends.skip_dispatcher(x, residual):
+        return _run(x, residual, k, approx)
     return torch.ops.pykernels.topk_sparsify_ef(x, residual, k, approx)
+
+
+def _check_indices(indices: Tensor, numel: int) -> None:
+    if indices.numel():
+        lo, hi = torch.aminmax(indices)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= numel:
+            raise ValueError(f"topk_densify: indices must be in [0, {numel}), got [{lo}, {hi}]")
 
 
 @torch.library.custom_op("pykernels::topk_densify", mutates_args=())
 def _topk_densify_op(values: Tensor, indices: Tensor, shape: Sequence[int]) -> Tensor:
+    _check_indices(indices, math.prod(shape))
     out = values.new_zeros(math.prod(shape))
     out.index_add_(0, indices, values)
     return out.view(shape)
@@ -193,6 +236,7 @@ def _(values: Tensor, indices: Tensor, shape: Sequence[int]) -> Tensor:
 
 @torch.library.custom_op("pykernels::topk_densify_into", mutates_args=("out",))
 def _topk_densify_into_op(values: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
+    _check_indices(indices, out.numel())
     flat = out.view(-1) if out.is_contiguous() else out.reshape(-1).clone()
     if not accumulate:
         flat.zero_()
@@ -241,29 +285,27 @@ def topk_densify(
         )
     if values.device != indices.device:
         raise ValueError("topk_densify: values and indices must be on the same device")
+    accumulate = _checks.check_bool("topk_densify", "accumulate", accumulate)
     if out is None:
         if accumulate:
             raise ValueError("topk_densify: accumulate=True needs out")
         if shape is None:
             raise ValueError("topk_densify: give shape or out")
-        shape = tuple(int(s) for s in (shape if isinstance(shape, Sequence) else [shape]))
-        if any(s < 0 for s in shape):
-            raise ValueError(f"topk_densify: shape must be non-negative, got {shape}")
-        numel = math.prod(shape)
+        shape = _checks.check_shape("topk_densify", "shape", shape)
     else:
         if not isinstance(out, Tensor):
             raise TypeError(f"topk_densify: out must be a torch.Tensor, got {type(out)}")
-        if shape is not None and tuple(shape) != tuple(out.shape):
-            raise ValueError(f"topk_densify: shape {tuple(shape)} != out.shape {tuple(out.shape)}")
+        if shape is not None:
+            shape = _checks.check_shape("topk_densify", "shape", shape)
+            if shape != tuple(out.shape):
+                raise ValueError(f"topk_densify: shape {shape} != out.shape {tuple(out.shape)}")
         if out.device != values.device:
             raise ValueError("topk_densify: out must be on the device of values")
         if out.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"topk_densify: out must be a float tensor, got {out.dtype}")
-        numel = out.numel()
-    if indices.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= numel:
-            raise ValueError(f"topk_densify: indices must be in [0, {numel}), got [{lo}, {hi}]")
+        _checks.check_writable("topk_densify", "out", out)
+    # The indices' range is checked inside the ops, where it is known under
+    # torch.compile too.
     if out is None:
         return torch.ops.pykernels.topk_densify(values, indices, list(shape))
     torch.ops.pykernels.topk_densify_into(values, indices, out, accumulate)
