@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_qat.py --benchmark-enable
 
-Cases come from pykernels.bench.int8 (the same ones `python -m pykernels
+Cases come from pykernels.bench.qat (the same ones `python -m pykernels
 bench` runs); add --benchmark-json to keep the figures.
 """
 
