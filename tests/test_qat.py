@@ -210,3 +210,16 @@ def test_mask_is_row_finiteness(gen):
     x[11] = torch.randn(300, generator=gen) * 1e-30  # subnormal scales
     y, m, s = torch.ops.pykernels.fake_quant_per_row(x)
     assert torch.equal(m.bool(), torch.isfinite(s)[:, None].expand_as(m))
+
+
+def test_qatlinear_compiles_fullgraph(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = pk.nn.QATLinear.from_linear(nn.Linear(32, 16))
+    x = torch.randn(4, 32, generator=gen, requires_grad=True)
+    y = torch.compile(layer, fullgraph=True)(x)
+    y.sum().backward()
+    gw, gx = layer.weight.grad.clone(), x.grad.clone()
+    layer.weight.grad, x.grad = None, None
+    y2 = layer(x)
+    y2.sum().backward()
+    assert torch.allclose(y, y2) and torch.equal(gw, layer.weight.grad) and torch.equal(gx, x.grad)
