@@ -11,6 +11,7 @@
 #include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "int8/int8.h"
+#include "qat/qat.h"
 #include "quant/quant.h"
 #include "sparse/sparse.h"
 #include "svd/svd.h"
@@ -163,6 +164,29 @@ void int8_gemm(py::array a, py::array b, py::array c) {
   if (cm != m || cn != n) throw std::invalid_argument("c: expected shape [M, N]");
   py::gil_scoped_release nogil;
   pk::int8::gemm_s8s8s32_cpu(pa, pb, pc, m, n, k, lda, ldb, ldc);
+}
+
+void fake_quant_per_row(py::array x, py::array y, py::array mask, py::array scale) {
+  int64_t r, c, ld, yr, yc, yld, mr, mc, mld;
+  const float* px = matrix<float>(x, "x", &r, &c, &ld, false);
+  float* py_ = matrix<float>(y, "y", &yr, &yc, &yld, true);
+  uint8_t* pm = matrix<uint8_t>(mask, "mask", &mr, &mc, &mld, true);
+  if (yr != r || yc != c || yld != c)
+    throw std::invalid_argument("y: expected a contiguous buffer of x's shape");
+  if (mr != r || mc != c || mld != c)
+    throw std::invalid_argument("mask: expected a contiguous buffer of x's shape");
+  float* ps = data_of<float>(scale, "scale", r, true);
+  py::gil_scoped_release nogil;
+  pk::qat::fake_quant_per_row_cpu(px, r, c, ld, py_, pm, ps);
+}
+
+void fake_quant_backward(py::array grad, py::array mask, py::array out) {
+  const int64_t n = grad.size();
+  const float* pg = data_of<float>(grad, "grad", n, false);
+  const uint8_t* pm = data_of<uint8_t>(mask, "mask", n, false);
+  float* po = data_of<float>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  pk::qat::fake_quant_backward_cpu(pg, pm, n, po);
 }
 
 // A float matrix of element type `code` (FType: fp32, or fp16/bf16 as uint16).
@@ -368,6 +392,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("xtype"), py::arg("w"),
         py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
         "Weight-only int8 linear (float activations).");
+  m.def("fake_quant_per_row", &fake_quant_per_row, py::arg("x"), py::arg("y"), py::arg("mask"),
+        py::arg("scale"), "Fused int8 fake quantization per row with the STE mask (float32).");
+  m.def("fake_quant_backward", &fake_quant_backward, py::arg("grad"), py::arg("mask"),
+        py::arg("out"), "out = grad where mask, else 0 (1-D buffers).");
   m.def("sparse_linear", &sparse_linear, py::arg("x"), py::arg("row_ptr"), py::arg("col"),
         py::arg("values"), py::arg("block"), py::arg("n"), py::arg("bias"), py::arg("y"),
         "y = x @ W.T + bias for a CSR (block 1) or 4x4 BSR (block 4) weight.");

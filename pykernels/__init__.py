@@ -5,7 +5,7 @@
 family will use. See README.md.
 """
 
-from . import backends, comm, compress, nn, ops
+from . import backends, comm, compress, distill, nn, ops, qat, schedules
 from .compress import CompressionReport, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
@@ -45,6 +45,7 @@ __all__ = [
     "backends",
     "comm",
     "compress",
+    "distill",
     "factorize",
     "info",
     "load",
@@ -52,9 +53,11 @@ __all__ = [
     "nn",
     "ops",
     "prune",
+    "qat",
     "quantize_int8",
     "recipes",
     "save",
+    "schedules",
     "set_num_threads",
     "sparsify",
     "version",

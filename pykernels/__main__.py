@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument(
         "--family",
         action="append",
-        choices=["int8", "sparse", "svd", "topk", "comm"],
+        choices=["int8", "qat", "sparse", "svd", "topk", "comm"],
         help="repeatable",
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("int8", "sparse", "svd", "topk", "comm")
+FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "comm")
 
 
 @dataclass

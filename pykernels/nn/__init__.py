@@ -2,6 +2,7 @@
 
 from .embedding import Int8Embedding
 from .int8 import Int8Linear, quantize_int8
+from .qat import QATLinear
 from .sparse import SparseLinear, sparsify
 from .svd import LowRankLinear, TuckerConv2d, factorize
 
@@ -9,6 +10,7 @@ __all__ = [
     "Int8Embedding",
     "Int8Linear",
     "LowRankLinear",
+    "QATLinear",
     "SparseLinear",
     "TuckerConv2d",
     "factorize",

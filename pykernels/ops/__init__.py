@@ -9,6 +9,7 @@ from .int8 import (
     quantize_per_row,
     unpack_int8_weight,
 )
+from .qat import fake_quantize_per_row
 from .quant import dequantize_buckets, quantize_buckets
 from .sparse import SparseWeight, prune, sparse_linear, to_dense, to_sparse
 from .svd import batched_svd, randomized_svd, svd_rank
@@ -17,6 +18,7 @@ from .topk import topk_densify, topk_sparsify
 __all__ = [
     "Int8PackedWeight",
     "batched_svd",
+    "fake_quantize_per_row",
     "dequantize_buckets",
     "int8_gemm",
     "int8_linear",

@@ -1,0 +1,13 @@
+// qat kernels compiled with the avx2 flags (see qat_generic.h).
+#include "qat_generic.h"
+
+namespace pk {
+namespace qat {
+
+const Kernels* kernels_avx2() {
+  static const Kernels table{&fake_quant_rows_generic, &backward_generic};
+  return &table;
+}
+
+}  // namespace qat
+}  // namespace pk
