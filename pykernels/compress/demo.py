@@ -106,6 +106,19 @@ def _pairwise(e: Tensor) -> Tensor:
     return sim[i, j]
 
 
+PEER = "torch quantize_dynamic"
+
+
+def _saved_bytes(model: nn.Module) -> int:
+    """Bytes of a model's saved state_dict: torch's quantized Linears keep their
+    int8 weights in packed objects that are neither parameters nor buffers."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
 def _time_models(models: dict[str, nn.Module], batch: dict, reps: int) -> dict[str, float]:
     """Median ms of one encode per model, the models alternated in each round."""
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -200,6 +213,18 @@ def demo(args: argparse.Namespace) -> int:
         models[recipe], reports[recipe] = compress(fp32, recipe, calib, progress=not args.quiet)
         print(f"  compressed {recipe} in {time.perf_counter() - t0:.1f} s", flush=True)
 
+    # The peer: torch's own int8 path for the same model (fbgemm on x86).
+    peers = set()
+    if not args.no_peers:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+            models[PEER] = torch.ao.quantization.quantize_dynamic(
+                fp32, {nn.Linear}, dtype=torch.qint8
+            )
+        peers.add(PEER)
+
     with torch.inference_mode():
         emb = {k: torch.cat([mean_pool(m, b) for b in qbatches]) for k, m in models.items()}
     latency = _time_models(models, timing_batch, args.reps)
@@ -212,7 +237,7 @@ def demo(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "recipe": k,
-                "size_mb": nbytes_of(m) / 1e6,
+                "size_mb": (_saved_bytes(m) if k in peers else nbytes_of(m)) / 1e6,
                 "latency_ms": latency[k],
                 "speedup": latency["fp32"] / latency[k],
                 "cosine": float(cos.mean()),
@@ -247,11 +272,12 @@ def demo(args: argparse.Namespace) -> int:
         print(f"wrote {chart}")
     else:
         print("(no chart: pip install matplotlib)")
-    good = [r for r in rows[1:] if r["cosine"] >= 0.99]
+    ours = [r for r in rows[1:] if r["recipe"] not in peers]
+    good = [r for r in ours if r["cosine"] >= 0.99]
     best = (
         max(good, key=lambda r: r["speedup"] / r["size_mb"])
         if good
-        else max(rows[1:], key=lambda r: r["cosine"])
+        else max(ours, key=lambda r: r["cosine"])
     )
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", best["recipe"])
     file = os.path.join(args.out, f"minilm_{name}.safetensors")
@@ -342,6 +368,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--calib", type=int, default=4, help="passages given to compress")
     p.add_argument("--report", metavar="RECIPE", help="also print this recipe's full report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-peers", action="store_true", help="leave out torch's quantize_dynamic")
     p.set_defaults(fn=demo)
     p = sub.add_parser("compress", help="compress a model directory or a torch.save'd model")
     p.add_argument("path", help="a Hugging Face model directory or a torch.save'd nn.Module")
