@@ -14,7 +14,7 @@ Int8Linear that computes what was trained::
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -21,7 +21,7 @@ the layers into :class:`pykernels.nn.SparseLinear` at the end::
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

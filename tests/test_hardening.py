@@ -649,7 +649,7 @@ def _like(a, b):
         assert b.device.type == "meta" and b.shape == a.shape and b.dtype == a.dtype, (a, b)
     elif isinstance(a, tuple):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             _like(x, y)
 
 

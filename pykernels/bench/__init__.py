@@ -11,8 +11,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -122,7 +123,7 @@ def table(results: list[Result], baselines: dict[str, str | tuple[str, ...]]) ->
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -147,7 +148,7 @@ def plot(path: str, results: list[Result]) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install 'pykernels[plot]'") from e
     cases = list(dict.fromkeys((r.family, r.case, r.device) for r in results))
     fig, axes = plt.subplots(len(cases), 1, figsize=(8, 2.2 * len(cases)), squeeze=False)
-    for ax, (fam, case, dev) in zip(axes[:, 0], cases):
+    for ax, (fam, case, dev) in zip(axes[:, 0], cases, strict=False):
         rs = [r for r in results if (r.family, r.case, r.device) == (fam, case, dev)]
         ax.barh([r.impl for r in rs], [r.speedup for r in rs], color="tab:blue")
         ax.set_xscale("log")

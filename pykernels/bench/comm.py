@@ -423,7 +423,7 @@ def _receive_ms(method: str, threads: int) -> float:
         outs.append(torch.zeros(n))
 
     def receive():
-        for blob, out in zip(blobs, outs):
+        for blob, out in zip(blobs, outs, strict=False):
             comm.codecs.sum_into([comm.Payload.from_bytes(blob)], out, scale=0.5)
 
     receive()
@@ -536,6 +536,6 @@ def format_ddp(report: dict[str, Any]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(cols))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
+    text = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return head + "\n" + "\n".join(text) + f"\n({report['seconds']:.0f} s)"

@@ -182,7 +182,7 @@ def break_even(points: list[tuple[float, float]]) -> str:
         return "n/a"
     if points[0][1] >= 1.0:
         return f"<= {points[0][0]}"
-    for (s0, r0), (s1, r1) in zip(points, points[1:]):
+    for (s0, r0), (s1, r1) in zip(points, points[1:], strict=False):
         if r0 < 1.0 <= r1:
             t = -math.log(r0) / (math.log(r1) - math.log(r0))
             return f"{s0 + t * (s1 - s0):.2f}"

@@ -37,7 +37,7 @@ would have sent.
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,10 +92,10 @@ class CompressionState:
     def __init__(
         self,
         codec: Codec,
-        process_group: Optional[dist.ProcessGroup] = None,
+        process_group: dist.ProcessGroup | None = None,
         start_iter: int = 10,
         *,
-        model: Optional[nn.Module] = None,
+        model: nn.Module | None = None,
     ) -> None:
         if not isinstance(codec, Codec):
             raise TypeError(
@@ -137,7 +137,7 @@ class CompressionState:
         self._bytes_dense = 0
         self._lock = threading.Lock()
         self._checked: set[tuple[torch.dtype, str]] = set()
-        self._worker: Optional[_Worker] = None
+        self._worker: _Worker | None = None
         # Parameters are numbered in the order the hook first sees them (the
         # initial bucket layout, the same in every fresh process); a bucket's
         # layout is its ((number, numel), ...). Per-bucket residuals follow the
@@ -208,7 +208,7 @@ class CompressionState:
             out.append((i, p.numel()))
         return tuple(out)
 
-    def _residual_holder(self) -> Optional[Codec]:
+    def _residual_holder(self) -> Codec | None:
         """The codec whose per-bucket residuals must follow the parameters, if any."""
         c = self.codec.first if isinstance(self.codec, Chain) else self.codec
         if isinstance(c, LowRank) or not getattr(c, "error_feedback", False):
@@ -437,10 +437,10 @@ def _lowrank_exchange(
     """PowerSGD: allreduce [dense tensors | P], orthonormalize P, allreduce Q, decompress."""
     codec: LowRank = state.codec  # type: ignore[assignment]
     plans = [codec.plan(g.shape) for g in grads]
-    plain = [g for g, plan in zip(grads, plans) if plan is None]
+    plain = [g for g, plan in zip(grads, plans, strict=False) if plan is None]
     steps = [
         codec._begin(name, g, plan)
-        for name, g, plan in zip(names, grads, plans)
+        for name, g, plan in zip(names, grads, plans, strict=False)
         if plan is not None
     ]
     ps = [codec._p(s) for s in steps]
@@ -455,7 +455,7 @@ def _lowrank_exchange(
         g.copy_(first[off : off + g.numel()].view(g.shape).div_(world))
         off += g.numel()
     qs = []
-    for s, p in zip(steps, ps):
+    for s, p in zip(steps, ps, strict=False):
         qs.append(codec._q(s, first[off : off + p.numel()].view(p.shape)))
         off += p.numel()
     if qs:
@@ -464,7 +464,7 @@ def _lowrank_exchange(
         sent += allreduce_bytes(second.numel() * 4, world)
         second.div_(world)
         off = 0
-        for s, q in zip(steps, qs):
+        for s, q in zip(steps, qs, strict=False):
             q_avg = second[off : off + q.numel()].view(q.shape)
             off += q.numel()
             codec._finish(s, q, q_avg)

@@ -157,7 +157,7 @@ def _plot(path: str, rows: list[dict[str, Any]]) -> bool:
         ("speedup", "encode speedup over fp32"),
         ("cosine", "embedding cosine to fp32"),
     )
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=False):
         ax.bar(names, [r[key] for r in rows], color=["#888"] + ["#3a7"] * (len(rows) - 1))
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=45, labelsize=8)

@@ -11,8 +11,9 @@ A later module registers its own layers with :func:`register_kind`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -764,7 +764,7 @@ def _importance(ctx: Context, groups: list[Group], importance: str) -> dict[int,
                 )
                 wg = {
                     id(w): w.detach() * g if g is not None else torch.zeros_like(w)
-                    for w, g in zip(weights, grads)
+                    for w, g in zip(weights, grads, strict=False)
                 }
                 for g in groups:
                     acc[id(g)] += _unit_scores(g, wg).pow(2)
@@ -774,7 +774,7 @@ def _importance(ctx: Context, groups: list[Group], importance: str) -> dict[int,
             f"(put prune before int8 / sparse steps): {e}"
         ) from e
     finally:
-        for w, r in zip(weights, saved):
+        for w, r in zip(weights, saved, strict=False):
             w.requires_grad_(r)
     return {k: (v / len(losses)).sqrt() for k, v in acc.items()}
 

@@ -84,9 +84,9 @@ class CompressionReport:
         widths = [
             max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
         ]
-        line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+        line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False))
         out = [f"CompressionReport: {self.recipe}", line, "-" * len(line)]
-        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
         t = self.total
         out.append("-" * len(line))
         out.append(

@@ -29,7 +29,11 @@ def take_loaded_sizes(
             continue
         if loaded.dim() != mine.dim() or loaded.shape == mine.shape:
             continue
-        if any(a != b for i, (a, b) in enumerate(zip(loaded.shape, mine.shape)) if i != dim):
+        if any(
+            a != b
+            for i, (a, b) in enumerate(zip(loaded.shape, mine.shape, strict=False))
+            if i != dim
+        ):
             continue
         fresh = torch.empty(loaded.shape, dtype=mine.dtype, device=mine.device)
         if isinstance(mine, nn.Parameter):

@@ -5,7 +5,7 @@ a model."""
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -177,7 +177,7 @@ def sparsify(
         flat = torch.cat([s.cpu() for s in scores])
         keep = sp.magnitude_keep(flat, sp._keep_count(flat.numel(), sparsity))
         masks, start = [], 0
-        for (_, _, c), s in zip(targets, scores):
+        for (_, _, c), s in zip(targets, scores, strict=False):
             part = keep[start : start + s.numel()]
             start += s.numel()
             if pattern == "unstructured":

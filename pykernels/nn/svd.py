@@ -5,7 +5,7 @@ model where they are smaller."""
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -100,7 +100,7 @@ def _overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool | None:
     when the strides alone do not settle it (interleaved dimensions)."""
     if any(sz == 0 for sz in shape):
         return False  # no elements, nothing to share
-    dims = sorted((st, sz) for sz, st in zip(shape, strides) if sz > 1)
+    dims = sorted((st, sz) for sz, st in zip(shape, strides, strict=False) if sz > 1)
     if any(st == 0 for st, _ in dims):
         return True
     reach = 0  # the largest offset the smaller-stride dimensions reach
@@ -114,7 +114,7 @@ def _overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool | None:
 def _offsets_overlap(t: Tensor) -> bool:
     """Whether two elements of `t` share memory, by enumerating their offsets."""
     off = torch.zeros((), dtype=torch.int64)
-    for size, stride in zip(t.shape, t.stride()):
+    for size, stride in zip(t.shape, t.stride(), strict=False):
         off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
     flat = off.reshape(-1)
     return flat.unique().numel() != flat.numel()
@@ -176,7 +176,7 @@ def is_checked(tensors: Sequence[Tensor], extra: tuple) -> bool:
     refs, state, what = mark
     if what != extra or len(refs) != len(tensors):
         return False
-    if any(r() is not t for r, t in zip(refs, tensors)):
+    if any(r() is not t for r, t in zip(refs, tensors, strict=False)):
         return False
     return state == _state(tensors)
 

@@ -11,7 +11,8 @@ time), else Numba, else the reference; other devices run torch ops there
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
     """
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
     backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu])
-    for t, c in zip(tensors, cpu):
+    for t, c in zip(tensors, cpu, strict=False):
         if c is not t:
             t.copy_(c)
 

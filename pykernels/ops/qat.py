@@ -26,7 +26,7 @@ def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
     computes on the host, so a non-CPU tensor (forced reference) goes via a copy."""
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
     backends.cpu_function(backend, "qat", fn)(*[t.numpy() for t in cpu])
-    for t, c in zip(tensors, cpu):
+    for t, c in zip(tensors, cpu, strict=False):
         if c is not t:
             t.copy_(c)
 

@@ -82,7 +82,7 @@ def _quantize_impl(
     else:
         fn(xb, code, bits, bucket, stochastic, seed, _np(host[0]), _np(host[1]), _np(host[2]))
     if not on_cpu:
-        for o, h in zip(outputs, host):
+        for o, h in zip(outputs, host, strict=False):
             o.copy_(h)
     if work is not None and work.data_ptr() != residual.data_ptr():
         residual.copy_(work.view(residual.shape))
