@@ -94,6 +94,12 @@ def _bench_tiers(args: argparse.Namespace) -> int:
     return tiers.run(chosen, child, args.json)
 
 
+def _bench_families() -> tuple[str, ...]:
+    from .bench import FAMILIES
+
+    return FAMILIES
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument(
         "--family",
         action="append",
-        choices=["int8", "qat", "sparse", "svd", "topk", "comm"],
+        choices=list(_bench_families()),
         help="repeatable",
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "comm")
+FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "comm", "model")
 
 
 @dataclass
