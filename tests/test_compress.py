@@ -19,7 +19,7 @@ from torch import nn
 
 import pykernels as pk
 from pykernels.compress import recipes
-from pykernels.nn import Int8Embedding, Int8Linear, LowRankLinear, SparseLinear
+from pykernels.nn import Int8Linear, LowRankLinear, SparseLinear
 
 
 def mlp(gen, d_in=24, hidden=40, d_out=6):
@@ -330,50 +330,3 @@ def test_load_refuses_a_corrupted_file_and_another_architecture(gen, tmp_path):
     junk.write_bytes(b"not a file at all")
     with pytest.raises(ValueError, match=re.escape(str(junk))):
         pk.load(junk, mlp(gen))
-
-
-# --- Int8Embedding -----------------------------------------------------------
-
-
-def test_int8_embedding_matches_row_wise_quantization(gen):
-    emb = nn.Embedding(300, 48, padding_idx=0)
-    with torch.no_grad():
-        emb.weight.copy_(torch.randn(300, 48, generator=gen) * torch.rand(300, 1, generator=gen))
-        emb.weight[0] = 0
-    q = Int8Embedding.from_embedding(emb)
-    w = emb.weight.detach()
-    scale = w.abs().amax(dim=1) / 127
-    want = torch.where(scale[:, None] > 0, torch.round(w / scale[:, None]).clamp(-127, 127), 0)
-    assert torch.equal(q.weight.float(), want)
-    ids = torch.randint(0, 300, (5, 7), generator=gen)
-    got = q(ids)
-    assert got.shape == (5, 7, 48)
-    assert torch.allclose(got, (want * scale[:, None])[ids], rtol=1e-6, atol=0)
-    assert (got - emb(ids)).abs().max() <= scale[ids].max() / 2 + 1e-6
-    assert torch.equal(q(torch.zeros(3, dtype=torch.long)), torch.zeros(3, 48))
-    assert q.nbytes() == 300 * 48 + 300 * 4
-    assert "int8" in repr(q)
-    with pytest.raises(TypeError, match="embedding"):
-        Int8Embedding.from_embedding(nn.Linear(3, 3))
-    with pytest.raises(TypeError, match="input"):
-        q(torch.zeros(3))
-    with pytest.raises(ValueError, match="max_norm"):
-        Int8Embedding.from_embedding(nn.Embedding(4, 4, max_norm=1.0))
-
-
-def test_int8_recipe_converts_embeddings(gen):
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(100, 16)
-            self.fc = nn.Linear(16, 4)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids).mean(1))
-
-    m = Tiny().eval()
-    ids = torch.randint(0, 100, (3, 5), generator=gen)
-    out, r = pk.compress(m, "int8", ids, progress=False)
-    assert isinstance(out.emb, Int8Embedding) and isinstance(out.fc, Int8Linear)
-    assert out.emb.nbytes() == 100 * 16 + 100 * 4
-    assert r.total["bytes_after"] < 0.4 * r.total["bytes_before"]
