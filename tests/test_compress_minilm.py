@@ -104,3 +104,18 @@ def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys):
     assert isinstance(model.embeddings.word_embeddings, Int8Embedding)
     pytest.importorskip("matplotlib")
     assert (out / "minilm_compress.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_compress_command_on_a_model_directory(tmp_path, capsys):
+    from pykernels.__main__ import main
+
+    path = str(minilm.get_model_path())
+    out = tmp_path / "m.safetensors"
+    assert main(["compress", path, "--recipe", "prune:0.5+int8", "--out", str(out), "--quiet"]) == 0
+    assert "CompressionReport: prune:0.5+int8" in capsys.readouterr().out
+    manifest = pk.compress.read_manifest(out)
+    assert manifest["recipe"] == "prune:0.5+int8"
+    assert manifest["model_class"].endswith("BertModel")
+    model = pk.load(out, transformers.AutoModel.from_pretrained(path).eval())
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 6
+    assert out.stat().st_size < 0.2 * 90.9e6

@@ -18,6 +18,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -48,17 +49,19 @@ def corpus() -> list[str]:
             mod = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a module missing on this platform is skipped
             continue
-        objs = [mod] + [
-            v
-            for k, v in sorted(vars(mod).items())
-            if not k.startswith("_")
-            and (inspect.isfunction(v) or inspect.isclass(v))
-            and getattr(v, "__module__", None) == mod.__name__
-        ]
-        for o in objs:
-            d = inspect.getdoc(o)
-            if d:
-                docs.append(d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated aliases (typing.io) warn when read
+            objs = [mod] + [
+                v
+                for k, v in sorted(vars(mod).items())
+                if not k.startswith("_")
+                and (inspect.isfunction(v) or inspect.isclass(v))
+                and getattr(v, "__module__", None) == mod.__name__
+            ]
+            for o in objs:
+                d = inspect.getdoc(o)
+                if d:
+                    docs.append(d)
     text = re.sub(r"\s+", " ", " ".join(docs))
     out, seen = [], set()
     for s in re.split(r"(?<=[.!?])\s+", text):
@@ -129,7 +132,6 @@ def quantize_dynamic_peer(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear
     layers, torch's default engine; embeddings stay float, as it leaves them)."""
     import copy
-    import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
