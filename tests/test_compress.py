@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 
 import pykernels as pk
 from pykernels.compress import recipes
-from pykernels.nn import Int8Embedding, Int8Linear, LowRankLinear, SparseLinear
+from pykernels.nn import Int8Linear, LowRankLinear, SparseLinear
 
 
 def mlp(gen, d_in=24, hidden=40, d_out=6):
@@ -332,48 +334,186 @@ def test_load_refuses_a_corrupted_file_and_another_architecture(gen, tmp_path):
         pk.load(junk, mlp(gen))
 
 
-# --- Int8Embedding -----------------------------------------------------------
+# --- recipes as lists, custom steps, filters ------------------------------------
 
 
-def test_int8_embedding_matches_row_wise_quantization(gen):
-    emb = nn.Embedding(300, 48, padding_idx=0)
+@pytest.mark.parametrize(
+    "step, text",
+    [
+        (recipes.Int8(), "int8"),
+        (recipes.Int8(mode="weight_only"), "int8:weight_only"),
+        (recipes.Int8(embeddings=False), "int8:embeddings=False"),
+        (recipes.Sparse(0.9), "sparse:0.9"),
+        (recipes.Sparse(pattern="2:4"), "sparse:2:4"),
+        (recipes.Sparse(0.5, "block"), "sparse:0.5:block"),
+        (recipes.LowRank(energy=0.9), "lowrank:0.9"),
+        (recipes.LowRank(rank=8), "lowrank:rank=8"),
+        (recipes.LowRank(tol=0.1), "lowrank:tol=0.1"),
+        (recipes.PruneStructured(0.3), "prune:0.3"),
+        (recipes.PruneStructured(0.3, "taylor", round_to=16), "prune:0.3:taylor:round_to=16"),
+        (recipes.PruneStructured(0.3, heads=False), "prune:0.3:heads=False"),
+    ],
+)
+def test_each_step_and_its_string_are_the_same_step(step, text):
+    (parsed,) = recipes.parse(text)
+    assert parsed.spec() == step.spec()
+    assert str(step) == text
+    assert recipes.from_specs([step.spec()])[0].spec() == step.spec()
+
+
+def test_a_list_recipe_gives_what_its_string_gives(gen):
+    m = mlp(gen)
+    x = torch.randn(6, 24, generator=gen)
+    a, _ = pk.compress(m, [recipes.PruneStructured(0.5), recipes.Int8()], x, progress=False)
+    b, _ = pk.compress(m, "prune:0.5+int8", x, progress=False)
+    c, _ = pk.compress(m, ["prune:0.5", recipes.Int8()], x, progress=False)
     with torch.no_grad():
-        emb.weight.copy_(torch.randn(300, 48, generator=gen) * torch.rand(300, 1, generator=gen))
-        emb.weight[0] = 0
-    q = Int8Embedding.from_embedding(emb)
-    w = emb.weight.detach()
-    scale = w.abs().amax(dim=1) / 127
-    want = torch.where(scale[:, None] > 0, torch.round(w / scale[:, None]).clamp(-127, 127), 0)
-    assert torch.equal(q.weight.float(), want)
-    ids = torch.randint(0, 300, (5, 7), generator=gen)
-    got = q(ids)
-    assert got.shape == (5, 7, 48)
-    assert torch.allclose(got, (want * scale[:, None])[ids], rtol=1e-6, atol=0)
-    assert (got - emb(ids)).abs().max() <= scale[ids].max() / 2 + 1e-6
-    assert torch.equal(q(torch.zeros(3, dtype=torch.long)), torch.zeros(3, 48))
-    assert q.nbytes() == 300 * 48 + 300 * 4
-    assert "int8" in repr(q)
-    with pytest.raises(TypeError, match="embedding"):
-        Int8Embedding.from_embedding(nn.Linear(3, 3))
-    with pytest.raises(TypeError, match="input"):
-        q(torch.zeros(3))
-    with pytest.raises(ValueError, match="max_norm"):
-        Int8Embedding.from_embedding(nn.Embedding(4, 4, max_norm=1.0))
+        assert torch.equal(a(x), b(x)) and torch.equal(a(x), c(x))
 
 
-def test_int8_recipe_converts_embeddings(gen):
-    class Tiny(nn.Module):
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ("prune:0.3:l3", "importance"),
+        ("prune:0.3:round_to=0", "round_to"),
+        ("prune:0.3:speed=2", "unknown argument 'speed'"),
+        ("lowrank:rank=0", "rank"),
+        ("lowrank:0.9:rank=4", "exactly one"),
+        ("int8:fast", "mode"),
+        ("sparse:0.3:2:4", "pattern"),
+        ("sparse:2:4:sparsity=0.7", "2:4"),
+        ("prune:-0.1", "ratio"),
+        ("prune:1", "ratio"),
+        ("prune:0.3:ratio=0.2", "twice"),
+    ],
+)
+def test_bad_step_arguments_name_the_argument(recipe, match, gen):
+    with pytest.raises(ValueError, match=match) as e:
+        recipes.parse(recipe)
+    assert recipe.split("+")[0] in str(e.value)
+
+
+def test_bad_recipe_entries_and_unknown_specs():
+    with pytest.raises(TypeError, match="recipe entries"):
+        recipes.parse([recipes.Int8(), 3])
+    with pytest.raises(ValueError, match="recipe is empty"):
+        recipes.parse([])
+    with pytest.raises(ValueError, match="valid steps"):
+        recipes.from_specs([{"step": "teleport"}])
+
+
+@recipes.register_step
+@dataclass
+class Halve(recipes.Step):
+    """A step from outside pykernels: halves every Linear's weights."""
+
+    factor: float = 0.5
+    name: ClassVar[str] = "halve"
+    positional: ClassVar[tuple[str, ...]] = ("factor",)
+
+    def apply(self, ctx):
+        for fqn, m in ctx.modules((nn.Linear,)):
+            if ctx.accept(m, fqn):
+                new = copy.deepcopy(m)
+                with torch.no_grad():
+                    new.weight.mul_(self.factor)
+                ctx.replace(fqn, new)
+
+
+def test_a_registered_step_works_by_name_and_is_listed(gen):
+    m = mlp(gen)
+    x = torch.randn(3, 24, generator=gen)
+    out, r = pk.compress(m, "halve:0.25+int8", x, exclude=["4"], progress=False)
+    assert torch.equal(out[4].weight, m[4].weight)
+    want = Int8Linear.from_linear(_scaled(m[0], 0.25))
+    with torch.no_grad():
+        assert torch.equal(out[0](x), want(x))
+    assert r.layers[0].steps == ["halve:0.25", "int8"]
+    with pytest.raises(ValueError) as e:
+        recipes.parse("nope")
+    assert "halve" in str(e.value)
+    with pytest.raises(ValueError, match="already registered"):
+
+        @recipes.register_step
+        @dataclass
+        class Other(recipes.Step):
+            name: ClassVar[str] = "halve"
+
+    with pytest.raises(TypeError, match="Step subclass"):
+        recipes.register_step(int)
+
+
+def _scaled(lin, f):
+    new = copy.deepcopy(lin)
+    with torch.no_grad():
+        new.weight.mul_(f)
+    return new
+
+
+def test_bad_filters_are_refused_by_name(gen):
+    m = mlp(gen)
+    x = torch.randn(3, 24, generator=gen)
+    with pytest.raises(TypeError, match="filter_fn"):
+        pk.compress(m, "int8", x, filter_fn="0", progress=False)
+    with pytest.raises(TypeError, match="filter_fn must return a bool"):
+        pk.compress(m, "int8", x, filter_fn=lambda mod, fqn: None, progress=False)
+    with pytest.raises(ValueError, match="no module of the model"):
+        pk.compress(m, "int8", x, exclude=["layer9"], progress=False)
+    with pytest.raises(ValueError, match="not a regex"):
+        pk.compress(m, "int8", x, exclude=["re:(["], progress=False)
+    with pytest.raises(TypeError, match="exclude"):
+        pk.compress(m, "int8", x, exclude="0", progress=False)
+    with pytest.raises(TypeError, match="example_inputs"):
+        pk.compress(m, "int8", {1: x}, progress=False)
+    with pytest.raises(TypeError, match="example_inputs"):
+        pk.compress(m, "int8", 3.0, progress=False)
+    # filter_fn sees every candidate with its fully qualified name
+    seen = []
+    pk.compress(m, "int8", x, filter_fn=lambda mod, fqn: seen.append(fqn) or True, progress=False)
+    assert seen == ["0", "2", "4"]
+
+
+def test_keyword_and_positional_example_inputs(gen):
+    class TwoInputs(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = nn.Embedding(100, 16)
-            self.fc = nn.Linear(16, 4)
+            self.a = nn.Linear(8, 16)
+            self.b = nn.Linear(16, 4)
 
-        def forward(self, ids):
-            return self.fc(self.emb(ids).mean(1))
+        def forward(self, x, scale=None):
+            h = F.relu(self.a(x))
+            return self.b(h) * (1 if scale is None else scale)
 
-    m = Tiny().eval()
-    ids = torch.randint(0, 100, (3, 5), generator=gen)
-    out, r = pk.compress(m, "int8", ids, progress=False)
-    assert isinstance(out.emb, Int8Embedding) and isinstance(out.fc, Int8Linear)
-    assert out.emb.nbytes() == 100 * 16 + 100 * 4
-    assert r.total["bytes_after"] < 0.4 * r.total["bytes_before"]
+    m = TwoInputs().eval()
+    x, s = torch.randn(3, 8, generator=gen), torch.rand(3, 1, generator=gen)
+    out1, _ = pk.compress(m, "prune:0.5", {"x": x, "scale": s}, progress=False)
+    out2, _ = pk.compress(m, "prune:0.5", (x, s), progress=False)
+    assert out1.a.out_features == out2.a.out_features == 8
+    with torch.no_grad():
+        assert torch.equal(out1(x, s), out2(x, s))
+
+
+# --- python -m pykernels compress ------------------------------------------------
+
+
+def test_the_compress_command_writes_a_loadable_file(gen, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from pykernels.__main__ import main
+
+    torch.manual_seed(11)
+    m = mlp(gen)
+    src, dst = tmp_path / "model.pt", tmp_path / "model.safetensors"
+    torch.save(m, src)
+    x = torch.randn(5, 24, generator=gen)
+    torch.save(x, tmp_path / "x.pt")
+    argv = ["compress", str(src), "--recipe", "prune:0.5+int8", "--out", str(dst), "--quiet"]
+    assert main([*argv, "--example", str(tmp_path / "x.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "CompressionReport: prune:0.5+int8" in printed
+    want, _ = pk.compress(m, "prune:0.5+int8", x, progress=False)
+    loaded = pk.load(dst, mlp(torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want(x))
+    assert main([*argv[:-1], "--input-shape", "2,24", "--quiet"]) == 0
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["compress", str(tmp_path / "nothing"), "--recipe", "int8", "--out", str(dst)])

@@ -76,3 +76,46 @@ def test_minilm_int8_alone_keeps_embeddings_close(model_and_batch):
     cos = (embed(out, batch) * ref).sum(-1)
     assert float(cos.min()) > 0.99, cos
     assert report.total["bytes_after"] < 0.3 * report.total["bytes_before"]
+
+
+def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys):
+    """``python -m pykernels demo``, small: one recipe, short passages, one timed encode."""
+    import json
+
+    from pykernels.__main__ import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--recipe", "int8", "--reps", "1", "--tokens", "32", "--sentences", "24"]
+    argv += ["--calib", "1", "--quiet", "--out", str(out), "--json", str(tmp_path / "d.json")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "quantize_dynamic" in text and "outputs identical" in text
+    rows = {r["recipe"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
+    assert list(rows) == ["fp32", "quantize_dynamic", "int8"]
+    assert rows["fp32"]["cosine"] == pytest.approx(1.0) and rows["fp32"]["speedup"] == 1.0
+    assert rows["int8"]["cosine"] > 0.99 and rows["int8"]["spearman"] > 0.95
+    # int8 tables and weights: about a quarter of fp32's 90.9 MB
+    assert 0.2 < rows["int8"]["size_mb"] / rows["fp32"]["size_mb"] < 0.3
+    assert 0.5 < rows["quantize_dynamic"]["size_mb"] / rows["fp32"]["size_mb"] < 0.8
+    model_file = out / "minilm_int8.safetensors"
+    assert model_file.stat().st_size < 0.3 * rows["fp32"]["size_mb"] * 1e6
+    fresh = transformers.AutoModel.from_pretrained(str(minilm.get_model_path())).eval()
+    model = pk.load(model_file, fresh)
+    assert isinstance(model.embeddings.word_embeddings, Int8Embedding)
+    pytest.importorskip("matplotlib")
+    assert (out / "minilm_compress.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_compress_command_on_a_model_directory(tmp_path, capsys):
+    from pykernels.__main__ import main
+
+    path = str(minilm.get_model_path())
+    out = tmp_path / "m.safetensors"
+    assert main(["compress", path, "--recipe", "prune:0.5+int8", "--out", str(out), "--quiet"]) == 0
+    assert "CompressionReport: prune:0.5+int8" in capsys.readouterr().out
+    manifest = pk.compress.read_manifest(out)
+    assert manifest["recipe"] == "prune:0.5+int8"
+    assert manifest["model_class"].endswith("BertModel")
+    model = pk.load(out, transformers.AutoModel.from_pretrained(path).eval())
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 6
+    assert out.stat().st_size < 0.2 * 90.9e6

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
+import math
 import os
 import re
 import statistics
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -46,17 +49,19 @@ def corpus() -> list[str]:
             mod = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a module missing on this platform is skipped
             continue
-        objs = [mod] + [
-            v
-            for k, v in sorted(vars(mod).items())
-            if not k.startswith("_")
-            and (inspect.isfunction(v) or inspect.isclass(v))
-            and getattr(v, "__module__", None) == mod.__name__
-        ]
-        for o in objs:
-            d = inspect.getdoc(o)
-            if d:
-                docs.append(d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated aliases (typing.io) warn when read
+            objs = [mod] + [
+                v
+                for k, v in sorted(vars(mod).items())
+                if not k.startswith("_")
+                and (inspect.isfunction(v) or inspect.isclass(v))
+                and getattr(v, "__module__", None) == mod.__name__
+            ]
+            for o in objs:
+                d = inspect.getdoc(o)
+                if d:
+                    docs.append(d)
     text = re.sub(r"\s+", " ", " ".join(docs))
     out, seen = [], set()
     for s in re.split(r"(?<=[.!?])\s+", text):
@@ -106,19 +111,6 @@ def _pairwise(e: Tensor) -> Tensor:
     return sim[i, j]
 
 
-PEER = "torch quantize_dynamic"
-
-
-def _saved_bytes(model: nn.Module) -> int:
-    """Bytes of a model's saved state_dict: torch's quantized Linears keep their
-    int8 weights in packed objects that are neither parameters nor buffers."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
-
-
 def _time_models(models: dict[str, nn.Module], batch: dict, reps: int) -> dict[str, float]:
     """Median ms of one encode per model, the models alternated in each round."""
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -131,6 +123,43 @@ def _time_models(models: dict[str, nn.Module], batch: dict, reps: int) -> dict[s
                 mean_pool(m, batch)
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+PEER = "quantize_dynamic"  # torch's own int8 for Linear layers, the peer of "int8"
+
+
+def quantize_dynamic_peer(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear
+    layers, torch's default engine; embeddings stay float, as it leaves them)."""
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8).eval()
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in ``model.state_dict()``, packed quantized weights included
+    (quantize_dynamic keeps its weights outside parameters and buffers)."""
+
+    def size(v: Any) -> int:
+        if isinstance(v, Tensor):
+            return v.numel() * v.element_size()
+        if isinstance(v, (tuple, list)):
+            return sum(size(x) for x in v)
+        return 0
+
+    seen: set[int] = set()
+    total = 0
+    for v in model.state_dict(keep_vars=True).values():
+        if isinstance(v, Tensor):
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+        total += size(v)
+    return total
 
 
 def _need(module: str, extra: str = "demo") -> Any:
@@ -157,8 +186,9 @@ def _plot(path: str, rows: list[dict[str, Any]]) -> bool:
         ("speedup", "encode speedup over fp32"),
         ("cosine", "embedding cosine to fp32"),
     )
-    for ax, (key, label) in zip(axes, panels, strict=False):
-        ax.bar(names, [r[key] for r in rows], color=["#888"] + ["#3a7"] * (len(rows) - 1))
+    for ax, (key, label) in zip(axes, panels):
+        colors = [{"fp32": "#888", PEER: "#c84"}.get(n, "#3a7") for n in names]
+        ax.bar(names, [r[key] for r in rows], color=colors)
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     axes[2].set_ylim(min(r["cosine"] for r in rows) - 0.02, 1.0)
@@ -181,6 +211,7 @@ def demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     path = str(minilm.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
     fp32 = transformers.AutoModel.from_pretrained(path).eval()
@@ -207,39 +238,28 @@ def demo(args: argparse.Namespace) -> int:
     )
 
     models: dict[str, nn.Module] = {"fp32": fp32}
+    if not args.no_peer:
+        models[PEER] = quantize_dynamic_peer(fp32)
     reports = {}
     for recipe in args.recipe or DEMO_RECIPES:
         t0 = time.perf_counter()
         models[recipe], reports[recipe] = compress(fp32, recipe, calib, progress=not args.quiet)
         print(f"  compressed {recipe} in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    # The peer: torch's own int8 path for the same model (fbgemm on x86).
-    peers = set()
-    if not args.no_peers:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-            models[PEER] = torch.ao.quantization.quantize_dynamic(
-                fp32, {nn.Linear}, dtype=torch.qint8
-            )
-        peers.add(PEER)
-
     with torch.inference_mode():
         emb = {k: torch.cat([mean_pool(m, b) for b in qbatches]) for k, m in models.items()}
     latency = _time_models(models, timing_batch, args.reps)
     ref_pairs = _pairwise(emb["fp32"])
-    from ..nn._module import nbytes_of
-
     rows = []
     for k, m in models.items():
         cos = torch.nn.functional.cosine_similarity(emb[k].double(), emb["fp32"].double(), dim=1)
         rows.append(
             {
                 "recipe": k,
-                "size_mb": (_saved_bytes(m) if k in peers else nbytes_of(m)) / 1e6,
+                "size_mb": held_bytes(m) / 1e6,
                 "latency_ms": latency[k],
                 "speedup": latency["fp32"] / latency[k],
+                "vs_peer": latency[PEER] / latency[k] if PEER in latency else math.nan,
                 "cosine": float(cos.mean()),
                 "cosine_min": float(cos.min()),
                 "spearman": spearman(_pairwise(emb[k]), ref_pairs),
@@ -248,7 +268,7 @@ def demo(args: argparse.Namespace) -> int:
     base = rows[0]["size_mb"]
     head = (
         f"{'recipe':<24} {'size MB':>8} {'x fp32':>7} {'encode ms':>10} {'speedup':>8} "
-        f"{'cosine':>8} {'min cos':>8} {'spearman':>9}"
+        f"{'vs qdyn':>8} {'cosine':>8} {'min cos':>8} {'spearman':>9}"
     )
     print()
     print(head)
@@ -256,15 +276,28 @@ def demo(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"{r['recipe']:<24} {r['size_mb']:>8.1f} {r['size_mb'] / base:>7.3f} "
-            f"{r['latency_ms']:>10.1f} {r['speedup']:>7.2f}x {r['cosine']:>8.4f} "
-            f"{r['cosine_min']:>8.4f} {r['spearman']:>9.4f}"
+            f"{r['latency_ms']:>10.1f} {r['speedup']:>7.2f}x {r['vs_peer']:>7.2f}x "
+            f"{r['cosine']:>8.4f} {r['cosine_min']:>8.4f} {r['spearman']:>9.4f}"
         )
     print(
-        f"\nencode = forward + mean pooling of 32 x {args.tokens} tokens, median of "
-        f"{args.reps} (models alternated); cosine = mean (and min) cosine of the "
-        f"{len(quality)} sentence embeddings to fp32's; spearman = rank correlation of their "
-        "pairwise similarities with fp32's"
+        f"\nsize = bytes of every tensor the model holds; encode = forward + mean pooling of "
+        f"32 x {args.tokens} tokens, median of {args.reps} (models alternated); speedup = "
+        f"fp32's encode time / this one's; vs qdyn = torch.ao quantize_dynamic's / this one's; "
+        f"cosine = mean (and min) cosine of the {len(quality)} sentence embeddings to fp32's; "
+        "spearman = rank correlation of their pairwise similarities with fp32's"
     )
+    if args.json:
+        meta = {
+            "model": "all-MiniLM-L6-v2",
+            "threads": torch.get_num_threads(),
+            "tokens": args.tokens,
+            "reps": args.reps,
+            "sentences": len(quality),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
 
     os.makedirs(args.out, exist_ok=True)
     chart = os.path.join(args.out, "minilm_compress.png")
@@ -272,7 +305,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"wrote {chart}")
     else:
         print("(no chart: pip install matplotlib)")
-    ours = [r for r in rows[1:] if r["recipe"] not in peers]
+    ours = [r for r in rows if r["recipe"] not in ("fp32", PEER)]
     good = [r for r in ours if r["cosine"] >= 0.99]
     best = (
         max(good, key=lambda r: r["speedup"] / r["size_mb"])
@@ -368,7 +401,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--calib", type=int, default=4, help="passages given to compress")
     p.add_argument("--report", metavar="RECIPE", help="also print this recipe's full report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-peers", action="store_true", help="leave out torch's quantize_dynamic")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.add_argument(
+        "--no-peer", action="store_true", help="leave out torch.ao quantize_dynamic's row"
+    )
     p.set_defaults(fn=demo)
     p = sub.add_parser("compress", help="compress a model directory or a torch.save'd model")
     p.add_argument("path", help="a Hugging Face model directory or a torch.save'd nn.Module")

@@ -787,21 +787,21 @@ def prune_structured(ctx: Context, step: Any) -> None:
     reasons.update(bert_reasons)
     groups = bert + fx_groups
 
-    # Weights shared with a module outside the group (tied weights) cannot be sliced.
+    # A shared (tied) weight cannot be sliced: the other holder would change too, and
+    # two members of one group may even cut it along different dimensions.
     holders: dict[int, set[str]] = {}
     for fqn, m in ctx.model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
             holders.setdefault(id(p), set()).add(fqn)
     usable: list[Group] = []
     for g in groups:
-        mine = g.fqns()
         why = None
         for mem in g.members:
             if not ctx.accept(mem.module, mem.fqn):
                 why = f"'{mem.fqn}' is excluded by filter_fn / exclude"
                 break
             for p in mem.module.parameters(recurse=False):
-                others = holders.get(id(p), set()) - mine
+                others = holders.get(id(p), set()) - {mem.fqn}
                 if others:
                     why = f"its weights are shared with '{sorted(others)[0]}'"
                     break

@@ -94,10 +94,20 @@ class Step:
             raise ValueError(f"recipe step {text!r}: {e}") from None
 
     def __str__(self) -> str:
+        # The shortest string that parses back: leading non-default positional
+        # arguments bare, the rest as key=value.
         parts = [self.name]
+        bare = True
         for f in fields(self):
             v = getattr(self, f.name)
-            if v != f.default:
+            if v == f.default:
+                bare = bare and f.name not in self.positional
+                continue
+            i = len(parts) - 1
+            if bare and i < len(self.positional) and self.positional[i] == f.name:
+                parts.append(str(v))
+            else:
+                bare = False
                 parts.append(f"{f.name}={v}")
         return ":".join(parts)
 
