@@ -300,7 +300,7 @@ def test_bert_heads_and_ffn_neurons_are_removed(gen, importance):
     x = bert_batch(gen)
     out, report = pk.compress(m, f"prune:0.5:{importance}", x, progress=False)
     ref = copy.deepcopy(m)
-    for new, old, r in zip(out.encoder.layer, m.encoder.layer, ref.encoder.layer):
+    for new, old, r in zip(out.encoder.layer, m.encoder.layer, ref.encoder.layer, strict=True):
         att = new.attention.self
         assert att.num_attention_heads == 2 and att.all_head_size == 16
         assert att.query.weight.shape == att.key.weight.shape == att.value.weight.shape

@@ -186,7 +186,7 @@ def _plot(path: str, rows: list[dict[str, Any]]) -> bool:
         ("speedup", "encode speedup over fp32"),
         ("cosine", "embedding cosine to fp32"),
     )
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         colors = [{"fp32": "#888", PEER: "#c84"}.get(n, "#3a7") for n in names]
         ax.bar(names, [r[key] for r in rows], color=colors)
         ax.set_title(label)
