@@ -41,7 +41,13 @@ def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.device.type == "cuda":
         return int_mm_padded(a, b)
-    return torch._int_mm(a, b.t())
+    bt = b.t()
+    if k == 1:
+        # At K = 1, b.t() has strides (1, 1) (and .contiguous() keeps them, a
+        # size-1 dim's stride being free), which torch 2.13's CPU _int_mm reads
+        # wrongly on an AVX-512 VNNI/AMX machine. A fresh (1, n) has (n, 1).
+        bt = b.new_empty((1, n)).copy_(bt)
+    return torch._int_mm(a, bt)
 
 
 def int_mm_padded(a: Tensor, b: Tensor) -> Tensor:
