@@ -211,12 +211,12 @@ def _compress_reply(
     codec: Codec | None, received: ArrayRecord, out: Message, ctxt: Context
 ) -> Message:
     key, arrays = _single(out.content.array_records, "ArrayRecord", "the train reply")
-    if list(arrays.keys()) != list(received.keys()):
+    if set(arrays.keys()) != set(received.keys()):
         missing = sorted(set(received.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(received.keys()))
         return _mod_error(
             out,
-            f"compression_mod: the reply's arrays must be the arrays received, in order "
+            f"compression_mod: the reply's arrays must be the arrays received "
             f"(missing {missing}, unexpected {extra})",
         )
     c = None if codec is None else _codec_for_node(codec, ctxt.node_id)
@@ -272,7 +272,7 @@ def compression_mod(codec: Codec | None) -> Mod:
             accounting (the baseline of a comparison).
 
     The reply must carry exactly one ``ArrayRecord`` with the arrays the node
-    received (same names, order, shapes and dtypes); otherwise the mod returns
+    received (same names, shapes and dtypes); otherwise the mod returns
     an error reply (``MOD_FAILED_PRECONDITION``) naming what differs. The mod
     also rebuilds broadcasts that :class:`Compressed` sent with ``downlink=``.
     """
