@@ -53,6 +53,7 @@ class Run:
     accuracy: list[float] = field(default_factory=list)  # after each round (percent)
     refused: int = 0
     wall_s: float = 0.0
+    codec_state_arrays: list[float] = field(default_factory=list)  # per round, client mean
 
     @property
     def uplink_total(self) -> int:
@@ -128,7 +129,7 @@ def _client_app(codec: Codec | None, setup: Setup) -> Any:
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from .flower import compression_mod
+    from .flower import STATE_CODEC, compression_mod
 
     app = ClientApp(mods=[compression_mod(codec)])
 
@@ -141,6 +142,10 @@ def _client_app(codec: Codec | None, setup: Setup) -> Any:
     @app.train()
     def train(msg: Message, ctx: Any) -> Message:
         torch.set_num_threads(1)
+        # What the mod's state holds as this round starts: the codec state persists
+        # only if Flower keeps the node's Context.state across rounds.
+        held = ctx.state.get(STATE_CODEC)
+        state_arrays = 0 if held is None else len(held)
         x, y, pid = local(ctx)
         model = _digits.mlp(setup.seed, HIDDEN)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -158,7 +163,11 @@ def _client_app(codec: Codec | None, setup: Setup) -> Any:
                 opt.step()
                 total += loss.item() * len(b)
         metrics = MetricRecord(
-            {"num-examples": len(x), "train-loss": total / (len(x) * setup.local_epochs)}
+            {
+                "num-examples": len(x),
+                "train-loss": total / (len(x) * setup.local_epochs),
+                "codec-state-arrays": state_arrays,
+            }
         )
         arrays = ArrayRecord(model.state_dict())
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
@@ -236,6 +245,9 @@ def simulate(spec: str, setup: Setup, strategy_factory: Any = None) -> Run:
         accuracy=[float(res.evaluate_metrics_serverapp[r]["accuracy"]) for r in rounds],
         refused=sum(len(v) for v in res.refused.values()),
         wall_s=wall,
+        codec_state_arrays=[
+            float(res.train_metrics_clientapp[r]["codec-state-arrays"]) for r in rounds
+        ],
     )
 
 
