@@ -185,8 +185,8 @@ def _apply_downlink(msg: Message, ctxt: Context) -> None:
         held_v = None if held is None else int(held["version"])
         if held_v != base:
             raise ValueError(
-                f"compression_mod: the broadcast is a delta to version {base} of the "
-                f"global model, this node holds {held_v}"
+                f"the broadcast is a delta to version {base} of the global model, "
+                f"this node holds {held_v}"
             )
         old = ctxt.state[STATE_REF]
         ref = {}
