@@ -313,31 +313,61 @@ STRATEGIES = {
 
 @pytest.mark.parametrize("sname", list(STRATEGIES))
 def test_every_strategy_aggregates_as_uncompressed(sname):
+    orders: dict[int, list[int]] = {}  # the order the wrapper handed replies over
+
     def run(codec, wrap):
         inner = STRATEGIES[sname]()
         strategy = pkf.Compressed(inner) if wrap else inner
+        if wrap:
+            agg = inner.aggregate_train
+
+            def spy(rnd, replies):
+                replies = list(replies)
+                orders[rnd] = [r.metadata.src_node_id for r in replies]
+                return agg(rnd, replies)
+
+            inner.aggregate_train = spy
         app, _ = client_app(codec)
         grid = Grid(app)
         arrays = global_arrays()
         for rnd in (1, 2):  # FedAdam, FedAvgM keep server state across rounds
             msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-            arrays, metrics = strategy.aggregate_train(rnd, grid.send_and_receive(msgs))
+            replies = grid.send_and_receive(msgs)
+            if not wrap:  # the same order: a floating-point sum depends on it
+                replies.sort(key=lambda r: orders[rnd].index(r.metadata.src_node_id))
+            arrays, metrics = strategy.aggregate_train(rnd, replies)
         return arrays, metrics
 
-    ref, ref_metrics = run("plain", wrap=False)
     # codec None: the arrays themselves travel, the aggregate is bit for bit Flower's
     same, metrics = run(None, wrap=True)
+    ref, ref_metrics = run("plain", wrap=False)
     assert list(same.keys()) == list(ref.keys())
     for k in ref:
         np.testing.assert_array_equal(same[k].numpy(), ref[k].numpy())
     assert metrics["loss"] == ref_metrics["loss"]
     # a lossless codec (every entry kept): global + (new - global), one fp32 rounding
     close, _ = run(comm.TopK(1.0, error_feedback=False), wrap=True)
+    ref, _ = run("plain", wrap=False)  # in the order this run handed over
     for k in ref:
         a, b = close[k].numpy(), ref[k].numpy()
         assert a.dtype == b.dtype and a.shape == b.shape
         tol = 2e-3 if a.dtype == np.float16 else 1e-5
         np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), atol=tol, rtol=0)
+
+
+def test_aggregate_does_not_depend_on_arrival_order():
+    app, _ = client_app(comm.TopK(0.05))
+    results = []
+    for perm in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        strategy = pkf.Compressed(FedAvg())
+        grid = Grid(app)
+        msgs = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+        replies = grid.send_and_receive(msgs)
+        arrays, _ = strategy.aggregate_train(1, [replies[i] for i in perm])
+        results.append(arrays)
+    for other in results[1:]:
+        for k in results[0]:
+            np.testing.assert_array_equal(other[k].numpy(), results[0][k].numpy())
 
 
 # --- byte accounting ------------------------------------------------------------------

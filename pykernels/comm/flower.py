@@ -22,7 +22,9 @@ pass through untouched.
 
 Server (:class:`Compressed`): each reply is turned back into full arrays
 (the arrays the client was sent + the decoded update) before the wrapped
-strategy sees it, so FedAvg, FedAdam, FedProx, ... run unchanged. A reply
+strategy sees it, so FedAvg, FedAdam, FedProx, ... run unchanged. They are
+handed over in an order fixed by their content, not by arrival, so a run
+is reproducible (a weighted floating-point sum depends on the order). A reply
 that cannot be decoded (no pykernels record, names or shapes that do not
 match what the node was sent, a corrupted blob) is refused with an error
 naming the node and dropped from the round, as Flower drops failures.
@@ -47,6 +49,7 @@ before the other mods see it and compresses the reply after they are done.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -160,6 +163,19 @@ def _single(records: dict, kind: str, where: str) -> tuple[str, Any]:
     if len(records) != 1:
         raise ValueError(f"{where} has {len(records)} {kind}s, expected exactly one")
     return next(iter(records.items()))
+
+
+def _digest(reply: Message) -> bytes:
+    """A hash of what a compressed reply carries (its payloads and arrays)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, blob in sorted(reply.content[UPDATE_RECORD].items()):
+        h.update(name.encode())
+        h.update(blob if isinstance(blob, bytes) else repr(blob).encode())
+    for rec in reply.content.array_records.values():
+        for name, arr in sorted(rec.items()):
+            h.update(name.encode())
+            h.update(arr.data)
+    return h.digest()
 
 
 def _mod_error(msg: Message, reason: str) -> Message:
@@ -543,13 +559,14 @@ class Compressed(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        decoded: list[Message] = []
+        good: list[tuple[bytes, int, Message]] = []
+        failed: list[Message] = []
         refused: list[tuple[int, str]] = []
         uplink = dense = 0
         replied = set()
         for reply in replies:
             if reply.has_error():
-                decoded.append(reply)  # the wrapped strategy logs it as a failure
+                failed.append(reply)  # the wrapped strategy logs it as a failure
                 continue
             try:
                 msg, up, dn = self.decode_reply(reply)
@@ -557,10 +574,16 @@ class Compressed(Strategy):
                 log(ERROR, "%s (dropped from round %s)", e, server_round)
                 refused.append((e.node_id, e.reason))
                 continue
-            replied.add(reply.metadata.src_node_id)
-            decoded.append(msg)
+            node = reply.metadata.src_node_id
+            replied.add(node)
+            good.append((_digest(reply), node, msg))
             uplink += up
             dense += dn
+        # Replies arrive in any order, and a floating-point weighted sum depends on
+        # it: handing them over in an order fixed by their content makes the
+        # aggregate, and so a whole run, reproducible.
+        good.sort(key=lambda t: (t[0], t[1]))
+        decoded = [m for _, _, m in good] + failed
         # A node that failed or was refused may not hold the reference any more.
         for node in set(self._sent) - replied:
             self._node_version.pop(node, None)
