@@ -134,16 +134,23 @@ def _f32(a: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)
 
 
-def _codec_for_node(codec: Codec, node_id: int) -> Codec:
+def _codec_for_node(codec: Codec, ctxt: Context) -> Codec:
     """A private copy of ``codec``; stochastic rounding gets a per-node seed.
 
     Without it every client would draw the same rounding noise for the same
-    key and round, and the noise would not average out over clients.
+    key and round, and the noise would not average out over clients. The
+    node's ``partition-id`` (its stable identity in a simulation, where node
+    ids are drawn anew each run) is used when it has one, else its node id.
     """
+    ident = ctxt.node_config.get("partition-id", ctxt.node_id)
+    try:
+        ident = int(ident)
+    except (TypeError, ValueError):
+        ident = ctxt.node_id
     c = copy.deepcopy(codec)
     for q in (c, getattr(c, "second", None)):
         if isinstance(q, Quantize):
-            q.seed = _codecs._mix(q.seed, int(node_id)) & ((1 << 62) - 1)
+            q.seed = _codecs._mix(q.seed, ident) & ((1 << 62) - 1)
     c.reset()
     return c
 
@@ -235,7 +242,7 @@ def _compress_reply(
             f"compression_mod: the reply's arrays must be the arrays received "
             f"(missing {missing}, unexpected {extra})",
         )
-    c = None if codec is None else _codec_for_node(codec, ctxt.node_id)
+    c = None if codec is None else _codec_for_node(codec, ctxt)
     if c is not None:
         _load_state(c, ctxt.state)
     blobs: dict[str, bytes] = {}
