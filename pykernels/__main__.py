@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from .compress.demo import add_parsers as _add_compress_parsers
 
     _add_compress_parsers(sub)  # demo, compress
+    from .comm._flower_demo import add_parser as _add_federated_parser
+
+    _add_federated_parser(sub)  # federated (needs flwr when run, not to parse)
     args = parser.parse_args(argv)
     return args.fn(args)
 

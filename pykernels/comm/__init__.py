@@ -12,7 +12,9 @@ and back, with per-tensor state (error feedback, warm start)::
     total = codec.aggregate([p1, p2, p3])  # sum over workers, no dense copy of each
 
 ``comm.ddp`` holds the DDP communication hook (imported on first use, so
-``import pykernels`` does not import torch.distributed).
+``import pykernels`` does not import torch.distributed); ``comm.flower`` the
+Flower client mod and strategy wrapper (imported on first use; needs
+``flwr``, the ``federated`` extra).
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ from .codecs import Chain, Codec, Quantize, TopK, aggregate, decode
 from .lowrank import LowRank
 from .wire import Payload
 
-__all__ = ["Chain", "Codec", "LowRank", "Payload", "Quantize", "TopK", "aggregate", "decode", "ddp"]
+__all__ = [
+    "Chain",
+    "Codec",
+    "LowRank",
+    "Payload",
+    "Quantize",
+    "TopK",
+    "aggregate",
+    "decode",
+    "ddp",
+    "flower",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ddp":
-        return importlib.import_module(".ddp", __name__)
+    if name in ("ddp", "flower"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
