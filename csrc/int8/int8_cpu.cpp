@@ -1,6 +1,7 @@
 // CPU int8 driver: argument checks, the weight-sum compensation, threading
 // over blocks of N (so M = 1 still uses every core), ISA choice per call.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -44,6 +45,10 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
   });
 }
 
+#ifndef PK_AMX_MIN_ROWS
+#define PK_AMX_MIN_ROWS 8
+#endif
+
 #ifndef PK_PACK_MIN_ROWS
 #define PK_PACK_MIN_ROWS 24
 #endif
@@ -51,6 +56,9 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
 namespace {
 
 const GemmKernels* kernels() {
+#ifdef PK_HAVE_AMX
+  if (active_isa() >= Isa::amx && has_avx512_vnni()) return gemm_kernels_amx();
+#endif
 #ifdef PK_HAVE_AVX512
   if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return gemm_kernels_avx512_vnni();
 #endif
@@ -58,6 +66,18 @@ const GemmKernels* kernels() {
   if (active_isa() >= Isa::avx2) return gemm_kernels_avx2();
 #endif
   return gemm_kernels_portable();
+}
+
+// Below this many rows the AMX table hands a packed GEMM to the AVX-512
+// VNNI kernel (same packed weight, same activations, same results): a tile
+// of 1..few rows does a full tile's work.
+std::atomic<int64_t> g_amx_min_rows{int64_t(PK_AMX_MIN_ROWS)};
+
+const GemmKernels* packed_kernels(const GemmKernels* kern, int64_t m) {
+#ifdef PK_HAVE_AVX512
+  if (kern->tiles && m < g_amx_min_rows.load()) return gemm_kernels_avx512_vnni();
+#endif
+  return kern;
 }
 
 // Below this many rows of a, int8_gemm runs on the row-major operands: with
@@ -69,9 +89,27 @@ constexpr int64_t kPackMinRows = int64_t(PK_PACK_MIN_ROWS);
 // width of one register tile) and, when there are fewer blocks than threads,
 // chunks of rows too. Each block of b is then streamed by one thread only.
 void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
+  kern = packed_kernels(kern, m);
   const int64_t panels = packed_n(g.n) / 16;
   const int64_t nblocks = (panels + 3) / 4;
   const int nt = threads_for(m * panels * 16 * g.kp, int64_t(1) << 19);
+  if (kern->tiles) {
+    // One call per thread over a contiguous range of blocks and all rows
+    // (the tile kernel orders its own loops for cache reuse); rows are
+    // split, in multiples of 32, only when blocks are fewer than threads.
+    const int64_t mchunks =
+        std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, (m + 31) / 32));
+    const int64_t bparts = std::min<int64_t>(nblocks, std::max<int64_t>(1, nt / mchunks));
+    const int64_t rows = ((m + mchunks - 1) / mchunks + 31) / 32 * 32;
+    const int64_t tasks = bparts * mchunks;
+    parallel_for(0, tasks, int(tasks), [&](int64_t t) {
+      int64_t b0, b1;
+      split_range(nblocks, int(bparts), int(t / mchunks), 1, &b0, &b1);
+      const int64_t m0 = (t % mchunks) * rows, m1 = std::min(m, m0 + rows);
+      if (m0 < m1 && b0 < b1) kern->gemm_packed(g, m0, m1, b0 * 4, std::min(panels, b1 * 4));
+    });
+    return;
+  }
   const int64_t mchunks = std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, m));
   const int64_t tasks = nblocks * mchunks;
   const int64_t rows = (m + mchunks - 1) / mchunks;
@@ -94,6 +132,9 @@ void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, 
 }
 
 }  // namespace
+
+int64_t set_amx_min_rows(int64_t rows) { return g_amx_min_rows.exchange(rows < 1 ? 1 : rows); }
+int64_t amx_min_rows() { return g_amx_min_rows.load(); }
 
 void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed,
                      int32_t* comp) {

@@ -68,11 +68,19 @@ struct GemmKernels {
   // a + 128 (the weight compensation comp is subtracted); true, signed bytes
   // that must lie in [-127, 127] (int8_gemm corrects for -128).
   bool signed_a;
+  // gemm_packed works in AMX tiles: it wants few, wide calls (a range of many
+  // blocks of panels and every row, see run_packed in int8_cpu.cpp), and the
+  // calling thread must hold the OS's tile-data permission (detected_isa()
+  // is amx only once the process has it).
+  bool tiles;
 };
 
 const GemmKernels* gemm_kernels_portable();
 const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512_vnni();
+// AVX-512 VNNI table with an AMX-INT8 tile gemm_packed (same packed weight,
+// same unsigned activations).
+const GemmKernels* gemm_kernels_amx();
 
 }  // namespace int8
 }  // namespace pk
