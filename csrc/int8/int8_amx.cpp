@@ -57,9 +57,21 @@ void configure(int r0, int r1) {
 // buf (32 x 32 int32, row stride 128 bytes). GCC's tile intrinsics paste
 // their tile number into the instruction text, so they take literals, in the
 // numbering of the enum above: 0..3 C00 C01 C10 C11, 4, 5 A0 A1, 6, 7 B0 B1.
+// Next holds the groups [q0, q1) of the next panel pair to prefetch into L2
+// while this block computes: spread over the blocks of rows that reuse one
+// pair, the next pair's weights arrive from memory in the background instead
+// of stalling its first tile loads.
+struct Prefetch {
+  const int8_t* b;  // null: nothing to prefetch
+  int64_t gs, q0, q1;
+};
+
 template <bool TwoM, bool TwoN>
 void tile_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gs, int64_t kfull,
-                int32_t* buf) {
+                int32_t* buf, const Prefetch& pf) {
+  const int64_t steps = kfull / 64;
+  const int64_t per = pf.b && steps > 0 ? (pf.q1 - pf.q0 + steps - 1) / steps : 0;
+  int64_t pq = pf.q0;
   _tile_zero(0);
   if (TwoN) _tile_zero(1);
   if (TwoM) _tile_zero(2);
@@ -67,6 +79,10 @@ void tile_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gs, int6
   const uint8_t* a1 = a + 16 * lda;
   for (int64_t kc = 0; kc < kfull; kc += 64) {
     const int8_t* bk = b + (kc / 4) * gs;  // 16 groups of 4 k per step
+    for (const int64_t e = pq + per < pf.q1 ? pq + per : pf.q1; pq < e; ++pq) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf.b + pq * pf.gs), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(pf.b + pq * pf.gs + 64), _MM_HINT_T1);
+    }
     _tile_loadd(4, a + kc, lda);
     _tile_loadd(6, bk, gs);
     _tile_dpbusd(0, 4, 6);
@@ -132,7 +148,13 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
       int64_t gs;
       const int8_t* b = panel_base(g.b, kp, np, p, &gs);
       const bool two_n = p + 1 < p1;
+      Prefetch pf{nullptr, 0, 0, 0};
+      if (p + 2 < p1) pf.b = panel_base(g.b, kp, np, p + 2, &pf.gs);
+      const int64_t nblk = (c1 - c0 + kBlockRows - 1) / kBlockRows, groups = kp / 4;
       for (int64_t i0 = c0; i0 < c1; i0 += kBlockRows) {
+        const int64_t bi = (i0 - c0) / kBlockRows;
+        pf.q0 = groups * bi / nblk;
+        pf.q1 = groups * (bi + 1) / nblk;
         const int rows = int(c1 - i0 < kBlockRows ? c1 - i0 : kBlockRows);
         const uint8_t* a = g.a + i0 * g.lda;
         if (kfull > 0) {
@@ -144,14 +166,14 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
           }
           if (r1 > 0) {
             if (two_n)
-              tile_block<true, true>(a, g.lda, b, gs, kfull, buf);
+              tile_block<true, true>(a, g.lda, b, gs, kfull, buf, pf);
             else
-              tile_block<true, false>(a, g.lda, b, gs, kfull, buf);
+              tile_block<true, false>(a, g.lda, b, gs, kfull, buf, pf);
           } else {
             if (two_n)
-              tile_block<false, true>(a, g.lda, b, gs, kfull, buf);
+              tile_block<false, true>(a, g.lda, b, gs, kfull, buf, pf);
             else
-              tile_block<false, false>(a, g.lda, b, gs, kfull, buf);
+              tile_block<false, false>(a, g.lda, b, gs, kfull, buf, pf);
           }
         }
         finish(g, a, i0, rows, p, two_n ? 2 : 1, b, gs, kfull, buf);
