@@ -54,10 +54,16 @@ def rand_i8(shape, gen):
     return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
 
 
-# int8_gemm packs b from 24 rows of a on: M over the 32-row tile block and its
-# 16-row halves, K around the 64-byte tile step (the tail runs on VNNI), N
-# around the 16-column panel, the 32-column tile pair and the 64-column block.
+# With K a multiple of 64 and M < 512, int8_gemm on AMX reads b in place and
+# packs a (c^T = b a^T); otherwise from 24 rows of a it packs b. M, N over the
+# 32-row tile block and its 16-row halves and the 16-column panel, K around
+# the 64-byte tile step (the packed path's tail runs on VNNI).
 GEMM_SHAPES = [
+    (1, 64, 1),
+    (1, 4096, 33),
+    (5, 128, 100),
+    (16, 256, 32),
+    (17, 64, 47),
     (24, 1, 1),
     (24, 64, 16),
     (25, 3, 17),
@@ -68,6 +74,7 @@ GEMM_SHAPES = [
     (64, 1000, 48),
     (100, 4096, 130),
     (257, 320, 513),
+    (600, 128, 40),
 ]
 
 
@@ -84,9 +91,11 @@ def test_gemm_bit_exact(tiles, mkn, gen):
     assert torch.equal(c, on_isa("avx512", lambda: pk.ops.int8_gemm(a, b)))
 
 
-def test_gemm_all_minus_128_at_the_int32_limit(tiles):
-    k = MAX_K - 1  # 128 * 128 * k still fits in int32
-    a = torch.full((24, k), -128, dtype=torch.int8)
+@pytest.mark.parametrize("m", [1, 24])
+@pytest.mark.parametrize("k", [MAX_K - 1, MAX_K // 64 * 64 - 64])
+def test_gemm_all_minus_128_at_the_int32_limit(tiles, m, k):
+    """128 * 128 * k still fits in int32; k a multiple of 64 takes the b-in-place path."""
+    a = torch.full((m, k), -128, dtype=torch.int8)
     b = torch.full((3, k), -128, dtype=torch.int8)
     b[1] = 127
     c = pk.ops.int8_gemm(a, b)
@@ -184,8 +193,8 @@ def test_threads_split_blocks_or_rows(tiles, threads, gen):
     previous = _native.C.get_num_threads()
     _native.C.set_num_threads(threads)
     try:
-        for n in (48, 700):
-            a, b = rand_i8((150, 2000), gen), rand_i8((n, 2000), gen)
+        for n, k in ((48, 2000), (700, 2000), (48, 1024), (700, 1024)):
+            a, b = rand_i8((150, k), gen), rand_i8((n, k), gen)
             assert torch.equal(pk.ops.int8_gemm(a, b), ref_gemm(a, b))
     finally:
         _native.C.set_num_threads(previous)

@@ -185,6 +185,98 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
   if (cur0 >= 0) _tile_release();
 }
 
+// ---- Row-major b, never packed (int8_gemm) -------------------------------
+// c^T = b a^T: 16 rows of b (64 bytes of k each, row stride ldb) are an A
+// tile as they lie, and a, packed as a weight, gives the B tiles. Tiles 4, 5
+// hold two blocks of 16 rows of b, 6, 7 two panels of a, and C[i][j] (tile
+// 2i + j) is rows 16i.. of this block of b against panel j. TDPBSSD
+// multiplies signed by signed, so -128 needs no correction. `next` is the
+// next block of b, prefetched one step of k at a time while the first panel
+// pair streams this one (null: none, or not the first pair).
+template <bool TwoR, bool TwoP>
+void tile_block_bt(const int8_t* b, int64_t ldb, const int8_t* ap, int64_t gs, int64_t k,
+                   int32_t* buf, const int8_t* next, int next_rows) {
+  _tile_zero(0);
+  if (TwoP) _tile_zero(1);
+  if (TwoR) _tile_zero(2);
+  if (TwoR && TwoP) _tile_zero(3);
+  const int8_t* b1 = b + 16 * ldb;
+  for (int64_t kc = 0; kc < k; kc += 64) {
+    if (next)
+      for (int r = 0; r < next_rows; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * ldb + kc), _MM_HINT_T1);
+    const int8_t* pk = ap + (kc / 4) * gs;
+    _tile_loadd(4, b + kc, ldb);
+    _tile_loadd(6, pk, gs);
+    _tile_dpbssd(0, 4, 6);
+    if (TwoP) {
+      _tile_loadd(7, pk + 64, gs);
+      _tile_dpbssd(1, 4, 7);
+    }
+    if (TwoR) {
+      _tile_loadd(5, b1 + kc, ldb);
+      _tile_dpbssd(2, 5, 6);
+      if (TwoP) _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, buf, 128);
+  if (TwoP) _tile_stored(1, buf + 16, 128);
+  if (TwoR) _tile_stored(2, buf + 16 * 32, 128);
+  if (TwoR && TwoP) _tile_stored(3, buf + 16 * 32 + 16, 128);
+}
+
+void gemm_bt(const int8_t* ap, int64_t m, const int8_t* b, int64_t ldb, int64_t k, int32_t* c,
+             int64_t ldc, int64_t n0, int64_t n1) {
+  const int64_t mp = packed_n(m), panels = mp / 16;
+  alignas(64) int32_t buf[kBlockRows * 32];
+  // buf column j (32 rows of b, 128 bytes apart) is row j of c's block.
+  const __m512i col =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(32));
+  int cur0 = -1, cur1 = -1;
+  for (int64_t n = n0; n < n1; n += kBlockRows) {
+    const int rows = int(n1 - n < kBlockRows ? n1 - n : kBlockRows);
+    const int r0 = rows < 16 ? rows : 16, r1 = rows - r0;
+    if (r0 != cur0 || r1 != cur1) {
+      configure(r0, r1);
+      cur0 = r0;
+      cur1 = r1;
+    }
+    const int64_t nn = n + kBlockRows;
+    const int next_rows = int(n1 - nn <= 0 ? 0 : (n1 - nn < kBlockRows ? n1 - nn : kBlockRows));
+    const int8_t* bn = b + n * ldb;
+    for (int64_t p = 0; p < panels; p += 2) {
+      int64_t gs;
+      const int8_t* a = panel_base(ap, k, mp, p, &gs);
+      const bool two_p = p + 1 < panels;
+      const int8_t* next = p == 0 && next_rows > 0 ? b + nn * ldb : nullptr;
+      if (r1 > 0) {
+        if (two_p)
+          tile_block_bt<true, true>(bn, ldb, a, gs, k, buf, next, next_rows);
+        else
+          tile_block_bt<true, false>(bn, ldb, a, gs, k, buf, next, next_rows);
+      } else {
+        if (two_p)
+          tile_block_bt<false, true>(bn, ldb, a, gs, k, buf, next, next_rows);
+        else
+          tile_block_bt<false, false>(bn, ldb, a, gs, k, buf, next, next_rows);
+      }
+      const __mmask16 lo = __mmask16((1u << r0) - 1), hi = __mmask16((1u << r1) - 1);
+      const int64_t mcols = (two_p ? 32 : 16) < m - 16 * p ? (two_p ? 32 : 16) : m - 16 * p;
+      for (int64_t j = 0; j < mcols; ++j) {
+        int32_t* cr = c + (16 * p + j) * ldc + n;
+        _mm512_mask_storeu_epi32(
+            cr, lo, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lo, col, buf + j, 4));
+        if (r1)
+          _mm512_mask_storeu_epi32(
+              cr + 16, hi,
+              _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), hi, col, buf + 16 * 32 + j, 4));
+      }
+    }
+  }
+  if (cur0 >= 0) _tile_release();
+}
+
 }  // namespace
 
 const GemmKernels* gemm_kernels_amx() {
@@ -192,6 +284,7 @@ const GemmKernels* gemm_kernels_amx() {
     GemmKernels t = *gemm_kernels_avx512_vnni();
     t.gemm_packed = &gemm_packed;
     t.tiles = true;
+    t.gemm_bt = &gemm_bt;
     return t;
   }();
   return &table;

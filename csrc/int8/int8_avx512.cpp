@@ -315,8 +315,8 @@ void quantize_u8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, in
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx512_vnni() {
-  static const GemmKernels table{&gemm, &gemm_packed, &pack, &quantize_u8, &weight_only_generic,
-                                 false, false};
+  static const GemmKernels table{&gemm, &gemm_packed, &pack,  &quantize_u8, &weight_only_generic,
+                                 false, false,        nullptr};
   return &table;
 }
 

@@ -85,6 +85,14 @@ const GemmKernels* packed_kernels(const GemmKernels* kern, int64_t m) {
 // (Zen 4, 2 threads): 16 to 32 rows depending on the shape.
 constexpr int64_t kPackMinRows = int64_t(PK_PACK_MIN_ROWS);
 
+// Below this many rows of a (K a multiple of 64), AMX's int8_gemm packs a
+// and reads b in place (gemm_bt); from here on packing b and streaming a
+// past it is faster. PK_AMX_BT_MAX_ROWS overrides it at build time.
+#ifndef PK_AMX_BT_MAX_ROWS
+#define PK_AMX_BT_MAX_ROWS 512
+#endif
+constexpr int64_t kBtMaxRows = int64_t(PK_AMX_BT_MAX_ROWS);
+
 // Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
 // width of one register tile) and, when there are fewer blocks than threads,
 // chunks of rows too. Each block of b is then streamed by one thread only.
@@ -162,6 +170,21 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(c && (k == 0 || (a && b)), "a, b and c must not be null");
   const GemmKernels* kern = kernels();
+  if (kern->gemm_bt && k > 0 && k % 64 == 0 && m >= g_amx_min_rows.load() && m < kBtMaxRows) {
+    // AMX: c^T = b a^T on tiles with b read in place; only a (the smaller
+    // operand here) is packed, O(MK).
+    const int64_t mp = packed_n(m);
+    int8_t* ap = scratch<int8_t>(0, mp * k);
+    pack_weight_cpu(a, m, k, lda, ap, scratch<int32_t>(1, mp));
+    const int64_t nblocks = (n + 31) / 32;
+    const int nt = int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 19), nblocks));
+    parallel(nt, [&](int t) {
+      int64_t b0, b1;
+      split_range(nblocks, nt, t, 1, &b0, &b1);
+      if (b0 < b1) kern->gemm_bt(ap, m, b, ldb, k, c, ldc, b0 * 32, std::min(n, b1 * 32));
+    });
+    return;
+  }
   if (m >= kPackMinRows) {
     // Pack b and bias a to unsigned once; the packed kernel then reads both
     // at full width. O(NK + MK) extra work against O(MNK).

@@ -73,6 +73,13 @@ struct GemmKernels {
   // calling thread must hold the OS's tile-data permission (detected_isa()
   // is amx only once the process has it).
   bool tiles;
+  // AMX only (null elsewhere): c = a b^T over columns [n0, n1) of c, every
+  // row of a, with b row-major (rows n0.. n1 read in place, never packed)
+  // and a packed as pack() packs a weight (ap, m rows, kp = k): the tiles
+  // then compute c^T = b a^T with TDPBSSD (signed x signed, -128 exact).
+  // k must be a positive multiple of 64.
+  void (*gemm_bt)(const int8_t* ap, int64_t m, const int8_t* b, int64_t ldb, int64_t k, int32_t* c,
+                  int64_t ldc, int64_t n0, int64_t n1);
 };
 
 const GemmKernels* gemm_kernels_portable();

@@ -12,7 +12,8 @@ const GemmKernels* gemm_kernels_portable() {
                                  &quantize_u8_generic,
                                  &weight_only_generic,
                                  false,
-                                 false};
+                                 false,
+                                 nullptr};
   return &table;
 }
 
