@@ -198,3 +198,13 @@ def test_threads_split_blocks_or_rows(tiles, threads, gen):
             assert torch.equal(pk.ops.int8_gemm(a, b), ref_gemm(a, b))
     finally:
         _native.C.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("n", [2000, 2001])
+def test_large_fp32_outputs_streamed_past_the_caches(tiles, n, gen):
+    """From 8 MiB of fp32 output the tiles write whole lines with streaming stores
+    (rows that are not 64-byte aligned, N = 2001, and the column tail fall back)."""
+    x, w, ws, b = make(1100, 64, n, torch.float32, gen)
+    p = pk.ops.pack_int8_weight(w)
+    y = pk.ops.int8_linear(x, p, ws, b)
+    assert torch.equal(y, on_isa("avx512", lambda: pk.ops.int8_linear(x, p, ws, b)))

@@ -111,8 +111,21 @@ inline __m512i bcast4(const uint8_t* p) {
 // The k past kfull (fewer than 16 groups: a tile step would need a second
 // tile configuration, which would zero the accumulators) with vpdpbusd,
 // then comp and the epilogue.
+// fp32 output too large for the caches: whole 64-byte lines go straight to
+// memory (no read for ownership of lines that are about to be overwritten).
+inline bool stream_out(const PackedGemm& g, int64_t row, int64_t col, __m512i acc) {
+  float* dst = static_cast<float*>(g.c) + row * g.ldc + col;
+  if (reinterpret_cast<uintptr_t>(dst) & 63) return false;
+  __m512 v = _mm512_mul_ps(
+      _mm512_cvtepi32_ps(acc),
+      _mm512_mul_ps(_mm512_set1_ps(g.a_scale[row]), _mm512_loadu_ps(g.b_scale + col)));
+  if (g.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(g.bias + col));
+  _mm512_stream_ps(dst, v);
+  return true;
+}
+
 void finish(const PackedGemm& g, const uint8_t* a, int64_t row0, int rows, int64_t p, int np2,
-            const int8_t* b, int64_t gs, int64_t kfull, const int32_t* buf) {
+            const int8_t* b, int64_t gs, int64_t kfull, const int32_t* buf, bool stream) {
   const int64_t groups = g.kp / 4;
   for (int j = 0; j < np2; ++j) {
     const int64_t col = (p + j) * 16, left = g.n - col;
@@ -124,7 +137,9 @@ void finish(const PackedGemm& g, const uint8_t* a, int64_t row0, int rows, int64
       const uint8_t* ar = a + i * g.lda;
       for (int64_t q = kfull / 4; q < groups; ++q)
         acc = _mm512_dpbusd_epi32(acc, bcast4(ar + 4 * q), _mm512_loadu_si512(bj + q * gs));
-      store_vec(g, row0 + i, col, _mm512_sub_epi32(acc, comp), m);
+      acc = _mm512_sub_epi32(acc, comp);
+      if (!(stream && left >= 16 && stream_out(g, row0 + i, col, acc)))
+        store_vec(g, row0 + i, col, acc, m);
     }
   }
 }
@@ -133,6 +148,8 @@ void finish(const PackedGemm& g, const uint8_t* a, int64_t row0, int rows, int64
 // panel pair of the call streams past it, and each pair's weights are then
 // read from memory once per chunk, not once per 32 rows.
 constexpr int64_t kChunkBytes = int64_t(512) << 10;
+// Output of one call from which fp32 results bypass the caches.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t np = packed_n(g.n), kp = g.kp, kfull = kp / 64 * 64;
@@ -141,6 +158,7 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
   alignas(64) int32_t buf[kBlockRows * 32];
   if (kfull == 0) __builtin_memset(buf, 0, sizeof buf);
   int cur0 = -1, cur1 = -1;
+  const bool stream = g.a_scale && g.yt == FType::f32 && (m1 - m0) * g.n * 4 >= kStreamBytes;
   for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
     const int64_t c1 = m1 - c0 < chunk ? m1 : c0 + chunk;
     // p0 is a multiple of 4, so p and p + 1 lie in one block of panels.
@@ -176,10 +194,11 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
               tile_block<false, false>(a, g.lda, b, gs, kfull, buf, pf);
           }
         }
-        finish(g, a, i0, rows, p, two_n ? 2 : 1, b, gs, kfull, buf);
+        finish(g, a, i0, rows, p, two_n ? 2 : 1, b, gs, kfull, buf, stream);
       }
     }
   }
+  if (stream) _mm_sfence();  // streamed lines visible before the caller reads c
   // Back to the init state: the kernel's 8 KiB of tile data is then not
   // saved and restored with this thread at every context switch.
   if (cur0 >= 0) _tile_release();
