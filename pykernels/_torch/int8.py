@@ -41,6 +41,11 @@ def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.device.type == "cuda":
         return int_mm_padded(a, b)
+    if k == 1:
+        # torch 2.13's CPU _int_mm misreads b.t() when K = 1 (its strides are
+        # (1, 1)) and returns garbage; the product is an outer product, exact
+        # in int32.
+        return a.to(torch.int32) * b.to(torch.int32).t()
     return torch._int_mm(a, b.t())
 
 
