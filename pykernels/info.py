@@ -36,7 +36,7 @@ def _amx_kernels() -> str:
     rows = cpu["int8_amx_min_rows"]
     return (
         "built (int8 GEMM tiles), OS granted tile permission, in use "
-        f"(packed GEMMs of >= {rows} rows; fewer rows run avx512 vnni, which is faster there)"
+        f"(int8 GEMMs of >= {rows} rows; fewer rows run avx512 vnni, which is faster there)"
     )
 
 
