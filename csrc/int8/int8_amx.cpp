@@ -5,8 +5,9 @@
 // weights and unsigned activations (a + 128) the AVX-512 VNNI kernel reads,
 // and TDPBUSD is vpdpbusd's arithmetic (u8 x s8, int32 sums that wrap): comp
 // is subtracted as there and the results are bit-identical, -128 in either
-// operand included (a + 128 is then 0). Only gemm_packed is new; the rest of
-// the table is the AVX-512 VNNI one.
+// operand included (a + 128 is then 0). New here: gemm_packed, and gemm_bt
+// for int8_gemm (b read in place, see below); the rest of the table is the
+// AVX-512 VNNI one.
 #include <immintrin.h>
 
 #include "int8_avx512_epilogue.h"
