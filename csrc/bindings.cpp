@@ -368,6 +368,11 @@ py::dict cpu_info() {
   d["isa_cap"] = pk::isa_name(pk::isa_cap());
   d["isa_active"] = pk::isa_name(pk::active_isa());
   d["avx512_vnni"] = pk::has_avx512_vnni();
+  const pk::AmxState amx = pk::amx_state();
+  d["amx_tiles"] = amx == pk::AmxState::granted  ? "granted"
+                   : amx == pk::AmxState::denied ? "denied"
+                                                 : "absent";
+  d["int8_amx_min_rows"] = pk::int8::amx_min_rows();
   d["threads"] = pk::max_threads();
   d["threading"] = pk::threading_name();
   return d;
@@ -416,6 +421,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpack_bits", &unpack_bits, py::arg("data"), py::arg("n"), py::arg("width"),
         py::arg("values"), "Inverse of pack_bits.");
   m.def("cpu_info", &cpu_info);
+  m.def("set_int8_amx_min_rows", &pk::int8::set_amx_min_rows, py::arg("rows"),
+        "Rows below which packed int8 GEMMs use AVX-512 VNNI, not AMX tiles; returns the "
+        "previous value (tests set 1 to run every M on tiles).");
   m.def(
       "set_cpu_isa", [](const std::string& name) { pk::set_isa_cap(parse_isa(name)); },
       py::arg("name"), "Caps the ISA the CPU kernels use (as PYKERNELS_CPU_ISA does).");

@@ -19,6 +19,27 @@ def version() -> str:
         return "0+unknown"
 
 
+def _amx_kernels() -> str:
+    """Whether the AMX-INT8 tile kernel is built and whether it can run here."""
+    if _native.C is None:
+        return "not available (native CPU kernels not built)"
+    cpu = _native.C.cpu_info()
+    if "amx" not in cpu["isa_compiled"]:
+        return "not built (the compiler lacks -mamx-int8); AMX CPUs use avx512"
+    tiles = cpu.get("amx_tiles", "absent")
+    if tiles == "absent":
+        return "built (int8 GEMM tiles); this CPU has no AMX, so unused"
+    if tiles == "denied":
+        return "built (int8 GEMM tiles); the OS refused tile permission: avx512 used instead"
+    if cpu["isa_active"] != "amx":
+        return f"built (int8 GEMM tiles), OS granted tile permission, off (cap {cpu['isa_cap']})"
+    rows = cpu["int8_amx_min_rows"]
+    return (
+        "built (int8 GEMM tiles), OS granted tile permission, in use "
+        f"(int8 GEMMs of >= {rows} rows; fewer rows run avx512 vnni, which is faster there)"
+    )
+
+
 def info() -> dict[str, Any]:
     """The same facts ``python -m pykernels info`` prints, as a dict."""
     d: dict[str, Any] = {
@@ -42,10 +63,7 @@ def info() -> dict[str, Any]:
         )
     else:
         d.update(native_cpu_error=_native.C_error, threads=torch.get_num_threads())
-    # No AMX tile kernel is shipped: none has been run on an AMX machine yet,
-    # and an untested tile kernel could be silently wrong. AMX CPUs run the
-    # AVX-512 VNNI kernels.
-    d["amx_kernels"] = "not built (untested: no AMX machine yet); AMX CPUs use avx512"
+    d["amx_kernels"] = _amx_kernels()
     if _native.C_cuda is not None:
         cu = _native.C_cuda.cuda_info()
         d.update(

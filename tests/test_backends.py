@@ -105,10 +105,35 @@ def test_reference_and_torch_only_where_meant(monkeypatch):
 
 def test_info_says_what_is_not_shipped():
     d = pk.info()
-    assert "amx" not in d.get("isa_compiled", [])
-    assert "not built" in d["amx_kernels"]
     if _native.C_cuda is not None:
         assert backends.CUDA_NOT_VERIFIED in d["native_cuda_status"]
+
+
+def test_info_says_whether_amx_tiles_run():
+    d = pk.info()
+    if _native.C is None:
+        assert "not available" in d["amx_kernels"]
+        return
+    cpu = _native.C.cpu_info()
+    assert cpu["amx_tiles"] in ("absent", "denied", "granted")
+    if "amx" not in d["isa_compiled"]:
+        assert "not built" in d["amx_kernels"]
+    elif cpu["amx_tiles"] == "granted":
+        # The tiles are only detected once the OS has granted the permission.
+        assert d["isa_detected"] == "amx" and "granted" in d["amx_kernels"]
+        assert ("in use" in d["amx_kernels"]) == (d["isa_active"] == "amx")
+    else:
+        assert d["isa_detected"] != "amx"
+        assert ("refused" in d["amx_kernels"]) == (cpu["amx_tiles"] == "denied")
+    # On Linux, CPUID's AMX bits are what /proc/cpuinfo lists.
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return
+    if {"amx_tile", "amx_int8"} <= set(flags):
+        assert cpu["amx_tiles"] != "absent"
+    elif "flags" in flags:
+        assert cpu["amx_tiles"] == "absent"
 
 
 def test_set_cpu_isa_rejects_unknown_names():

@@ -60,27 +60,38 @@ bool request_amx_permission() {
 }
 #endif
 
-Isa detect() {
+struct Detection {
+  Isa isa;
+  AmxState amx;
+};
+
+Detection detect() {
 #ifdef PK_X86
   unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::portable;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return {Isa::portable, AmxState::absent};
   const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
-  if (!osxsave) return Isa::portable;
+  if (!osxsave) return {Isa::portable, AmxState::absent};
   const uint64_t xcr0 = xgetbv0();
   const bool os_avx = (xcr0 & 0x6) == 0x6;
   const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;
   const bool os_amx = (xcr0 & 0x60000) == 0x60000;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::portable;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return {Isa::portable, AmxState::absent};
   const bool avx2 = b & (1u << 5);
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
   const bool amx = (d & (1u << 24)) && (d & (1u << 25));
-  if (!(os_avx && avx2 && fma && f16c)) return Isa::portable;
-  if (!(os_avx512 && avx512)) return Isa::avx2;
-  if (os_amx && amx && request_amx_permission()) return Isa::amx;
-  return Isa::avx512;
+  const AmxState st = !(amx && os_amx) ? AmxState::absent : AmxState::denied;
+  if (!(os_avx && avx2 && fma && f16c)) return {Isa::portable, st};
+  if (!(os_avx512 && avx512)) return {Isa::avx2, st};
+  if (st == AmxState::denied && request_amx_permission()) return {Isa::amx, AmxState::granted};
+  return {Isa::avx512, st};
 #else
-  return Isa::portable;
+  return {Isa::portable, AmxState::absent};
 #endif
+}
+
+const Detection& detection() {
+  static const Detection d = detect();
+  return d;
 }
 
 Isa initial_cap() {
@@ -94,10 +105,9 @@ std::atomic<int> g_cap{static_cast<int>(initial_cap())};
 
 }  // namespace
 
-Isa detected_isa() {
-  static const Isa d = detect();
-  return d;
-}
+Isa detected_isa() { return detection().isa; }
+
+AmxState amx_state() { return detection().amx; }
 
 std::vector<Isa> compiled_isas() {
   std::vector<Isa> v{Isa::portable};

@@ -17,6 +17,11 @@ bool isa_from_name(const std::string& name, Isa* out);
 // Best ISA that both the CPU (CPUID) and the OS (XCR0, and for AMX the
 // arch_prctl tile-data permission) support.
 Isa detected_isa();
+// AMX tiles: not in this CPU (or not enabled in XCR0), present but the OS
+// refused the tile-data permission (then detected_isa() stops at avx512),
+// or granted to this process.
+enum class AmxState : int { absent = 0, denied = 1, granted = 2 };
+AmxState amx_state();
 // ISAs for which this build compiled kernels.
 std::vector<Isa> compiled_isas();
 // min(detected, compiled, cap). The cap starts from PYKERNELS_CPU_ISA.

@@ -50,6 +50,12 @@ void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t l
 
 // Weight-only W8A16 linear: y = x @ (w * w_scale[:, None]).T + bias with x in
 // float, the int8 weight row-major (N x K) and dequantized in registers.
+// Rows below which packed GEMMs leave AMX tiles for the AVX-512 VNNI
+// kernel (results are identical; only speed differs). Tests set it to 1 so
+// that every M runs on tiles; returns the previous value.
+int64_t set_amx_min_rows(int64_t rows);
+int64_t amx_min_rows();
+
 void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
                             const int8_t* w, const float* w_scale, const float* bias, int64_t n,
                             void* y, FType yt);

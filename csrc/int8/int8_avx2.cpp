@@ -312,8 +312,8 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx2() {
-  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed,         &pack_generic,
-                                 &quantize_s8,           &weight_only_generic, true};
+  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed, &pack_generic, &quantize_s8,
+                                 &weight_only_generic,   true,         false,         nullptr};
   return &table;
 }
 

@@ -1,6 +1,7 @@
 // CPU int8 driver: argument checks, the weight-sum compensation, threading
 // over blocks of N (so M = 1 still uses every core), ISA choice per call.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -44,6 +45,10 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
   });
 }
 
+#ifndef PK_AMX_MIN_ROWS
+#define PK_AMX_MIN_ROWS 8
+#endif
+
 #ifndef PK_PACK_MIN_ROWS
 #define PK_PACK_MIN_ROWS 24
 #endif
@@ -51,6 +56,9 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
 namespace {
 
 const GemmKernels* kernels() {
+#ifdef PK_HAVE_AMX
+  if (active_isa() >= Isa::amx && has_avx512_vnni()) return gemm_kernels_amx();
+#endif
 #ifdef PK_HAVE_AVX512
   if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return gemm_kernels_avx512_vnni();
 #endif
@@ -60,18 +68,56 @@ const GemmKernels* kernels() {
   return gemm_kernels_portable();
 }
 
+// Below this many rows the AMX table hands a packed GEMM to the AVX-512
+// VNNI kernel (same packed weight, same activations, same results): a tile
+// of 1..few rows does a full tile's work.
+std::atomic<int64_t> g_amx_min_rows{int64_t(PK_AMX_MIN_ROWS)};
+
+const GemmKernels* packed_kernels(const GemmKernels* kern, int64_t m) {
+#ifdef PK_HAVE_AVX512
+  if (kern->tiles && m < g_amx_min_rows.load()) return gemm_kernels_avx512_vnni();
+#endif
+  return kern;
+}
+
 // Below this many rows of a, int8_gemm runs on the row-major operands: with
 // few rows, packing b would cost more than it saves. Measured crossover here
 // (Zen 4, 2 threads): 16 to 32 rows depending on the shape.
 constexpr int64_t kPackMinRows = int64_t(PK_PACK_MIN_ROWS);
 
+// Below this many rows of a (K a multiple of 64), AMX's int8_gemm packs a
+// and reads b in place (gemm_bt); from here on packing b and streaming a
+// past it is faster. PK_AMX_BT_MAX_ROWS overrides it at build time.
+#ifndef PK_AMX_BT_MAX_ROWS
+#define PK_AMX_BT_MAX_ROWS 512
+#endif
+constexpr int64_t kBtMaxRows = int64_t(PK_AMX_BT_MAX_ROWS);
+
 // Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
 // width of one register tile) and, when there are fewer blocks than threads,
 // chunks of rows too. Each block of b is then streamed by one thread only.
 void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
+  kern = packed_kernels(kern, m);
   const int64_t panels = packed_n(g.n) / 16;
   const int64_t nblocks = (panels + 3) / 4;
   const int nt = threads_for(m * panels * 16 * g.kp, int64_t(1) << 19);
+  if (kern->tiles) {
+    // One call per thread over a contiguous range of blocks and all rows
+    // (the tile kernel orders its own loops for cache reuse); rows are
+    // split, in multiples of 32, only when blocks are fewer than threads.
+    const int64_t mchunks =
+        std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, (m + 31) / 32));
+    const int64_t bparts = std::min<int64_t>(nblocks, std::max<int64_t>(1, nt / mchunks));
+    const int64_t rows = ((m + mchunks - 1) / mchunks + 31) / 32 * 32;
+    const int64_t tasks = bparts * mchunks;
+    parallel_for(0, tasks, int(tasks), [&](int64_t t) {
+      int64_t b0, b1;
+      split_range(nblocks, int(bparts), int(t / mchunks), 1, &b0, &b1);
+      const int64_t m0 = (t % mchunks) * rows, m1 = std::min(m, m0 + rows);
+      if (m0 < m1 && b0 < b1) kern->gemm_packed(g, m0, m1, b0 * 4, std::min(panels, b1 * 4));
+    });
+    return;
+  }
   const int64_t mchunks = std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, m));
   const int64_t tasks = nblocks * mchunks;
   const int64_t rows = (m + mchunks - 1) / mchunks;
@@ -94,6 +140,9 @@ void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, 
 }
 
 }  // namespace
+
+int64_t set_amx_min_rows(int64_t rows) { return g_amx_min_rows.exchange(rows < 1 ? 1 : rows); }
+int64_t amx_min_rows() { return g_amx_min_rows.load(); }
 
 void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed,
                      int32_t* comp) {
@@ -121,6 +170,21 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(c && (k == 0 || (a && b)), "a, b and c must not be null");
   const GemmKernels* kern = kernels();
+  if (kern->gemm_bt && k > 0 && k % 64 == 0 && m >= g_amx_min_rows.load() && m < kBtMaxRows) {
+    // AMX: c^T = b a^T on tiles with b read in place; only a (the smaller
+    // operand here) is packed, O(MK).
+    const int64_t mp = packed_n(m);
+    int8_t* ap = scratch<int8_t>(0, mp * k);
+    pack_weight_cpu(a, m, k, lda, ap, scratch<int32_t>(1, mp));
+    const int64_t nblocks = (n + 31) / 32;
+    const int nt = int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 19), nblocks));
+    parallel(nt, [&](int t) {
+      int64_t b0, b1;
+      split_range(nblocks, nt, t, 1, &b0, &b1);
+      if (b0 < b1) kern->gemm_bt(ap, m, b, ldb, k, c, ldc, b0 * 32, std::min(n, b1 * 32));
+    });
+    return;
+  }
   if (m >= kPackMinRows) {
     // Pack b and bias a to unsigned once; the packed kernel then reads both
     // at full width. O(NK + MK) extra work against O(MNK).

@@ -68,11 +68,26 @@ struct GemmKernels {
   // a + 128 (the weight compensation comp is subtracted); true, signed bytes
   // that must lie in [-127, 127] (int8_gemm corrects for -128).
   bool signed_a;
+  // gemm_packed works in AMX tiles: it wants few, wide calls (a range of many
+  // blocks of panels and every row, see run_packed in int8_cpu.cpp), and the
+  // calling thread must hold the OS's tile-data permission (detected_isa()
+  // is amx only once the process has it).
+  bool tiles;
+  // AMX only (null elsewhere): c = a b^T over columns [n0, n1) of c, every
+  // row of a, with b row-major (rows n0.. n1 read in place, never packed)
+  // and a packed as pack() packs a weight (ap, m rows, kp = k): the tiles
+  // then compute c^T = b a^T with TDPBSSD (signed x signed, -128 exact).
+  // k must be a positive multiple of 64.
+  void (*gemm_bt)(const int8_t* ap, int64_t m, const int8_t* b, int64_t ldb, int64_t k, int32_t* c,
+                  int64_t ldc, int64_t n0, int64_t n1);
 };
 
 const GemmKernels* gemm_kernels_portable();
 const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512_vnni();
+// AVX-512 VNNI table with an AMX-INT8 tile gemm_packed (same packed weight,
+// same unsigned activations).
+const GemmKernels* gemm_kernels_amx();
 
 }  // namespace int8
 }  // namespace pk

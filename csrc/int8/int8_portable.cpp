@@ -6,8 +6,14 @@ namespace pk {
 namespace int8 {
 
 const GemmKernels* gemm_kernels_portable() {
-  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed_generic, &pack_generic,
-                                 &quantize_u8_generic,   &weight_only_generic, false};
+  static const GemmKernels table{&gemm_rowmajor_generic,
+                                 &gemm_packed_generic,
+                                 &pack_generic,
+                                 &quantize_u8_generic,
+                                 &weight_only_generic,
+                                 false,
+                                 false,
+                                 nullptr};
   return &table;
 }
 

@@ -41,13 +41,12 @@ def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.device.type == "cuda":
         return int_mm_padded(a, b)
-    bt = b.t()
     if k == 1:
-        # At K = 1, b.t() has strides (1, 1) (and .contiguous() keeps them, a
-        # size-1 dim's stride being free), which torch 2.13's CPU _int_mm reads
-        # wrongly on an AVX-512 VNNI/AMX machine. A fresh (1, n) has (n, 1).
-        bt = b.new_empty((1, n)).copy_(bt)
-    return torch._int_mm(a, bt)
+        # torch 2.13's CPU _int_mm misreads b.t() when K = 1 (its strides are
+        # (1, 1)) and returns garbage; the product is an outer product, exact
+        # in int32.
+        return a.to(torch.int32) * b.to(torch.int32).t()
+    return torch._int_mm(a, b.t())
 
 
 def int_mm_padded(a: Tensor, b: Tensor) -> Tensor:
