@@ -411,6 +411,9 @@ class Cluster(Step):
         if self.per not in ("row", "layer"):
             raise ValueError(f"per must be 'row' or 'layer', got {self.per!r}")
 
+    def __str__(self) -> str:
+        return f"cluster:{self.n_clusters}" + (":layer" if self.per == "layer" else "")
+
     def apply(self, ctx: Context) -> None:
         from ..nn import ClusteredLinear
 

@@ -96,7 +96,9 @@ class ClusteredLinear(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.cluster_linear(x, self.codes, self.codebook, self.bias, bits=self.bits)
+        return ops.cluster_linear(
+            x, self.codes, self.codebook, self.bias, bits=self.bits, k=self.in_features
+        )
 
     def weight_codes(self) -> Tensor:
         """The cluster index of each weight, int64 ``[N, K]``."""

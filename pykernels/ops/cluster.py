@@ -236,7 +236,13 @@ torch.library.register_autograd("pykernels::cluster_linear", _backward, setup_co
 
 
 def cluster_linear(
-    x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None = None, *, bits: int = 4
+    x: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    bias: Tensor | None = None,
+    *,
+    bits: int = 4,
+    k: int | None = None,
 ) -> Tensor:
     """``y = x @ W.T + bias`` with ``W[n, k] = codebook[n or 0, codes[n, k]]``.
 
@@ -244,8 +250,10 @@ def cluster_linear(
     returned in x's dtype); ``codes``: uint8 ``[N, code_row_bytes(K, bits)]``
     from :func:`pack_cluster_codes`; ``codebook``: float32 ``[N, C]`` (one per
     output channel) or ``[1, C]`` (one for the layer), C <= 16 for 4-bit
-    codes, <= 256 for 8-bit; ``bias``: ``[N]`` or None. Differentiable in x,
-    codebook and bias (not in the codes).
+    codes, <= 256 for 8-bit; ``bias``: ``[N]`` or None; ``k``: the layer's
+    in_features, checked against x when given (a row of 4-bit codes covers K
+    rounded up to 128, so the codes alone cannot tell K = 40 from 41).
+    Differentiable in x, codebook and bias (not in the codes).
     """
     fn = "cluster_linear"
     if not isinstance(x, Tensor):
@@ -254,6 +262,8 @@ def cluster_linear(
         raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension")
+    if k is not None and _checks.check_int(fn, "k", k, 0) != x.shape[-1]:
+        raise ValueError(f"{fn}: x must have K = {k} in its last dimension, got {tuple(x.shape)}")
     k = x.shape[-1]
     _check_codes(fn, codes, k, bits)
     n = codes.shape[0]
