@@ -242,7 +242,7 @@ void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py:
 }
 
 void cluster_linear(py::array x, py::array codes, py::array codebook, py::object bias, int bits,
-                    py::array y) {
+                    bool dynamic, py::array y) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
   int64_t m, k, ldx, n, cb, ldc, cbr, nc, ldcb, ym, yn, ldy;
   const float* px = matrix<float>(x, "x", &m, &k, &ldx, false);
@@ -263,7 +263,7 @@ void cluster_linear(py::array x, py::array codes, py::array codebook, py::object
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
   const bool per_row = cbr == n;  // with N = 1 both readings are the same
   py::gil_scoped_release nogil;
-  pk::cluster::linear_cpu(px, m, k, ldx, pc, bits, pcb, nc, per_row, pb, n, py_);
+  pk::cluster::linear_cpu(px, m, k, ldx, pc, bits, pcb, nc, per_row, pb, n, py_, dynamic);
 }
 
 // A sparse weight from its buffers: row_ptr int64 [rows + 1], col uint16 or
@@ -423,8 +423,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("fake_quant_backward", &fake_quant_backward, py::arg("grad"), py::arg("mask"),
         py::arg("out"), "out = grad where mask, else 0 (1-D buffers).");
   m.def("cluster_linear", &cluster_linear, py::arg("x"), py::arg("codes"), py::arg("codebook"),
-        py::arg("bias"), py::arg("bits"), py::arg("y"),
-        "y = x @ W.T + bias with W read from packed 4/8-bit codes and [N or 1, C] codebooks.");
+        py::arg("bias"), py::arg("bits"), py::arg("dynamic"), py::arg("y"),
+        "y = x @ W.T + bias with W read from packed 4/8-bit codes and [N or 1, C] codebooks "
+        "(dynamic: int8 activations and codebooks, exact int32 sums).");
   m.def("sparse_linear", &sparse_linear, py::arg("x"), py::arg("row_ptr"), py::arg("col"),
         py::arg("values"), py::arg("block"), py::arg("n"), py::arg("bias"), py::arg("y"),
         "y = x @ W.T + bias for a CSR (block 1) or 4x4 BSR (block 4) weight.");

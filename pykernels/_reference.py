@@ -450,15 +450,31 @@ def cluster_linear(
     codebook: np.ndarray,
     bias: np.ndarray | None,
     bits: int,
+    dynamic: bool,
     y: np.ndarray,
 ) -> None:
-    """y = x @ W.T + bias in float64, W[n, k] = codebook[n or 0, code[n, k]]."""
+    """y = x @ W.T + bias, W[n, k] = codebook[n or 0, code[n, k]]: in float64, or
+    (dynamic) from int8 x and codebooks as quantize_per_row makes them, the
+    integer sum exact and the fp32 epilogue float(acc) * (xs * cs) + bias."""
     k = x.shape[1]
     idx = cluster_unpack_codes(codes, k, bits)
-    cb = codebook.astype(np.float64)
     n = idx.shape[0]
-    rows = np.arange(n)[:, None] if cb.shape[0] == n else np.zeros((n, 1), dtype=np.int64)
-    w = cb[rows, idx]
+    rows = np.arange(n)[:, None] if codebook.shape[0] == n else np.zeros((n, 1), dtype=np.int64)
+    if dynamic:
+        xq = np.empty(x.shape, np.int8)
+        xs = np.empty(x.shape[0], np.float32)
+        quantize_per_row(x, xq, xs)
+        cq = np.empty(codebook.shape, np.int8)
+        cs = np.empty(codebook.shape[0], np.float32)
+        quantize_per_row(codebook, cq, cs)
+        acc = xq.astype(np.int64) @ cq[rows, idx].astype(np.int64).T
+        with np.errstate(invalid="ignore", over="ignore"):
+            out = acc.astype(np.float32) * (xs[:, None] * cs[rows[:, 0]][None, :])
+            if bias is not None:
+                out = out + bias.astype(np.float32)
+        y[:] = out
+        return
+    w = codebook.astype(np.float64)[rows, idx]
     out = x.astype(np.float64) @ w.T
     if bias is not None:
         out = out + bias.astype(np.float64)

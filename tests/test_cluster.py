@@ -27,11 +27,10 @@ def random_layer(gen, n, k, n_clusters, per):
     return oc.pack_cluster_codes(idx, bits), cb, bits, idx
 
 
-def reference(x, codes, cb, bias, bits):
+def reference(x, codes, cb, bias, bits, dynamic=False):
     y = np.empty((x.shape[0], codes.shape[0]), np.float32)
-    _reference.cluster_linear(
-        x.numpy(), codes.numpy(), cb.numpy(), None if bias is None else bias.numpy(), bits, y
-    )
+    b = None if bias is None else bias.numpy()
+    _reference.cluster_linear(x.numpy(), codes.numpy(), cb.numpy(), b, bits, dynamic, y)
     return torch.from_numpy(y)
 
 
@@ -41,31 +40,50 @@ def close(a, b, x, cb):
     return (a - b).abs().max() <= tol
 
 
+def close_dynamic(a, b):
+    """Dynamic mode: exact integer sums, so only the fp32 epilogue may differ."""
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max() + 1))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("n_clusters", [16, 5, 2, 200, 17])
 @pytest.mark.parametrize("per", ["row", "layer"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_matches_reference(backend, n_clusters, per, shape, gen):
+def test_kernel_matches_reference(backend, n_clusters, per, shape, dynamic, gen):
     m, k, n = shape
     codes, cb, bits, _ = random_layer(gen, n, k, n_clusters, per)
     x = torch.randn(m, k, generator=gen)
     bias = torch.randn(n, generator=gen) if m % 2 else None
-    y = pk.ops.cluster_linear(x, codes, cb, bias, bits=bits)
+    y = pk.ops.cluster_linear(x, codes, cb, bias, bits=bits, dynamic=dynamic)
     assert y.shape == (m, n) and y.dtype == torch.float32
-    assert close(y, reference(x, codes, cb, bias, bits), x, cb)
+    ref = reference(x, codes, cb, bias, bits, dynamic)
+    assert close_dynamic(y, ref) if dynamic else close(y, ref, x, cb)
 
 
 @pytest.mark.parametrize("n_clusters", [16, 3, 256])
 def test_kernel_every_isa(cpu_isa, n_clusters, gen):
-    for m, k, n in [(1, 4096, 67), (6, 1000, 13), (13, 257, 8)]:
+    for m, k, n in [(1, 4096, 67), (6, 1000, 13), (13, 257, 8), (4, 128, 5)]:
         codes, cb, bits, _ = random_layer(gen, n, k, n_clusters, "row")
         x = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen)
-        assert close(
-            pk.ops.cluster_linear(x, codes, cb, bias, bits=bits),
-            reference(x, codes, cb, bias, bits),
-            x,
-            cb,
-        )
+        got = pk.ops.cluster_linear(x, codes, cb, bias, bits=bits)
+        assert close(got, reference(x, codes, cb, bias, bits), x, cb)
+        if m > 1:
+            x[m - 1, 3] = float("nan")
+        got = pk.ops.cluster_linear(x, codes, cb, bias, bits=bits, dynamic=True)
+        ref = reference(x, codes, cb, bias, bits, True)
+        # a NaN in a row of x gives NaN in that row only
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert close_dynamic(got.nan_to_num(0), ref.nan_to_num(0))
+
+
+def test_dynamic_mode_is_close_to_the_exact_product(gen):
+    codes, cb, bits, _ = random_layer(gen, 64, 512, 16, "row")
+    x = torch.randn(8, 512, generator=gen)
+    exact = pk.ops.cluster_linear(x, codes, cb, bits=bits)
+    dyn = pk.ops.cluster_linear(x, codes, cb, bits=bits, dynamic=True)
+    # int8 activations and centroids: about 1% of the output's scale
+    assert (dyn - exact).norm() < 0.02 * exact.norm()
 
 
 def test_pack_round_trip_and_layout(gen):
@@ -110,12 +128,14 @@ def test_layer_forward_reprs_nbytes_state_dict(gen):
     assert "n_clusters=16" in repr(layer) and "4-bit" in repr(layer)
     small = nn.Linear(100, 30)
     for n_clusters, per in [(16, "row"), (40, "layer")]:
-        c = ClusteredLinear.from_linear(small, n_clusters, per)
+        c = ClusteredLinear.from_linear(small, n_clusters, per, mode="weight_only")
         x = torch.randn(4, 100, generator=gen)
         with torch.no_grad():
             ref = x @ c.dequantized_weight().T + small.bias
             assert torch.allclose(c(x), ref, atol=1e-5)
-        fresh = ClusteredLinear(100, 30, n_clusters, per)
+            d = ClusteredLinear.from_linear(small, n_clusters, per)  # dynamic, the default
+            assert d.mode == "dynamic" and (d(x) - ref).norm() < 0.02 * ref.norm()
+        fresh = ClusteredLinear(100, 30, n_clusters, per, mode="weight_only")
         fresh.load_state_dict(c.state_dict())
         with torch.no_grad():
             assert torch.equal(fresh(x), c(x))
@@ -188,9 +208,11 @@ def test_recipe_and_save_load_round_trip(gen, tmp_path):
     torch.manual_seed(gen.initial_seed() % 2**31)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
     x = torch.randn(8, 64, generator=gen)
-    for recipe in ("cluster:16", "cluster:40:layer", [pk.recipes.Cluster(8, per="layer")]):
+    recipes = ("cluster:16", "cluster:40:layer:mode=weight_only", [pk.recipes.Cluster(8, "layer")])
+    for recipe in recipes:
         out, report = pk.compress(model, recipe, x, progress=False)
         assert isinstance(out[0], ClusteredLinear) and isinstance(out[2], ClusteredLinear)
+        assert out[0].mode == ("weight_only" if "weight_only" in str(recipe) else "dynamic")
         path = tmp_path / "m.safetensors"
         pk.save(out, path)
         loaded = pk.load(path, nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10)))
@@ -198,6 +220,7 @@ def test_recipe_and_save_load_round_trip(gen, tmp_path):
             assert torch.equal(loaded(x), out(x))
     assert str(pk.recipes.Cluster(16)) == "cluster:16"
     assert str(pk.recipes.Cluster(16, "layer")) == "cluster:16:layer"
+    assert str(pk.recipes.Cluster(4, mode="weight_only")) == "cluster:4:mode=weight_only"
 
 
 @pytest.mark.parametrize("bad", [0, 1, 257, -3, 2.5, True])
@@ -241,5 +264,9 @@ def test_bad_inputs_refused_on_every_backend(backend, gen):
         pk.ops.cluster_linear(x, codes, cb, torch.zeros(5), bits=bits)
     with pytest.raises(ValueError, match="past the codebook"):
         pk.ops.cluster_linear(x, codes, cb[:, :3].contiguous(), bits=bits)
+    with pytest.raises(ValueError, match="mode"):
+        ClusteredLinear(4, 4, mode="int4")
+    with pytest.raises(TypeError, match="dynamic"):
+        pk.ops.cluster_linear(x, codes, cb, bits=bits, dynamic="yes")
     with pytest.raises(ValueError, match="codes must lie"):
         pk.ops.pack_cluster_codes(torch.full((2, 3), 16), 4)

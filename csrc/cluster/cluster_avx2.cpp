@@ -2,7 +2,8 @@
 // 16-entry table is two registers: both are permuted by the code's low three
 // bits and bit 3 (shifted to the sign) picks one with vblendvps. Sixteen
 // ymm registers hold 2 x 2 table halves and 3 x 2 accumulators, so codes are
-// reloaded (from L1) rather than kept. 8-bit codes take the generic kernel.
+// reloaded (from L1) rather than kept. 8-bit codes and the dynamic mode take
+// the generic kernels.
 #include <immintrin.h>
 
 #include "cluster_generic.h"
@@ -106,7 +107,8 @@ void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
 }  // namespace
 
 const Kernels* kernels_avx2() {
-  static const Kernels table{&linear4, &linear_generic<8>};
+  static const Kernels table{&linear4, &linear_generic<8>, &dynamic_generic<4>, &dynamic_generic<8>,
+                             &quantize_generic};
   return &table;
 }
 

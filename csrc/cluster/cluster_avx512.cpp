@@ -4,6 +4,13 @@
 // weights costs one shift and one permute, with no dense weight in memory.
 // 8-bit codes take the generic kernel (a 256-entry table does not fit a
 // register).
+//
+// The dynamic mode (int8 activations) looks up 64 int8 weights with one
+// vpshufb from a 16-byte table (the row's int8 codebook in every 128-bit
+// lane) and feeds them to vpdpbusd: 64 multiply-adds per instruction, at
+// half the bytes of an int8 weight. vpdpbusd multiplies unsigned by signed
+// bytes, so the table holds codebook + 128 and 128 * sum_k xq[m, k] is
+// subtracted at the end. This file is chosen only where VNNI is present.
 #include <immintrin.h>
 
 #include "cluster_generic.h"
@@ -71,6 +78,128 @@ void tile(const Args& a, int64_t j, int nj, int64_t i0) {
           _mm512_reduce_add_ps(acc[i][r]) + (a.bias ? a.bias[j + r] : 0.0f);
 }
 
+// GCC 12 spills vpdpbusd accumulators kept in an array (see int8_avx512.cpp):
+// inline asm, accumulators named one by one.
+inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
+// Tiles of 4 weight rows x 3 rows of x: 12 accumulators, 8 decoded
+// weight vectors, 4 tables. Four weight rows per tile halve the passes over
+// x (which does not fit L1 at M = 16) against two.
+constexpr int kDynMr = 3, kDynNr = 4;
+
+#define PK_DACC(i) \
+  __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define PK_DDOT(i)                                            \
+  if (MR > i) {                                               \
+    const __m512i xl = _mm512_loadu_si512(xg + i * ldq);      \
+    const __m512i xh = _mm512_loadu_si512(xg + i * ldq + 64); \
+    dpbusd(c##i##0, w0l, xl);                                 \
+    dpbusd(c##i##1, w1l, xl);                                 \
+    dpbusd(c##i##2, w2l, xl);                                 \
+    dpbusd(c##i##3, w3l, xl);                                 \
+    dpbusd(c##i##0, w0h, xh);                                 \
+    dpbusd(c##i##1, w1h, xh);                                 \
+    dpbusd(c##i##2, w2h, xh);                                 \
+    dpbusd(c##i##3, w3h, xh);                                 \
+  }
+#define PK_DROW(i) {c##i##0, c##i##1, c##i##2, c##i##3}
+
+inline __m512i table_of(const int8_t* cq) {
+  const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq)));
+  return _mm512_xor_si512(t, _mm512_set1_epi8(char(0x80)));
+}
+
+// Rows [i0, i0 + MR) of the quantized x against weight rows j .. j + 3
+// (rows past nj repeat row j and are not stored).
+template <int MR>
+void dyn_tile(const DynArgs& a, int64_t j, int nj, int64_t i0) {
+  const int64_t r1 = nj > 1 ? j + 1 : j, r2 = nj > 2 ? j + 2 : j, r3 = nj > 3 ? j + 3 : j;
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const __m512i t0 = table_of(a.cq + j * a.cq_ld), t1 = table_of(a.cq + r1 * a.cq_ld);
+  const __m512i t2 = table_of(a.cq + r2 * a.cq_ld), t3 = table_of(a.cq + r3 * a.cq_ld);
+  const uint8_t* c0 = a.codes + j * a.code_ld;
+  const uint8_t* c1 = a.codes + r1 * a.code_ld;
+  const uint8_t* c2 = a.codes + r2 * a.code_ld;
+  const uint8_t* c3 = a.codes + r3 * a.code_ld;
+  // clang-format off
+  PK_DACC(0) PK_DACC(1) PK_DACC(2)
+      // clang-format on
+      const int8_t* x = a.xq + i0 * a.ldq;
+  const int64_t ldq = a.ldq, groups = a.kq / kGroup4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i v0 = _mm512_loadu_si512(c0 + 64 * g);
+    const __m512i v1 = _mm512_loadu_si512(c1 + 64 * g);
+    const __m512i v2 = _mm512_loadu_si512(c2 + 64 * g);
+    const __m512i v3 = _mm512_loadu_si512(c3 + 64 * g);
+    const __m512i w0l = _mm512_shuffle_epi8(t0, _mm512_and_si512(v0, low));
+    const __m512i w0h = _mm512_shuffle_epi8(t0, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low));
+    const __m512i w1l = _mm512_shuffle_epi8(t1, _mm512_and_si512(v1, low));
+    const __m512i w1h = _mm512_shuffle_epi8(t1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low));
+    const __m512i w2l = _mm512_shuffle_epi8(t2, _mm512_and_si512(v2, low));
+    const __m512i w2h = _mm512_shuffle_epi8(t2, _mm512_and_si512(_mm512_srli_epi16(v2, 4), low));
+    const __m512i w3l = _mm512_shuffle_epi8(t3, _mm512_and_si512(v3, low));
+    const __m512i w3h = _mm512_shuffle_epi8(t3, _mm512_and_si512(_mm512_srli_epi16(v3, 4), low));
+    const int8_t* xg = x + kGroup4 * g;
+    // clang-format off
+    PK_DDOT(0) PK_DDOT(1) PK_DDOT(2)
+    // clang-format on
+  }
+  const __m512i acc[kDynMr][kDynNr] = {PK_DROW(0), PK_DROW(1), PK_DROW(2)};
+  for (int i = 0; i < MR; ++i) {
+    const uint32_t corr = 128u * uint32_t(a.xsum[i0 + i]);
+    for (int r = 0; r < nj; ++r) {
+      // Wrapping arithmetic: the biased sum may pass 2^31, the true one fits.
+      const int32_t s = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][r])) - corr);
+      float v = float(s) * (a.xs[i0 + i] * a.cs[(j + r) * a.cs_ld]);
+      if (a.bias) v += a.bias[j + r];
+      a.y[(i0 + i) * a.n + j + r] = v;
+    }
+  }
+}
+#undef PK_DACC
+#undef PK_DDOT
+#undef PK_DROW
+
+void dynamic4(const DynArgs& a, int64_t n0, int64_t n1, int8_t*) {
+  for (int64_t j = n0; j < n1; j += kDynNr) {
+    const int nj = int(n1 - j < kDynNr ? n1 - j : kDynNr);
+    int64_t i = 0;
+    for (; i + kDynMr <= a.m; i += kDynMr) dyn_tile<kDynMr>(a, j, nj, i);
+    if (a.m - i == 2) dyn_tile<2>(a, j, nj, i);
+    if (a.m - i == 1) dyn_tile<1>(a, j, nj, i);
+  }
+}
+
+// Codebooks of up to 16 entries (4-bit codes) quantized one register per
+// row: the generic loops spend more on a 16-long row's loop control than on
+// its arithmetic, and a layer has thousands of rows. Same arithmetic as
+// quantize_generic (IEEE division, round half to even).
+void quantize(const float* src, int64_t ld, int64_t len, int8_t* dst, int64_t ldd, bool perm4,
+              float* scale, int32_t* sum, int64_t r0, int64_t r1) {
+  if (len > 16 || ldd != 16 || perm4 || sum) {
+    quantize_generic(src, ld, len, dst, ldd, perm4, scale, sum, r0, r1);
+    return;
+  }
+  const __mmask16 m = __mmask16((1u << len) - 1);
+  const __m512 lim = _mm512_set1_ps(127.0f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m512 v = _mm512_maskz_loadu_ps(m, src + r * ld);
+    const bool nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+    const float s = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(_mm512_abs_ps(v)) / 127.0f;
+    scale[r] = s;
+    __m512i q = _mm512_setzero_si512();
+    if (s > 0.0f && s <= 3.4028234663852886e38f) {
+      __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(s)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      t = _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), t));
+      q = _mm512_maskz_cvtps_epi32(m, t);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + r * ldd), _mm512_cvtepi32_epi8(q));
+  }
+}
+
 void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
   for (int64_t j = n0; j < n1; j += kNr) {
     const int nj = int(n1 - j < kNr ? n1 - j : kNr);
@@ -95,7 +224,8 @@ void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
 }  // namespace
 
 const Kernels* kernels_avx512() {
-  static const Kernels table{&linear4, &linear_generic<8>};
+  static const Kernels table{&linear4, &linear_generic<8>, &dynamic4, &dynamic_generic<8>,
+                             &quantize};
   return &table;
 }
 

@@ -6,7 +6,8 @@ namespace pk {
 namespace cluster {
 
 const Kernels* kernels_portable() {
-  static const Kernels table{&linear_generic<4>, &linear_generic<8>};
+  static const Kernels table{&linear_generic<4>, &linear_generic<8>, &dynamic_generic<4>,
+                             &dynamic_generic<8>, &quantize_generic};
   return &table;
 }
 

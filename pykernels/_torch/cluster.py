@@ -40,8 +40,23 @@ def dense_weight(codes: Tensor, codebook: Tensor, k: int, bits: int) -> Tensor:
     return torch.gather(cb, 1, idx)
 
 
-def cluster_linear(x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int):
-    """y = x @ W.T + bias in float32 for x [M, K]."""
+def cluster_linear(
+    x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, dynamic: bool
+) -> Tensor:
+    """y = x @ W.T + bias in float32 for x [M, K] (dynamic: from int8 x and codebooks)."""
+    if dynamic:
+        from .int8 import quantize_per_row
+
+        xq, xs = quantize_per_row(x)
+        cq, cs = quantize_per_row(codebook)
+        idx = unpack_codes(codes, x.shape[1], bits)
+        rows = cq if cq.shape[0] == idx.shape[0] else cq.expand(idx.shape[0], -1)
+        wq = torch.gather(rows, 1, idx)
+        # integers below 2^53: the float64 product is the exact int32 sum
+        acc = (xq.double() @ wq.double().T).float()
+        cs_n = cs if cs.shape[0] == idx.shape[0] else cs.expand(idx.shape[0])
+        y = acc * (xs[:, None] * cs_n[None, :])
+        return y if bias is None else y + bias
     w = dense_weight(codes, codebook, x.shape[1], bits)
     y = x.float() @ w.T
     if bias is not None:

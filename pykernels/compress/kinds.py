@@ -283,12 +283,18 @@ def _clustered_describe(m: ClusteredLinear) -> dict[str, Any]:
         "n_clusters": m.n_clusters,
         "per": m.per,
         "bias": m.bias is not None,
+        "mode": m.mode,
     }
 
 
 def _clustered_build(c: dict[str, Any]) -> nn.Module:
     return ClusteredLinear(
-        c["in_features"], c["out_features"], c["n_clusters"], c["per"], bias=c["bias"]
+        c["in_features"],
+        c["out_features"],
+        c["n_clusters"],
+        c["per"],
+        bias=c["bias"],
+        mode=c.get("mode", "dynamic"),
     )
 
 

@@ -391,12 +391,14 @@ class Cluster(Step):
     """Linear layers -> :class:`pykernels.nn.ClusteredLinear` (weight sharing): each
     weight an index into a codebook of ``n_clusters`` centroids (k-means), one
     codebook per output channel (``per="row"``) or per layer (``"layer"``);
-    4-bit codes up to 16 clusters, 8-bit up to 256.
+    4-bit codes up to 16 clusters, 8-bit up to 256. ``mode``: ``"dynamic"``
+    (int8 activations) or ``"weight_only"`` (float activations).
 
-    ``"cluster:16"``, ``"cluster:16:layer"``, ``"cluster:64"``."""
+    ``"cluster:16"``, ``"cluster:16:layer"``, ``"cluster:64:mode=weight_only"``."""
 
     n_clusters: int = 16
     per: str = "row"
+    mode: str = "dynamic"
     name: ClassVar[str] = "cluster"
     positional: ClassVar[tuple[str, ...]] = ("n_clusters", "per")
 
@@ -410,16 +412,20 @@ class Cluster(Step):
             )
         if self.per not in ("row", "layer"):
             raise ValueError(f"per must be 'row' or 'layer', got {self.per!r}")
+        if self.mode not in ("dynamic", "weight_only"):
+            raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {self.mode!r}")
 
     def __str__(self) -> str:
-        return f"cluster:{self.n_clusters}" + (":layer" if self.per == "layer" else "")
+        s = f"cluster:{self.n_clusters}" + (":layer" if self.per == "layer" else "")
+        return s + (":mode=weight_only" if self.mode == "weight_only" else "")
 
     def apply(self, ctx: Context) -> None:
         from ..nn import ClusteredLinear
 
         targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
         for fqn, m in ctx.progress(targets, "cluster"):
-            ctx.replace(fqn, ClusteredLinear.from_linear(m, self.n_clusters, self.per))
+            new = ClusteredLinear.from_linear(m, self.n_clusters, self.per, mode=self.mode)
+            ctx.replace(fqn, new)
 
 
 @register_step

@@ -11,6 +11,7 @@ from ..ops import cluster as oc
 from ._module import nbytes_of
 
 MIN_CLUSTERS, MAX_CLUSTERS = 2, 256
+MODES = ("dynamic", "weight_only")
 
 
 class ClusteredLinear(nn.Module):
@@ -22,6 +23,12 @@ class ClusteredLinear(nn.Module):
     forward (:func:`pykernels.ops.cluster_linear`) reads them and the
     codebooks directly, never forming the dense weight. Build it with
     :meth:`from_linear`.
+
+    ``mode="dynamic"`` quantizes each row of x and each codebook to int8 on
+    the fly and sums exactly in int32 (as :class:`Int8Linear`'s dynamic mode,
+    reading half its weight bytes); ``mode="weight_only"`` keeps x in float32
+    and computes with the centroids as they are (the exact product with
+    :meth:`dequantized_weight`).
 
     The centroids (``codebook``, float32 ``[N or 1, C]``) and the bias are
     parameters: their gradient is the sum of dL/dW over each cluster's
@@ -38,6 +45,7 @@ class ClusteredLinear(nn.Module):
         n_clusters: int = 16,
         per: str = "row",
         bias: bool = True,
+        mode: str = "dynamic",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -48,6 +56,9 @@ class ClusteredLinear(nn.Module):
         if per not in oc.PER:
             raise ValueError(f"{fn}: per must be 'row' or 'layer', got {per!r}")
         bias = _checks.check_bool(fn, "bias", bias)
+        if mode not in MODES:
+            raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.n_clusters, self.per = n_clusters, per
         self.bits = oc.bits_for(n_clusters)
@@ -61,7 +72,12 @@ class ClusteredLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, n_clusters: int = 16, per: str = "row", iters: int = 8
+        cls,
+        linear: nn.Linear,
+        n_clusters: int = 16,
+        per: str = "row",
+        iters: int = 8,
+        mode: str = "dynamic",
     ) -> ClusteredLinear:
         """Clusters ``linear``'s weight by 1-D k-means (:func:`pykernels.ops.kmeans_cluster`:
         centroids spaced linearly over each row's, or the layer's, range, then
@@ -85,6 +101,7 @@ class ClusteredLinear(nn.Module):
             n_clusters,
             per,
             bias=linear.bias is not None,
+            mode=mode,
             device=w.device,
         )
         idx, cb = ops.kmeans_cluster(w.float(), n_clusters, per, iters)
@@ -97,7 +114,13 @@ class ClusteredLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.cluster_linear(
-            x, self.codes, self.codebook, self.bias, bits=self.bits, k=self.in_features
+            x,
+            self.codes,
+            self.codebook,
+            self.bias,
+            bits=self.bits,
+            k=self.in_features,
+            dynamic=self.mode == "dynamic",
         )
 
     def weight_codes(self) -> Tensor:
@@ -116,6 +139,7 @@ class ClusteredLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, n_clusters={self.n_clusters}, per={self.per}, "
+            f"mode={self.mode}, "
             f"codes={self.bits}-bit, nbytes={self.nbytes()}"
         )
 

@@ -178,34 +178,40 @@ def _check_code_range(fn: str, codes: Tensor, k: int, bits: int, c: int) -> None
 # --- the op ------------------------------------------------------------------------
 
 
-def _impl(x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int) -> Tensor:
+def _impl(
+    x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, dynamic: bool
+) -> Tensor:
     backend = backends.choose("cluster", x.device)
     if backend.kind == "torch":
         from .._torch import cluster as tc
 
-        return tc.cluster_linear(x, codes, codebook.detach(), bias, bits)
+        return tc.cluster_linear(x, codes, codebook.detach(), bias, bits, dynamic)
     m, n = x.shape[0], codes.shape[0]
     host = [t if t is None or t.device.type == "cpu" else t.cpu() for t in (x, codes, codebook)]
     hb = None if bias is None else bias.detach().cpu().numpy()
     y = torch.empty(m, n, dtype=torch.float32)
     backends.cpu_function(backend, "cluster", "cluster_linear")(
-        *[t.detach().numpy() for t in host], hb, int(bits), y.numpy()
+        *[t.detach().numpy() for t in host], hb, int(bits), bool(dynamic), y.numpy()
     )
     return y if x.device.type == "cpu" else y.to(x.device)
 
 
 @torch.library.custom_op("pykernels::cluster_linear", mutates_args=())
-def _op(x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int) -> Tensor:
-    return _impl(x, codes, codebook, bias, bits)
+def _op(
+    x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, dynamic: bool
+) -> Tensor:
+    return _impl(x, codes, codebook, bias, bits, dynamic)
 
 
 @_op.register_fake
-def _(x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int) -> Tensor:
+def _(
+    x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, dynamic: bool
+) -> Tensor:
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ARG001
-    x, codes, codebook, bias, bits = inputs
+    x, codes, codebook, bias, bits, _dynamic = inputs
     ctx.save_for_backward(x, codes, codebook)
     ctx.bits = bits
     ctx.has_bias = bias is not None
@@ -229,7 +235,7 @@ def _backward(ctx, gy: Tensor):
             gcb = torch.zeros_like(codebook).scatter_add_(1, idx.reshape(1, -1), gw.reshape(1, -1))
     if ctx.has_bias and ctx.needs_input_grad[3]:
         gb = gy.sum(dim=0)
-    return gx, None, gcb, gb, None
+    return gx, None, gcb, gb, None, None
 
 
 torch.library.register_autograd("pykernels::cluster_linear", _backward, setup_context=_setup)
@@ -243,6 +249,7 @@ def cluster_linear(
     *,
     bits: int = 4,
     k: int | None = None,
+    dynamic: bool = False,
 ) -> Tensor:
     """``y = x @ W.T + bias`` with ``W[n, k] = codebook[n or 0, codes[n, k]]``.
 
@@ -253,7 +260,15 @@ def cluster_linear(
     codes, <= 256 for 8-bit; ``bias``: ``[N]`` or None; ``k``: the layer's
     in_features, checked against x when given (a row of 4-bit codes covers K
     rounded up to 128, so the codes alone cannot tell K = 40 from 41).
-    Differentiable in x, codebook and bias (not in the codes).
+
+    ``dynamic=False`` computes in float32 from x as it is (weight-only);
+    ``dynamic=True`` quantizes each row of x to int8 as
+    :func:`quantize_per_row` does, and each codebook row the same way, sums
+    the integer products exactly and scales back (the arithmetic of
+    :func:`int8_linear`, at half its weight bytes with 4-bit codes; K must be
+    below 131072). Differentiable in x, codebook and bias (not in the codes);
+    in dynamic mode the gradient is the weight-only one (a straight-through
+    estimator for the int8 rounding).
     """
     fn = "cluster_linear"
     if not isinstance(x, Tensor):
@@ -265,6 +280,9 @@ def cluster_linear(
     if k is not None and _checks.check_int(fn, "k", k, 0) != x.shape[-1]:
         raise ValueError(f"{fn}: x must have K = {k} in its last dimension, got {tuple(x.shape)}")
     k = x.shape[-1]
+    dynamic = _checks.check_bool(fn, "dynamic", dynamic)
+    if dynamic and k >= 131072:
+        raise ValueError(f"{fn}: K = {k} could overflow int32 accumulation (limit 131072)")
     _check_codes(fn, codes, k, bits)
     n = codes.shape[0]
     _check_codebook(fn, codebook, n, bits, codes.device)
@@ -293,9 +311,9 @@ def cluster_linear(
     b32 = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
     cb = codebook if codebook.is_contiguous() else codebook.contiguous()
     if backends.skip_dispatcher(x2, cb, b32):
-        y = _impl(x2, codes.contiguous(), cb, b32, int(bits))
+        y = _impl(x2, codes.contiguous(), cb, b32, int(bits), dynamic)
     else:
-        y = torch.ops.pykernels.cluster_linear(x2, codes.contiguous(), cb, b32, int(bits))
+        y = torch.ops.pykernels.cluster_linear(x2, codes.contiguous(), cb, b32, int(bits), dynamic)
     return y.view(*lead, n).to(x.dtype)
 
 
