@@ -58,20 +58,30 @@ def cp_als(
     weights = torch.ones(rank, dtype=t.dtype, device=t.device)
     err_prev = math.inf
     err = 1.0
+    grams = [f.T @ f for f in factors]
     for _ in range(iters):
         for mode in range(t.dim()):
             gram = torch.ones(rank, rank, dtype=t.dtype, device=t.device)
-            for i, f in enumerate(factors):
+            for i, g in enumerate(grams):
                 if i != mode:
-                    gram = gram * (f.T @ f)
+                    gram = gram * g
             m = _mttkrp(t, factors, mode)
             f = torch.linalg.lstsq(gram, m.T).solution.T  # m @ pinv(gram), gram symmetric
             weights = f.norm(dim=0)
             factors[mode] = f / torch.where(weights > 0, weights, torch.ones_like(weights))
-        err = float((t - cp_reconstruct(weights, factors)).norm()) / norm
+            grams[mode] = factors[mode].T @ factors[mode]
+        # ||t - t_hat||^2 = ||t||^2 - 2 <t, t_hat> + ||t_hat||^2 from the last
+        # mode's MTTKRP and the Gram matrices: no reconstruction per sweep.
+        inner = float((m * factors[-1]).sum(dim=0) @ weights)
+        full = torch.ones(rank, rank, dtype=t.dtype, device=t.device)
+        for g in grams:
+            full = full * g
+        sq = norm**2 - 2 * inner + float(weights @ full @ weights)
+        err = math.sqrt(max(sq, 0.0)) / norm
         if abs(err_prev - err) < tol:
             break
         err_prev = err
+    err = float((t - cp_reconstruct(weights, factors)).norm()) / norm
     return weights, factors, err
 
 
