@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <string>
 
+#include "cluster/cluster.h"
 #include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "int8/int8.h"
@@ -240,6 +241,31 @@ void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py:
                                    pk::int8::FType(yt));
 }
 
+void cluster_linear(py::array x, py::array codes, py::array codebook, py::object bias, int bits,
+                    bool dynamic, py::array y) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
+  int64_t m, k, ldx, n, cb, ldc, cbr, nc, ldcb, ym, yn, ldy;
+  const float* px = matrix<float>(x, "x", &m, &k, &ldx, false);
+  const uint8_t* pc = matrix<uint8_t>(codes, "codes", &n, &cb, &ldc, false);
+  const float* pcb = matrix<float>(codebook, "codebook", &cbr, &nc, &ldcb, false);
+  float* py_ = matrix<float>(y, "y", &ym, &yn, &ldy, true);
+  if (cb != pk::cluster::code_row_bytes(k, bits) || ldc != cb)
+    throw std::invalid_argument("codes: expected a contiguous [N, " +
+                                std::to_string(pk::cluster::code_row_bytes(k, bits)) +
+                                "] buffer for K = " + std::to_string(k));
+  if ((cbr != n && cbr != 1) || ldcb != nc)
+    throw std::invalid_argument("codebook: expected a contiguous [N, C] or [1, C] buffer");
+  if (nc < 1 || nc > (bits == 4 ? pk::cluster::kMaxClusters4 : pk::cluster::kMaxClusters))
+    throw std::invalid_argument("codebook: too many entries for " + std::to_string(bits) +
+                                "-bit codes");
+  if (ym != m || yn != n || ldy != n)
+    throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
+  const bool per_row = cbr == n;  // with N = 1 both readings are the same
+  py::gil_scoped_release nogil;
+  pk::cluster::linear_cpu(px, m, k, ldx, pc, bits, pcb, nc, per_row, pb, n, py_, dynamic);
+}
+
 // A sparse weight from its buffers: row_ptr int64 [rows + 1], col uint16 or
 // int32 (one per value, or per block), values float32.
 pk::sparse::Matrix sparse_matrix(py::array& row_ptr, py::array& col, py::array& values, int block,
@@ -401,6 +427,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), "Fused int8 fake quantization per row with the STE mask (float32).");
   m.def("fake_quant_backward", &fake_quant_backward, py::arg("grad"), py::arg("mask"),
         py::arg("out"), "out = grad where mask, else 0 (1-D buffers).");
+  m.def("cluster_linear", &cluster_linear, py::arg("x"), py::arg("codes"), py::arg("codebook"),
+        py::arg("bias"), py::arg("bits"), py::arg("dynamic"), py::arg("y"),
+        "y = x @ W.T + bias with W read from packed 4/8-bit codes and [N or 1, C] codebooks "
+        "(dynamic: int8 activations and codebooks, exact int32 sums).");
   m.def("sparse_linear", &sparse_linear, py::arg("x"), py::arg("row_ptr"), py::arg("col"),
         py::arg("values"), py::arg("block"), py::arg("n"), py::arg("bias"), py::arg("y"),
         "y = x @ W.T + bias for a CSR (block 1) or 4x4 BSR (block 4) weight.");

@@ -422,3 +422,60 @@ def fake_quant_per_row(x: np.ndarray, y: np.ndarray, mask: np.ndarray, scale: np
 def fake_quant_backward(grad: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
     """Oracle of ``fake_quant_backward_cpu``: the gradient where mask, else 0."""
     out[:] = np.where(mask != 0, grad, np.float32(0)).astype(np.float32)
+
+
+# --- cluster: weight sharing through codebooks ---------------------------------
+
+
+def cluster_code_offsets(k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(byte, shift) of the code of column k in a row of packed codes
+    (layout in csrc/cluster/cluster.h), by index arithmetic."""
+    cols = np.arange(k, dtype=np.int64)
+    if bits == 8:
+        return cols, np.zeros(k, dtype=np.int64)
+    j = (cols % 128) // 16
+    return 64 * (cols // 128) + 4 * (cols % 16) + j // 2, 4 * (j % 2)
+
+
+def cluster_unpack_codes(codes: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The [N, K] codes (int64) of packed rows of codes."""
+    byte, shift = cluster_code_offsets(k, bits)
+    mask = 0xFF if bits == 8 else 0xF
+    return (codes[:, byte].astype(np.int64) >> shift) & mask
+
+
+def cluster_linear(
+    x: np.ndarray,
+    codes: np.ndarray,
+    codebook: np.ndarray,
+    bias: np.ndarray | None,
+    bits: int,
+    dynamic: bool,
+    y: np.ndarray,
+) -> None:
+    """y = x @ W.T + bias, W[n, k] = codebook[n or 0, code[n, k]]: in float64, or
+    (dynamic) from int8 x and codebooks as quantize_per_row makes them, the
+    integer sum exact and the fp32 epilogue float(acc) * (xs * cs) + bias."""
+    k = x.shape[1]
+    idx = cluster_unpack_codes(codes, k, bits)
+    n = idx.shape[0]
+    rows = np.arange(n)[:, None] if codebook.shape[0] == n else np.zeros((n, 1), dtype=np.int64)
+    if dynamic:
+        xq = np.empty(x.shape, np.int8)
+        xs = np.empty(x.shape[0], np.float32)
+        quantize_per_row(x, xq, xs)
+        cq = np.empty(codebook.shape, np.int8)
+        cs = np.empty(codebook.shape[0], np.float32)
+        quantize_per_row(codebook, cq, cs)
+        acc = xq.astype(np.int64) @ cq[rows, idx].astype(np.int64).T
+        with np.errstate(invalid="ignore", over="ignore"):
+            out = acc.astype(np.float32) * (xs[:, None] * cs[rows[:, 0]][None, :])
+            if bias is not None:
+                out = out + bias.astype(np.float32)
+        y[:] = out
+        return
+    w = codebook.astype(np.float64)[rows, idx]
+    out = x.astype(np.float64) @ w.T
+    if bias is not None:
+        out = out + bias.astype(np.float64)
+    y[:] = out.astype(np.float32)

@@ -33,7 +33,7 @@ import torch
 
 from . import _native
 
-FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "quant")
+FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "quant", "cluster")
 KINDS = ("native", "torch", "numba", "reference")
 
 # Set to 1 to use the native CUDA kernels by default (see the module docstring).

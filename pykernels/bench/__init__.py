@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "comm", "model")
+FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "cluster", "cp", "comm", "model")
 
 
 @dataclass

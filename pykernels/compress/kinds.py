@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn import Int8Embedding, Int8Linear, LowRankLinear, SparseLinear, TuckerConv2d
+from ..nn import (
+    ClusteredLinear,
+    CPConv2d,
+    Int8Embedding,
+    Int8Linear,
+    LowRankLinear,
+    SparseLinear,
+    TuckerConv2d,
+)
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,52 @@ def _tucker_build(c: dict[str, Any]) -> nn.Module:
     return TuckerConv2d(b(c["first"]), b(c["core"]), b(c["last"]))
 
 
+def _clustered_describe(m: ClusteredLinear) -> dict[str, Any]:
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "n_clusters": m.n_clusters,
+        "per": m.per,
+        "bias": m.bias is not None,
+        "mode": m.mode,
+    }
+
+
+def _clustered_build(c: dict[str, Any]) -> nn.Module:
+    return ClusteredLinear(
+        c["in_features"],
+        c["out_features"],
+        c["n_clusters"],
+        c["per"],
+        bias=c["bias"],
+        mode=c.get("mode", "dynamic"),
+    )
+
+
+def _clustered_params(m: ClusteredLinear) -> int:
+    # One stored value per weight (its code, as Int8Linear counts its int8
+    # weights), plus the centroids and the bias.
+    extra = m.bias.numel() if m.bias is not None else 0
+    return m.in_features * m.out_features + m.codebook.numel() + extra
+
+
+def _cp_describe(m: CPConv2d) -> dict[str, Any]:
+    return {
+        "first": _conv_describe(m.first),
+        "vertical": _conv_describe(m.vertical),
+        "horizontal": _conv_describe(m.horizontal),
+        "last": _conv_describe(m.last),
+        "rel_error": m.rel_error,
+    }
+
+
+def _cp_build(c: dict[str, Any]) -> nn.Module:
+    b = _conv_build(nn.Conv2d)
+    m = CPConv2d(b(c["first"]), b(c["vertical"]), b(c["horizontal"]), b(c["last"]))
+    m.rel_error = c.get("rel_error")
+    return m
+
+
 def _embedding_describe(m: nn.Embedding) -> dict[str, Any]:
     return {
         "num_embeddings": m.num_embeddings,
@@ -310,3 +364,5 @@ register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda 
 register_kind(SparseLinear, _sparse_describe, _sparse_build)
 register_kind(LowRankLinear, _lowrank_describe, _lowrank_build)
 register_kind(TuckerConv2d, _tucker_describe, _tucker_build)
+register_kind(ClusteredLinear, _clustered_describe, _clustered_build, params=_clustered_params)
+register_kind(CPConv2d, _cp_describe, _cp_build)

@@ -385,7 +385,98 @@ class PruneStructured(Step):
         prune_structured(ctx, self)
 
 
+@register_step
+@dataclass
+class Cluster(Step):
+    """Linear layers -> :class:`pykernels.nn.ClusteredLinear` (weight sharing): each
+    weight an index into a codebook of ``n_clusters`` centroids (k-means), one
+    codebook per output channel (``per="row"``) or per layer (``"layer"``);
+    4-bit codes up to 16 clusters, 8-bit up to 256. ``mode``: ``"dynamic"``
+    (int8 activations) or ``"weight_only"`` (float activations).
+
+    ``"cluster:16"``, ``"cluster:16:layer"``, ``"cluster:64:mode=weight_only"``."""
+
+    n_clusters: int = 16
+    per: str = "row"
+    mode: str = "dynamic"
+    name: ClassVar[str] = "cluster"
+    positional: ClassVar[tuple[str, ...]] = ("n_clusters", "per")
+
+    def __post_init__(self) -> None:
+        from ..nn.cluster import MAX_CLUSTERS, MIN_CLUSTERS
+
+        v = self.n_clusters
+        if isinstance(v, bool) or not isinstance(v, int) or not MIN_CLUSTERS <= v <= MAX_CLUSTERS:
+            raise ValueError(
+                f"n_clusters must be an int in [{MIN_CLUSTERS}, {MAX_CLUSTERS}], got {v!r}"
+            )
+        if self.per not in ("row", "layer"):
+            raise ValueError(f"per must be 'row' or 'layer', got {self.per!r}")
+        if self.mode not in ("dynamic", "weight_only"):
+            raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {self.mode!r}")
+
+    def __str__(self) -> str:
+        s = f"cluster:{self.n_clusters}" + (":layer" if self.per == "layer" else "")
+        return s + (":mode=weight_only" if self.mode == "weight_only" else "")
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import ClusteredLinear
+
+        targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
+        for fqn, m in ctx.progress(targets, "cluster"):
+            new = ClusteredLinear.from_linear(m, self.n_clusters, self.per, mode=self.mode)
+            ctx.replace(fqn, new)
+
+
+@register_step
+@dataclass
+class CP(Step):
+    """Conv2d layers -> :class:`pykernels.nn.CPConv2d` (CP decomposition, Lebedev et
+    al. 2015) at ``rank``, or at the smallest rank keeping ``energy`` of
+    ``||W||^2`` (relative error <= sqrt(1 - energy)). Grouped convolutions,
+    and layers whose factors would not be smaller, stay as they are (listed
+    as skipped).
+
+    ``"cp:0.9"`` (energy), ``"cp:rank=32"``."""
+
+    energy: float | None = None
+    rank: int | None = None
+    name: ClassVar[str] = "cp"
+    positional: ClassVar[tuple[str, ...]] = ("energy",)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("energy", "rank") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of energy and rank, got {given or 'none'}")
+        if self.energy is not None:
+            self.energy = _fraction("energy", self.energy, lo_open=True, hi_open=False)
+        if self.rank is not None and (
+            not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1
+        ):
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+
+    def __str__(self) -> str:
+        return f"cp:{self.energy:g}" if self.energy is not None else f"cp:rank={self.rank}"
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import CPConv2d
+        from ..nn._module import nbytes_of
+
+        targets = [(f, m) for f, m in ctx.modules((nn.Conv2d,)) if ctx.accept(m, f)]
+        for fqn, m in ctx.progress(targets, "cp"):
+            if m.groups != 1:
+                ctx.skip(fqn, f"groups={m.groups}: already factored by channel")
+                continue
+            new = CPConv2d.from_conv(m, rank=self.rank, energy=self.energy)
+            if nbytes_of(new) < nbytes_of(m):
+                ctx.replace(fqn, new)
+            else:
+                ctx.skip(fqn, f"rank {new.rank} would not be smaller than the dense layer")
+
+
 __all__ = [
+    "CP",
+    "Cluster",
     "Int8",
     "LowRank",
     "PruneStructured",

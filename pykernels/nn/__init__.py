@@ -1,5 +1,7 @@
 """Drop-in compressed layers."""
 
+from .cluster import ClusteredLinear
+from .cp import CPConv2d
 from .embedding import Int8Embedding
 from .int8 import Int8Linear, quantize_int8
 from .qat import QATLinear
@@ -7,6 +9,8 @@ from .sparse import SparseLinear, sparsify
 from .svd import LowRankLinear, TuckerConv2d, factorize
 
 __all__ = [
+    "CPConv2d",
+    "ClusteredLinear",
     "Int8Embedding",
     "Int8Linear",
     "LowRankLinear",

@@ -1,5 +1,12 @@
 """The functional API, one module per kernel family."""
 
+from .cluster import (
+    cluster_linear,
+    cluster_weight,
+    kmeans_cluster,
+    pack_cluster_codes,
+    unpack_cluster_codes,
+)
 from .int8 import (
     Int8PackedWeight,
     int8_gemm,
@@ -18,11 +25,15 @@ from .topk import topk_densify, topk_sparsify
 __all__ = [
     "Int8PackedWeight",
     "batched_svd",
+    "cluster_linear",
+    "cluster_weight",
     "fake_quantize_per_row",
     "dequantize_buckets",
     "int8_gemm",
     "int8_linear",
     "int8_weight_linear",
+    "kmeans_cluster",
+    "pack_cluster_codes",
     "pack_int8_weight",
     "prune",
     "quantize_buckets",
@@ -35,5 +46,6 @@ __all__ = [
     "to_sparse",
     "topk_densify",
     "topk_sparsify",
+    "unpack_cluster_codes",
     "unpack_int8_weight",
 ]
