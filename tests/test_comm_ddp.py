@@ -7,6 +7,7 @@ that process start-up (importing torch) is paid once per spawn.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -387,3 +388,31 @@ def test_single_process_hook_stats_and_pickle(group, name):
     assert clone.iter == 6 and clone.process_group is None
     assert repr(clone.codec) == repr(run.state.codec)
     assert repr(run.state).startswith("CompressionState(")
+
+
+def test_hook_worker_ends_with_its_state_and_at_exit(group):
+    """A worker thread alive at interpreter finalization is ended by pthread_exit,
+    which aborted DDP processes at exit ("terminate called without an active
+    exception"): workers end when their state is collected, and at exit."""
+    from pykernels.comm import ddp
+
+    w = ddp._Worker()
+    fut = torch.futures.Future()
+    w.submit(lambda: torch.ones(2), fut)
+    w.stop()
+    assert torch.equal(fut.wait(), torch.ones(2)) and not w._thread.is_alive()
+
+    state = comm.ddp.CompressionState(comm.TopK(0.01))
+    worker = ddp._worker_of(state)
+    assert ddp._worker_of(state) is worker
+    thread = worker._thread
+    assert worker in ddp._live_workers and thread.is_alive()
+    del state
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+    # What atexit runs: every live worker is stopped and joined.
+    others = [ddp._Worker() for _ in range(3)]
+    ddp._stop_workers()
+    assert not any(o._thread.is_alive() for o in others)

@@ -34,8 +34,10 @@ would have sent.
 
 # No `from __future__ import annotations` here: DDP compares the hook's annotations
 # with dist.GradBucket and Future[Tensor] as objects.
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -297,19 +299,52 @@ class _Worker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pykernels-comm-ddp", daemon=True)
         self._thread.start()
+        _live_workers.add(self)
 
     def submit(self, job: Callable[[], Tensor], fut: torch.futures.Future) -> None:
         self._jobs.put((job, fut))
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the thread once the jobs queued before have run.
+
+        A daemon thread still alive when the interpreter finalizes is ended
+        with pthread_exit, whose forced unwinding through torch's C++ frames
+        aborts the process ("terminate called without an active exception",
+        seen at the exit of DDP processes); so no worker outlives its state
+        or the interpreter.
+        """
+        self._jobs.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
     def _run(self) -> None:
         while True:
-            job, fut = self._jobs.get()
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, fut = item
             try:
                 result = job()
             except BaseException as e:  # handed to DDP, which raises it in backward
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
+
+
+_live_workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    for worker in list(_live_workers):
+        worker.stop()
+
+
+def _worker_of(state: CompressionState) -> _Worker:
+    if state._worker is None:
+        state._worker = _Worker()
+        weakref.finalize(state, state._worker.stop)
+    return state._worker
 
 
 def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -361,9 +396,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
             return buf
 
     fut: torch.futures.Future = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
-    if state._worker is None:
-        state._worker = _Worker()
-    state._worker.submit(job, fut)
+    _worker_of(state).submit(job, fut)
     return fut
 
 
