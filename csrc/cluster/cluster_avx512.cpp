@@ -111,6 +111,24 @@ inline __m512i table_of(const int8_t* cq) {
   return _mm512_xor_si512(t, _mm512_set1_epi8(char(0x80)));
 }
 
+// The dynamic tiles' epilogue: rows [i0, i0 + mr) x weight rows [j, j + nj)
+// of y from the biased int32 sums (the weights were stored +128, so 128 x
+// the row's sum of x comes off), dequantized, plus bias.
+template <int R, int C>
+inline void store_dyn(const DynArgs& a, const __m512i (&acc)[R][C], int mr, int64_t j, int nj,
+                      int64_t i0) {
+  for (int i = 0; i < mr; ++i) {
+    const uint32_t corr = 128u * uint32_t(a.xsum[i0 + i]);
+    for (int r = 0; r < nj; ++r) {
+      // Wrapping arithmetic: the biased sum may pass 2^31, the true one fits.
+      const int32_t s = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][r])) - corr);
+      float v = float(s) * (a.xs[i0 + i] * a.cs[(j + r) * a.cs_ld]);
+      if (a.bias) v += a.bias[j + r];
+      a.y[(i0 + i) * a.n + j + r] = v;
+    }
+  }
+}
+
 // Rows [i0, i0 + MR) of the quantized x against weight rows j .. j + 3
 // (rows past nj repeat row j and are not stored).
 template <int MR>
@@ -147,16 +165,7 @@ void dyn_tile(const DynArgs& a, int64_t j, int nj, int64_t i0) {
     // clang-format on
   }
   const __m512i acc[kDynMr][kDynNr] = {PK_DROW(0), PK_DROW(1), PK_DROW(2)};
-  for (int i = 0; i < MR; ++i) {
-    const uint32_t corr = 128u * uint32_t(a.xsum[i0 + i]);
-    for (int r = 0; r < nj; ++r) {
-      // Wrapping arithmetic: the biased sum may pass 2^31, the true one fits.
-      const int32_t s = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][r])) - corr);
-      float v = float(s) * (a.xs[i0 + i] * a.cs[(j + r) * a.cs_ld]);
-      if (a.bias) v += a.bias[j + r];
-      a.y[(i0 + i) * a.n + j + r] = v;
-    }
-  }
+  store_dyn(a, acc, MR, j, nj, i0);
 }
 #undef PK_DACC
 #undef PK_DDOT
@@ -199,15 +208,7 @@ void buf_tile(const DynArgs& a, const uint8_t* w, int64_t j, int nj, int64_t i0)
     // clang-format on
   }
   const __m512i acc[4][4] = {PK_BROW(0), PK_BROW(1), PK_BROW(2), PK_BROW(3)};
-  for (int i = 0; i < MR; ++i) {
-    const uint32_t corr = 128u * uint32_t(a.xsum[i0 + i]);
-    for (int r = 0; r < nj; ++r) {
-      const int32_t s = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][r])) - corr);
-      float v = float(s) * (a.xs[i0 + i] * a.cs[(j + r) * a.cs_ld]);
-      if (a.bias) v += a.bias[j + r];
-      a.y[(i0 + i) * a.n + j + r] = v;
-    }
-  }
+  store_dyn(a, acc, MR, j, nj, i0);
 }
 #undef PK_BACC
 #undef PK_BX
