@@ -9,6 +9,16 @@ import numba
 import numpy as np
 
 
+@numba.njit(cache=True, inline="always")
+def _code(row, p, bits):
+    """Code of weight p in a packed row: one byte each at 8 bits; at 4 bits the
+    native layout (blocks of 128 weights, 16-weight groups in nibbles)."""
+    if bits == 8:
+        return row[p]
+    q = (p % 128) // 16
+    return (row[64 * (p // 128) + 4 * (p % 16) + q // 2] >> (4 * (q % 2))) & 15
+
+
 @numba.njit(cache=True, nogil=True)
 def _linear(x, codes, codebook, bias, has_bias, bits, y):
     m, k = x.shape
@@ -20,11 +30,7 @@ def _linear(x, codes, codebook, bias, has_bias, bits, y):
         cb = codebook[j] if per_row else codebook[0]
         row = codes[j]
         for p in range(k):
-            if bits == 8:
-                c = row[p]
-            else:
-                q = (p % 128) // 16
-                c = (row[64 * (p // 128) + 4 * (p % 16) + q // 2] >> (4 * (q % 2))) & 15
+            c = _code(row, p, bits)
             w[p] = cb[c] if c < nc else np.float32(0.0)
         for i in range(m):
             s = np.float32(0.0)
@@ -45,11 +51,7 @@ def _dynamic(xq, xs, codes, cq, cs, bias, has_bias, bits, y):
         r = j if per_row else 0
         row = codes[j]
         for p in range(k):
-            if bits == 8:
-                c = row[p]
-            else:
-                q = (p % 128) // 16
-                c = (row[64 * (p // 128) + 4 * (p % 16) + q // 2] >> (4 * (q % 2))) & 15
+            c = _code(row, p, bits)
             w[p] = cq[r, c] if c < cq.shape[1] else 0
         for i in range(m):
             acc = np.int32(0)
