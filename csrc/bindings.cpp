@@ -145,7 +145,8 @@ T* matrix(py::array& a, const char* name, int64_t* rows, int64_t* cols, int64_t*
   return static_cast<T*>(writable ? a.mutable_data() : const_cast<void*>(a.data()));
 }
 
-void quantize_per_row(py::array x, py::array q, py::array scale) {
+void quantize_per_row(py::array x, py::array q, py::array scale, int bits) {
+  if (bits != 8 && bits != 7) throw std::invalid_argument("bits must be 8 or 7");
   int64_t r, c, ld, qr, qc, qld;
   const float* px = matrix<float>(x, "x", &r, &c, &ld, false);
   int8_t* pq = matrix<int8_t>(q, "q", &qr, &qc, &qld, true);
@@ -153,7 +154,10 @@ void quantize_per_row(py::array x, py::array q, py::array scale) {
     throw std::invalid_argument("q: expected a contiguous buffer of x's shape");
   float* ps = data_of<float>(scale, "scale", r, true);
   py::gil_scoped_release nogil;
-  pk::int8::quantize_per_row_cpu(px, r, c, ld, pq, ps);
+  if (bits == 7)
+    pk::int8::quantize_per_row7_cpu(px, r, c, ld, pq, ps);
+  else
+    pk::int8::quantize_per_row_cpu(px, r, c, ld, pq, ps);
 }
 
 void int8_gemm(py::array a, py::array b, py::array c) {
@@ -210,7 +214,8 @@ void int8_pack_weight(py::array w, py::array packed, py::array comp) {
 }
 
 void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
-                 py::object bias, py::array y, int yt) {
+                 py::object bias, py::array y, int yt, int act_bits) {
+  if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
   int64_t m, k, ldx, ym, n, ldy;
   const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
   void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
@@ -222,7 +227,7 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
   py::gil_scoped_release nogil;
   pk::int8::linear_dynamic_cpu(px, pk::int8::FType(xt), m, k, ldx, pp, pc, ps, pb, n, py_,
-                               pk::int8::FType(yt));
+                               pk::int8::FType(yt), act_bits);
 }
 
 void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py::object bias,
@@ -412,14 +417,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("approx"), py::arg("residual"), py::arg("values"), py::arg("indices"),
         "Top-k by magnitude of the raw bits in x (uint32 for f32, uint16 for f16/bf16).");
   m.def("quantize_per_row", &quantize_per_row, py::arg("x"), py::arg("q"), py::arg("scale"),
-        "Symmetric int8 per-row quantization of a float32 [rows, cols] buffer.");
+        py::arg("bits") = 8,
+        "Per-row int8 quantization of a float32 [rows, cols] buffer: symmetric (bits 8) or "
+        "the 7-bit grid (bits 7).");
   m.def("int8_gemm", &int8_gemm, py::arg("a"), py::arg("b"), py::arg("c"),
         "c[M, N] = a[M, K] @ b[N, K].T in int32, exact.");
   m.def("int8_pack_weight", &int8_pack_weight, py::arg("w"), py::arg("packed"), py::arg("comp"),
         "Packs an int8 [N, K] weight into the k4n16 layout and its compensation.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("xtype"), py::arg("packed"),
         py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
-        "Dynamic W8A8 linear over a packed weight.");
+        py::arg("act_bits") = 8, "Dynamic W8A8 linear over a packed weight.");
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("xtype"), py::arg("w"),
         py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
         "Weight-only int8 linear (float activations).");

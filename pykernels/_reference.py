@@ -125,9 +125,15 @@ def topk_densify(
 # --- int8 -------------------------------------------------------------------
 
 
-def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> None:
-    """Symmetric per-row int8: scale = max|row| / 127 (fp32), q = rint(x / scale)."""
+def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray, bits: int = 8) -> None:
+    """Per-row int8: symmetric (bits 8: scale = max|row| / 127, q = rint(x / scale)) or
+    the 7-bit grid (bits 7, see ``grid7``)."""
     x = np.asarray(x, dtype=np.float32)
+    if bits == 7:
+        qf, s = _quantize7(x)
+        q[:] = qf.astype(np.int8)
+        scale[:] = s
+        return
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         amax = np.abs(x).max(axis=1, initial=np.float32(0))
         s = (amax / np.float32(127)).astype(np.float32)
@@ -136,6 +142,27 @@ def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> None:
         ratio = np.where(usable[:, None], x / np.where(usable, s, 1)[:, None], 0)
     q[:] = np.clip(np.rint(ratio), -127, 127).astype(np.int8)
     scale[:] = s
+
+
+def _quantize7(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 7-bit grid of csrc/int8/int8.h in NumPy float32: (q as float32, scale).
+
+    lo = min(row, 0), hi = max(row, 0); scale = hi / 127 - lo / 127;
+    zp = rint(-lo / scale) in [0, 127]; q = clip(rint(x / scale), -zp, 127 - zp).
+    """
+    f127 = np.float32(127)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        lo = np.minimum(x.min(axis=1, initial=np.float32(0)), np.float32(0))
+        hi = np.maximum(x.max(axis=1, initial=np.float32(0)), np.float32(0))
+        s = ((hi / f127).astype(np.float32) - (lo / f127).astype(np.float32)).astype(np.float32)
+        s[np.isnan(x).any(axis=1)] = np.nan
+        usable = (s > 0) & np.isfinite(s)
+        safe = np.where(usable, s, np.float32(1)).astype(np.float32)
+        zp = np.where(usable, np.clip(np.rint(-lo / safe), 0, 127), 0).astype(np.float32)
+        ratio = np.rint(x / safe[:, None])
+    q = np.clip(ratio, -zp[:, None], (127 - zp)[:, None])
+    q = np.where(usable[:, None], q, 0).astype(np.float32)
+    return q, s.astype(np.float32)
 
 
 def int8_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
@@ -176,9 +203,12 @@ def int8_unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.reshape(-1)[off.reshape(-1)].view(n, k)
 
 
-def quantize_rows_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_tensor(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_per_row in torch on any device: (q as float32, scale float32)."""
     xf = x.float()
+    if bits == 7:
+        q, s = _quantize7(xf.cpu().numpy())
+        return torch.from_numpy(q).to(x.device), torch.from_numpy(s).to(x.device)
     s = xf.abs().amax(dim=1) / 127 if xf.shape[1] else xf.new_zeros(xf.shape[0])
     s = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(s, float("nan")), s)
     usable = (s > 0) & torch.isfinite(s)
@@ -188,10 +218,14 @@ def quantize_rows_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_bits: int = 8,
 ) -> torch.Tensor:
     """Dynamic W8A8 linear in float64 from the same integers and scales."""
-    q, s = quantize_rows_tensor(x)
+    q, s = quantize_rows_tensor(x, act_bits)
     acc = q.double() @ w_q.double().T
     y = acc * s.double()[:, None] * w_scale.double()[None, :]
     if bias is not None:

@@ -73,6 +73,7 @@ def ids(gen, shape=(5, 7), hi=50):
 RECIPES = [
     "int8",
     "int8:weight_only",
+    "int8:act_bits=7",
     "sparse:0.8",
     "sparse:2:4",
     "sparse:0.75:block",
@@ -96,6 +97,8 @@ def test_every_recipe_round_trips_bit_exact(recipe, gen, tmp_path):
     seeded(2)  # another initialization: every value must come from the file
     loaded = pk.load(path, mlp())
     assert [type(a) for a in loaded.modules()] == [type(b) for b in out.modules()]
+    for a, b in zip(loaded.modules(), out.modules(), strict=True):
+        assert getattr(a, "act_bits", 8) == getattr(b, "act_bits", 8)
     x2 = ids(gen, (3, 11))
     assert torch.equal(run(loaded, x), run(out, x))
     assert torch.equal(run(loaded, x2), run(out, x2))

@@ -165,3 +165,89 @@ def test_opcheck_and_compile(gen):
 
     x = torch.randn(7, 40, generator=gen)
     assert torch.equal(torch.compile(f, fullgraph=True)(x, b), f(x, b))
+
+
+# --- the 7-bit grid (bits=7, the activations of act_bits=7) ------------------
+
+
+def ref_quantize7(x: torch.Tensor):
+    x2 = x.float().reshape(-1, x.shape[-1]).numpy()
+    q = np.empty(x2.shape, np.int8)
+    s = np.empty(x2.shape[0], np.float32)
+    _reference.quantize_per_row(x2, q, s, 7)
+    return torch.from_numpy(q).view(x.shape), torch.from_numpy(s).view(x.shape[:-1])
+
+
+def grid7_by_hand(row: list[float]) -> tuple[list[int], float]:
+    """The 7-bit grid of one row, written out element by element in float32."""
+    f = np.float32
+    lo, hi = f(min([0.0, *row])), f(max([0.0, *row]))
+    s = f(f(hi / f(127)) - f(lo / f(127)))
+    if not (s > 0 and np.isfinite(s)):
+        return [0] * len(row), s
+    zp = min(127.0, max(0.0, float(np.rint(f(-lo / s)))))
+    return [int(min(127 - zp, max(-zp, float(np.rint(f(f(v) / s)))))) for v in row], s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (3, 65), (17, 300), (64, 1027)])
+def test_quantize7_matches_reference(backend, dtype, shape, gen):
+    x = torch.randn(shape, generator=gen) * 3
+    if x.numel():
+        x[::3] = x[::3].abs()  # one-sided rows (after a ReLU) ...
+        x[1::3] = x[1::3] - 2  # ... and rows mostly below zero
+    x = x.to(dtype)
+    q, s = pk.ops.quantize_per_row(x, bits=7)
+    rq, rs = ref_quantize7(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    if x.numel():
+        span = q.int().amax(dim=1) - q.int().amin(dim=1)
+        assert bool((span <= 127).all())  # q + zp fits 7 unsigned bits
+        assert bool((q[::3] >= 0).all()) and bool((q[::3].amax(dim=1) == 127).all())
+        err = (q.float() * s[:, None] - x.float()).abs()
+        assert bool((err <= s[:, None] * 0.5001 + 1e-6).all())  # within half a step
+
+
+def test_quantize7_by_hand(gen):
+    x = torch.randn(6, 37, generator=gen) * 5
+    x[0] = x[0].abs()
+    x[1] = -x[1].abs()
+    x[2, :] = 0.0
+    x[2, 5] = -1e-3
+    for r in range(x.shape[0]):
+        q, s = pk.ops.quantize_per_row(x[r : r + 1], bits=7)
+        hq, hs = grid7_by_hand(x[r].tolist())
+        assert q[0].tolist() == hq and float(s[0]) == float(hs)
+
+
+def test_quantize7_special_rows(backend, gen):
+    x = torch.randn(7, 40, generator=gen)
+    x[1] = 0.0
+    x[2, 7] = float("nan")
+    x[3, 3] = float("inf")
+    x[4, 9] = float("-inf")
+    x[5, :20] = 3.0e38  # hi - lo would overflow float32: hi / 127 - lo / 127 does not
+    x[5, 20:] = -3.0e38
+    q, s = pk.ops.quantize_per_row(x, bits=7)
+    assert s[1] == 0 and torch.all(q[1] == 0)
+    assert torch.isnan(s[2]) and torch.all(q[2] == 0)
+    assert torch.isinf(s[3]) and torch.all(q[3] == 0)
+    assert torch.isinf(s[4]) and torch.all(q[4] == 0)
+    assert torch.isfinite(s[5]) and int(q[5].max()) - int(q[5].min()) == 127
+    rq, rs = ref_quantize7(x)
+    assert torch.equal(q, rq)
+    keep = [0, 1, 3, 4, 5, 6]
+    assert torch.equal(s[keep], rs[keep]) and torch.isnan(rs[2])
+
+
+def test_quantize7_bad_bits():
+    for bits, exc in ((6, ValueError), (9, ValueError), ("7", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="bits"):
+            pk.ops.quantize_per_row(torch.ones(2, 3), bits=bits)
+
+
+def test_quantize7_opcheck(gen):
+    torch.library.opcheck(
+        torch.ops.pykernels.quantize_per_row.default, (torch.randn(6, 33, generator=gen), 7)
+    )

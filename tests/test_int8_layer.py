@@ -206,3 +206,33 @@ def test_to_cuda_and_back(mode, gen):
         assert torch.equal(g.state_dict()["weight"].cpu(), w_q)
         back = g.to("cpu")
         assert torch.equal(back(x), ref)
+
+
+def test_act_bits_7_layer_model_and_errors(gen):
+    lin = linear(300, 70, gen)
+    q7 = pk.nn.Int8Linear.from_linear(lin, act_bits=7)
+    assert q7.act_bits == 7 and "act_bits=7" in repr(q7)
+    assert "act_bits" not in repr(pk.nn.Int8Linear.from_linear(lin))
+    x = torch.nn.functional.gelu(torch.randn(2, 9, 300, generator=gen))
+    with torch.no_grad():
+        y, ref = q7(x), lin(x)
+    w_q, ws = pk.ops.quantize_per_row(lin.weight.detach())
+    expected = _reference.int8_linear(x.reshape(18, 300), w_q, ws, lin.bias.detach(), 7)
+    torch.testing.assert_close(y, expected.view(2, 9, 70), rtol=1e-5, atol=1e-5)
+    assert rel_err(y, ref) < 2e-2
+    # act_bits is configuration, like mode: a fresh layer built with it loads the state
+    fresh = pk.nn.Int8Linear(300, 70, act_bits=7)
+    fresh.load_state_dict(q7.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+    model = nn.Sequential(linear(300, 40, gen), nn.GELU(), linear(40, 8, gen))
+    qm = pk.quantize_int8(model, act_bits=7)
+    assert all(m.act_bits == 7 for m in qm if isinstance(m, pk.nn.Int8Linear))
+    with pytest.raises(ValueError, match="act_bits=7 needs mode='dynamic'"):
+        pk.nn.Int8Linear.from_linear(lin, mode="weight_only", act_bits=7)
+    with pytest.raises(ValueError, match="act_bits must be 8 or 7"):
+        pk.quantize_int8(model, act_bits=4)
+    with pytest.raises(TypeError, match="act_bits must be an int"):
+        pk.nn.Int8Linear(3, 4, act_bits="7")
+    with pytest.raises(ValueError, match="act_bits"):
+        pk.compress(model, "int8:weight_only:act_bits=7", torch.randn(2, 300), progress=False)

@@ -273,3 +273,118 @@ def test_accuracy_no_worse_than_quantize_dynamic(gen):
         ours = rel_err(pk.nn.Int8Linear.from_linear(lin)(x), ref)
         theirs = min(rel_err(quantize_dynamic_layer(lin, engine)(x), ref) for engine in engines())
     assert ours <= theirs, (ours, theirs)
+
+
+# --- act_bits=7: activations on the 7-bit grid --------------------------------
+
+# Every path of the AVX2 kernel for 7-bit activations: one row (the streaming
+# tile), up to 32 rows with K over 256 (K in ranges, row by row), more rows
+# (whole-K tiles), partial blocks of panels (N not a multiple of 64), K not a
+# multiple of 4 or 32.
+ACT7_SHAPES = [(1, 1, 1), (1, 1000, 70), (5, 3, 17), (16, 1030, 200), (32, 300, 33), (40, 777, 48)]
+
+
+def make7(m, k, n, dtype, gen):
+    x, w, ws, b = make(m, k, n, dtype, gen)
+    x = x.float()
+    x[::2] = torch.nn.functional.gelu(x[::2])  # one-sided-ish rows as after an activation
+    return x.to(dtype), w, ws, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", ACT7_SHAPES)
+def test_linear_act7_matches_reference(backend, dtype, mkn, gen):
+    m, k, n = mkn
+    x, w, ws, b = make7(m, k, n, dtype, gen)
+    ref = _reference.int8_linear(x, w, ws, b, 7)
+    mag = magnitude(x, w, ws, b)
+    assert_matches(pk.ops.int8_linear(x, w, ws, b, act_bits=7), ref, mag)
+    assert_matches(pk.ops.int8_linear(x, pk.ops.pack_int8_weight(w), ws, b, act_bits=7), ref, mag)
+
+
+@pytest.mark.parametrize("mkn", ACT7_SHAPES)
+def test_linear_act7_integers_are_exact(cpu_isa, mkn, gen):
+    """With unit weight scales and no bias the output is float(acc) * x_scale, acc the
+    exact int32 product of quantize_per_row(x, bits=7)'s integers (zero points of 0 to
+    127 and weights of -128 included)."""
+    m, k, n = mkn
+    x = torch.randn(m, k, generator=gen) * 3
+    x[::3] = x[::3].abs()
+    x[1::3] -= 2.5
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    q, s = pk.ops.quantize_per_row(x, bits=7)
+    exact = (q.long() @ w.long().T).float() * s[:, None]
+    for wq in (w, pk.ops.pack_int8_weight(w)):
+        assert torch.equal(pk.ops.int8_linear(x, wq, torch.ones(n), act_bits=7), exact)
+
+
+def test_linear_act7_at_the_int32_limit(cpu_isa):
+    k = MAX_K - 1
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    for v in (127.0, -127.0):  # zero point 0, and 127 (every activation byte then 0)
+        y = pk.ops.int8_linear(torch.full((2, k), v), w, torch.ones(3), act_bits=7)
+        assert float(y[1, 2]) == float(int(v) * -128 * k)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_linear_act7_nonfinite_rows_stay_in_their_row(backend, bad, gen):
+    x, w, ws, b = make7(6, 50, 20, torch.float32, gen)
+    x[2, 11] = bad
+    y = pk.ops.int8_linear(x, w, ws, b, act_bits=7)
+    assert torch.isnan(y[2]).all()
+    others = [0, 1, 3, 4, 5]
+    assert_matches(y[others], _reference.int8_linear(x[others], w, ws, b, 7))
+
+
+def test_linear_act7_bad_arguments():
+    for bits, exc in ((6, ValueError), (8.0, TypeError), ("7", TypeError), (None, TypeError)):
+        with pytest.raises(exc, match="act_bits"):
+            pk.ops.int8_linear(X, W, S, act_bits=bits)
+
+
+def test_linear_act7_native_refuses_bad_bits():
+    from pykernels import _native
+
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    p = pk.ops.pack_int8_weight(W)
+    y = np.empty((2, 4), np.float32)
+    with pytest.raises(ValueError, match="act_bits"):
+        _native.C.int8_linear(
+            X.numpy(), 0, p.packed.numpy(), p.comp.numpy(), S.numpy(), None, y, 0, 5
+        )
+
+
+def test_linear_act7_opcheck_and_compile(gen):
+    x, w, ws, b = make7(7, 40, 20, torch.float32, gen)
+    p = pk.ops.pack_int8_weight(w)
+    torch.library.opcheck(
+        torch.ops.pykernels.int8_linear.default,
+        (x, p.packed, p.comp, ws, b, 7),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+
+    def f(x):
+        return pk.ops.int8_linear(x, p, ws, b, act_bits=7)
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_act7_one_sided_inputs_as_accurate_as_8_bits(gen):
+    """After a GELU the 7-bit grid spans [min, max] with 127 steps, as fine as the
+    symmetric 8-bit one spanning [-max, max] with 254; and per token it beats
+    quantize_dynamic's per-tensor 7-bit activations."""
+    from pykernels.bench.int8 import engines, quantize_dynamic_layer
+
+    lin = torch.nn.Linear(512, 256)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(256, 512, generator=gen) * 0.05)
+    x = torch.nn.functional.gelu(torch.randn(64, 512, generator=gen) * 2)
+    x = x * torch.rand(64, 1, generator=gen) * 4  # tokens of different sizes
+    with torch.no_grad():
+        ref = lin(x).double()
+        e8 = rel_err(pk.nn.Int8Linear.from_linear(lin)(x), ref)
+        e7 = rel_err(pk.nn.Int8Linear.from_linear(lin, act_bits=7)(x), ref)
+        theirs = min(rel_err(quantize_dynamic_layer(lin, e)(x), ref) for e in engines())
+    assert e7 <= 1.15 * e8, (e7, e8)
+    assert e7 <= theirs, (e7, theirs)

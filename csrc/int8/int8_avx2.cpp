@@ -12,6 +12,11 @@
 // widening form (vpmaddwd + vpaddd) both run at about 26 int8 MAC per cycle,
 // limited by vector ops issued per cycle, not by the two multiply pipes; the
 // sign transfer reads half the activation bytes and needs no conversions.
+//
+// 7-bit activations (act_bits = 7, opt-in) are stored as q + zp in [0, 127]:
+// unsigned as they are, so vpmaddubsw takes them directly against the signed
+// weight (2 * 127 * 128 < 2^15) and a multiply-add is three instructions, not
+// four; the zero point comes off in the epilogue as zp * sum_k w.
 #include <immintrin.h>
 
 #include "int8_generic.h"
@@ -31,8 +36,11 @@ inline __m256i load32(const int8_t* p) {
 }
 
 // acc[j] += sum_{i<4} x[4j+i] * w[4j+i] for the 8 channels j of one 32-byte
-// vector of a packed group; u = |w|, x = four activation bytes broadcast.
+// vector of a packed group; x = four activation bytes broadcast. Signed x
+// (U7 false): u = |w| and x takes w's sign. U7: x is unsigned (< 128), u unused.
+template <bool U7>
 inline __m256i dot(__m256i acc, __m256i u, __m256i x, __m256i w, __m256i ones) {
+  if (U7) return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
   return _mm256_add_epi32(acc,
                           _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones));
 }
@@ -60,6 +68,12 @@ inline __m256i lane_mask(int cnt) {
 // Row `row`, columns [col, col + cnt) of the output from one accumulator.
 inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, int cnt) {
   const int64_t off = row * g.ldc + col;
+  if (g.a_zp) {
+    // 7-bit: acc - zp * sum_k w, with comp = 128 * sum_k w (zero past n).
+    const __m256i wsum =
+        _mm256_srai_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + col)), 7);
+    acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_set1_epi32(g.a_zp[row]), wsum));
+  }
   if (!g.a_scale) {
     int32_t* c = static_cast<int32_t*>(g.c) + off;
     if (cnt == 8)
@@ -110,49 +124,93 @@ inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, i
 #define PK_ACC(i) __m256i c##i##0, c##i##1, c##i##2, c##i##3, c##i##4, c##i##5, c##i##6, c##i##7;
 #define PK_ZERO(i) \
   c##i##0 = c##i##1 = c##i##2 = c##i##3 = c##i##4 = c##i##5 = c##i##6 = c##i##7 = zero;
-#define PK_ROW(i)                                        \
-  if (MR > i) {                                          \
-    const __m256i x = bcast4(a + i * lda + 4 * q);       \
-    c##i##0 = dot(c##i##0, u0, x, w0, ones);             \
-    if (NV > 1) c##i##1 = dot(c##i##1, u1, x, w1, ones); \
-    if (NV > 2) c##i##2 = dot(c##i##2, u2, x, w2, ones); \
-    if (NV > 3) c##i##3 = dot(c##i##3, u3, x, w3, ones); \
-    if (NV > 4) c##i##4 = dot(c##i##4, u4, x, w4, ones); \
-    if (NV > 5) c##i##5 = dot(c##i##5, u5, x, w5, ones); \
-    if (NV > 6) c##i##6 = dot(c##i##6, u6, x, w6, ones); \
-    if (NV > 7) c##i##7 = dot(c##i##7, u7, x, w7, ones); \
+#define PK_ROW(i)                                            \
+  if (MR > i) {                                              \
+    const __m256i x = bcast4(a + i * lda + 4 * q);           \
+    c##i##0 = dot<U7>(c##i##0, u0, x, w0, ones);             \
+    if (NV > 1) c##i##1 = dot<U7>(c##i##1, u1, x, w1, ones); \
+    if (NV > 2) c##i##2 = dot<U7>(c##i##2, u2, x, w2, ones); \
+    if (NV > 3) c##i##3 = dot<U7>(c##i##3, u3, x, w3, ones); \
+    if (NV > 4) c##i##4 = dot<U7>(c##i##4, u4, x, w4, ones); \
+    if (NV > 5) c##i##5 = dot<U7>(c##i##5, u5, x, w5, ones); \
+    if (NV > 6) c##i##6 = dot<U7>(c##i##6, u6, x, w6, ones); \
+    if (NV > 7) c##i##7 = dot<U7>(c##i##7, u7, x, w7, ones); \
   }
 #define PK_ROW_ARRAY(i) {c##i##0, c##i##1, c##i##2, c##i##3, c##i##4, c##i##5, c##i##6, c##i##7}
+#define PK_LD(i, t)     \
+  if (MR > i && NV > t) \
+    c##i##t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr + i * ldp + 8 * t));
+#define PK_LOAD(i) \
+  PK_LD(i, 0) PK_LD(i, 1) PK_LD(i, 2) PK_LD(i, 3) PK_LD(i, 4) PK_LD(i, 5) PK_LD(i, 6) PK_LD(i, 7)
 #define PK_W(t)                                             \
   const __m256i w##t = NV > t ? load32(bq + 32 * t) : zero; \
-  const __m256i u##t = _mm256_abs_epi8(w##t);
+  const __m256i u##t = U7 ? w##t : _mm256_abs_epi8(w##t);
+
+// A range of K groups [q0, q1) of a tile and where its running sums wait
+// between ranges: pr (int32, rows ldp apart) holds them after every range but
+// the last, which stores the output. pr null: the whole of K in one pass.
+// pf (if not null): cache lines to bring into L2 as the tile goes, one
+// every `period` groups: pf, pf + 64 * step, pf + 128 * step, ... up to
+// `lines` of them. The rows of a range share the next range's lines this way
+// (row r of R takes lines r, r + R, ...), so the stream is spread evenly
+// over the range's work instead of a burst from one tile, which would stall
+// on the few misses a core keeps in flight.
+// ahead (if not 0): the tile's own lines that many groups ahead are fetched
+// into L1 as it goes: a single row's tile streams its weight at several
+// times the rate the hardware prefetchers keep up with.
+struct KSpan {
+  int64_t q0, q1;
+  int32_t* pr;
+  int64_t ldp;
+  const int8_t* pf;
+  int64_t step, lines, period;
+  int64_t ahead;
+};
 
 // Rows [i0, i0 + MR), channels [16 * p0, 16 * p0 + 8 * NV): p0 and the NV / 2
 // panels from it lie in one block of four (layout in int8.h).
-template <int MR, int NV>
-void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
+template <int MR, int NV, bool U7>
+void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, KSpan ks) {
   static_assert(MR >= 1 && MR <= 4 && NV >= 1 && NV <= 8 && MR * NV <= 8, "tile size");
   const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
   // clang-format off
   PK_ACC(0) PK_ACC(1) PK_ACC(2) PK_ACC(3)
   PK_ZERO(0) PK_ZERO(1) PK_ZERO(2) PK_ZERO(3)
       // clang-format on
-      int64_t gs;
+      int32_t* pr = ks.pr;
+  const int64_t ldp = ks.ldp;
+  if (pr && ks.q0 > 0) {
+    // clang-format off
+    PK_LOAD(0) PK_LOAD(1) PK_LOAD(2) PK_LOAD(3)
+    // clang-format on
+  }
+  int64_t gs;
   const int8_t* b = panel_base(g.b, g.kp, packed_n(g.n), p0, &gs);
   const int8_t* a = reinterpret_cast<const int8_t*>(g.a) + i0 * g.lda;
   const int64_t lda = g.lda, groups = g.kp / 4;
-  for (int64_t q = 0; q < groups; ++q) {
+  const int64_t qend = pr ? ks.q1 : groups;
+  int64_t countdown = 0, sent = 0;
+  for (int64_t q = pr ? ks.q0 : 0; q < qend; ++q) {
     const int8_t* bq = b + q * gs;
-#ifdef PK_PREFETCH
-    for (int t = 0; t < NV; t += 2)
-      _mm_prefetch(reinterpret_cast<const char*>(bq + PK_PREFETCH * gs + 32 * t), _MM_HINT_T0);
-#endif
+    if (ks.pf && --countdown < 0 && sent < ks.lines) {
+      countdown = ks.period - 1;
+      _mm_prefetch(reinterpret_cast<const char*>(ks.pf + 64 * ks.step * sent++), _MM_HINT_T1);
+    }
+    if (ks.ahead)
+      for (int t = 0; t < NV; t += 2)
+        _mm_prefetch(reinterpret_cast<const char*>(bq + ks.ahead * gs + 32 * t), _MM_HINT_T0);
     // clang-format off
     PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
     PK_ROW(0) PK_ROW(1) PK_ROW(2) PK_ROW(3)
     // clang-format on
   }
   const __m256i acc[4][8] = {PK_ROW_ARRAY(0), PK_ROW_ARRAY(1), PK_ROW_ARRAY(2), PK_ROW_ARRAY(3)};
+  if (pr && qend < groups) {
+    for (int i = 0; i < MR; ++i)
+      for (int t = 0; t < NV; ++t)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + i * ldp + 8 * t), acc[i][t]);
+    return;
+  }
   for (int t = 0; t < NV; ++t) {
     const int64_t col = p0 * 16 + 8 * t;
     if (col >= g.n) break;
@@ -165,53 +223,121 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
 #undef PK_ROW
 #undef PK_ROW_ARRAY
 #undef PK_W
+#undef PK_LD
+#undef PK_LOAD
 
-// Rows [m0, m1) against panels [p, p + NV / 2), the tail rows in smaller tiles.
-template <int NV>
-void panel_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p) {
+// Rows [m0, m1) against panels [p, p + NV / 2) over the whole of K, the tail
+// rows in smaller tiles. next (if not null): the next block's copy of panel
+// p, which the row tiles bring into L2 between them (see KSpan).
+template <int NV, bool U7>
+void panel_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p, const int8_t* next) {
   constexpr int MR = 8 / NV > 4 ? 4 : 8 / NV;
+  int64_t gs;
+  panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
+  const int64_t groups = g.kp / 4, tiles = (m1 - m0 + MR - 1) / MR;
+  const int64_t per_tile = (groups + tiles - 1) / tiles;
+  const int64_t period = per_tile >= groups ? 1 : groups / per_tile;
+  auto at = [&](int64_t i) {
+    const int64_t r = (i - m0) / MR;
+    return KSpan{0,        0,      nullptr, 0, next ? next + gs * r : nullptr, tiles * gs / 64,
+                 per_tile, period, 0};
+  };
   int64_t i = m0;
-  for (; i + MR <= m1; i += MR) packed_tile<MR, NV>(g, i, p);
+  for (; i + MR <= m1; i += MR) packed_tile<MR, NV, U7>(g, i, p, at(i));
   switch (m1 - i) {
     case 3:
-      packed_tile<3 * NV <= 8 ? 3 : 1, NV>(g, i, p);
+      packed_tile<3 * NV <= 8 ? 3 : 1, NV, U7>(g, i, p, at(i));
       if (3 * NV > 8) {
-        packed_tile<1, NV>(g, i + 1, p);
-        packed_tile<1, NV>(g, i + 2, p);
+        packed_tile<1, NV, U7>(g, i + 1, p, at(i + 1));
+        packed_tile<1, NV, U7>(g, i + 2, p, at(i + 2));
       }
       break;
     case 2:
-      packed_tile<2 * NV <= 8 ? 2 : 1, NV>(g, i, p);
-      if (2 * NV > 8) packed_tile<1, NV>(g, i + 1, p);
+      packed_tile<2 * NV <= 8 ? 2 : 1, NV, U7>(g, i, p, at(i));
+      if (2 * NV > 8) packed_tile<1, NV, U7>(g, i + 1, p, at(i + 1));
       break;
     case 1:
-      packed_tile<1, NV>(g, i, p);
+      packed_tile<1, NV, U7>(g, i, p, at(i));
       break;
     default:
       break;
   }
 }
 
-void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+// Up to this many rows, a block of panels runs over K in ranges of kKcGroups
+// groups (16 KiB of a block's weight, 4 KiB of its panel): each range comes
+// from memory once and serves every row tile from L1, where whole-K tiles
+// would each stream the panel (64 KiB at K = 4096) from L2, the first from
+// DRAM.
+#ifndef PK_KC_ROWS
+#define PK_KC_ROWS 32
+#endif
+#ifndef PK_KC_GROUPS
+#define PK_KC_GROUPS 64
+#endif
+constexpr int64_t kKcRows = PK_KC_ROWS, kKcGroups = PK_KC_GROUPS;
+
+template <bool U7>
+void gemm_packed_t(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 == 1) {
     // One row: the widest tile, a whole block of panels per pass.
+    // 16 groups: 4 KiB ahead in a block of four panels (measured here: 1.2x
+    // over none with the weight in DRAM; 48 no better).
+    const KSpan whole{0, 0, nullptr, 0, nullptr, 0, 0, 0, 16};
     for (int64_t p = p0; p < p1;) {
       switch (p1 - p < 4 ? p1 - p : 4) {
         case 4:
-          packed_tile<1, 8>(g, m0, p);
+          packed_tile<1, 8, U7>(g, m0, p, whole);
           p += 4;
           break;
         case 3:
-          packed_tile<1, 6>(g, m0, p);
+          packed_tile<1, 6, U7>(g, m0, p, whole);
           p += 3;
           break;
         case 2:
-          packed_tile<1, 4>(g, m0, p);
+          packed_tile<1, 4, U7>(g, m0, p, whole);
           p += 2;
           break;
         default:
-          packed_tile<1, 2>(g, m0, p);
+          packed_tile<1, 2, U7>(g, m0, p, whole);
           p += 1;
+      }
+    }
+    return;
+  }
+  const int64_t groups = g.kp / 4;
+  if (U7 && m1 - m0 <= kKcRows && groups > kKcGroups) {
+    int32_t sums[kKcRows * 64];  // rows x the block's 64 columns
+    for (int64_t b0 = p0; b0 < p1; b0 += 4) {
+      const int64_t nvp = p1 - b0 < 4 ? p1 - b0 : 4;
+      int64_t gs;
+      const int8_t* blk = panel_base(g.b, g.kp, packed_n(g.n), b0, &gs);
+      for (int64_t q0 = 0; q0 < groups; q0 += kKcGroups) {
+        const int64_t q1 = groups - q0 < kKcGroups ? groups : q0 + kKcGroups;
+        // The next range's lines (blocks lie one after another, so past the
+        // last range they are the next block's first; past the end of the
+        // weight, prefetching is harmless), shared out over the rows.
+        const int64_t rows = m1 - m0, range_lines = (gs / 64) * kKcGroups;
+        const int64_t per_row = (range_lines + rows - 1) / rows;
+        const int64_t period = per_row >= q1 - q0 ? 1 : (q1 - q0) / per_row;
+        for (int64_t i = m0; i < m1; ++i) {
+          const KSpan ks{
+              q0,     q1, sums + 64 * (i - m0), 64, blk + gs * q1 + 64 * (i - m0), rows, per_row,
+              period, 0};
+          switch (nvp) {
+            case 4:
+              packed_tile<1, 8, U7>(g, i, b0, ks);
+              break;
+            case 3:
+              packed_tile<1, 6, U7>(g, i, b0, ks);
+              break;
+            case 2:
+              packed_tile<1, 4, U7>(g, i, b0, ks);
+              break;
+            default:
+              packed_tile<1, 2, U7>(g, i, b0, ks);
+          }
+        }
       }
     }
     return;
@@ -222,8 +348,23 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
   const int64_t chunk = (196608 / g.lda + 3) / 4 * 4;
   for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
     const int64_t c1 = m1 - c0 < chunk ? m1 : c0 + chunk;
-    for (int64_t p = p0; p < p1; ++p) panel_rows<2>(g, c0, c1, p);
+    for (int64_t p = p0; p < p1; ++p) {
+      // Blocks lie one after another: the next block's copy of panel p is
+      // one block further on. Only the last chunk of rows fetches it (the
+      // others are followed by this block again); past the end of the
+      // weight, prefetching is harmless.
+      int64_t gs;
+      const int8_t* here = panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
+      panel_rows<2, U7>(g, c0, c1, p, c1 == m1 ? here + gs * (g.kp / 4) : nullptr);
+    }
   }
+}
+
+void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (g.a_zp)
+    gemm_packed_t<true>(g, m0, m1, p0, p1);
+  else
+    gemm_packed_t<false>(g, m0, m1, p0, p1);
 }
 
 // ---- Quantization prologue ------------------------------------------------
@@ -309,11 +450,71 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
   }
 }
 
+// Rows quantized as quantize_per_row7 (grid7's scale and zero point, the
+// same division and rounding as q7), stored as q + zp in [0, 127], zero past k.
+void quantize_u7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
+                 float* scale, int32_t* zp, int64_t r0, int64_t r1) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const int64_t kv = k / 8 * 8, k32 = k / 32 * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * ldx;
+    __m256 lo = _mm256_setzero_ps(), hi = lo, nan = lo;
+    int64_t c = 0;
+    for (; c < kv; c += 8) {
+      const __m256 v = load8(x, xt, base + c);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      lo = _mm256_min_ps(lo, v);
+      hi = _mm256_max_ps(hi, v);
+    }
+    alignas(32) float l[8], h[8];
+    _mm256_store_ps(l, lo);
+    _mm256_store_ps(h, hi);
+    float lmin = 0.0f, hmax = 0.0f;
+    for (int j = 0; j < 8; ++j) {
+      lmin = l[j] < lmin ? l[j] : lmin;
+      hmax = h[j] > hmax ? h[j] : hmax;
+    }
+    bool has_nan = _mm256_movemask_ps(nan) != 0;
+    for (; c < k; ++c) {
+      const float v = load_f(x, xt, base + c);
+      has_nan |= v != v;
+      lmin = v < lmin ? v : lmin;
+      hmax = v > hmax ? v : hmax;
+    }
+    const Grid7 gr = grid7(lmin, hmax, has_nan);
+    scale[r] = gr.scale;
+    zp[r] = gr.zp;
+    uint8_t* q = qu + r * ldq;
+    if (!gr.usable) {
+      for (int64_t j = 0; j < ldq; ++j) q[j] = 0;
+      continue;
+    }
+    const __m256 sv = _mm256_set1_ps(gr.scale), qlo = _mm256_set1_ps(float(-gr.zp)),
+                 qhi = _mm256_set1_ps(float(127 - gr.zp));
+    const __m256i z = _mm256_set1_epi32(gr.zp);
+    auto q8 = [&](int64_t off) {
+      const __m256 v = _mm256_round_ps(_mm256_div_ps(load8(x, xt, base + off), sv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(qhi, _mm256_max_ps(qlo, v))), z);
+    };
+    c = 0;
+    for (; c < k32; c += 32) {
+      const __m256i a = _mm256_packs_epi32(q8(c), q8(c + 8));
+      const __m256i b = _mm256_packs_epi32(q8(c + 16), q8(c + 24));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c),
+                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
+    }
+    for (; c < k; ++c) q[c] = uint8_t(q7(load_f(x, xt, base + c), gr) + gr.zp);
+    for (; c < ldq; ++c) q[c] = 0;
+  }
+}
+
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx2() {
   static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed, &pack_generic, &quantize_s8,
-                                 &weight_only_generic,   true,         false,         nullptr};
+                                 &weight_only_generic,   true,         false,         nullptr,
+                                 &quantize_u7,           true};
   return &table;
 }
 

@@ -312,11 +312,50 @@ void quantize_u8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, in
   }
 }
 
+// Rows quantized as quantize_per_row7 (grid7's scale and zero point, the
+// same division and rounding as q7), stored biased as q + 128 like
+// quantize_u8's: the VNNI and AMX kernels then run unchanged.
+void quantize_u8_a7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+                    float* scale, int32_t* /*zp*/, int64_t r0, int64_t r1) {
+  const __m512i bias = _mm512_set1_epi32(128);
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 lo = _mm512_setzero_ps(), hi = lo;
+    __mmask16 nan = 0;
+    for (int64_t c = 0; c < k; c += 16) {
+      const __mmask16 m = k - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - c)) - 1);
+      const __m512 v = load16(x, xt, r * ldx + c, m);  // zero past k: min and max keep 0 in
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      lo = _mm512_min_ps(lo, v);
+      hi = _mm512_max_ps(hi, v);
+    }
+    const float lmin = nan ? 0.0f : _mm512_reduce_min_ps(lo);
+    const float hmax = nan ? 0.0f : _mm512_reduce_max_ps(hi);
+    const Grid7 g = grid7(lmin, hmax, nan != 0);
+    scale[r] = g.scale;
+    uint8_t* qr = q + r * ldq;
+    const __m512 sv = _mm512_set1_ps(g.scale), qlo = _mm512_set1_ps(float(-g.zp)),
+                 qhi = _mm512_set1_ps(float(127 - g.zp));
+    for (int64_t c = 0; c < k; c += 16) {
+      const __mmask16 m = k - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - c)) - 1);
+      __m512i qi = bias;
+      if (g.usable) {
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(load16(x, xt, r * ldx + c, m), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(qhi, _mm512_max_ps(qlo, v));
+        qi = _mm512_add_epi32(_mm512_cvtps_epi32(v), bias);
+      }
+      _mm_mask_storeu_epi8(qr + c, m, _mm512_cvtepi32_epi8(qi));
+    }
+    for (int64_t c = k; c < ldq; ++c) qr[c] = 128;
+  }
+}
+
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx512_vnni() {
-  static const GemmKernels table{&gemm, &gemm_packed, &pack,  &quantize_u8, &weight_only_generic,
-                                 false, false,        nullptr};
+  static const GemmKernels table{
+      &gemm, &gemm_packed, &pack,   &quantize_u8,    &weight_only_generic,
+      false, false,        nullptr, &quantize_u8_a7, false};
   return &table;
 }
 

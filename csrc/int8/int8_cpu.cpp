@@ -12,6 +12,7 @@
 #include "../common/parallel.h"
 #include "../common/scratch.h"
 #include "int8.h"
+#include "int8_grid7.h"
 #include "int8_isa.h"
 
 namespace pk {
@@ -42,6 +43,28 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
       const float v = std::nearbyint(xr[c] / s);  // round half to even
       qr[c] = int8_t(std::min(127.0f, std::max(-127.0f, v)));
     }
+  });
+}
+
+void quantize_per_row7_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld, int8_t* q,
+                           float* scale) {
+  PK_CHECK_ARG(rows >= 0 && cols >= 0, "x: negative shape");
+  PK_CHECK_ARG(ld >= cols, "x: row stride ", ld, " is smaller than the row length ", cols);
+  PK_CHECK_ARG(rows * cols == 0 || (x && q && scale), "x, q and scale must not be null");
+  const int nt = threads_for(rows * cols, int64_t(1) << 15);
+  parallel_for(0, rows, nt, [&](int64_t r) {
+    const float* xr = x + r * ld;
+    int8_t* qr = q + r * cols;
+    float lo = 0.0f, hi = 0.0f;
+    bool nan = false;
+    for (int64_t c = 0; c < cols; ++c) {
+      nan |= std::isnan(xr[c]);
+      lo = std::min(lo, xr[c]);
+      hi = std::max(hi, xr[c]);
+    }
+    const Grid7 g = grid7(lo, hi, nan);
+    scale[r] = g.scale;
+    for (int64_t c = 0; c < cols; ++c) qr[c] = int8_t(g.usable ? q7(xr[c], g) : 0);
   });
 }
 
@@ -128,14 +151,19 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
   });
 }
 
-// Quantizes x (M x K) into the kernel's activation format in rows of ldq.
+// Quantizes x (M x K) into the kernel's activation format in rows of ldq
+// (7-bit when zp is not null: zp[r] written where the table keeps it).
 void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, int64_t k,
-                   int64_t ldx, uint8_t* q, int64_t ldq, float* scale) {
+                   int64_t ldx, uint8_t* q, int64_t ldq, float* scale, int32_t* zp) {
   const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 15), m)));
   parallel_for(0, nt, nt, [&](int t) {
     int64_t r0, r1;
     split_range(m, nt, t, 1, &r0, &r1);
-    if (r0 < r1) kern->quantize_a(x, xt, ldx, k, q, ldq, scale, r0, r1);
+    if (r0 >= r1) return;
+    if (zp)
+      kern->quantize_a7(x, xt, ldx, k, q, ldq, scale, zp, r0, r1);
+    else
+      kern->quantize_a(x, xt, ldx, k, q, ldq, scale, r0, r1);
   });
 }
 
@@ -259,18 +287,21 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
 
 void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
                         const int8_t* packed, const int32_t* comp, const float* w_scale,
-                        const float* bias, int64_t n, void* y, FType yt) {
+                        const float* bias, int64_t n, void* y, FType yt, int act_bits) {
   PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
   PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
   PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
+  PK_CHECK_ARG(act_bits == 8 || act_bits == 7, "act_bits must be 8 or 7, got ", act_bits);
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(x && packed && comp && w_scale && y, "x, weight, scales and y must not be null");
   const GemmKernels* kern = kernels();
   const int64_t kp = packed_k(k), ldq = scratch_ld(kp);
   uint8_t* q = scratch<uint8_t>(2, m * ldq);
   float* xs = scratch<float>(0, m);
-  quantize_rows(kern, x, xt, m, k, ldx, q, ldq, xs);
+  int32_t* zp = act_bits == 7 ? scratch<int32_t>(3, m) : nullptr;
+  quantize_rows(kern, x, xt, m, k, ldx, q, ldq, xs, zp);
   PackedGemm g{q, ldq, packed, kp, comp, n, y, n, xs, w_scale, bias, yt};
+  if (zp && kern->a7_zp) g.a_zp = zp;
   run_packed(kern, g, m);
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../common/half.h"
+#include "int8_grid7.h"
 #include "int8_isa.h"
 
 namespace pk {
@@ -138,6 +139,33 @@ inline float abs_f(float v) { return v < 0.0f ? -v : v; }
       qr[c] = uint8_t(int32_t(v) + 128);
     }
     for (int64_t c = k; c < ldq; ++c) qr[c] = 128;
+  }
+}
+
+// Rows [r0, r1) quantized as quantize_per_row7, stored as q + 128 (Zp false:
+// the biased format of the VNNI and portable kernels) or as q + zp with zp
+// written (Zp true). Padding to ldq adds nothing in either (q = 0 or zero
+// weights).
+template <bool Zp>
+void quantize7_generic(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+                       float* scale, int32_t* zp, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float lo = 0.0f, hi = 0.0f;
+    bool nan = false;
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = load_f(x, xt, r * ldx + c);
+      nan |= v != v;
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    const Grid7 g = grid7(lo, hi, nan);
+    scale[r] = g.scale;
+    if (Zp) zp[r] = g.zp;
+    const int32_t off = Zp ? g.zp : 128;
+    uint8_t* qr = q + r * ldq;
+    for (int64_t c = 0; c < k; ++c)
+      qr[c] = uint8_t((g.usable ? q7(load_f(x, xt, r * ldx + c), g) : 0) + off);
+    for (int64_t c = k; c < ldq; ++c) qr[c] = uint8_t(off);
   }
 }
 

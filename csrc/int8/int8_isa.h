@@ -26,6 +26,10 @@ struct PackedGemm {
   const float* b_scale;
   const float* bias;
   FType yt;
+  // Non-null only for a table with a7_zp (7-bit activations): a holds q + zp
+  // in [0, 127] (unsigned, never biased) and the kernel subtracts
+  // a_zp[row] * comp[col] / 128 (= zp * sum_k w) instead of comp.
+  const int32_t* a_zp = nullptr;
 };
 
 // Panel p of a packed weight of np_ / 16 panels: its first byte, and the
@@ -80,6 +84,13 @@ struct GemmKernels {
   // k must be a positive multiple of 64.
   void (*gemm_bt)(const int8_t* ap, int64_t m, const int8_t* b, int64_t ldb, int64_t k, int32_t* c,
                   int64_t ldc, int64_t n0, int64_t n1);
+  // Rows [r0, r1) quantized as quantize_per_row7 does. Without a7_zp they are
+  // stored in this table's activation format (q + 128, or q) and zp is not
+  // written; with it, as q + zp with zp[r] written, for gemm_packed with
+  // PackedGemm::a_zp (see there).
+  void (*quantize_a7)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+                      float* scale, int32_t* zp, int64_t r0, int64_t r1);
+  bool a7_zp;
 };
 
 const GemmKernels* gemm_kernels_portable();

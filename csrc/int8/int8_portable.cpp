@@ -13,7 +13,9 @@ const GemmKernels* gemm_kernels_portable() {
                                  &weight_only_generic,
                                  false,
                                  false,
-                                 nullptr};
+                                 nullptr,
+                                 &quantize7_generic<false>,
+                                 false};
   return &table;
 }
 

@@ -35,6 +35,35 @@ def _quantize(x, q, scale):
 
 
 @numba.njit(cache=True, nogil=True)
+def _quantize7(x, q, scale):
+    # The 7-bit grid of csrc/int8/int8_grid7.h, in float32 throughout.
+    rows, cols = x.shape
+    f127 = np.float32(127.0)
+    for r in range(rows):
+        lo = np.float32(0.0)
+        hi = np.float32(0.0)
+        nan = False
+        for c in range(cols):
+            v = x[r, c]
+            if math.isnan(v):
+                nan = True
+            elif v < lo:
+                lo = v
+            elif v > hi:
+                hi = v
+        s = np.float32(np.nan) if nan else np.float32(np.float32(hi / f127) - np.float32(lo / f127))
+        scale[r] = s
+        if not (s > 0) or math.isinf(s):
+            for c in range(cols):
+                q[r, c] = 0
+            continue
+        zp = min(np.float32(127.0), max(np.float32(0.0), np.rint(np.float32(-lo / s))))
+        for c in range(cols):
+            v = np.rint(np.float32(x[r, c] / s))
+            q[r, c] = np.int8(min(f127 - zp, max(-zp, v)))
+
+
+@numba.njit(cache=True, nogil=True)
 def _gemm(a, b, c):
     m, k = a.shape
     n = b.shape[0]
@@ -46,8 +75,8 @@ def _gemm(a, b, c):
             c[i, j] = s
 
 
-def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> None:
-    _quantize(x, q, scale)
+def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray, bits: int = 8) -> None:
+    (_quantize7 if bits == 7 else _quantize)(x, q, scale)
 
 
 def int8_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
@@ -81,13 +110,18 @@ def _weight_only(x, w, ws, bias, has_bias, y):
 
 
 def int8_linear(
-    x: np.ndarray, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray
+    x: np.ndarray,
+    w: np.ndarray,
+    w_scale: np.ndarray,
+    bias: np.ndarray | None,
+    y: np.ndarray,
+    act_bits: int = 8,
 ) -> None:
     """Dynamic W8A8 on float32 x and a row-major int8 weight into float32 y."""
     m, k = x.shape
     q = np.empty((m, k), dtype=np.int8)
     xs = np.empty(m, dtype=np.float32)
-    _quantize(x, q, xs)
+    (_quantize7 if act_bits == 7 else _quantize)(x, q, xs)
     acc = np.empty((m, w.shape[0]), dtype=np.int32)
     _gemm(q, w, acc)
     b = bias if bias is not None else w_scale

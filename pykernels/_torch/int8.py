@@ -12,16 +12,35 @@ import torch
 from torch import Tensor
 
 
-def quantize_per_row(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(q int8, scale fp32) of a 2-D float tensor, as ``quantize_per_row_cpu``."""
+def quantize_per_row(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """(q int8, scale fp32) of a 2-D float tensor, as ``quantize_per_row_cpu``
+    (bits 8) or ``quantize_per_row7_cpu`` (bits 7)."""
     xf = x.float()
     if xf.shape[1] == 0:
         return xf.to(torch.int8), xf.new_zeros(xf.shape[0])
+    if bits == 7:
+        return _quantize7(xf)
     scale = xf.abs().amax(dim=1) / 127
     scale = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(scale, float("nan")), scale)
     usable = (scale > 0) & torch.isfinite(scale)
     ratio = xf / torch.where(usable, scale, torch.ones_like(scale))[:, None]
     q = torch.where(usable[:, None], torch.round(ratio).clamp(-127, 127), torch.zeros_like(xf))
+    return q.to(torch.int8), scale
+
+
+def _quantize7(xf: Tensor) -> tuple[Tensor, Tensor]:
+    # The 7-bit grid of csrc/int8/int8_grid7.h, every step in float32.
+    zero = xf.new_zeros(())
+    lo = torch.minimum(xf.amin(dim=1), zero)
+    hi = torch.maximum(xf.amax(dim=1), zero)
+    scale = hi / 127 - lo / 127
+    scale = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(scale, float("nan")), scale)
+    usable = (scale > 0) & torch.isfinite(scale)
+    safe = torch.where(usable, scale, torch.ones_like(scale))
+    zp = torch.where(usable, torch.round(-lo / safe).clamp(0, 127), torch.zeros_like(scale))
+    q = torch.round(xf / safe[:, None])
+    q = torch.minimum(torch.maximum(q, -zp[:, None]), 127 - zp[:, None])
+    q = torch.where(usable[:, None], q, torch.zeros_like(q))
     return q.to(torch.int8), scale
 
 
@@ -61,9 +80,11 @@ def int_mm_padded(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(_pad_to(a, mp, kp), _pad_to(b, np_, kp).t())[:m, :n]
 
 
-def int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def int8_linear(
+    x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int = 8
+) -> Tensor:
     """Dynamic W8A8 linear: x [M, K] float, w [N, K] int8 row-major; out in x's dtype."""
-    q, s = quantize_per_row(x)
+    q, s = quantize_per_row(x, act_bits)
     acc = int8_gemm(q, w)
     y = acc.float() * (s[:, None] * w_scale[None, :])
     if bias is not None:

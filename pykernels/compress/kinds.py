@@ -204,6 +204,7 @@ def _int8_linear_describe(m: Int8Linear) -> dict[str, Any]:
         "out_features": m.out_features,
         "bias": m.bias is not None,
         "mode": m.mode,
+        "act_bits": m.act_bits,
     }
 
 
@@ -357,7 +358,9 @@ register_kind(nn.Embedding, _embedding_describe, _embedding_build)
 register_kind(
     Int8Linear,
     _int8_linear_describe,
-    lambda c: Int8Linear(c["in_features"], c["out_features"], c["bias"], c["mode"]),
+    lambda c: Int8Linear(
+        c["in_features"], c["out_features"], c["bias"], c["mode"], act_bits=c.get("act_bits", 8)
+    ),
     params=_int8_linear_params,
 )
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())

@@ -205,11 +205,15 @@ def from_specs(specs: list[dict[str, Any]]) -> list[Step]:
 @dataclass
 class Int8(Step):
     """Linear layers -> :class:`pykernels.nn.Int8Linear` (``mode``: ``"dynamic"`` W8A8
-    or ``"weight_only"`` W8A16); embedding tables -> row-wise
-    :class:`pykernels.nn.Int8Embedding` unless ``embeddings=False``."""
+    or ``"weight_only"`` W8A16; ``act_bits=7``: the opt-in 7-bit activations,
+    faster on AVX2-only CPUs); embedding tables -> row-wise
+    :class:`pykernels.nn.Int8Embedding` unless ``embeddings=False``.
+
+    ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``."""
 
     mode: str = "dynamic"
     embeddings: bool = True
+    act_bits: int = 8
     name: ClassVar[str] = "int8"
     positional: ClassVar[tuple[str, ...]] = ("mode",)
 
@@ -220,6 +224,12 @@ class Int8(Step):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.embeddings, bool):
             raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
+        from ..nn.int8 import _check_act_bits
+
+        try:
+            _check_act_bits("int8", self.mode, self.act_bits)
+        except (TypeError, ValueError) as e:  # a recipe's errors are ValueErrors
+            raise ValueError(str(e).removeprefix("int8: ")) from None
 
     def apply(self, ctx: Context) -> None:
         from ..nn import Int8Embedding, Int8Linear
@@ -228,7 +238,7 @@ class Int8(Step):
         targets = [(f, m) for f, m in ctx.modules(types) if ctx.accept(m, f)]
         for fqn, m in ctx.progress(targets, "int8"):
             if isinstance(m, nn.Linear):
-                ctx.replace(fqn, Int8Linear.from_linear(m, mode=self.mode))
+                ctx.replace(fqn, Int8Linear.from_linear(m, mode=self.mode, act_bits=self.act_bits))
             elif m.max_norm is not None:
                 ctx.skip(fqn, "max_norm renormalizes rows at lookup; kept in float")
             else:
