@@ -130,8 +130,13 @@ inline __m512i load_u32_bcast(const uint8_t* p) {
   }
 #define PK_ROW_ARRAY(i) {c##i##0, c##i##1, c##i##2, c##i##3}
 
+// ahead (if not 0): the tile's weight that many groups ahead is fetched into
+// L1 as it goes, and 8 times as far ahead into L2 (L2 keeps more misses in
+// flight than L1). The first tile over a block streams it from memory at
+// several times the rate the hardware prefetchers keep up with; later tiles
+// find it in L2.
 template <int MR, int NV>
-void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
+void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, int64_t ahead) {
   static_assert(MR >= 1 && MR <= kPackMr && NV >= 1 && NV <= kPackNv, "tile size");
   // clang-format off
   PK_ACC_ROW(0) PK_ACC_ROW(1) PK_ACC_ROW(2) PK_ACC_ROW(3) PK_ACC_ROW(4) PK_ACC_ROW(5)
@@ -144,6 +149,11 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
   __m512i b1 = _mm512_setzero_si512(), b2 = b1, b3 = b1;
   for (int64_t q = 0; q < groups; ++q) {
     const int8_t* bq = b + q * gs;
+    if (ahead)
+      for (int j = 0; j < NV; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(bq + ahead * gs + 64 * j), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(bq + 8 * ahead * gs + 64 * j), _MM_HINT_T1);
+      }
     const __m512i b0 = _mm512_loadu_si512(bq);
     if (NV > 1) b1 = _mm512_loadu_si512(bq + 64);
     if (NV > 2) b2 = _mm512_loadu_si512(bq + 128);
@@ -167,25 +177,34 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0) {
 #undef PK_DOT_ROW
 #undef PK_ROW_ARRAY
 
+// Groups ahead for the first tile over a block: 16 (4 KiB of a block of four
+// panels) into L1, 128 into L2. Measured here with the weights in DRAM
+// (Emerald Rapids, 2 threads): 1x4096x4096 1.05x -> 1.15-1.28x fbgemm,
+// 16x 1.08x -> 1.43-1.56x; 32 or 256 no better.
+#ifndef PK_AHEAD
+#define PK_AHEAD 16
+#endif
+
 template <int NV>
 void packed_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p) {
   int64_t i = m0;
-  for (; i + kPackMr <= m1; i += kPackMr) packed_tile<kPackMr, NV>(g, i, p);
+  auto ahead = [&] { return i == m0 ? int64_t(PK_AHEAD) : int64_t(0); };
+  for (; i + kPackMr <= m1; i += kPackMr) packed_tile<kPackMr, NV>(g, i, p, ahead());
   switch (m1 - i) {
     case 5:
-      packed_tile<5, NV>(g, i, p);
+      packed_tile<5, NV>(g, i, p, ahead());
       break;
     case 4:
-      packed_tile<4, NV>(g, i, p);
+      packed_tile<4, NV>(g, i, p, ahead());
       break;
     case 3:
-      packed_tile<3, NV>(g, i, p);
+      packed_tile<3, NV>(g, i, p, ahead());
       break;
     case 2:
-      packed_tile<2, NV>(g, i, p);
+      packed_tile<2, NV>(g, i, p, ahead());
       break;
     case 1:
-      packed_tile<1, NV>(g, i, p);
+      packed_tile<1, NV>(g, i, p, ahead());
       break;
     default:
       break;
