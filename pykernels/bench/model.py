@@ -56,7 +56,15 @@ def cases(device: str, quick: bool = False) -> list[Case]:
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
         peer = torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, dtype=torch.qint8)
     ours = pk.quantize_int8(copy.deepcopy(fp32))
-    models = {"fp32 model": fp32, "quantize_dynamic": peer, "pk quantize_int8": ours}
+    # act_bits=7: the opt-in 7-bit activations, the AVX2 tier's fast path
+    # (the peer's fbgemm engine quantizes activations to 7 bits too).
+    ours7 = pk.quantize_int8(copy.deepcopy(fp32), act_bits=7)
+    models = {
+        "fp32 model": fp32,
+        "quantize_dynamic": peer,
+        "pk quantize_int8": ours,
+        "pk quantize_int8 act_bits=7": ours7,
+    }
     notes = {}
     with torch.inference_mode():
         ref = mean_pool(fp32, batch)
