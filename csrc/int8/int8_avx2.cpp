@@ -190,22 +190,43 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, KSpan ks) {
   const int8_t* a = reinterpret_cast<const int8_t*>(g.a) + i0 * g.lda;
   const int64_t lda = g.lda, groups = g.kp / 4;
   const int64_t qend = pr ? ks.q1 : groups;
-  int64_t countdown = 0, sent = 0;
-  for (int64_t q = pr ? ks.q0 : 0; q < qend; ++q) {
-    const int8_t* bq = b + q * gs;
-    if (ks.pf && --countdown < 0 && sent < ks.lines) {
-      countdown = ks.period - 1;
-      _mm_prefetch(reinterpret_cast<const char*>(ks.pf + 64 * ks.step * sent++), _MM_HINT_T1);
-    }
-    if (ks.ahead)
+  // The L2 prefetch costs one compare per group (q == pf_at), and the L1
+  // stream lives in its own copy of the loop: bookkeeping in the
+  // multiply-add loop competes for ports 0 and 1 with vpmaddubsw and
+  // vpmaddwd (a countdown with three branches per group cost 30% at K =
+  // 384; segments of `period` groups between prefetches, 20% at M = 16).
+  const int64_t q_begin = pr ? ks.q0 : 0;
+  const char* pfp = reinterpret_cast<const char*>(ks.pf);
+  const int64_t pf_stride = 64 * ks.step, pf_period = ks.period;
+  const int64_t pf_last = q_begin + pf_period * (ks.lines - 1);
+  int64_t pf_at = ks.pf && ks.lines > 0 ? q_begin : -1;
+  auto next_prefetch = [&](int64_t q) {
+    _mm_prefetch(pfp, _MM_HINT_T1);
+    pfp += pf_stride;
+    pf_at = q < pf_last ? q + pf_period : -1;
+  };
+  if (ks.ahead) {
+    for (int64_t q = q_begin; q < qend; ++q) {
+      const int8_t* bq = b + q * gs;
+      if (q == pf_at) next_prefetch(q);
       for (int t = 0; t < NV; t += 2) {
         _mm_prefetch(reinterpret_cast<const char*>(bq + ks.ahead * gs + 32 * t), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(bq + 8 * ks.ahead * gs + 32 * t), _MM_HINT_T1);
       }
-    // clang-format off
-    PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
-    PK_ROW(0) PK_ROW(1) PK_ROW(2) PK_ROW(3)
-    // clang-format on
+      // clang-format off
+      PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
+      PK_ROW(0) PK_ROW(1) PK_ROW(2) PK_ROW(3)
+      // clang-format on
+    }
+  } else {
+    for (int64_t q = q_begin; q < qend; ++q) {
+      const int8_t* bq = b + q * gs;
+      if (q == pf_at) next_prefetch(q);
+      // clang-format off
+      PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
+      PK_ROW(0) PK_ROW(1) PK_ROW(2) PK_ROW(3)
+      // clang-format on
+    }
   }
   const __m256i acc[4][8] = {PK_ROW_ARRAY(0), PK_ROW_ARRAY(1), PK_ROW_ARRAY(2), PK_ROW_ARRAY(3)};
   if (pr && qend < groups) {
