@@ -209,7 +209,8 @@ def quantize_rows_tensor(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     if bits == 7:
         q, s = _quantize7(xf.cpu().numpy())
         return torch.from_numpy(q).to(x.device), torch.from_numpy(s).to(x.device)
-    s = xf.abs().amax(dim=1) / 127 if xf.shape[1] else xf.new_zeros(xf.shape[0])
+    # A tensor divisor: on CUDA a Python scalar divisor becomes a multiplication.
+    s = xf.abs().amax(dim=1) / xf.new_full((), 127.0) if xf.shape[1] else xf.new_zeros(xf.shape[0])
     s = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(s, float("nan")), s)
     usable = (s > 0) & torch.isfinite(s)
     ratio = xf / torch.where(usable, s, torch.ones_like(s))[:, None]

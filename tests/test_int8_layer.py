@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 
 import pytest
 import torch
@@ -236,3 +237,14 @@ def test_act_bits_7_layer_model_and_errors(gen):
         pk.nn.Int8Linear(3, 4, act_bits="7")
     with pytest.raises(ValueError, match="act_bits"):
         pk.compress(model, "int8:weight_only:act_bits=7", torch.randn(2, 300), progress=False)
+
+
+def test_a_layer_pickled_before_act_bits_existed_still_runs(gen):
+    lin = linear(40, 12, gen)
+    q = pk.nn.Int8Linear.from_linear(lin)
+    del q.__dict__["act_bits"]  # as unpickling an older layer leaves it
+    old = pickle.loads(pickle.dumps(q))
+    x = torch.randn(3, 40, generator=gen)
+    with torch.no_grad():
+        assert old.act_bits == 8 and torch.equal(old(x), pk.nn.Int8Linear.from_linear(lin)(x))
+    assert "act_bits" not in repr(old)

@@ -388,3 +388,15 @@ def test_act7_one_sided_inputs_as_accurate_as_8_bits(gen):
         theirs = min(rel_err(quantize_dynamic_layer(lin, e)(x), ref) for e in engines())
     assert e7 <= 1.15 * e8, (e7, e8)
     assert e7 <= theirs, (e7, theirs)
+
+
+def test_act_bits_checked_when_the_custom_ops_are_called_directly(backend, gen):
+    """Every backend refuses a grid it does not have (none may quietly run 8 bits)."""
+    x, w, ws, b = make7(3, 20, 5, torch.float32, gen)
+    p = pk.ops.pack_int8_weight(w)
+    with pytest.raises(ValueError, match="act_bits must be 8 or 7"):
+        torch.ops.pykernels.int8_linear(x, p.packed, p.comp, ws, b, 5)
+    with pytest.raises(ValueError, match="act_bits must be 8 or 7"):
+        torch.ops.pykernels.int8_linear_rowmajor(x, w, ws, b, 6)
+    with pytest.raises(ValueError, match="bits must be 8 or 7"):
+        torch.ops.pykernels.quantize_per_row(x, 4)

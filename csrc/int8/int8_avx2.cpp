@@ -149,9 +149,9 @@ inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, i
 // A range of K groups [q0, q1) of a tile and where its running sums wait
 // between ranges: pr (int32, rows ldp apart) holds them after every range but
 // the last, which stores the output. pr null: the whole of K in one pass.
-// pf (if not null): cache lines to bring into L2 as the tile goes, one
-// every `period` groups: pf, pf + 64 * step, pf + 128 * step, ... up to
-// `lines` of them. The rows of a range share the next range's lines this way
+// pf (if not null): cache lines to bring into L2 as the tile goes, `burst`
+// of them every `period` groups: pf, pf + 64 * step, pf + 128 * step, ...
+// up to `lines` of them. The rows of a range share the next range's lines this way
 // (row r of R takes lines r, r + R, ...), so the stream is spread evenly
 // over the range's work instead of a burst from one tile, which would stall
 // on the few misses a core keeps in flight.
@@ -163,8 +163,8 @@ struct KSpan {
   int64_t q0, q1;
   int32_t* pr;
   int64_t ldp;
-  const int8_t* pf;
-  int64_t step, lines, period;
+  const char* pf;
+  int64_t step, lines, period, burst;
   int64_t ahead;
 };
 
@@ -196,13 +196,12 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, KSpan ks) {
   // vpmaddwd (a countdown with three branches per group cost 30% at K =
   // 384; segments of `period` groups between prefetches, 20% at M = 16).
   const int64_t q_begin = pr ? ks.q0 : 0;
-  const char* pfp = reinterpret_cast<const char*>(ks.pf);
-  const int64_t pf_stride = 64 * ks.step, pf_period = ks.period;
-  const int64_t pf_last = q_begin + pf_period * (ks.lines - 1);
-  int64_t pf_at = ks.pf && ks.lines > 0 ? q_begin : -1;
+  int64_t pf_off = 0, pf_at = ks.pf && ks.lines > 0 ? q_begin : -1;
+  const int64_t pf_stride = 64 * ks.step, pf_period = ks.period, pf_burst = ks.burst;
+  const int64_t pf_last = q_begin + pf_period * ((ks.lines + pf_burst - 1) / pf_burst - 1);
   auto next_prefetch = [&](int64_t q) {
-    _mm_prefetch(pfp, _MM_HINT_T1);
-    pfp += pf_stride;
+    for (int64_t j = 0; j < pf_burst; ++j, pf_off += pf_stride)
+      _mm_prefetch(byte_at(ks.pf, pf_off), _MM_HINT_T1);
     pf_at = q < pf_last ? q + pf_period : -1;
   };
   if (ks.ahead) {
@@ -210,8 +209,8 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, KSpan ks) {
       const int8_t* bq = b + q * gs;
       if (q == pf_at) next_prefetch(q);
       for (int t = 0; t < NV; t += 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(bq + ks.ahead * gs + 32 * t), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(bq + 8 * ks.ahead * gs + 32 * t), _MM_HINT_T1);
+        _mm_prefetch(byte_at(bq, ks.ahead * gs + 32 * t), _MM_HINT_T0);
+        _mm_prefetch(byte_at(bq, 8 * ks.ahead * gs + 32 * t), _MM_HINT_T1);
       }
       // clang-format off
       PK_W(0) PK_W(1) PK_W(2) PK_W(3) PK_W(4) PK_W(5) PK_W(6) PK_W(7)
@@ -254,7 +253,7 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, KSpan ks) {
 // rows in smaller tiles. next (if not null): the next block's copy of panel
 // p, which the row tiles bring into L2 between them (see KSpan).
 template <int NV, bool U7>
-void panel_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p, const int8_t* next) {
+void panel_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p, const char* next) {
   constexpr int MR = 8 / NV > 4 ? 4 : 8 / NV;
   int64_t gs;
   panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
@@ -263,8 +262,9 @@ void panel_rows(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p, const in
   const int64_t period = per_tile >= groups ? 1 : groups / per_tile;
   auto at = [&](int64_t i) {
     const int64_t r = (i - m0) / MR;
-    return KSpan{0,        0,      nullptr, 0, next ? next + gs * r : nullptr, tiles * gs / 64,
-                 per_tile, period, 0};
+    return KSpan{
+        0,        0,      nullptr, 0, next ? byte_at(next, gs * r) : nullptr, tiles * gs / 64,
+        per_tile, period, 1,       0};
   };
   int64_t i = m0;
   for (; i + MR <= m1; i += MR) packed_tile<MR, NV, U7>(g, i, p, at(i));
@@ -308,7 +308,7 @@ void gemm_packed_t(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int6
     // 16 groups: 4 KiB ahead in a block of four panels (measured here with
     // the weight in DRAM: 1.2x over none; 48 no better; the L2 stream as far
     // ahead as AVX-512's, where it was measured to help).
-    const KSpan whole{0, 0, nullptr, 0, nullptr, 0, 0, 0, 16};
+    const KSpan whole{0, 0, nullptr, 0, nullptr, 0, 0, 0, 1, 16};
     for (int64_t p = p0; p < p1;) {
       switch (p1 - p < 4 ? p1 - p : 4) {
         case 4:
@@ -343,12 +343,20 @@ void gemm_packed_t(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int6
         // last range they are the next block's first; past the end of the
         // weight, prefetching is harmless), shared out over the rows.
         const int64_t rows = m1 - m0, range_lines = (gs / 64) * kKcGroups;
-        const int64_t per_row = (range_lines + rows - 1) / rows;
-        const int64_t period = per_row >= q1 - q0 ? 1 : (q1 - q0) / per_row;
+        const int64_t per_row = (range_lines + rows - 1) / rows, span = q1 - q0;
+        const int64_t period = per_row >= span ? 1 : span / per_row;
+        const int64_t burst = per_row > span ? (per_row + span - 1) / span : 1;
         for (int64_t i = m0; i < m1; ++i) {
-          const KSpan ks{
-              q0,     q1, sums + 64 * (i - m0), 64, blk + gs * q1 + 64 * (i - m0), rows, per_row,
-              period, 0};
+          const KSpan ks{q0,
+                         q1,
+                         sums + 64 * (i - m0),
+                         64,
+                         byte_at(blk, gs * q1 + 64 * (i - m0)),
+                         rows,
+                         per_row,
+                         period,
+                         burst,
+                         0};
           switch (nvp) {
             case 4:
               packed_tile<1, 8, U7>(g, i, b0, ks);
@@ -380,7 +388,7 @@ void gemm_packed_t(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int6
       // weight, prefetching is harmless.
       int64_t gs;
       const int8_t* here = panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
-      panel_rows<2, U7>(g, c0, c1, p, c1 == m1 ? here + gs * (g.kp / 4) : nullptr);
+      panel_rows<2, U7>(g, c0, c1, p, c1 == m1 ? byte_at(here, gs * (g.kp / 4)) : nullptr);
     }
   }
 }

@@ -151,8 +151,8 @@ void packed_tile(const PackedGemm& g, int64_t i0, int64_t p0, int64_t ahead) {
     const int8_t* bq = b + q * gs;
     if (ahead)
       for (int j = 0; j < NV; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(bq + ahead * gs + 64 * j), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(bq + 8 * ahead * gs + 64 * j), _MM_HINT_T1);
+        _mm_prefetch(byte_at(bq, ahead * gs + 64 * j), _MM_HINT_T0);
+        _mm_prefetch(byte_at(bq, 8 * ahead * gs + 64 * j), _MM_HINT_T1);
       }
     const __m512i b0 = _mm512_loadu_si512(bq);
     if (NV > 1) b1 = _mm512_loadu_si512(bq + 64);

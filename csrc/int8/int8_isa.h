@@ -43,6 +43,13 @@ static inline const int8_t* panel_base(const int8_t* b, int64_t kp, int64_t np_,
   return b + 64 * blk * kp + 64 * (p % 4);
 }
 
+// The address `off` bytes from p, for prefetches: it may lie past the end
+// of p's buffer (a prefetch never faults), where pointer arithmetic would
+// be undefined, so it is done on the integer.
+static inline const char* byte_at(const void* p, int64_t off) {
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(off));
+}
+
 // Row stride of the unsigned activation scratch: kp, plus a cache line when
 // kp is a multiple of 256, so that the rows a tile reads together do not all
 // fall into one L1 set.

@@ -20,7 +20,10 @@ def quantize_per_row(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
         return xf.to(torch.int8), xf.new_zeros(xf.shape[0])
     if bits == 7:
         return _quantize7(xf)
-    scale = xf.abs().amax(dim=1) / 127
+    # A tensor divisor: CUDA turns division by a Python scalar into a
+    # multiplication by its rounded reciprocal, which can differ in the last
+    # bit from the IEEE division every other backend does.
+    scale = xf.abs().amax(dim=1) / xf.new_full((), 127.0)
     scale = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(scale, float("nan")), scale)
     usable = (scale > 0) & torch.isfinite(scale)
     ratio = xf / torch.where(usable, scale, torch.ones_like(scale))[:, None]
@@ -30,10 +33,10 @@ def quantize_per_row(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
 
 def _quantize7(xf: Tensor) -> tuple[Tensor, Tensor]:
     # The 7-bit grid of csrc/int8/int8_grid7.h, every step in float32.
-    zero = xf.new_zeros(())
+    zero, d127 = xf.new_zeros(()), xf.new_full((), 127.0)  # tensor divisor: see above
     lo = torch.minimum(xf.amin(dim=1), zero)
     hi = torch.maximum(xf.amax(dim=1), zero)
-    scale = hi / 127 - lo / 127
+    scale = hi / d127 - lo / d127
     scale = torch.where(torch.isnan(xf).any(dim=1), torch.full_like(scale, float("nan")), scale)
     usable = (scale > 0) & torch.isfinite(scale)
     safe = torch.where(usable, scale, torch.ones_like(scale))

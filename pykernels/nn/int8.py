@@ -51,6 +51,8 @@ class Int8Linear(nn.Module):
     CPU, the device or the kernel version. Inference only: backward raises.
     """
 
+    act_bits: int = 8  # class default: a layer pickled before act_bits existed
+
     def __init__(
         self,
         in_features: int,

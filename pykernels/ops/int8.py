@@ -41,6 +41,7 @@ def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
 
 @torch.library.custom_op("pykernels::quantize_per_row", mutates_args=())
 def _quantize_op(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    bits = check_act_bits("pykernels::quantize_per_row", bits, "bits")  # called directly too
     backend = backends.choose("int8", x.device)
     if backend.kind == "torch":
         from .._torch import int8 as ti
@@ -279,6 +280,8 @@ def _run_linear(
 def _linear_impl(
     x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int
 ) -> Tensor:
+    act_bits = check_act_bits("pykernels::int8_linear", act_bits)  # called directly too
+
     def unpack() -> Tensor:
         return _reference.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
 
@@ -312,6 +315,8 @@ def _(
 def _linear_rowmajor_impl(
     x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int
 ) -> Tensor:
+    act_bits = check_act_bits("pykernels::int8_linear_rowmajor", act_bits)
+
     def pack() -> tuple[Tensor, Tensor]:
         return _pack_op(w)
 
