@@ -418,6 +418,15 @@ inline __m256 load8(const void* x, FType t, int64_t off) {
   }
 }
 
+// 32 int32 lanes in [-128, 127] (a, b, c, d in order) stored as 32 bytes.
+inline void store32(void* dst, __m256i a, __m256i b, __m256i c, __m256i d) {
+  // packs_epi32 + packs_epi16 interleave within 128-bit lanes; this puts the
+  // 4-byte groups back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  _mm256_storeu_si256(static_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(bytes, order));
+}
+
 // Same arithmetic as quantize_per_row (an IEEE division, then round half to
 // even), so the fused layer's integers equal the standalone op's. Stored as
 // signed bytes, zero past k.
@@ -425,8 +434,6 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
                  float* scale, int64_t r0, int64_t r1) {
   const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f),
                nlim = _mm256_set1_ps(-127.0f);
-  // Byte order after packs_epi32 + packs_epi16 within 128-bit lanes.
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const int64_t kv = k / 8 * 8, k32 = k / 32 * 32;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t base = r * ldx;
@@ -468,12 +475,7 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
       return _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(nlim, v)));
     };
     c = 0;
-    for (; c < k32; c += 32) {
-      const __m256i lo = _mm256_packs_epi32(q8(c), q8(c + 8));
-      const __m256i hi = _mm256_packs_epi32(q8(c + 16), q8(c + 24));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c),
-                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order));
-    }
+    for (; c < k32; c += 32) store32(q + c, q8(c), q8(c + 8), q8(c + 16), q8(c + 24));
     for (; c < k; ++c) {
       float v = __builtin_nearbyintf(load_f(x, xt, base + c) / s);
       v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
@@ -487,7 +489,6 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
 // same division and rounding as q7), stored as q + zp in [0, 127], zero past k.
 void quantize_u7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
                  float* scale, int32_t* zp, int64_t r0, int64_t r1) {
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const int64_t kv = k / 8 * 8, k32 = k / 32 * 32;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t base = r * ldx;
@@ -531,12 +532,7 @@ void quantize_u7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
       return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(qhi, _mm256_max_ps(qlo, v))), z);
     };
     c = 0;
-    for (; c < k32; c += 32) {
-      const __m256i a = _mm256_packs_epi32(q8(c), q8(c + 8));
-      const __m256i b = _mm256_packs_epi32(q8(c + 16), q8(c + 24));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c),
-                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
-    }
+    for (; c < k32; c += 32) store32(q + c, q8(c), q8(c + 8), q8(c + 16), q8(c + 24));
     for (; c < k; ++c) q[c] = uint8_t(q7(load_f(x, xt, base + c), gr) + gr.zp);
     for (; c < ldq; ++c) q[c] = 0;
   }

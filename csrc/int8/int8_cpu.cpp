@@ -18,15 +18,25 @@
 namespace pk {
 namespace int8 {
 
-void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld, int8_t* q,
-                          float* scale) {
+namespace {
+
+// The checks and threading both per-row quantizers share; row(xr, qr, &scale)
+// quantizes one row.
+template <class Row>
+void quantize_rows_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld, int8_t* q,
+                       float* scale, Row row) {
   PK_CHECK_ARG(rows >= 0 && cols >= 0, "x: negative shape");
   PK_CHECK_ARG(ld >= cols, "x: row stride ", ld, " is smaller than the row length ", cols);
   PK_CHECK_ARG(rows * cols == 0 || (x && q && scale), "x, q and scale must not be null");
   const int nt = threads_for(rows * cols, int64_t(1) << 15);
-  parallel_for(0, rows, nt, [&](int64_t r) {
-    const float* xr = x + r * ld;
-    int8_t* qr = q + r * cols;
+  parallel_for(0, rows, nt, [&](int64_t r) { row(x + r * ld, q + r * cols, scale + r); });
+}
+
+}  // namespace
+
+void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld, int8_t* q,
+                          float* scale) {
+  quantize_rows_cpu(x, rows, cols, ld, q, scale, [cols](const float* xr, int8_t* qr, float* sr) {
     float amax = 0.0f;
     bool nan = false;
     for (int64_t c = 0; c < cols; ++c) {
@@ -34,7 +44,7 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
       nan |= std::isnan(xr[c]);
     }
     const float s = nan ? NAN : amax / 127.0f;
-    scale[r] = s;
+    *sr = s;
     if (!(s > 0.0f) || std::isinf(s)) {  // zero row, or NaN/inf: q carries no information
       for (int64_t c = 0; c < cols; ++c) qr[c] = 0;
       return;
@@ -48,13 +58,7 @@ void quantize_per_row_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld
 
 void quantize_per_row7_cpu(const float* x, int64_t rows, int64_t cols, int64_t ld, int8_t* q,
                            float* scale) {
-  PK_CHECK_ARG(rows >= 0 && cols >= 0, "x: negative shape");
-  PK_CHECK_ARG(ld >= cols, "x: row stride ", ld, " is smaller than the row length ", cols);
-  PK_CHECK_ARG(rows * cols == 0 || (x && q && scale), "x, q and scale must not be null");
-  const int nt = threads_for(rows * cols, int64_t(1) << 15);
-  parallel_for(0, rows, nt, [&](int64_t r) {
-    const float* xr = x + r * ld;
-    int8_t* qr = q + r * cols;
+  quantize_rows_cpu(x, rows, cols, ld, q, scale, [cols](const float* xr, int8_t* qr, float* sr) {
     float lo = 0.0f, hi = 0.0f;
     bool nan = false;
     for (int64_t c = 0; c < cols; ++c) {
@@ -63,7 +67,7 @@ void quantize_per_row7_cpu(const float* x, int64_t rows, int64_t cols, int64_t l
       hi = std::max(hi, xr[c]);
     }
     const Grid7 g = grid7(lo, hi, nan);
-    scale[r] = g.scale;
+    *sr = g.scale;
     for (int64_t c = 0; c < cols; ++c) qr[c] = int8_t(g.usable ? q7(xr[c], g) : 0);
   });
 }
