@@ -40,6 +40,22 @@ def _amx_kernels() -> str:
     )
 
 
+def _int8_act_bits() -> str:
+    """Whether Int8Linear's opt-in 7-bit activations pay on this CPU's kernel."""
+    if _native.C is None:
+        return "no native CPU kernels: act_bits=7 brings no speed"
+    cpu = _native.C.cpu_info()
+    active = cpu["isa_active"]
+    if active == "avx2" or (active in ("avx512", "amx") and not cpu["avx512_vnni"]):
+        return (
+            "int8 runs the AVX2 kernel here: act_bits=7 (7-bit activations, opt-in) "
+            "is about 1.3-1.5x faster at 16+ rows than the exact 8-bit default"
+        )
+    if active == "portable":
+        return "portable kernels: act_bits=7 brings no speed"
+    return "int8 runs VNNI/AMX here: act_bits=7 brings no speed; keep the 8-bit default"
+
+
 def info() -> dict[str, Any]:
     """The same facts ``python -m pykernels info`` prints, as a dict."""
     d: dict[str, Any] = {
@@ -64,6 +80,7 @@ def info() -> dict[str, Any]:
     else:
         d.update(native_cpu_error=_native.C_error, threads=torch.get_num_threads())
     d["amx_kernels"] = _amx_kernels()
+    d["int8_act_bits"] = _int8_act_bits()
     if _native.C_cuda is not None:
         cu = _native.C_cuda.cuda_info()
         d.update(

@@ -59,3 +59,11 @@ def test_cli_bench_writes_json(tmp_path, monkeypatch, capsys):
     assert base["speedup"] == 1.0
     table = capsys.readouterr().out
     assert "pk exact" in table and "x baseline" in table
+
+
+def test_info_says_whether_7_bit_activations_pay(cpu_isa):
+    """The AVX2 kernel (and only it) has the faster 7-bit path."""
+    says = pk.info()["int8_act_bits"]
+    vnni = _native.C.cpu_info()["avx512_vnni"]
+    avx2_kernel = cpu_isa == "avx2" or (cpu_isa in ("avx512", "amx") and not vnni)
+    assert ("faster" in says) == avx2_kernel, (cpu_isa, says)
