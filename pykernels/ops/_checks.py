@@ -87,6 +87,31 @@ def check_seed(fn: str, seed: Any) -> int:
     return check_int(fn, "seed", seed, _SEED_MIN, _SEED_MAX)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_input(fn: str, x: Any, min_dim: int = 0, name: str = "x") -> None:
+    """x: a float32, float16 or bfloat16 tensor of at least ``min_dim`` dimensions."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{fn}: {name} must have at least {min_dim} dimension")
+
+
+def check_bias(fn: str, bias: Any, n: int) -> None:
+    """bias: None, or a float tensor of shape (n,)."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: bias must be a float tensor, got {bias.dtype}")
+    if bias.shape != (n,):
+        raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
 def has_data(*tensors: Tensor | None) -> bool:
     """Whether the values of these tensors can be read now: not while tracing
     (torch.compile, export: the values are not known yet) and not on meta."""

@@ -26,7 +26,6 @@ from . import _checks
 BITS = (4, 8)
 MAX_CLUSTERS = {4: 16, 8: 256}
 PER = ("row", "layer")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def bits_for(n_clusters: int) -> int:
@@ -271,12 +270,7 @@ def cluster_linear(
     estimator for the int8 rounding).
     """
     fn = "cluster_linear"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{fn}: x must have at least 1 dimension")
+    _checks.check_float_input(fn, x, min_dim=1)
     if k is not None and _checks.check_int(fn, "k", k, 0) != x.shape[-1]:
         raise ValueError(f"{fn}: x must have K = {k} in its last dimension, got {tuple(x.shape)}")
     k = x.shape[-1]
@@ -286,13 +280,7 @@ def cluster_linear(
     _check_codes(fn, codes, k, bits)
     n = codes.shape[0]
     _check_codebook(fn, codebook, n, bits, codes.device)
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: bias must be a float tensor, got {bias.dtype}")
-        if bias.shape != (n,):
-            raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    _checks.check_bias(fn, bias, n)
     for name, t in (("x", x), ("bias", bias)):
         if t is not None and t.device != codes.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but codes are on {codes.device}")

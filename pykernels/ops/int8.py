@@ -23,8 +23,6 @@ from . import _checks
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
     """Runs buffer-level `fn` of a CPU backend on the tensors (outputs last).
@@ -112,13 +110,8 @@ def quantize_per_row(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     a later dequantization gives NaN in that row only). Returns ``(q,
     scale)``: q int8 of x's shape, scale float32 of ``x.shape[:-1]``.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"quantize_per_row: x must be a torch.Tensor, got {type(x).__name__}")
+    _checks.check_float_input("quantize_per_row", x, min_dim=1)
     bits = check_act_bits("quantize_per_row", bits, "bits")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"quantize_per_row: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("quantize_per_row: x must have at least 1 dimension")
     rows = math.prod(x.shape[:-1])
     q, scale = torch.ops.pykernels.quantize_per_row(x.reshape(rows, x.shape[-1]), bits)
     return q.view(x.shape), scale.view(x.shape[:-1])
@@ -454,10 +447,7 @@ def _check_linear_args(
     fn: str, x: Tensor, n: int, k: int, device: torch.device, w_scale: Tensor, bias: Tensor | None
 ) -> Tensor | None:
     """Validates x, w_scale and bias against a weight of shape [n, k]; returns bias as fp32."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _checks.check_float_input(fn, x)
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{fn}: x must have K = {k} in its last dimension, got {tuple(x.shape)}")
     if not isinstance(w_scale, Tensor):
@@ -466,13 +456,7 @@ def _check_linear_args(
         raise TypeError(f"{fn}: w_scale must be float32, got {w_scale.dtype}")
     if w_scale.shape != (n,):
         raise ValueError(f"{fn}: w_scale must have shape ({n},), got {tuple(w_scale.shape)}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: bias must be a float tensor, got {bias.dtype}")
-        if bias.shape != (n,):
-            raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    _checks.check_bias(fn, bias, n)
     for name, t in (("x", x), ("w_scale", w_scale), ("bias", bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{fn}: {name} is on {t.device} but the weight is on {device}")

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from . import _checks
 
 
 def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
@@ -123,12 +122,7 @@ def fake_quantize_per_row(
     shape ``x.shape[:-1]``.
     """
     fn = "fake_quantize_per_row"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{fn}: x must have at least 1 dimension")
+    _checks.check_float_input(fn, x, min_dim=1)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     if x2.dtype != torch.float32:

@@ -20,12 +20,11 @@ import torch
 from torch import Tensor
 
 from .. import _reference, backends
+from . import _checks
 
 BITS = (8, 4, 2)
 MAX_BUCKET = 1 << 20  # csrc/quant/quant.h kMaxBucket
 MAX_SEED = (1 << 63) - 1  # custom-op ints are int64
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def packed_bytes(numel: int, bits: int) -> int:
@@ -224,10 +223,7 @@ def quantize_buckets(
         gets scale NaN (it decodes to NaN).
     """
     fn = "quantize_buckets"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _checks.check_float_input(fn, x)
     bits = _check_bits(fn, bits)
     bucket = _check_int(fn, "bucket", bucket, 1, MAX_BUCKET)
     seed = _check_int(fn, "seed", seed, 0, MAX_SEED)

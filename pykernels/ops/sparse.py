@@ -25,7 +25,6 @@ from . import _checks
 
 BLOCK = 4  # BSR block: 4 x 4 (csrc/sparse/sparse.h says why)
 PATTERNS = ("unstructured", "block", "2:4")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SparseWeight(NamedTuple):
@@ -542,10 +541,7 @@ def sparse_linear(x: Tensor, w_sparse: SparseWeight, bias: Tensor | None = None)
     of W hold a non-zero in that column.
     """
     fn = "sparse_linear"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _checks.check_float_input(fn, x)
     _check_weight(fn, w_sparse)
     n, k = w_sparse.n, w_sparse.k
     if x.dim() < 1 or x.shape[-1] != k:

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _native, _reference, backends
 from . import _checks
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = _checks.FLOAT_DTYPES
 
 
 def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tensor, Tensor]:
@@ -132,10 +132,7 @@ def _resolve_k(x: Tensor, k: int | None, ratio: float | None) -> int:
 
 
 def _check_x(x: Tensor, fn: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _checks.check_float_input(fn, x)
 
 
 def topk_sparsify(
