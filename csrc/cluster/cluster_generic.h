@@ -6,11 +6,34 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dot4.h"
 #include "cluster_isa.h"
 
 namespace pk {
 namespace cluster {
 namespace {
+
+// Rows [0, m) in tiles of MR rows and the rest in one smaller tile:
+// tile(Rows<R>(), i) for each, R the tile's rows as a constant.
+template <int R>
+struct Rows {
+  static constexpr int value = R;
+};
+
+template <int R, class F>
+inline void last_tile(int64_t left, int64_t i, F& tile) {
+  if (left == R)
+    tile(Rows<R>(), i);
+  else if constexpr (R > 1)
+    last_tile<R - 1>(left, i, tile);
+}
+
+template <int MR, class F>
+inline void row_tiles(int64_t m, F&& tile) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) tile(Rows<MR>(), i);
+  if (i < m) last_tile<MR - 1>(m - i, i, tile);
+}
 
 // The code of w[., k] in one row of packed codes (layout in cluster.h).
 template <int BITS>
@@ -39,21 +62,9 @@ void linear_generic(const Args& a, int64_t n0, int64_t n1, float* wf) {
       float* ft = f[t];
       for (int64_t p = 0; p < k; ++p) ft[p] = tab[code_at<BITS>(cr, p)];
     }
-    const float* f0 = f[0];
-    const float* f1 = f[1];
-    const float* f2 = f[2];
-    const float* f3 = f[3];
     for (int64_t i = 0; i < a.m; ++i) {
-      const float* xi = a.x + i * a.ldx;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t p = 0; p < k; ++p) {
-        s0 += xi[p] * f0[p];
-        s1 += xi[p] * f1[p];
-        s2 += xi[p] * f2[p];
-        s3 += xi[p] * f3[p];
-      }
-      const float s[4] = {s0, s1, s2, s3};
+      float s[4];
+      dot4(a.x + i * a.ldx, f[0], f[1], f[2], f[3], k, s);
       for (int t = 0; t < nj; ++t) a.y[i * a.n + j + t] = s[t] + (a.bias ? a.bias[j + t] : 0.0f);
     }
   }
@@ -85,21 +96,9 @@ void dynamic_generic(const DynArgs& a, int64_t n0, int64_t n1, int8_t* wq) {
           }
       }
     }
-    const int8_t* w0 = w[0];
-    const int8_t* w1 = w[1];
-    const int8_t* w2 = w[2];
-    const int8_t* w3 = w[3];
     for (int64_t i = 0; i < a.m; ++i) {
-      const int8_t* xi = a.xq + i * a.ldq;
-      int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t p = 0; p < len; ++p) {
-        s0 += int32_t(xi[p]) * w0[p];
-        s1 += int32_t(xi[p]) * w1[p];
-        s2 += int32_t(xi[p]) * w2[p];
-        s3 += int32_t(xi[p]) * w3[p];
-      }
-      const int32_t s[4] = {s0, s1, s2, s3};
+      int32_t s[4];
+      dot4(a.xq + i * a.ldq, w[0], w[1], w[2], w[3], len, s);
       for (int t = 0; t < nj; ++t) {
         float v = float(s[t]) * (a.xs[i] * a.cs[(j + t) * a.cs_ld]);
         if (a.bias) v += a.bias[j + t];

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dot4.h"
 #include "../common/half.h"
 #include "int8_grid7.h"
 #include "int8_isa.h"
@@ -193,16 +194,8 @@ void quantize7_generic(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t*
     };
     if (m <= 2) {
       for (int64_t i = 0; i < m; ++i) {
-        const float* xi = x + i * k;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t p = 0; p < k; ++p) {
-          s0 += xi[p] * float(w0[p]);
-          s1 += xi[p] * float(w1[p]);
-          s2 += xi[p] * float(w2[p]);
-          s3 += xi[p] * float(w3[p]);
-        }
-        const float s[4] = {s0, s1, s2, s3};
+        float s[4];
+        dot4(x + i * k, w0, w1, w2, w3, k, s);
         finish(i, s);
       }
       continue;
@@ -241,16 +234,8 @@ void quantize7_generic(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t*
       finish(i + 3, sd);
     }
     for (; i < m; ++i) {
-      const float* xi = x + i * k;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t p = 0; p < k; ++p) {
-        s0 += xi[p] * f0[p];
-        s1 += xi[p] * f1[p];
-        s2 += xi[p] * f2[p];
-        s3 += xi[p] * f3[p];
-      }
-      const float s[4] = {s0, s1, s2, s3};
+      float s[4];
+      dot4(x + i * k, f0, f1, f2, f3, k, s);
       finish(i, s);
     }
   }
