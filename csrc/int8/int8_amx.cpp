@@ -67,16 +67,63 @@ struct Prefetch {
   int64_t gs, q0, q1;
 };
 
+// The three parts both tile kernels share, on up to 2 x 2 accumulators.
+template <bool TwoM, bool TwoN>
+inline void zero_block() {
+  _tile_zero(0);
+  if (TwoN) _tile_zero(1);
+  if (TwoM) _tile_zero(2);
+  if (TwoM && TwoN) _tile_zero(3);
+}
+
+// One step of 64 k: A tiles from a0 and a1 (row stride lda), B tiles from bk
+// and bk + 64 (row stride gs); u8 x s8 (TDPBUSD) or, Signed, s8 x s8 (TDPBSSD).
+template <bool TwoM, bool TwoN, bool Signed>
+inline void block_step(const void* a0, const void* a1, int64_t lda, const int8_t* bk, int64_t gs) {
+  _tile_loadd(4, a0, lda);
+  _tile_loadd(6, bk, gs);
+  if (Signed)
+    _tile_dpbssd(0, 4, 6);
+  else
+    _tile_dpbusd(0, 4, 6);
+  if (TwoN) {
+    _tile_loadd(7, bk + 64, gs);
+    if (Signed)
+      _tile_dpbssd(1, 4, 7);
+    else
+      _tile_dpbusd(1, 4, 7);
+  }
+  if (TwoM) {
+    _tile_loadd(5, a1, lda);
+    if (Signed)
+      _tile_dpbssd(2, 5, 6);
+    else
+      _tile_dpbusd(2, 5, 6);
+    if (TwoN) {
+      if (Signed)
+        _tile_dpbssd(3, 5, 7);
+      else
+        _tile_dpbusd(3, 5, 7);
+    }
+  }
+}
+
+// The accumulators to buf (32 x 32 int32, row stride 128 bytes).
+template <bool TwoM, bool TwoN>
+inline void store_block(int32_t* buf) {
+  _tile_stored(0, buf, 128);
+  if (TwoN) _tile_stored(1, buf + 16, 128);
+  if (TwoM) _tile_stored(2, buf + 16 * 32, 128);
+  if (TwoM && TwoN) _tile_stored(3, buf + 16 * 32 + 16, 128);
+}
+
 template <bool TwoM, bool TwoN>
 void tile_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gs, int64_t kfull,
                 int32_t* buf, const Prefetch& pf) {
   const int64_t steps = kfull / 64;
   const int64_t per = pf.b && steps > 0 ? (pf.q1 - pf.q0 + steps - 1) / steps : 0;
   int64_t pq = pf.q0;
-  _tile_zero(0);
-  if (TwoN) _tile_zero(1);
-  if (TwoM) _tile_zero(2);
-  if (TwoM && TwoN) _tile_zero(3);
+  zero_block<TwoM, TwoN>();
   const uint8_t* a1 = a + 16 * lda;
   for (int64_t kc = 0; kc < kfull; kc += 64) {
     const int8_t* bk = b + (kc / 4) * gs;  // 16 groups of 4 k per step
@@ -84,23 +131,9 @@ void tile_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gs, int6
       _mm_prefetch(reinterpret_cast<const char*>(pf.b + pq * pf.gs), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(pf.b + pq * pf.gs + 64), _MM_HINT_T1);
     }
-    _tile_loadd(4, a + kc, lda);
-    _tile_loadd(6, bk, gs);
-    _tile_dpbusd(0, 4, 6);
-    if (TwoN) {
-      _tile_loadd(7, bk + 64, gs);
-      _tile_dpbusd(1, 4, 7);
-    }
-    if (TwoM) {
-      _tile_loadd(5, a1 + kc, lda);
-      _tile_dpbusd(2, 5, 6);
-      if (TwoN) _tile_dpbusd(3, 5, 7);
-    }
+    block_step<TwoM, TwoN, false>(a + kc, a1 + kc, lda, bk, gs);
   }
-  _tile_stored(0, buf, 128);
-  if (TwoN) _tile_stored(1, buf + 16, 128);
-  if (TwoM) _tile_stored(2, buf + 16 * 32, 128);
-  if (TwoM && TwoN) _tile_stored(3, buf + 16 * 32 + 16, 128);
+  store_block<TwoM, TwoN>(buf);
 }
 
 inline __m512i bcast4(const uint8_t* p) {
@@ -216,33 +249,16 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
 template <bool TwoR, bool TwoP>
 void tile_block_bt(const int8_t* b, int64_t ldb, const int8_t* ap, int64_t gs, int64_t k,
                    int32_t* buf, const int8_t* next, int next_rows) {
-  _tile_zero(0);
-  if (TwoP) _tile_zero(1);
-  if (TwoR) _tile_zero(2);
-  if (TwoR && TwoP) _tile_zero(3);
+  zero_block<TwoR, TwoP>();
   const int8_t* b1 = b + 16 * ldb;
   for (int64_t kc = 0; kc < k; kc += 64) {
     if (next)
       for (int r = 0; r < next_rows; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(next + r * ldb + kc), _MM_HINT_T1);
     const int8_t* pk = ap + (kc / 4) * gs;
-    _tile_loadd(4, b + kc, ldb);
-    _tile_loadd(6, pk, gs);
-    _tile_dpbssd(0, 4, 6);
-    if (TwoP) {
-      _tile_loadd(7, pk + 64, gs);
-      _tile_dpbssd(1, 4, 7);
-    }
-    if (TwoR) {
-      _tile_loadd(5, b1 + kc, ldb);
-      _tile_dpbssd(2, 5, 6);
-      if (TwoP) _tile_dpbssd(3, 5, 7);
-    }
+    block_step<TwoR, TwoP, true>(b + kc, b1 + kc, ldb, pk, gs);
   }
-  _tile_stored(0, buf, 128);
-  if (TwoP) _tile_stored(1, buf + 16, 128);
-  if (TwoR) _tile_stored(2, buf + 16 * 32, 128);
-  if (TwoR && TwoP) _tile_stored(3, buf + 16 * 32 + 16, 128);
+  store_block<TwoR, TwoP>(buf);
 }
 
 void gemm_bt(const int8_t* ap, int64_t m, const int8_t* b, int64_t ldb, int64_t k, int32_t* c,
