@@ -142,28 +142,14 @@ void dyn_tile(const DynArgs& a, int64_t j, int nj, int64_t i0) {
 void dynamic4(const DynArgs& a, int64_t n0, int64_t n1, int8_t*) {
   for (int64_t j = n0; j < n1; j += 2) {
     const int nj = int(n1 - j < 2 ? n1 - j : 2);
-    int64_t i = 0;
-    for (; i + 3 <= a.m; i += 3) dyn_tile<3>(a, j, nj, i);
-    if (a.m - i == 2) dyn_tile<2>(a, j, nj, i);
-    if (a.m - i == 1) dyn_tile<1>(a, j, nj, i);
+    row_tiles<3>(a.m, [&](auto r, int64_t i) { dyn_tile<decltype(r)::value>(a, j, nj, i); });
   }
 }
 
 void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
   for (int64_t j = n0; j < n1; j += kNr) {
     const int nj = int(n1 - j < kNr ? n1 - j : kNr);
-    int64_t i = 0;
-    for (; i + 3 <= a.m; i += 3) tile<3>(a, j, nj, i);
-    switch (a.m - i) {
-      case 2:
-        tile<2>(a, j, nj, i);
-        break;
-      case 1:
-        tile<1>(a, j, nj, i);
-        break;
-      default:
-        break;
-    }
+    row_tiles<3>(a.m, [&](auto r, int64_t i) { tile<decltype(r)::value>(a, j, nj, i); });
   }
 }
 

@@ -238,11 +238,7 @@ void dynamic4(const DynArgs& a, int64_t n0, int64_t n1, int8_t* wq) {
                             _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), low)));
       }
     }
-    int64_t i = 0;
-    for (; i + 4 <= a.m; i += 4) buf_tile<4>(a, w, j, nj, i);
-    if (a.m - i == 3) buf_tile<3>(a, w, j, nj, i);
-    if (a.m - i == 2) buf_tile<2>(a, w, j, nj, i);
-    if (a.m - i == 1) buf_tile<1>(a, w, j, nj, i);
+    row_tiles<4>(a.m, [&](auto r, int64_t i) { buf_tile<decltype(r)::value>(a, w, j, nj, i); });
   }
 }
 
@@ -277,21 +273,7 @@ void quantize(const float* src, int64_t ld, int64_t len, int8_t* dst, int64_t ld
 void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
   for (int64_t j = n0; j < n1; j += kNr) {
     const int nj = int(n1 - j < kNr ? n1 - j : kNr);
-    int64_t i = 0;
-    for (; i + 4 <= a.m; i += 4) tile<4>(a, j, nj, i);
-    switch (a.m - i) {
-      case 3:
-        tile<3>(a, j, nj, i);
-        break;
-      case 2:
-        tile<2>(a, j, nj, i);
-        break;
-      case 1:
-        tile<1>(a, j, nj, i);
-        break;
-      default:
-        break;
-    }
+    row_tiles<4>(a.m, [&](auto r, int64_t i) { tile<decltype(r)::value>(a, j, nj, i); });
   }
 }
 
