@@ -24,14 +24,15 @@ from . import _checks
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
 
-def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
-    """Runs buffer-level `fn` of a CPU backend on the tensors (outputs last).
+def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor, args: tuple = ()) -> None:
+    """Runs buffer-level `fn` of a CPU backend on the tensors (outputs last),
+    then `args` (plain values).
 
     The reference computes on the host: a non-CPU tensor (forced reference
     only) goes through a host copy and back.
     """
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
-    backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu])
+    backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu], *args)
     for t, c in zip(tensors, cpu, strict=False):
         if c is not t:
             t.copy_(c)
@@ -49,12 +50,7 @@ def _quantize_op(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.numel():
-        cpu = [t if t.device.type == "cpu" else t.cpu() for t in (x2, q, scale)]
-        fn = backends.cpu_function(backend, "int8", "quantize_per_row")
-        fn(*[t.numpy() for t in cpu], bits)
-        for t, c in zip((q, scale), cpu[1:], strict=True):
-            if c is not t:
-                t.copy_(c)
+        _cpu_call(backend, "quantize_per_row", x2, q, scale, args=(bits,))
     else:
         scale.zero_()
     return q, scale
