@@ -127,7 +127,7 @@ def topk_densify(
 
 def quantize_per_row(x: np.ndarray, q: np.ndarray, scale: np.ndarray, bits: int = 8) -> None:
     """Per-row int8: symmetric (bits 8: scale = max|row| / 127, q = rint(x / scale)) or
-    the 7-bit grid (bits 7, see ``grid7``)."""
+    the 7-bit grid (bits 7, see ``_quantize7``)."""
     x = np.asarray(x, dtype=np.float32)
     if bits == 7:
         qf, s = _quantize7(x)
