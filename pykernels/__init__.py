@@ -5,6 +5,8 @@
 family will use. See README.md.
 """
 
+# First: installs the finder that keeps old module paths (pykernels._native, ...) working.
+from . import _compat  # noqa: F401, I001
 from . import backends, comm, compress, distill, nn, ops, qat, schedules
 from .compress import CompressionReport, load, recipes, save
 from .info import info, version
@@ -28,7 +30,7 @@ def set_num_threads(n: int) -> None:
     or our pool) would try to start every thread asked for, so a huge count is
     refused rather than passed on.
     """
-    from . import _native
+    from .backends import native as _native
     from .ops import _checks
 
     if not _checks.is_int(n):

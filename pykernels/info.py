@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from . import _native, backends
+from . import backends
+from .backends import native as _native
 
 
 def version() -> str:

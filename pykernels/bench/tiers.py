@@ -62,7 +62,7 @@ def caps(tier: str, vnni: bool = True) -> dict[str, str]:
 
 def detected() -> tuple[str, bool]:
     """(best ISA of this CPU and OS: portable/avx2/avx512/amx, has AVX-512 VNNI)."""
-    from .. import _native
+    from ..backends import native as _native
 
     if _native.C is not None:
         cpu = _native.C.cpu_info()

@@ -18,42 +18,45 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _reference, backends
+from .. import _layout, backends
+from ..backends.reference import int8 as _ref
+from ..backends.torch import int8 as _ti
 from . import _checks
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
 
-def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor, args: tuple = ()) -> None:
-    """Runs buffer-level `fn` of a CPU backend on the tensors (outputs last),
-    then `args` (plain values).
+def _quantize_cpu(fns, x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    x2 = x.float().contiguous()
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    if x2.numel():
+        backends.host_call(fns.quantize_per_row, x2, q, scale, bits)
+    else:
+        scale.zero_()
+    return q, scale
 
-    The reference computes on the host: a non-CPU tensor (forced reference
-    only) goes through a host copy and back.
-    """
-    cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
-    backends.cpu_function(backend, "int8", fn)(*[t.numpy() for t in cpu], *args)
-    for t, c in zip(tensors, cpu, strict=False):
-        if c is not t:
-            t.copy_(c)
+
+def _gemm_cpu(fns, a: Tensor, b: Tensor) -> Tensor:
+    c = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    if c.numel():
+        backends.host_call(fns.int8_gemm, a.contiguous(), b.contiguous(), c)
+    return c
+
+
+backends.register("int8", "quantize_per_row", torch=_ti.quantize_per_row, cpu=_quantize_cpu)
+backends.register(
+    "int8",
+    "int8_gemm",
+    torch=lambda a, b: _ti.int8_gemm(a.contiguous(), b.contiguous()),
+    cpu=_gemm_cpu,
+)
 
 
 @torch.library.custom_op("pykernels::quantize_per_row", mutates_args=())
 def _quantize_op(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     bits = check_act_bits("pykernels::quantize_per_row", bits, "bits")  # called directly too
-    backend = backends.choose("int8", x.device)
-    if backend.kind == "torch":
-        from .._torch import int8 as ti
-
-        return ti.quantize_per_row(x.detach(), bits)
-    x2 = x.detach().float().contiguous()
-    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-    scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    if x2.numel():
-        _cpu_call(backend, "quantize_per_row", x2, q, scale, args=(bits,))
-    else:
-        scale.zero_()
-    return q, scale
+    return backends.impl("int8", "quantize_per_row", x)(x.detach(), bits)
 
 
 @_quantize_op.register_fake
@@ -63,15 +66,7 @@ def _(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("pykernels::int8_gemm", mutates_args=())
 def _int8_gemm_op(a: Tensor, b: Tensor) -> Tensor:
-    backend = backends.choose("int8", a.device)
-    if backend.kind == "torch":
-        from .._torch import int8 as ti
-
-        return ti.int8_gemm(a.contiguous(), b.contiguous())
-    c = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
-    if c.numel():
-        _cpu_call(backend, "int8_gemm", a.contiguous(), b.contiguous(), c)
-    return c
+    return backends.impl("int8", "int8_gemm", a)(a, b)
 
 
 @_int8_gemm_op.register_fake
@@ -140,8 +135,6 @@ def int8_gemm(a_q: Tensor, b_q: Tensor) -> Tensor:
 
 # --- packed weights and the linear layers -------------------------------------
 
-_FTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/int8/int8.h FType
-
 
 class Int8PackedWeight(NamedTuple):
     """An int8 [N, K] weight in the layout the CPU kernels read.
@@ -166,28 +159,22 @@ def _fbuf(t: Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-@torch.library.custom_op("pykernels::int8_pack_weight", mutates_args=())
-def _pack_op(w: Tensor) -> tuple[Tensor, Tensor]:
-    n, k = w.shape
-    np_, kp = _reference.packed_shape(n, k)
-    w = w.contiguous()
-    backend = backends.choose("int8", w.device)
-    if backend.name == "native-cpu" and w.numel():
-        packed = torch.empty(np_ * kp, dtype=torch.int8)
-        comp = torch.empty(np_, dtype=torch.int32)
-        backends.cpu_function(backend, "int8", "int8_pack_weight")(
-            w.numpy(), packed.numpy(), comp.numpy()
-        )
-        return packed, comp
-    return _pack_reference(w)
+def _pack_native(w: Tensor) -> tuple[Tensor, Tensor]:
+    if not w.numel():
+        return _pack_reference(w)
+    np_, kp = _layout.packed_shape(*w.shape)
+    packed = torch.empty(np_ * kp, dtype=torch.int8)
+    comp = torch.empty(np_, dtype=torch.int32)
+    backends.host_call(backends.native.C.int8_pack_weight, w, packed, comp)
+    return packed, comp
 
 
 def _pack_reference(w: Tensor) -> tuple[Tensor, Tensor]:
     """The packed layout by index arithmetic, in torch on w's device (Numba and
     reference backends, and the check of a packed weight)."""
     n, k = w.shape
-    np_, kp = _reference.packed_shape(n, k)
-    off = torch.from_numpy(_reference.packed_offsets(n, k)).to(w.device)
+    np_, kp = _layout.packed_shape(n, k)
+    off = torch.from_numpy(_layout.packed_offsets(n, k)).to(w.device)
     packed = torch.zeros(np_ * kp, dtype=torch.int8, device=w.device)
     packed[off.reshape(-1)] = w.reshape(-1)
     comp = torch.zeros(np_, dtype=torch.int32, device=w.device)
@@ -195,9 +182,18 @@ def _pack_reference(w: Tensor) -> tuple[Tensor, Tensor]:
     return packed, comp
 
 
+backends.register("int8", "pack_weight", native_cpu=_pack_native, any=_pack_reference)
+
+
+@torch.library.custom_op("pykernels::int8_pack_weight", mutates_args=())
+def _pack_op(w: Tensor) -> tuple[Tensor, Tensor]:
+    w = w.contiguous()
+    return backends.impl("int8", "pack_weight", w)(w)
+
+
 @_pack_op.register_fake
 def _(w: Tensor) -> tuple[Tensor, Tensor]:
-    np_, kp = _reference.packed_shape(*w.shape)
+    np_, kp = _layout.packed_shape(*w.shape)
     return w.new_empty(np_ * kp, dtype=torch.int8), w.new_empty(np_, dtype=torch.int32)
 
 
@@ -211,6 +207,58 @@ def _no_backward(name: str):
         )
 
     return backward
+
+
+def _linear_native(
+    kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra
+) -> Tensor:  # noqa: ARG001 - one signature for every backend
+    code = _layout.DTYPE_CODES[x.dtype]
+    y = torch.empty(x.shape[0], w_scale.shape[0], dtype=x.dtype)
+    getattr(backends.native.C, kind)(
+        _fbuf(x),
+        code,
+        *[t.numpy() for t in native_weight()],
+        w_scale.numpy(),
+        None if bias is None else bias.numpy(),
+        _fbuf(y),
+        code,
+        *extra,
+    )
+    return y
+
+
+def _linear_numba(kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra):  # noqa: ARG001
+    from ..backends.numba import int8 as nb
+
+    y = torch.empty(x.shape[0], w_scale.shape[0], dtype=torch.float32)
+    getattr(nb, kind)(
+        x.float().numpy(),
+        rowmajor_weight().numpy(),
+        w_scale.numpy(),
+        None if bias is None else bias.numpy(),
+        y.numpy(),
+        *extra,
+    )
+    return y.to(x.dtype)
+
+
+def _linear_with(mod):
+    """An implementation that runs `mod`'s tensor-level function on the row-major weight."""
+
+    def run(kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra):  # noqa: ARG001
+        return getattr(mod, kind)(x, rowmajor_weight(), w_scale, bias, *extra)
+
+    return run
+
+
+backends.register(
+    "int8",
+    "linear",
+    native_cpu=_linear_native,
+    torch=_linear_with(_ti),
+    numba=_linear_numba,
+    reference=_linear_with(_ref),
+)
 
 
 def _run_linear(
@@ -229,41 +277,9 @@ def _run_linear(
     row-major int8 weight. Each is built only when the backend that needs it
     runs.
     """
-    m, n = x.shape[0], w_scale.shape[0]
     extra = (act_bits,) if kind == "int8_linear" else ()  # weight-only has no activation grid
-    backend = backends.choose("int8", x.device)
-    if backend.name == "native-cpu":
-        y = torch.empty(m, n, dtype=x.dtype)
-        backends.cpu_function(backend, "int8", kind)(
-            _fbuf(x),
-            _FTYPE[x.dtype],
-            *[t.numpy() for t in native_weight()],
-            w_scale.numpy(),
-            None if bias is None else bias.numpy(),
-            _fbuf(y),
-            _FTYPE[x.dtype],
-            *extra,
-        )
-        return y
-    w = rowmajor_weight()
-    if backend.kind == "torch":
-        from .._torch import int8 as ti
-
-        return getattr(ti, kind)(x, w, w_scale, bias, *extra)
-    if backend.name == "numba":
-        from .._numba import int8 as nb
-
-        y = torch.empty(m, n, dtype=torch.float32)
-        getattr(nb, kind)(
-            x.float().numpy(),
-            w.numpy(),
-            w_scale.numpy(),
-            None if bias is None else bias.numpy(),
-            y.numpy(),
-            *extra,
-        )
-        return y.to(x.dtype)
-    return getattr(_reference, kind)(x, w, w_scale, bias, *extra)
+    run = backends.impl("int8", "linear", x)
+    return run(kind, x, native_weight, rowmajor_weight, w_scale, bias, *extra)
 
 
 def _linear_impl(
@@ -272,7 +288,7 @@ def _linear_impl(
     act_bits = check_act_bits("pykernels::int8_linear", act_bits)  # called directly too
 
     def unpack() -> Tensor:
-        return _reference.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
+        return _layout.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
 
     return _run_linear("int8_linear", x, lambda: (packed, comp), unpack, w_scale, bias, act_bits)
 
@@ -368,7 +384,7 @@ def _check_packed(fn: str, w: Int8PackedWeight, name: str = "w_q") -> None:
         return  # this weight passed in full and has not changed since
     n = _checks.check_int(fn, f"{name}.n", w.n, 0)
     k = _checks.check_int(fn, f"{name}.k", w.k, 0, MAX_K - 1)
-    np_, kp = _reference.packed_shape(n, k)
+    np_, kp = _layout.packed_shape(n, k)
     for field, t in (("packed", w.packed), ("comp", w.comp)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name}.{field} must be a torch.Tensor, got {type(t).__name__}")
@@ -392,7 +408,7 @@ def _check_packed(fn: str, w: Int8PackedWeight, name: str = "w_q") -> None:
     key = ("int8-packed", n, k)
     if _checks.is_checked((w.packed, w.comp), key):
         return
-    packed, comp = _pack_reference(_reference.int8_unpack_weight(w.packed, n, k))
+    packed, comp = _pack_reference(_layout.int8_unpack_weight(w.packed, n, k))
     if not torch.equal(packed, w.packed):
         raise ValueError(
             f"{fn}: {name}.packed is not a packed [{n}, {k}] weight (its padding must be zero): "
@@ -436,7 +452,7 @@ def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
             f"unpack_int8_weight: w must be an Int8PackedWeight, got {type(w).__name__}"
         )
     _check_packed("unpack_int8_weight", w, "w")
-    return _reference.int8_unpack_weight(w.packed, w.n, w.k)
+    return _layout.int8_unpack_weight(w.packed, w.n, w.k)
 
 
 def _check_linear_args(

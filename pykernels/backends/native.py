@@ -35,10 +35,10 @@ if _isa and _isa not in ISA_NAMES:
     )
 
 _hint = ""
-if (Path(__file__).resolve().parent.parent / "setup.py").exists():
+if (Path(__file__).resolve().parents[2] / "setup.py").exists():
     # Python put the current directory first and found the source checkout.
     _hint = (
-        f" (this is the source checkout at {Path(__file__).resolve().parent}: "
+        f" (this is the source checkout at {Path(__file__).resolve().parents[1]}: "
         "build it in place with `pip install -e .`, or run from another directory)"
     )
 

@@ -4,7 +4,7 @@ Numba-compiled code can call these functions from inside ``@njit``: Numba
 understands cffi functions of an ``ffi.dlopen`` library and
 ``ffi.from_buffer(array)``::
 
-    from pykernels._cffi import ffi, load
+    from pykernels.backends.cffi import ffi, load
     lib = load()
     topk = lib.pk_topk_sparsify_f32
 
@@ -38,7 +38,7 @@ ffi.cdef(CDEF)
 
 
 def library_path() -> Path:
-    return Path(__file__).resolve().parent / "libpykernels.so"
+    return Path(__file__).resolve().parents[1] / "libpykernels.so"
 
 
 @functools.cache

@@ -19,19 +19,33 @@ Each declares the families and devices it supports and says why it refuses a
 call. ``PYKERNELS_BACKEND`` (``native``, ``torch``, ``numba`` or
 ``reference``, read at each call) forces one kind; a forced backend that
 cannot run raises :class:`BackendUnavailable` naming why.
+
+Each family declares its implementations once, by backend, with
+:func:`register` (in its ``ops`` module); an op asks :func:`impl` for the one
+to run and never branches on backends itself. CPU backends that share buffer
+signatures (native-cpu, numba, reference) can share one implementation, which
+gets that backend's buffer functions and calls them through :func:`host_call`.
+
+The modules here: ``native`` (loads ``_C`` / ``_C_cuda``), ``cffi`` (the C
+ABI), ``numba`` and ``torch`` (one module per family), ``reference`` (the test
+oracle, one module per family).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+# Not `import torch`: the subpackage backends.torch becomes this package's
+# attribute `torch` when it is imported, which would shadow the library here.
+import torch as _torch
 
-from . import _native
+from . import native as _native
 
 FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "quant", "cluster")
 KINDS = ("native", "torch", "numba", "reference")
@@ -71,13 +85,13 @@ class Backend:
         if self.name == "native-cuda":
             if _native.C_cuda is None:
                 return f"pykernels._C_cuda is not available ({_native.C_cuda_error})"
-            if not torch.cuda.is_available():
+            if not _torch.cuda.is_available():
                 return "no CUDA device is visible to torch"
         if self.name == "numba":
             return _numba_error()
         return None
 
-    def refuses(self, family: str, device: torch.device, forced: bool = False) -> str | None:
+    def refuses(self, family: str, device: _torch.device, forced: bool = False) -> str | None:
         """Why this backend will not run `family` on `device`, or None.
 
         ``forced``: PYKERNELS_BACKEND names this backend's kind, which lifts
@@ -114,21 +128,103 @@ BACKENDS: tuple[Backend, ...] = (
 )
 
 
-def cpu_function(backend: Backend, family: str, name: str) -> Callable[..., None]:
-    """The buffer-level function `name` of `family` on a CPU backend.
+def cpu_functions(backend: Backend, family: str) -> Any:
+    """The buffer-level functions of `family` on a CPU backend, as a namespace.
 
     native-cpu, numba and reference share signatures (NumPy buffers, outputs
-    last), so an op calls whichever was chosen the same way.
+    last), so an implementation calls whichever was chosen the same way.
     """
     if backend.name == "native-cpu":
-        return getattr(_native.C, name)
+        return _native.C
     if backend.name == "numba":
-        return getattr(importlib.import_module(f"pykernels._numba.{family}"), name)
+        return importlib.import_module(f"pykernels.backends.numba.{family}")
     if backend.kind == "reference":
-        from . import _reference
+        return importlib.import_module(f"pykernels.backends.reference.{family}")
+    raise BackendUnavailable(f"{backend.name} has no CPU buffer functions for {family}")
 
-        return getattr(_reference, name)
-    raise BackendUnavailable(f"{backend.name} has no CPU function {family}.{name}")
+
+def cpu_function(backend: Backend, family: str, name: str) -> Callable[..., Any]:
+    """One buffer-level function of :func:`cpu_functions`."""
+    return getattr(cpu_functions(backend, family), name)
+
+
+def host_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls a buffer-level `fn` with every tensor argument as a NumPy array.
+
+    The one host copy in the package: a non-CPU tensor (a forced reference or
+    Numba backend on a GPU tensor) is copied to the host and, after the call,
+    back into the original, since outputs are arguments. Other arguments
+    (sizes, flags, None, NumPy arrays) pass through.
+    """
+    moved: list[tuple[_torch.Tensor, _torch.Tensor]] = []
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, _torch.Tensor):
+            c = a if a.device.type == "cpu" else a.cpu()
+            if c is not a:
+                moved.append((a, c))
+            out.append(c.numpy())
+        else:
+            out.append(a)
+    result = fn(*out)
+    for t, c in moved:
+        t.copy_(c)
+    return result
+
+
+# --- implementations by backend ------------------------------------------------
+
+# Keys of register(): a backend's name with "_" for "-", "cpu" for any backend
+# with buffer functions (native-cpu, numba, reference), "any" for all.
+_CPU_BUFFER = ("native-cpu", "numba", "reference")
+_TABLES: dict[tuple[str, str], dict[str, Callable[..., Any]]] = {}
+
+
+def register(family: str, op: str, **impls: Callable[..., Any]) -> None:
+    """Declares the implementations of `family`.`op` by backend.
+
+    Keys: ``native_cpu``, ``native_cuda``, ``torch``, ``numba``,
+    ``reference`` (that backend only), ``cpu`` (native-cpu, numba and
+    reference: called as ``fn(fns, *args)`` with ``fns`` the chosen backend's
+    buffer functions, see :func:`cpu_functions`) and ``any`` (every backend
+    without a more specific entry). The most specific key wins.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"register: unknown family {family!r} (add it to FAMILIES)")
+    allowed = {b.name.replace("-", "_") for b in BACKENDS} | {"cpu", "any"}
+    unknown = set(impls) - allowed
+    if unknown:
+        raise ValueError(f"register: unknown backend keys {sorted(unknown)} for {family}.{op}")
+    _TABLES.setdefault((family, op), {}).update(impls)
+    _bound.cache_clear()
+
+
+@functools.cache
+def _bound(backend: Backend, family: str, op: str) -> Callable[..., Any]:
+    table = _TABLES.get((family, op))
+    if table is None:
+        raise BackendUnavailable(f"no implementations of {family}.{op} are registered")
+    key = backend.name.replace("-", "_")
+    if key in table:
+        return table[key]
+    if backend.name in _CPU_BUFFER and "cpu" in table:
+        return functools.partial(table["cpu"], cpu_functions(backend, family))
+    if "any" in table:
+        return table["any"]
+    raise BackendUnavailable(f"{backend.name} has no implementation of {family}.{op}")
+
+
+def impl(family: str, op: str, where: _torch.Tensor | _torch.device | str) -> Callable[..., Any]:
+    """The implementation of `family`.`op` for data on `where` (a tensor or a
+    device), on the backend :func:`choose` picks now."""
+    device = where.device if isinstance(where, _torch.Tensor) else where
+    return _bound(choose(family, device), family, op)
+
+
+def chosen(family: str, where: _torch.Tensor | _torch.device | str) -> Backend:
+    """The backend :func:`impl` would use (for reports and tests)."""
+    device = where.device if isinstance(where, _torch.Tensor) else where
+    return choose(family, device)
 
 
 def forced_kind() -> str | None:
@@ -148,9 +244,9 @@ def forced_kind() -> str | None:
 _CHOSEN: dict[tuple, Backend] = {}
 
 
-def choose(family: str, device: torch.device | str) -> Backend:
+def choose(family: str, device: _torch.device | str) -> Backend:
     """The backend that runs `family` on `device` now."""
-    device = torch.device(device)
+    device = _torch.device(device)
     key = (
         family,
         device.type,
@@ -165,7 +261,7 @@ def choose(family: str, device: torch.device | str) -> Backend:
     return chosen
 
 
-def _search(family: str, device: torch.device) -> Backend:
+def _search(family: str, device: _torch.device) -> Backend:
     kind = forced_kind()
     reasons = []
     for b in BACKENDS:
@@ -181,19 +277,21 @@ def _search(family: str, device: torch.device) -> Backend:
     )
 
 
-def skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
+def skip_dispatcher(*tensors: _torch.Tensor | None) -> bool:
     """Whether an eager op call may run its implementation directly (about 10 us less).
 
     Only when nothing traces (torch.compile, export) and no gradient is
     wanted from these inputs: the custom op is what compiles and what
     carries (or refuses) the backward.
     """
-    if torch.compiler.is_compiling():
+    if _torch.compiler.is_compiling():
         return False
     # Meta tensors (shape-only) take the custom op's fake implementation.
     if any(t is not None and t.device.type == "meta" for t in tensors):
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    return not (
+        _torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    )
 
 
 def plan() -> dict[str, dict[str, str]]:

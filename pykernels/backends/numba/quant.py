@@ -10,7 +10,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._reference import QUANT_LIMIT, bits_to_float32, splitmix64
+from ..reference._bits import bits_to_float32
+from ..reference.quant import QUANT_LIMIT, splitmix64
 
 _M32 = np.uint64(0xFFFFFFFF)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._reference import QUANT_LIMIT, splitmix64
+from ..reference.quant import QUANT_LIMIT, splitmix64
 
 _M32 = 0xFFFFFFFF
 

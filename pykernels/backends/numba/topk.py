@@ -9,7 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._reference import KEY_MASK, bits_to_float32, float32_to_bits_saturating
+from ..reference._bits import bits_to_float32, float32_to_bits_saturating
+from ..reference.topk import KEY_MASK
 
 HIST_BITS = 11
 
