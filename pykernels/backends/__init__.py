@@ -37,8 +37,10 @@ import functools
 import importlib
 import importlib.util
 import os
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Not `import torch`: the subpackage backends.torch becomes this package's
@@ -47,7 +49,15 @@ import torch as _torch
 
 from . import native as _native
 
-FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "quant", "cluster")
+# The kernel families: one module each in pykernels/ops (so a new family is
+# found, not listed). The order is the order `info` prints them in.
+_ORDER = ("int8", "qat", "sparse", "svd", "topk", "quant", "cluster")
+_FOUND = {
+    m.name
+    for m in pkgutil.iter_modules([str(Path(__file__).resolve().parents[1] / "ops")])
+    if not m.name.startswith("_")
+}
+FAMILIES = tuple(f for f in _ORDER if f in _FOUND) + tuple(sorted(_FOUND - set(_ORDER)))
 KINDS = ("native", "torch", "numba", "reference")
 
 # Set to 1 to use the native CUDA kernels by default (see the module docstring).
@@ -148,22 +158,37 @@ def cpu_function(backend: Backend, family: str, name: str) -> Callable[..., Any]
     return getattr(cpu_functions(backend, family), name)
 
 
+class Bits:
+    """Marks a float tensor argument of :func:`host_call` that the buffer
+    function takes as raw bits (uint32 for float32, uint16 for 16-bit floats)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: _torch.Tensor) -> None:
+        self.tensor = tensor
+
+
 def host_call(fn: Callable[..., Any], *args: Any) -> Any:
     """Calls a buffer-level `fn` with every tensor argument as a NumPy array.
 
     The one host copy in the package: a non-CPU tensor (a forced reference or
     Numba backend on a GPU tensor) is copied to the host and, after the call,
-    back into the original, since outputs are arguments. Other arguments
-    (sizes, flags, None, NumPy arrays) pass through.
+    back into the original, since outputs are arguments. A tensor wrapped in
+    :class:`Bits` goes as its raw bits. Other arguments (sizes, flags, None,
+    NumPy arrays) pass through.
     """
+    from .._layout import tensor_bits
+
     moved: list[tuple[_torch.Tensor, _torch.Tensor]] = []
     out: list[Any] = []
     for a in args:
-        if isinstance(a, _torch.Tensor):
-            c = a if a.device.type == "cpu" else a.cpu()
-            if c is not a:
-                moved.append((a, c))
-            out.append(c.numpy())
+        bits = isinstance(a, Bits)
+        t = a.tensor if bits else a
+        if isinstance(t, _torch.Tensor):
+            c = t if t.device.type == "cpu" else t.cpu()
+            if c is not t:
+                moved.append((t, c))
+            out.append(tensor_bits(c.detach()) if bits else c.detach().numpy())
         else:
             out.append(a)
     result = fn(*out)
@@ -190,7 +215,7 @@ def register(family: str, op: str, **impls: Callable[..., Any]) -> None:
     without a more specific entry). The most specific key wins.
     """
     if family not in FAMILIES:
-        raise ValueError(f"register: unknown family {family!r} (add it to FAMILIES)")
+        raise ValueError(f"register: unknown family {family!r} (no pykernels/ops/{family}.py)")
     allowed = {b.name.replace("-", "_") for b in BACKENDS} | {"cpu", "any"}
     unknown = set(impls) - allowed
     if unknown:

@@ -7,6 +7,7 @@ on the same data, and the peer that ratios are quoted against.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -17,7 +18,16 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("int8", "qat", "sparse", "svd", "topk", "cluster", "cp", "comm", "model")
+from .. import backends
+
+# What `bench --family` takes: every kernel family that has a module here (a
+# new family's benchmark is one file, pykernels/bench/<family>.py), then the
+# benchmarks of whole workflows.
+WORKFLOWS = ("cp", "comm", "model")
+FAMILIES = (
+    *(f for f in backends.FAMILIES if importlib.util.find_spec(f"pykernels.bench.{f}")),
+    *WORKFLOWS,
+)
 
 
 @dataclass

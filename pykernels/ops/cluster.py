@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..backends.torch import cluster as _tc
 from . import _checks
 
 BITS = (4, 8)
@@ -49,27 +50,21 @@ def pack_cluster_codes(idx: Tensor, bits: int) -> Tensor:
         raise ValueError(f"{fn}: bits must be 4 or 8, got {bits!r}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2**bits):
         raise ValueError(f"{fn}: codes must lie in [0, {2**bits - 1}] for {bits}-bit codes")
-    from .._torch import cluster as tc
-
-    return tc.pack_codes(idx, bits)
+    return _tc.pack_codes(idx, bits)
 
 
 def unpack_cluster_codes(codes: Tensor, k: int, bits: int) -> Tensor:
     """The [N, K] codes (int64) of packed rows (inverse of :func:`pack_cluster_codes`)."""
-    from .._torch import cluster as tc
-
     _check_codes("unpack_cluster_codes", codes, k, bits)
-    return tc.unpack_codes(codes, k, bits)
+    return _tc.unpack_codes(codes, k, bits)
 
 
 def cluster_weight(codes: Tensor, codebook: Tensor, k: int, bits: int) -> Tensor:
     """The dense float32 [N, K] weight the codes and codebooks stand for."""
-    from .._torch import cluster as tc
-
     fn = "cluster_weight"
     _check_codes(fn, codes, k, bits)
     _check_codebook(fn, codebook, codes.shape[0], bits, codes.device)
-    return tc.dense_weight(codes, codebook.detach(), k, bits)
+    return _tc.dense_weight(codes, codebook.detach(), k, bits)
 
 
 def kmeans_cluster(
@@ -167,9 +162,7 @@ def _check_code_range(fn: str, codes: Tensor, k: int, bits: int, c: int) -> None
     key = ("cluster-codes", k, bits, c)
     if _checks.is_checked((codes,), key):
         return
-    from .._torch import cluster as tc
-
-    if int(tc.unpack_codes(codes, k, bits).max()) >= c:
+    if int(_tc.unpack_codes(codes, k, bits).max()) >= c:
         raise ValueError(f"{fn}: codes name entries past the codebook's {c}")
     _checks.mark_checked((codes,), key)
 
@@ -177,22 +170,23 @@ def _check_code_range(fn: str, codes: Tensor, k: int, bits: int, c: int) -> None
 # --- the op ------------------------------------------------------------------------
 
 
+def _linear_torch(x, codes, codebook, bias, bits, dynamic) -> Tensor:
+    return _tc.cluster_linear(x, codes, codebook.detach(), bias, bits, dynamic)
+
+
+def _linear_cpu(fns, x, codes, codebook, bias, bits, dynamic) -> Tensor:
+    y = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32, device=x.device)
+    backends.host_call(fns.cluster_linear, x, codes, codebook, bias, int(bits), bool(dynamic), y)
+    return y
+
+
+backends.register("cluster", "linear", torch=_linear_torch, cpu=_linear_cpu)
+
+
 def _impl(
     x: Tensor, codes: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, dynamic: bool
 ) -> Tensor:
-    backend = backends.choose("cluster", x.device)
-    if backend.kind == "torch":
-        from .._torch import cluster as tc
-
-        return tc.cluster_linear(x, codes, codebook.detach(), bias, bits, dynamic)
-    m, n = x.shape[0], codes.shape[0]
-    host = [t if t is None or t.device.type == "cpu" else t.cpu() for t in (x, codes, codebook)]
-    hb = None if bias is None else bias.detach().cpu().numpy()
-    y = torch.empty(m, n, dtype=torch.float32)
-    backends.cpu_function(backend, "cluster", "cluster_linear")(
-        *[t.detach().numpy() for t in host], hb, int(bits), bool(dynamic), y.numpy()
-    )
-    return y if x.device.type == "cpu" else y.to(x.device)
+    return backends.impl("cluster", "linear", x)(x, codes, codebook, bias, bits, dynamic)
 
 
 @torch.library.custom_op("pykernels::cluster_linear", mutates_args=())
@@ -217,17 +211,15 @@ def _setup(ctx, inputs, output) -> None:  # noqa: ARG001
 
 
 def _backward(ctx, gy: Tensor):
-    from .._torch import cluster as tc
-
     x, codes, codebook = ctx.saved_tensors
     k = x.shape[1]
     gx = gcb = gb = None
     if ctx.needs_input_grad[0]:
-        gx = gy @ tc.dense_weight(codes, codebook, k, ctx.bits)
+        gx = gy @ _tc.dense_weight(codes, codebook, k, ctx.bits)
     if ctx.needs_input_grad[2]:
         # dL/dcentroid = sum of dL/dW over the weights coded to it.
         gw = gy.T @ x.float()  # [N, K]
-        idx = tc.unpack_codes(codes, k, ctx.bits)
+        idx = _tc.unpack_codes(codes, k, ctx.bits)
         if codebook.shape[0] == idx.shape[0]:
             gcb = torch.zeros_like(codebook).scatter_add_(1, idx, gw)
         else:

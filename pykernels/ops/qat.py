@@ -17,31 +17,34 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..backends.torch import qat as _tq
 from . import _checks
 
 
-def _cpu_call(backend: backends.Backend, fn: str, *tensors: Tensor) -> None:
-    """Runs buffer-level `fn` of a CPU backend (outputs last); the reference
-    computes on the host, so a non-CPU tensor (forced reference) goes via a copy."""
-    cpu = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
-    backends.cpu_function(backend, "qat", fn)(*[t.numpy() for t in cpu])
-    for t, c in zip(tensors, cpu, strict=False):
-        if c is not t:
-            t.copy_(c)
-
-
-def _fq_impl(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    backend = backends.choose("qat", x.device)
-    if backend.kind == "torch":
-        from .._torch import qat as tq
-
-        return tq.fake_quant_per_row(x)
+def _fq_cpu(fns, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     scale = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     if x.numel():
-        _cpu_call(backend, "fake_quant_per_row", x, y, mask, scale)
+        backends.host_call(fns.fake_quant_per_row, x, y, mask, scale)
     return y, mask, scale
+
+
+def _fq_backward_cpu(fns, grad: Tensor, mask: Tensor) -> Tensor:
+    out = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+    if grad.numel():
+        backends.host_call(
+            fns.fake_quant_backward, grad.reshape(-1), mask.reshape(-1), out.view(-1)
+        )
+    return out
+
+
+backends.register("qat", "fake_quant", torch=_tq.fake_quant_per_row, cpu=_fq_cpu)
+backends.register("qat", "fake_quant_backward", torch=_tq.fake_quant_backward, cpu=_fq_backward_cpu)
+
+
+def _fq_impl(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.impl("qat", "fake_quant", x)(x)
 
 
 @torch.library.custom_op("pykernels::fake_quant_per_row", mutates_args=())
@@ -59,15 +62,7 @@ def _(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _fq_backward_impl(grad: Tensor, mask: Tensor) -> Tensor:
-    backend = backends.choose("qat", grad.device)
-    if backend.kind == "torch":
-        from .._torch import qat as tq
-
-        return tq.fake_quant_backward(grad, mask)
-    out = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-    if grad.numel():
-        _cpu_call(backend, "fake_quant_backward", grad.reshape(-1), mask.reshape(-1), out.view(-1))
-    return out
+    return backends.impl("qat", "fake_quant_backward", grad)(grad, mask)
 
 
 @torch.library.custom_op("pykernels::fake_quant_backward", mutates_args=())

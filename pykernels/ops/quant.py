@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _reference, backends
+from .. import _layout, backends
+from ..backends.reference import quant as _ref
+from ..backends.torch import quant as _tq
 from . import _checks
 
 BITS = (8, 4, 2)
@@ -37,10 +39,39 @@ def num_buckets(numel: int, bucket: int) -> int:
     return -(-numel // bucket)
 
 
-def _np(t: Tensor) -> np.ndarray:
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+def _quantize_torch(flat, code, bits, bucket, stochastic, seed, work, codes, scales):  # noqa: ARG001
+    return _tq.quantize_buckets(flat, bits, bucket, stochastic, seed, work)
+
+
+def _quantize_cpu(fns, flat, code, bits, bucket, stochastic, seed, work, codes, scales):
+    args = (stochastic, seed, work, codes, scales)
+    backends.host_call(fns.quantize_buckets, backends.Bits(flat), code, bits, bucket, *args)
+    return codes, scales
+
+
+def _dequantize_torch(codes, scales, flat, bits, bucket, accumulate) -> None:
+    _tq.dequantize_buckets(codes, scales, flat.numel(), bits, bucket, flat, accumulate)
+
+
+def _dequantize_cpu(fns, codes, scales, flat, bits, bucket, accumulate) -> None:
+    c, s = codes.contiguous(), scales.contiguous()
+    backends.host_call(fns.dequantize_buckets, c, s, flat.numel(), bits, bucket, flat, accumulate)
+
+
+def _host_only(name: str):
+    """`name` works on host (NumPy) buffers: the torch backend (forced in tests) runs the
+    reference's."""
+
+    def cpu(fns, *args):
+        return getattr(fns, name)(*args)
+
+    return {"cpu": cpu, "torch": getattr(_ref, name)}
+
+
+backends.register("quant", "quantize_buckets", torch=_quantize_torch, cpu=_quantize_cpu)
+backends.register("quant", "dequantize_buckets", torch=_dequantize_torch, cpu=_dequantize_cpu)
+backends.register("quant", "pack_bits", **_host_only("pack_bits"))
+backends.register("quant", "unpack_bits", **_host_only("unpack_bits"))
 
 
 def _quantize_impl(
@@ -52,37 +83,12 @@ def _quantize_impl(
     scales = torch.empty(num_buckets(n, bucket), dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, scales
-    backend = backends.choose("quant", x.device)
-    if backend.kind == "torch":
-        from .._torch import quant as tq
-
-        work = None if residual is None else residual.detach().reshape(-1)
-        if work is not None and not residual.is_contiguous():
-            work = work.contiguous()
-        codes, scales = tq.quantize_buckets(flat, bits, bucket, stochastic, seed, work)
-        if work is not None and work.data_ptr() != residual.data_ptr():
-            residual.copy_(work.view(residual.shape))
-        return codes, scales
-    code = _reference.DTYPE_CODES[x.dtype]
-    outputs = [codes, scales]
-    work = None
-    if residual is not None:
-        work = residual.detach().reshape(-1)
-        if not residual.is_contiguous():
-            work = work.contiguous()
-        outputs = [work, codes, scales]
-    fn = backends.cpu_function(backend, "quant", "quantize_buckets")
-    on_cpu = x.device.type == "cpu"
-    src = flat if on_cpu else flat.cpu()
-    host = [o if on_cpu else o.cpu() for o in outputs]
-    xb = _reference.tensor_bits(src)
-    if work is None:
-        fn(xb, code, bits, bucket, stochastic, seed, None, _np(host[0]), _np(host[1]))
-    else:
-        fn(xb, code, bits, bucket, stochastic, seed, _np(host[0]), _np(host[1]), _np(host[2]))
-    if not on_cpu:
-        for o, h in zip(outputs, host, strict=False):
-            o.copy_(h)
+    work = None if residual is None else residual.detach().reshape(-1)
+    if work is not None and not residual.is_contiguous():
+        work = work.contiguous()
+    code = _layout.DTYPE_CODES[x.dtype]
+    run = backends.impl("quant", "quantize_buckets", x)
+    codes, scales = run(flat, code, bits, bucket, stochastic, seed, work, codes, scales)
     if work is not None and work.data_ptr() != residual.data_ptr():
         residual.copy_(work.view(residual.shape))
     return codes, scales
@@ -125,20 +131,8 @@ def _(
 def _dequantize_call(
     codes: Tensor, scales: Tensor, flat: Tensor, bits: int, bucket: int, accumulate: bool
 ) -> None:
-    backend = backends.choose("quant", flat.device)
-    if backend.kind == "torch":
-        from .._torch import quant as tq
-
-        tq.dequantize_buckets(codes, scales, flat.numel(), bits, bucket, flat, accumulate)
-        return
-    fn = backends.cpu_function(backend, "quant", "dequantize_buckets")
-    on_cpu = flat.device.type == "cpu"
-    c = codes.contiguous() if on_cpu else codes.cpu().contiguous()
-    s = scales.contiguous() if on_cpu else scales.cpu().contiguous()
-    o = flat if on_cpu else flat.cpu()
-    fn(c.numpy(), s.numpy(), flat.numel(), bits, bucket, o.numpy(), accumulate)
-    if not on_cpu:
-        flat.copy_(o)
+    run = backends.impl("quant", "dequantize_buckets", flat)
+    run(codes, scales, flat, bits, bucket, accumulate)
 
 
 def _dequantize_into(
@@ -321,15 +315,6 @@ def dequantize_buckets(
 # --- bit packing (the wire format's index gaps) ------------------------------------
 
 
-def _host_function(name: str):
-    """`name` of the backend that runs quant on the host; these work on host buffers, so
-    the torch backend (forced in tests) uses the reference."""
-    backend = backends.choose("quant", "cpu")
-    if backend.kind == "torch":
-        return getattr(_reference, name)
-    return backends.cpu_function(backend, "quant", name)
-
-
 def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
     """The low ``width`` bits (0..32) of each value, value i at bit ``i * width``.
 
@@ -342,7 +327,7 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
     width = _check_int(fn, "width", width, 0, 32)
     out = np.zeros(packed_bytes(values.size, width), dtype=np.uint8)
     if out.size:
-        _host_function(fn)(np.ascontiguousarray(values), width, out)
+        backends.impl("quant", fn, "cpu")(np.ascontiguousarray(values), width, out)
     return out
 
 
@@ -361,5 +346,5 @@ def unpack_bits(data: np.ndarray | bytes | memoryview, count: int, width: int) -
         )
     out = np.zeros(count, dtype=np.uint32)
     if count and width:
-        _host_function(fn)(np.ascontiguousarray(buf), count, width, out)
+        backends.impl("quant", fn, "cpu")(np.ascontiguousarray(buf), count, width, out)
     return out

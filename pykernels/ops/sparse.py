@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _reference, backends
+from .. import backends
+from ..backends.reference import sparse as _ref
+from ..backends.torch import sparse as _ts
 from . import _checks
 
 BLOCK = 4  # BSR block: 4 x 4 (csrc/sparse/sparse.h says why)
@@ -360,46 +362,91 @@ def _forward_impl(
     return _forward_checked(x, values, col, row_ptr, bias, n, block)
 
 
+def _forward_native(x, values, col, row_ptr, bias, n, block) -> Tensor:
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    args = (_col_np(col), values.reshape(-1), block, n, bias, y)
+    backends.host_call(backends.native.C.sparse_linear, x, row_ptr, *args)
+    return y
+
+
+def _forward_torch(x, values, col, row_ptr, bias, n, block) -> Tensor:
+    return _ts.sparse_linear(x, values, col_as_int64(col), row_ptr, bias, n, block)
+
+
+def _as_csr(x, values, col, row_ptr, n, block) -> SparseWeight:
+    sw = SparseWeight(values, col, row_ptr, n, x.shape[1], block)
+    return bsr_to_csr(sw)[0] if block != 1 else sw
+
+
+def _forward_numba(x, values, col, row_ptr, bias, n, block) -> Tensor:
+    from ..backends.numba import sparse as nb
+
+    csr = _as_csr(x, values, col, row_ptr, n, block)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    args = (csr.row_ptr, col_as_int64(csr.col), csr.values, bias, y)
+    backends.host_call(nb.sparse_linear, x, *args)
+    return y
+
+
+def _forward_reference(x, values, col, row_ptr, bias, n, block) -> Tensor:
+    csr = _as_csr(x, values, col, row_ptr, n, block)
+    return _ref.sparse_linear(x, csr.row_ptr, col_as_int64(csr.col), csr.values, n, bias)
+
+
+def _backward_native(dy, x, values, col, row_ptr, n, dx, dv) -> None:
+    args = (_col_np(col), values, n, dx, dv)
+    backends.host_call(backends.native.C.sparse_linear_backward, dy, x, row_ptr, *args)
+
+
+def _backward_torch(dy, x, values, col, row_ptr, n, dx, dv) -> None:
+    rdx, rdv = _ts.sparse_linear_backward(
+        dy, x, values, col_as_int64(col), row_ptr, n, dx is not None, dv is not None
+    )
+    _fill(dx, rdx, dv, rdv)
+
+
+def _backward_numba(dy, x, values, col, row_ptr, n, dx, dv) -> None:  # noqa: ARG001
+    from ..backends.numba import sparse as nb
+
+    backends.host_call(nb.sparse_linear_backward, dy, x, row_ptr, col_as_int64(col), values, dx, dv)
+
+
+def _backward_reference(dy, x, values, col, row_ptr, n, dx, dv) -> None:
+    sw = SparseWeight(values, col, row_ptr, n, x.shape[1], 1)
+    rdx, rdv = _ref.sparse_linear_backward(dy, x, to_dense(sw), sw.row_ptr, col_as_int64(col))
+    _fill(dx, rdx, dv, rdv)
+
+
+def _fill(dx, rdx, dv, rdv) -> None:
+    if dx is not None:
+        dx.copy_(rdx)
+    if dv is not None:
+        dv.copy_(rdv)
+
+
+backends.register(
+    "sparse",
+    "linear",
+    native_cpu=_forward_native,
+    torch=_forward_torch,
+    numba=_forward_numba,
+    reference=_forward_reference,
+)
+backends.register(
+    "sparse",
+    "linear_backward",
+    native_cpu=_backward_native,
+    torch=_backward_torch,
+    numba=_backward_numba,
+    reference=_backward_reference,
+)
+
+
 def _forward_checked(
     x: Tensor, values: Tensor, col: Tensor, row_ptr: Tensor, bias: Tensor | None, n: int, block: int
 ) -> Tensor:
-    m, k = x.shape
     col, row_ptr = col.contiguous(), row_ptr.contiguous()
-    backend = backends.choose("sparse", x.device)
-    sw = SparseWeight(values, col, row_ptr, n, k, block)
-    if backend.name == "native-cpu":
-        y = torch.empty(m, n, dtype=torch.float32)
-        backends.cpu_function(backend, "sparse", "sparse_linear")(
-            x.numpy(),
-            row_ptr.numpy(),
-            _col_np(col),
-            values.reshape(-1).numpy(),
-            block,
-            n,
-            None if bias is None else bias.numpy(),
-            y.numpy(),
-        )
-        return y
-    if backend.kind == "torch":
-        from .._torch import sparse as ts
-
-        return ts.sparse_linear(x, values, col_as_int64(col), row_ptr, bias, n, block)
-    if backend.name == "numba":
-        from .._numba import sparse as nb
-
-        csr = bsr_to_csr(sw)[0] if block != 1 else sw
-        y = torch.empty(m, n, dtype=torch.float32)
-        nb.sparse_linear(
-            x.numpy(),
-            csr.row_ptr.numpy(),
-            col_as_int64(csr.col).numpy(),
-            csr.values.numpy(),
-            None if bias is None else bias.numpy(),
-            y.numpy(),
-        )
-        return y
-    csr = bsr_to_csr(sw)[0] if block != 1 else sw
-    return _reference.sparse_linear(x, csr.row_ptr, col_as_int64(csr.col), csr.values, n, bias)
+    return backends.impl("sparse", "linear", x)(x, values, col, row_ptr, bias, n, block)
 
 
 def _backward_impl(
@@ -414,46 +461,10 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor]:
     """(dx [M, K], dvalues [nnz]) for a CSR weight; a side not needed is empty."""
     m, k = x.shape
-    backend = backends.choose("sparse", x.device)
     dx = torch.empty(m if need_dx else 0, k, dtype=torch.float32, device=x.device)
     dv = torch.empty(values.numel() if need_dv else 0, dtype=torch.float32, device=x.device)
-    if backend.name == "native-cpu":
-        backends.cpu_function(backend, "sparse", "sparse_linear_backward")(
-            dy.numpy(),
-            x.numpy(),
-            row_ptr.numpy(),
-            _col_np(col),
-            values.numpy(),
-            n,
-            dx.numpy() if need_dx else None,
-            dv.numpy() if need_dv else None,
-        )
-        return dx, dv
-    if backend.kind == "torch":
-        from .._torch import sparse as ts
-
-        return ts.sparse_linear_backward(
-            dy, x, values, col_as_int64(col), row_ptr, n, need_dx, need_dv
-        )
-    if backend.name == "numba":
-        from .._numba import sparse as nb
-
-        nb.sparse_linear_backward(
-            dy.numpy(),
-            x.numpy(),
-            row_ptr.numpy(),
-            col_as_int64(col).numpy(),
-            values.numpy(),
-            dx.numpy() if need_dx else None,
-            dv.numpy() if need_dv else None,
-        )
-        return dx, dv
-    sw = SparseWeight(values, col, row_ptr, n, k, 1)
-    rdx, rdv = _reference.sparse_linear_backward(dy, x, to_dense(sw), sw.row_ptr, col_as_int64(col))
-    if need_dx:
-        dx.copy_(rdx)
-    if need_dv:
-        dv.copy_(rdv)
+    run = backends.impl("sparse", "linear_backward", x)
+    run(dy, x, values, col, row_ptr, n, dx if need_dx else None, dv if need_dv else None)
     return dx, dv
 
 

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from .. import backends
+from ..backends.torch import svd as _tsvd
 from . import _checks
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -325,34 +327,36 @@ def optimal_error(s_full: Tensor, rank: int) -> float:
 MAX_BATCHED_DIM = 256
 
 
+def _batched_cpu(fns, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    b, m, n = a.shape
+    k = min(m, n)
+    u = torch.empty(b, m, k, dtype=a.dtype)
+    s = torch.empty(b, k, dtype=a.dtype)
+    vh = torch.empty(b, k, n, dtype=a.dtype)
+    sweeps = backends.host_call(fns.batched_svd, a, u, s, vh)
+    if sweeps > 60:  # csrc/svd/svd.h kMaxSweeps
+        raise RuntimeError("batched_svd: Jacobi did not converge (please report this matrix)")
+    return u, s, vh
+
+
+def _batched_reference(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # LAPACK through torch, on the host.
+    u, s, vh = torch.linalg.svd(a.cpu(), full_matrices=False)
+    return u.to(a.device), s.to(a.device), vh.to(a.device)
+
+
+backends.register(
+    "svd", "batched_svd", torch=_tsvd.batched_svd, cpu=_batched_cpu, reference=_batched_reference
+)
+
+
 @torch.library.custom_op("pykernels::batched_svd", mutates_args=())
 def _batched_op(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    from .. import backends
-
     # Here rather than in batched_svd: under torch.compile the values are
     # first known here.
     if not bool(torch.isfinite(a).all()):
         raise ValueError("batched_svd: a holds NaN or inf")
-    b, m, n = a.shape
-    k = min(m, n)
-    backend = backends.choose("svd", a.device)
-    if backend.name in ("native-cpu", "numba"):
-        u = torch.empty(b, m, k, dtype=a.dtype)
-        s = torch.empty(b, k, dtype=a.dtype)
-        vh = torch.empty(b, k, n, dtype=a.dtype)
-        sweeps = backends.cpu_function(backend, "svd", "batched_svd")(
-            a.numpy(), u.numpy(), s.numpy(), vh.numpy()
-        )
-        if sweeps > 60:  # csrc/svd/svd.h kMaxSweeps
-            raise RuntimeError("batched_svd: Jacobi did not converge (please report this matrix)")
-        return u, s, vh
-    if backend.kind == "torch":
-        from .._torch import svd as ts
-
-        return ts.batched_svd(a)
-    # The reference: LAPACK through torch, on the host.
-    u, s, vh = torch.linalg.svd(a.cpu(), full_matrices=False)
-    return u.to(a.device), s.to(a.device), vh.to(a.device)
+    return backends.impl("svd", "batched_svd", a)(a)
 
 
 @_batched_op.register_fake

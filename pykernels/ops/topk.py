@@ -15,10 +15,44 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _native, _reference, backends
+from .. import _layout, backends
 from . import _checks
 
 _FLOAT_DTYPES = _checks.FLOAT_DTYPES
+
+
+def _sparsify_torch(flat: Tensor, code: int, k: int, approx: bool, work, values, indices):  # noqa: ARG001
+    from ..backends.torch import topk as tt
+
+    return tt.topk_sparsify(flat, k, work)
+
+
+def _sparsify_cuda(flat: Tensor, code: int, k: int, approx: bool, work, values, indices):
+    stream = torch.cuda.current_stream(flat.device).cuda_stream
+    with torch.cuda.device(flat.device):
+        backends.native.C_cuda.topk_sparsify(
+            flat.data_ptr(),
+            code,
+            flat.numel(),
+            k,
+            approx,
+            0 if work is None else work.data_ptr(),
+            values.data_ptr(),
+            indices.data_ptr(),
+            stream,
+        )
+    return values, indices
+
+
+def _sparsify_cpu(fns, flat: Tensor, code: int, k: int, approx: bool, work, values, indices):
+    B = backends.Bits
+    backends.host_call(fns.topk_sparsify, B(flat), code, k, approx, work, B(values), indices)
+    return values, indices
+
+
+backends.register(
+    "topk", "sparsify", torch=_sparsify_torch, native_cuda=_sparsify_cuda, cpu=_sparsify_cpu
+)
 
 
 def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tensor, Tensor]:
@@ -30,46 +64,9 @@ def _run(x: Tensor, residual: Tensor | None, k: int, approx: bool) -> tuple[Tens
     work = None if residual is None else residual.detach().reshape(-1)
     if work is not None and not residual.is_contiguous():
         work = work.contiguous()
-    backend = backends.choose("topk", x.device)
-    code = _reference.DTYPE_CODES[x.dtype]
-    if backend.kind == "torch":
-        from .._torch import topk as tt
-
-        values, indices = tt.topk_sparsify(flat, k, work)
-    elif backend.name == "native-cuda":
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        with torch.cuda.device(x.device):
-            _native.C_cuda.topk_sparsify(
-                flat.data_ptr(),
-                code,
-                flat.numel(),
-                k,
-                approx,
-                0 if work is None else work.data_ptr(),
-                values.data_ptr(),
-                indices.data_ptr(),
-                stream,
-            )
-    else:
-        on_cpu = x.device.type == "cpu"
-        src = flat if on_cpu else flat.cpu()
-        r = None if work is None else (work if on_cpu else work.cpu())
-        v = values if on_cpu else torch.empty_like(values, device="cpu")
-        i = indices if on_cpu else torch.empty_like(indices, device="cpu")
-        backends.cpu_function(backend, "topk", "topk_sparsify")(
-            _reference.tensor_bits(src),
-            code,
-            k,
-            approx,
-            None if r is None else r.numpy(),
-            _reference.tensor_bits(v),
-            i.numpy(),
-        )
-        if not on_cpu:
-            values.copy_(v)
-            indices.copy_(i)
-            if r is not None:
-                work.copy_(r)
+    code = _layout.DTYPE_CODES[x.dtype]
+    run = backends.impl("topk", "sparsify", x)
+    values, indices = run(flat, code, k, approx, work, values, indices)
     if work is not None and work.data_ptr() != residual.data_ptr():
         residual.copy_(work.view(residual.shape))
     return values, indices
