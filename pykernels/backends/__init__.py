@@ -302,17 +302,38 @@ def _search(family: str, device: _torch.device) -> Backend:
     )
 
 
+def plain(t: _torch.Tensor | None) -> bool:
+    """Whether `t` is an ordinary tensor with readable data: not a subclass
+    (FakeTensor, FunctionalTensor, DTensor), not wrapped by a functorch
+    transform (vmap, grad), not on the meta device."""
+    if t is None:
+        return True
+    return (
+        (type(t) is _torch.Tensor or type(t) is _torch.nn.Parameter)
+        and t.device.type != "meta"
+        and not _torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
 def skip_dispatcher(*tensors: _torch.Tensor | None) -> bool:
     """Whether an eager op call may run its implementation directly (about 10 us less).
 
-    Only when nothing traces (torch.compile, export) and no gradient is
-    wanted from these inputs: the custom op is what compiles and what
-    carries (or refuses) the backward.
+    Only for plain tensors with nothing watching: no tracing (torch.compile,
+    export), no gradient wanted from these inputs (the custom op carries or
+    refuses the backward), no dispatch or torch-function mode
+    (FlopCounterMode, FakeTensorMode, debug modes), no functorch transform
+    (vmap, grad) and no profiler: each of those must see the registered op.
     """
-    if _torch.compiler.is_compiling():
+    C = _torch._C
+    if (
+        _torch.compiler.is_compiling()
+        or C._len_torch_dispatch_stack()
+        or C._is_torch_function_mode_enabled()
+        or C._autograd._profiler_enabled()
+        or C._functorch.maybe_current_level() is not None
+    ):
         return False
-    # Meta tensors (shape-only) take the custom op's fake implementation.
-    if any(t is not None and t.device.type == "meta" for t in tensors):
+    if not all(plain(t) for t in tensors):
         return False
     return not (
         _torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

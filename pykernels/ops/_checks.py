@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import backends
+
 
 def is_int(v: Any) -> bool:
     """A Python or NumPy integer (not a bool), or a symbolic int while tracing."""
@@ -114,10 +116,11 @@ def check_bias(fn: str, bias: Any, n: int) -> None:
 
 def has_data(*tensors: Tensor | None) -> bool:
     """Whether the values of these tensors can be read now: not while tracing
-    (torch.compile, export: the values are not known yet) and not on meta."""
+    (torch.compile, export: the values are not known yet), not on meta, not
+    fake or wrapped by a transform (FakeTensorMode, vmap)."""
     if torch.compiler.is_compiling():
         return False
-    return not any(t is not None and t.device.type == "meta" for t in tensors)
+    return all(backends.plain(t) for t in tensors)
 
 
 def _overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool | None:
