@@ -46,11 +46,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as default
 
-from .codecs import Chain, Codec, Quantize, _check_int, _mix, sum_into
+from ..ops._checks import check_int, check_range
+from .base import Codec, _mix, sum_into
+from .chain import Chain
 from .lowrank import LowRank
+from .quantize import Quantize
 from .wire import Payload
 
 __all__ = ["CompressionState", "compress_hook"]
+
+
+def _count_arg(owner: str, name: str, v: Any, lo: int) -> int:
+    return check_range(owner, name, check_int(owner, name, v), lo)
 
 
 def _has_bucket_state(codec: Codec) -> bool:
@@ -104,7 +111,7 @@ class CompressionState:
                 "CompressionState: codec must be a pykernels.comm codec (TopK, Quantize, "
                 f"LowRank, Chain), got {type(codec).__name__}"
             )
-        start_iter = _check_int("CompressionState", "start_iter", start_iter, 0)
+        start_iter = _count_arg("CompressionState", "start_iter", start_iter, 0)
         if _has_bucket_state(codec) and start_iter < 2:
             raise ValueError(
                 f"CompressionState: start_iter must be >= 2 for {codec!r}: its per-bucket state "
@@ -192,7 +199,7 @@ class CompressionState:
         if missing:
             raise ValueError(f"CompressionState.load_state_dict: missing {sorted(missing)}")
         self.codec.load_state_dict(state_dict["codec"])
-        self.iter = _check_int("CompressionState.load_state_dict", "iter", state_dict["iter"], 0)
+        self.iter = _count_arg("CompressionState.load_state_dict", "iter", state_dict["iter"], 0)
         self._bytes_sent = int(state_dict.get("bytes_sent", 0))
         self._bytes_dense = int(state_dict.get("bytes_dense", 0))
         self._layouts = {
