@@ -5,7 +5,9 @@ A codec class owns one kind of payload end to end: ``encode`` makes it,
 and ``add_payloads`` turn it into a dense tensor or add it into a sum. Setting
 ``name`` and ``wire_id`` on the class registers it (:func:`.wire.register`), so
 :func:`decode`, :func:`aggregate` and :meth:`.wire.Payload.from_bytes` find it
-by the payload's codec name or the blob's codec byte.
+by the payload's codec name or the blob's codec byte. What the DDP hook needs
+to know (``fixed_size``, ``exchange``, ``keeps_tensor_state``, ``noise_seed``)
+is said by the class too.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class Codec:
       A codec that only composes others (:class:`~pykernels.comm.Chain`)
       sets neither: its payloads are another codec's.
     - ``dtypes``: the tensor dtypes ``encode`` takes and its payloads decode to.
+    - ``fixed_size``: every payload of one shape and one configuration has
+      the same length (the DDP hook then skips gathering the sizes).
+    - ``exchange``: how the DDP hook exchanges it: ``"gather"`` (all-gather
+      the blobs, then sum them with :func:`sum_into`) or ``"powersgd"``
+      (:class:`~pykernels.comm.LowRank`'s two allreduces of factors).
     - ``batch_sum``: :func:`sum_into` hands all payloads of this kind to
       ``add_payloads`` at once, after the others, even in a mixed list.
     """
@@ -72,6 +79,8 @@ class Codec:
     name: ClassVar[str] = "codec"
     wire_id: ClassVar[int | None] = None
     dtypes: ClassVar[tuple[torch.dtype, ...]] = FLOAT_DTYPES
+    fixed_size: ClassVar[bool] = False
+    exchange: ClassVar[str] = "gather"
     batch_sum: ClassVar[bool] = False
     #: state fields this codec keeps per key, and their dtypes
     _fields: ClassVar[dict[str, torch.dtype]] = {}
@@ -102,6 +111,29 @@ class Codec:
     def stateful(self) -> bool:
         """Whether encode keeps state per key (then checkpoint it with state_dict)."""
         return False
+
+    @property
+    def keeps_tensor_state(self) -> bool:
+        """Whether encode carries tensors shaped like its input from call to call
+        (error-feedback residuals, warm-start factors), which a change of DDP's
+        bucket layout would misplace."""
+        return bool(getattr(self, "error_feedback", False))
+
+    def residual_codec(self) -> Codec | None:
+        """The codec (this one or a part) whose ``"residual"`` state is laid out
+        like the encoded tensor, for the DDP hook to move when buckets change."""
+        return self if getattr(self, "error_feedback", False) else None
+
+    @property
+    def noise_seed(self) -> int | None:
+        """The seed encode draws its rounding noise from, None when encode takes
+        no ``seed=``. The DDP hook and the Flower mod derive a seed per rank or
+        node from it, so workers do not share noise."""
+        return None
+
+    @noise_seed.setter
+    def noise_seed(self, seed: int) -> None:
+        raise AttributeError(f"{type(self).__name__} draws no rounding noise")
 
     def check(self, dtype: torch.dtype, device: torch.device | str) -> None:
         """Raises TypeError / ValueError when this codec cannot encode such tensors."""

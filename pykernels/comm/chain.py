@@ -49,6 +49,21 @@ class Chain(Codec):
     def stateful(self) -> bool:
         return self.first.stateful or self.second.stateful
 
+    @property
+    def keeps_tensor_state(self) -> bool:
+        return self.first.keeps_tensor_state or self.second.keeps_tensor_state
+
+    def residual_codec(self) -> Codec | None:
+        return self.first.residual_codec()
+
+    @property
+    def noise_seed(self) -> int | None:
+        return self.second.noise_seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed: int) -> None:
+        self.second.noise_seed = seed
+
     def encode(self, tensor: Tensor, key: str | None = None, seed: int | None = None) -> Payload:
         """TopK's entries of ``tensor``, their values quantized (``seed``: see Quantize.encode)."""
         t = self.first._check_tensor(tensor)

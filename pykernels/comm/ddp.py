@@ -12,13 +12,14 @@ training is sensitive to compression). Then each gradient bucket is encoded
 by the codec, per bucket and per process (error-feedback residuals stay on
 the process that made them):
 
-- TopK, Quantize and Chain payloads are exchanged with all-gather (their
-  sizes gathered first when they can differ, the blobs padded to the
-  largest) and summed with the codec's aggregation, payload by payload in
-  rank order, so every rank ends with the same bits.
-- LowRank runs PowerSGD's protocol: one allreduce of the tensors sent dense
-  together with the P factors, one of the Q factors. Its state (warm-start Q,
-  residual) is kept per parameter.
+- Codecs whose ``exchange`` is ``"gather"`` (TopK, Quantize, Chain) have
+  their payloads exchanged with all-gather (their sizes gathered first
+  unless the codec is ``fixed_size``, the blobs padded to the largest) and
+  summed with the codec's aggregation, payload by payload in rank order, so
+  every rank ends with the same bits.
+- ``"powersgd"`` (LowRank) runs PowerSGD's protocol: one allreduce of the
+  tensors sent dense together with the P factors, one of the Q factors. Its
+  state (warm-start Q, residual) is kept per parameter.
 
 Each compressed bucket's exchange runs as one job on a worker thread, in the
 order DDP called the hook, so collectives are issued in the same order on
@@ -48,9 +49,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as default
 
 from ..ops._checks import check_int, check_range
 from .base import Codec, _mix, sum_into
-from .chain import Chain
 from .lowrank import LowRank
-from .quantize import Quantize
 from .wire import Payload
 
 __all__ = ["CompressionState", "compress_hook"]
@@ -58,15 +57,6 @@ __all__ = ["CompressionState", "compress_hook"]
 
 def _count_arg(owner: str, name: str, v: Any, lo: int) -> int:
     return check_range(owner, name, check_int(owner, name, v), lo)
-
-
-def _has_bucket_state(codec: Codec) -> bool:
-    """Whether the codec keeps per-bucket tensors (which DDP's bucket rebuild would break)."""
-    if isinstance(codec, Chain):
-        return codec.first.error_feedback
-    if isinstance(codec, LowRank):
-        return codec.warm_start or codec.error_feedback
-    return bool(getattr(codec, "error_feedback", False))
 
 
 def allreduce_bytes(nbytes: int, world: int) -> int:
@@ -112,7 +102,7 @@ class CompressionState:
                 f"LowRank, Chain), got {type(codec).__name__}"
             )
         start_iter = _count_arg("CompressionState", "start_iter", start_iter, 0)
-        if _has_bucket_state(codec) and start_iter < 2:
+        if codec.keeps_tensor_state and start_iter < 2:
             raise ValueError(
                 f"CompressionState: start_iter must be >= 2 for {codec!r}: its per-bucket state "
                 "(error feedback, warm start) would not survive DDP's bucket rebuild after "
@@ -219,10 +209,9 @@ class CompressionState:
 
     def _residual_holder(self) -> Codec | None:
         """The codec whose per-bucket residuals must follow the parameters, if any."""
-        c = self.codec.first if isinstance(self.codec, Chain) else self.codec
-        if isinstance(c, LowRank) or not getattr(c, "error_feedback", False):
-            return None  # LowRank keys its state per parameter already
-        return c
+        if self.codec.exchange != "gather":
+            return None  # PowerSGD keys its state per parameter already
+        return self.codec.residual_codec()
 
     def _follow(
         self, key: str, layout: tuple[tuple[int, int], ...], device: torch.device
@@ -375,7 +364,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         state._count(dense, dense)
         return default._allreduce_fut(group, buf)
     index = bucket.index()
-    if isinstance(state.codec, LowRank):
+    if state.codec.exchange == "powersgd":
         grads = bucket.gradients()
         names = [f"param{i}" for i, _ in layout]
 
@@ -426,16 +415,16 @@ def _gather_exchange(
     codec = state.codec
     rank = dist.get_rank(group)
     key = f"bucket{index}"
-    if isinstance(codec, (Quantize, Chain)):
+    base = codec.noise_seed
+    if base is not None:
         # Independent rounding noise per rank, step and bucket; reproducible on resume.
-        base = codec.seed if isinstance(codec, Quantize) else codec.second.seed
         payload = codec.encode(buf, key=key, seed=_mix(base, rank, index, it))
     else:
         payload = codec.encode(buf, key=key)
     blob = payload.to_bytes()
     dev = _wire_device(group, buf)
     n = len(blob)
-    if isinstance(codec, Quantize):
+    if codec.fixed_size:
         sizes = [n] * world  # same shape, same parameters: the same size everywhere
         extra = 0
     else:

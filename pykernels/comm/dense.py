@@ -24,6 +24,7 @@ class Dense(Codec):
     name = "dense"
     wire_id = 0
     dtypes = tuple(wire.DTYPES)
+    fixed_size = True
 
     def __repr__(self) -> str:
         return "Dense()"

@@ -75,6 +75,7 @@ class LowRank(Codec):
     name = "lowrank"
     wire_id = 3
     dtypes = tuple(wire.DTYPES)
+    exchange = "powersgd"
     batch_sum = True  # one product of rank (workers x r) for all payloads
     _fields = {"residual": torch.float32, "q": torch.float32, "step": torch.int64}
 
@@ -113,6 +114,10 @@ class LowRank(Codec):
     @property
     def stateful(self) -> bool:
         return True  # the initial Q follows a per-key counter without warm start
+
+    @property
+    def keeps_tensor_state(self) -> bool:
+        return self.warm_start or self.error_feedback
 
     def plan(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int] | None:
         """(rows, cols, rank) when a tensor of `shape` is compressed, None if sent dense."""

@@ -51,6 +51,7 @@ class Quantize(Codec):
 
     name = "quantize"
     wire_id = 2
+    fixed_size = True  # a function of the shape and the bucket size only
     _fields = {"residual": torch.float32, "step": torch.int64}
 
     def __init__(
@@ -82,6 +83,14 @@ class Quantize(Codec):
     @property
     def stateful(self) -> bool:
         return self.error_feedback or self.stochastic
+
+    @property
+    def noise_seed(self) -> int | None:
+        return self.seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed: int) -> None:
+        self.seed = _seed("Quantize", seed)
 
     def nbytes_for(self, numel: int, ndim: int = 1) -> int:
         """Exact payload bytes of a tensor of `numel` elements and `ndim` dimensions."""
