@@ -74,7 +74,9 @@ class CompressionState:
 
     Args:
         codec: a :class:`~pykernels.comm.TopK`, :class:`~pykernels.comm.Quantize`,
-            :class:`~pykernels.comm.LowRank` or :class:`~pykernels.comm.Chain`.
+            :class:`~pykernels.comm.LowRank` or :class:`~pykernels.comm.Chain`,
+            or any other :class:`~pykernels.comm.Codec` (its ``exchange``,
+            ``fixed_size`` and ``noise_seed`` say how it is exchanged).
         process_group: the group to communicate in (default: the world).
         start_iter: iterations of plain allreduce before compression starts;
             at least 2 when the codec keeps per-bucket state (error feedback,
