@@ -12,13 +12,14 @@ training is sensitive to compression). Then each gradient bucket is encoded
 by the codec, per bucket and per process (error-feedback residuals stay on
 the process that made them):
 
-- TopK, Quantize and Chain payloads are exchanged with all-gather (their
-  sizes gathered first when they can differ, the blobs padded to the
-  largest) and summed with the codec's aggregation, payload by payload in
-  rank order, so every rank ends with the same bits.
-- LowRank runs PowerSGD's protocol: one allreduce of the tensors sent dense
-  together with the P factors, one of the Q factors. Its state (warm-start Q,
-  residual) is kept per parameter.
+- Codecs whose ``exchange`` is ``"gather"`` (TopK, Quantize, Chain) have
+  their payloads exchanged with all-gather (their sizes gathered first
+  unless the codec is ``fixed_size``, the blobs padded to the largest) and
+  summed with the codec's aggregation, payload by payload in rank order, so
+  every rank ends with the same bits.
+- ``"powersgd"`` (LowRank) runs PowerSGD's protocol: one allreduce of the
+  tensors sent dense together with the P factors, one of the Q factors. Its
+  state (warm-start Q, residual) is kept per parameter.
 
 Each compressed bucket's exchange runs as one job on a worker thread, in the
 order DDP called the hook, so collectives are issued in the same order on
@@ -46,20 +47,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as default
 
-from .codecs import Chain, Codec, Quantize, _check_int, _mix, sum_into
+from ..ops._checks import check_int, check_range
+from .base import Codec, _mix, sum_into
 from .lowrank import LowRank
 from .wire import Payload
 
 __all__ = ["CompressionState", "compress_hook"]
 
 
-def _has_bucket_state(codec: Codec) -> bool:
-    """Whether the codec keeps per-bucket tensors (which DDP's bucket rebuild would break)."""
-    if isinstance(codec, Chain):
-        return codec.first.error_feedback
-    if isinstance(codec, LowRank):
-        return codec.warm_start or codec.error_feedback
-    return bool(getattr(codec, "error_feedback", False))
+def _count_arg(owner: str, name: str, v: Any, lo: int) -> int:
+    return check_range(owner, name, check_int(owner, name, v), lo)
 
 
 def allreduce_bytes(nbytes: int, world: int) -> int:
@@ -77,7 +74,9 @@ class CompressionState:
 
     Args:
         codec: a :class:`~pykernels.comm.TopK`, :class:`~pykernels.comm.Quantize`,
-            :class:`~pykernels.comm.LowRank` or :class:`~pykernels.comm.Chain`.
+            :class:`~pykernels.comm.LowRank` or :class:`~pykernels.comm.Chain`,
+            or any other :class:`~pykernels.comm.Codec` (its ``exchange``,
+            ``fixed_size`` and ``noise_seed`` say how it is exchanged).
         process_group: the group to communicate in (default: the world).
         start_iter: iterations of plain allreduce before compression starts;
             at least 2 when the codec keeps per-bucket state (error feedback,
@@ -104,8 +103,8 @@ class CompressionState:
                 "CompressionState: codec must be a pykernels.comm codec (TopK, Quantize, "
                 f"LowRank, Chain), got {type(codec).__name__}"
             )
-        start_iter = _check_int("CompressionState", "start_iter", start_iter, 0)
-        if _has_bucket_state(codec) and start_iter < 2:
+        start_iter = _count_arg("CompressionState", "start_iter", start_iter, 0)
+        if codec.keeps_tensor_state and start_iter < 2:
             raise ValueError(
                 f"CompressionState: start_iter must be >= 2 for {codec!r}: its per-bucket state "
                 "(error feedback, warm start) would not survive DDP's bucket rebuild after "
@@ -192,7 +191,7 @@ class CompressionState:
         if missing:
             raise ValueError(f"CompressionState.load_state_dict: missing {sorted(missing)}")
         self.codec.load_state_dict(state_dict["codec"])
-        self.iter = _check_int("CompressionState.load_state_dict", "iter", state_dict["iter"], 0)
+        self.iter = _count_arg("CompressionState.load_state_dict", "iter", state_dict["iter"], 0)
         self._bytes_sent = int(state_dict.get("bytes_sent", 0))
         self._bytes_dense = int(state_dict.get("bytes_dense", 0))
         self._layouts = {
@@ -212,10 +211,9 @@ class CompressionState:
 
     def _residual_holder(self) -> Codec | None:
         """The codec whose per-bucket residuals must follow the parameters, if any."""
-        c = self.codec.first if isinstance(self.codec, Chain) else self.codec
-        if isinstance(c, LowRank) or not getattr(c, "error_feedback", False):
-            return None  # LowRank keys its state per parameter already
-        return c
+        if self.codec.exchange != "gather":
+            return None  # PowerSGD keys its state per parameter already
+        return self.codec.residual_codec()
 
     def _follow(
         self, key: str, layout: tuple[tuple[int, int], ...], device: torch.device
@@ -368,7 +366,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         state._count(dense, dense)
         return default._allreduce_fut(group, buf)
     index = bucket.index()
-    if isinstance(state.codec, LowRank):
+    if state.codec.exchange == "powersgd":
         grads = bucket.gradients()
         names = [f"param{i}" for i, _ in layout]
 
@@ -419,16 +417,16 @@ def _gather_exchange(
     codec = state.codec
     rank = dist.get_rank(group)
     key = f"bucket{index}"
-    if isinstance(codec, (Quantize, Chain)):
+    base = codec.noise_seed
+    if base is not None:
         # Independent rounding noise per rank, step and bucket; reproducible on resume.
-        base = codec.seed if isinstance(codec, Quantize) else codec.second.seed
         payload = codec.encode(buf, key=key, seed=_mix(base, rank, index, it))
     else:
         payload = codec.encode(buf, key=key)
     blob = payload.to_bytes()
     dev = _wire_device(group, buf)
     n = len(blob)
-    if isinstance(codec, Quantize):
+    if codec.fixed_size:
         sizes = [n] * world  # same shape, same parameters: the same size everywhere
         extra = 0
     else:

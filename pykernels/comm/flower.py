@@ -82,7 +82,8 @@ except ImportError as e:  # pragma: no cover - exercised only without flwr
     ) from e
 
 from . import codecs as _codecs
-from .codecs import Codec, Quantize
+from .base import _mix
+from .codecs import Codec
 from .wire import Payload
 
 __all__ = [
@@ -148,9 +149,8 @@ def _codec_for_node(codec: Codec, ctxt: Context) -> Codec:
     except (TypeError, ValueError):
         ident = ctxt.node_id
     c = copy.deepcopy(codec)
-    for q in (c, getattr(c, "second", None)):
-        if isinstance(q, Quantize):
-            q.seed = _codecs._mix(q.seed, ident) & ((1 << 62) - 1)
+    if c.noise_seed is not None:
+        c.noise_seed = _mix(c.noise_seed, ident) & ((1 << 62) - 1)
     c.reset()
     return c
 

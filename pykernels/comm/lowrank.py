@@ -12,17 +12,32 @@ Orthonormalization is ``torch.linalg.qr`` (LAPACK Householder): composing a
 Cholesky-QR or Gram-Schmidt from torch ops was measured slower at the shapes
 that matter here (n x 4, n >= 4096; see the comm benchmark), and the QR
 handles rank-deficient P (a zero gradient) without NaN.
+
+Wire body (codec id 3)::
+
+    flags u8 | rank u32 | rows u64 | cols u64 | P: rows x rank f32 | Q: cols x rank f32
+    (decoded: P @ Q.T, rows * cols == numel)
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .codecs import Codec, _check_bool, _check_int, _key, _mix, key_hash
+from ..ops._checks import check_bool, check_int, check_range
+from . import wire
+from .base import Codec, _key, _mix, key_hash
 from .wire import Payload
+
+# flag bits
+LOWRANK_WARM, LOWRANK_EF = 1, 2
+
+_LOWRANK = struct.Struct("<BIQQ")
 
 
 def orthonormalize(p: Tensor) -> Tensor:
@@ -58,6 +73,10 @@ class LowRank(Codec):
     """
 
     name = "lowrank"
+    wire_id = 3
+    dtypes = tuple(wire.DTYPES)
+    exchange = "powersgd"
+    batch_sum = True  # one product of rank (workers x r) for all payloads
     _fields = {"residual": torch.float32, "q": torch.float32, "step": torch.int64}
 
     def __init__(
@@ -70,9 +89,9 @@ class LowRank(Codec):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.rank = _check_int("LowRank", "rank", rank, 1)
-        self.warm_start = _check_bool("LowRank", "warm_start", warm_start)
-        self.error_feedback = _check_bool("LowRank", "error_feedback", error_feedback)
+        self.rank = check_range("LowRank", "rank", check_int("LowRank", "rank", rank), 1)
+        self.warm_start = check_bool("LowRank", "warm_start", warm_start)
+        self.error_feedback = check_bool("LowRank", "error_feedback", error_feedback)
         if isinstance(min_compression_rate, bool) or not isinstance(
             min_compression_rate, (int, float)
         ):
@@ -82,7 +101,8 @@ class LowRank(Codec):
                 f"LowRank: min_compression_rate must be > 0, got {min_compression_rate}"
             )
         self.min_compression_rate = float(min_compression_rate)
-        self.seed = _check_int("LowRank", "seed", seed, 0, (1 << 63) - 1)
+        seed = check_int("LowRank", "seed", seed)
+        self.seed = check_range("LowRank", "seed", seed, 0, (1 << 63) - 1)
 
     def __repr__(self) -> str:
         return (
@@ -95,10 +115,9 @@ class LowRank(Codec):
     def stateful(self) -> bool:
         return True  # the initial Q follows a per-key counter without warm start
 
-    def check(self, dtype: torch.dtype, device: torch.device | str) -> None:
-        del device
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"LowRank encodes floating-point tensors, not {dtype}")
+    @property
+    def keeps_tensor_state(self) -> bool:
+        return self.warm_start or self.error_feedback
 
     def plan(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int] | None:
         """(rows, cols, rank) when a tensor of `shape` is compressed, None if sent dense."""
@@ -185,3 +204,63 @@ class LowRank(Codec):
             "error_feedback": self.error_feedback,
         }
         return Payload("lowrank", t.dtype, tuple(t.shape), params, {"p": step.p, "q": q})
+
+    # --- payloads ----------------------------------------------------------------
+    @classmethod
+    def write_body(cls, payload: Payload, out: list) -> None:
+        q = payload.params
+        flags = (LOWRANK_WARM if q["warm_start"] else 0) | (
+            LOWRANK_EF if q["error_feedback"] else 0
+        )
+        out.append(_LOWRANK.pack(flags, q["rank"], q["rows"], q["cols"]))
+        out.append(wire.raw_bytes(payload.parts["p"].float()))
+        out.append(wire.raw_bytes(payload.parts["q"].float()))
+
+    @classmethod
+    def read_body(
+        cls, reader: wire.Reader, dtype: torch.dtype, numel: int
+    ) -> tuple[dict[str, Any], dict[str, wire.Part]]:
+        flags, rank, rows, cols = reader.unpack(_LOWRANK.format)
+        if rows * cols != numel:
+            raise ValueError(f"payload: lowrank {rows} x {cols} does not match numel {numel}")
+        if not 1 <= rank <= min(rows, cols):
+            raise ValueError(f"payload: lowrank rank {rank} not in [1, min({rows}, {cols})]")
+        if flags & ~(LOWRANK_WARM | LOWRANK_EF):
+            raise ValueError(f"payload: unknown lowrank flags {flags:#x}")
+        pm = reader.array(rows * rank, "<f4", "lowrank P")
+        qm = reader.array(cols * rank, "<f4", "lowrank Q")
+        params = {
+            "rank": rank,
+            "rows": rows,
+            "cols": cols,
+            "warm_start": bool(flags & LOWRANK_WARM),
+            "error_feedback": bool(flags & LOWRANK_EF),
+        }
+        parts = {
+            "p": wire.host_tensor(pm, torch.float32).view(rows, rank),
+            "q": wire.host_tensor(qm, torch.float32).view(cols, rank),
+        }
+        return params, parts
+
+    @classmethod
+    def decode_payload(cls, payload: Payload, device: torch.device) -> Tensor:
+        p = payload
+        m = p.parts["p"].to(device).float() @ p.parts["q"].to(device).float().T
+        return m.to(p.dtype).reshape(p.shape)
+
+    @classmethod
+    def add_payloads(
+        cls, payloads: Sequence[Payload], out: Tensor, scale: float, overwrite: bool
+    ) -> None:
+        if overwrite:
+            out.zero_()
+        if not payloads:
+            return
+        # One product of rank (workers x r): sum_i P_i Q_i^T = [P_1 .. P_w] [Q_1 .. Q_w]^T.
+        dev = out.device
+        rows, cols = payloads[0].params["rows"], payloads[0].params["cols"]
+        if any((q.params["rows"], q.params["cols"]) != (rows, cols) for q in payloads):
+            raise ValueError("aggregate: lowrank payloads of different matrix shapes")
+        pc = torch.cat([q.parts["p"].to(dev).float() for q in payloads], dim=1)
+        qc = torch.cat([q.parts["q"].to(dev).float() for q in payloads], dim=1)
+        out.view(rows, cols).addmm_(pc, qc.T, alpha=scale)

@@ -31,10 +31,20 @@ def check_int(fn: str, name: str, v: Any, lo: int | None = None, hi: int | None 
         raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__} {v!r}")
     if isinstance(v, torch.SymInt):
         return v  # type: ignore[return-value]
-    v = int(v)
+    return check_range(fn, name, int(v), lo, hi, what="an int ")
+
+
+def check_range(
+    fn: str, name: str, v: Any, lo: Any = None, hi: Any = None, *, what: str = ""
+) -> Any:
+    """``v`` itself when ``lo <= v <= hi`` (either bound may be None), else ValueError.
+
+    ``what`` goes before the bound ("must be an int >= 1"); callers whose
+    messages say only "must be >= 1" leave it empty.
+    """
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         want = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
-        raise ValueError(f"{fn}: {name} must be an int {want}, got {v}")
+        raise ValueError(f"{fn}: {name} must be {what}{want}, got {v}")
     return v
 
 
