@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import _layout, ops
 
 if TYPE_CHECKING:
     from .base import Codec
@@ -51,8 +51,9 @@ CODECS: dict[str, int] = {}
 CODEC_NAMES: dict[int, str] = {}
 _CLASSES: dict[str, type[Codec]] = {}
 
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-DTYPE_OF = {v: k for k, v in DTYPES.items()}
+# The package's one dtype table: the header's dtype byte is the kernels' code.
+DTYPES = _layout.DTYPE_CODES
+DTYPE_OF = _layout.TORCH_DTYPE
 _NP_OF = {torch.float32: "<f4", torch.float16: "<u2", torch.bfloat16: "<u2", torch.float64: "<f8"}
 _VIEW_OF = {
     torch.float32: torch.float32,
