@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .context import module_device
 from .kinds import dtype_name, get_kind, kind_names, kind_of
+from .walk import guard_fused_paths
 
 FORMAT = "pykernels.compress"
 FORMAT_VERSION = 1
@@ -287,6 +288,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"pk.load: the file's tensors do not fit the rebuilt model: {e}") from None
+    # The rebuilt layers are fresh modules, without the hooks compress put on
+    # the ones a fused transformer path would read.
+    guard_fused_paths(model)
     object.__setattr__(
         model,
         RECORD,
