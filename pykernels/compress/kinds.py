@@ -24,6 +24,7 @@ from ..nn import (
     Int8Embedding,
     Int8Linear,
     LowRankLinear,
+    QATLinear,
     SparseLinear,
     TuckerConv2d,
 )
@@ -227,6 +228,22 @@ def _int8_emb_build(c: dict[str, Any]) -> nn.Module:
     )
 
 
+def _qat_describe(m: QATLinear) -> dict[str, Any]:
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "mode": m.mode,
+        "dtype": dtype_name(m.weight.dtype),
+    }
+
+
+def _qat_build(c: dict[str, Any]) -> nn.Module:
+    return QATLinear(
+        c["in_features"], c["out_features"], c["bias"], c["mode"], dtype=dtype_of(c["dtype"])
+    )
+
+
 def _sparse_describe(m: SparseLinear) -> dict[str, Any]:
     return {
         "in_features": m.in_features,
@@ -364,6 +381,7 @@ register_kind(
     params=_int8_linear_params,
 )
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())
+register_kind(QATLinear, _qat_describe, _qat_build)
 register_kind(SparseLinear, _sparse_describe, _sparse_build)
 register_kind(LowRankLinear, _lowrank_describe, _lowrank_build)
 register_kind(TuckerConv2d, _tucker_describe, _tucker_build)
