@@ -39,7 +39,7 @@ class ModuleKind:
     params: Callable[[nn.Module], int] | None = None
 
 
-_KINDS: dict[str, ModuleKind] = {}
+_MODULE_KINDS: dict[str, ModuleKind] = {}
 
 
 def register_kind(
@@ -58,28 +58,28 @@ def register_kind(
     if not isinstance(type_, type) or not issubclass(type_, nn.Module):
         raise TypeError(f"register_kind: type_ must be an nn.Module subclass, got {type_!r}")
     name = name or type_.__name__
-    old = _KINDS.get(name)
+    old = _MODULE_KINDS.get(name)
     if old is not None and old.type is not type_:
         raise ValueError(f"register_kind: a kind named {name!r} is already registered")
-    kind = ModuleKind(name, type_, describe, build, params)
-    _KINDS[name] = kind
-    return kind
+    mk = ModuleKind(name, type_, describe, build, params)
+    _MODULE_KINDS[name] = mk
+    return mk
 
 
-def kind_of(module: nn.Module) -> ModuleKind | None:
-    """The registered kind whose type is exactly ``type(module)``."""
-    for k in _KINDS.values():
-        if type(module) is k.type:
-            return k
+def module_kind_of(module: nn.Module) -> ModuleKind | None:
+    """The registered module kind whose type is exactly ``type(module)``."""
+    for mk in _MODULE_KINDS.values():
+        if type(module) is mk.type:
+            return mk
     return None
 
 
-def get_kind(name: str) -> ModuleKind | None:
-    return _KINDS.get(name)
+def module_kind_named(name: str) -> ModuleKind | None:
+    return _MODULE_KINDS.get(name)
 
 
-def kind_names() -> list[str]:
-    return sorted(_KINDS)
+def module_kind_names() -> list[str]:
+    return sorted(_MODULE_KINDS)
 
 
 def count_params(model: nn.Module) -> int:
@@ -91,9 +91,9 @@ def count_params(model: nn.Module) -> int:
     for fqn, m in model.named_modules():
         if any(fqn.startswith(p) for p in skip_under):
             continue
-        k = kind_of(m)
-        if k is not None and k.params is not None:
-            total += k.params(m)
+        mk = module_kind_of(m)
+        if mk is not None and mk.params is not None:
+            total += mk.params(m)
             skip_under.append(fqn + "." if fqn else "")
             continue
         for p in m.parameters(recurse=False):
