@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
-from pykernels.compress.demo import mean_pool, passages
+from pykernels.compress.demo import corpus, mean_pool, passages
 
 SKIP = (
     "antigravity",
@@ -37,52 +38,10 @@ SKIP = (
 
 def stdlib_sentences() -> list[str]:
     """English sentences from the docstrings of every importable standard-library
-    module (modules, classes, functions, methods), filtered as pykernels.compress.demo's
-    corpus() is: 8-40 words, a capital first, a full stop last, mostly letters."""
-    import importlib
-    import inspect
-    import re
-    import sys
-    import warnings
-
-    docs = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in SKIP:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - missing on this platform
-            continue
-        objs = [mod]
-        for k, v in sorted(vars(mod).items()):
-            if k.startswith("_") or getattr(v, "__module__", None) != mod.__name__:
-                continue
-            if inspect.isfunction(v):
-                objs.append(v)
-            elif inspect.isclass(v):
-                objs.append(v)
-                objs += [
-                    f
-                    for n, f in sorted(vars(v).items())
-                    if not n.startswith("_") and inspect.isfunction(f)
-                ]
-        for o in objs:
-            d = inspect.getdoc(o)
-            if d:
-                docs.append(d)
-    text = re.sub(r"\s+", " ", " ".join(docs))
-    out, seen = [], set()
-    for s in re.split(r"(?<=[.!?])\s+", text):
-        words = s.split()
-        if not 8 <= len(words) <= 40 or not s[0].isupper() or not s.endswith("."):
-            continue
-        if sum(c.isalpha() or c in " ,.'-" for c in s) < 0.95 * len(s) or s in seen:
-            continue
-        seen.add(s)
-        out.append(s)
-    return out
+    module (modules, classes, functions, methods), harvested and filtered by
+    pykernels.compress.demo's corpus()."""
+    names = [n for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n not in SKIP]
+    return corpus(names, methods=True)
 
 
 class Encoder(nn.Module):

@@ -5,10 +5,15 @@
 family will use. See README.md.
 """
 
-# First: installs the finder that keeps old module paths (pykernels._native, ...) working.
+# First: installs the finder that keeps old module paths (pykernels._native,
+# pykernels.qat, ...) working.
 from . import _compat  # noqa: F401, I001
-from . import backends, comm, compress, distill, nn, ops, qat, schedules
-from .compress import CompressionReport, load, recipes, save
+from . import backends, comm, distill, nn, ops, qat, schedules
+
+# `pk.compress` is the function; the package stays importable by name
+# (`from pykernels.compress import ...`), and the function carries the package's
+# public names (`pk.compress.read_manifest`).
+from .compress import CompressionReport, compress, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
 from .ops.sparse import prune

@@ -21,6 +21,9 @@ ALIASES = {
     "pykernels._numba": "pykernels.backends.numba",
     "pykernels._torch": "pykernels.backends.torch",
     "pykernels._reference": "pykernels.backends.reference",
+    "pykernels.qat": "pykernels.train.qat",
+    "pykernels.distill": "pykernels.train.distill",
+    "pykernels.schedules": "pykernels.train.schedules",
 }
 
 

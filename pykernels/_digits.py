@@ -72,8 +72,8 @@ def train(
 
 def qat_digits(seed: int = 0) -> dict[str, float]:
     """fp32 training, post-training int8, and int8 after QAT fine-tuning (test accuracy, %)."""
-    from . import qat
     from .nn import quantize_int8
+    from .train import qat
 
     xtr, ytr, xte, yte = data(seed)
     fp32 = train(mlp(seed), xtr, ytr, epochs=30, lr=3e-3, seed=seed)

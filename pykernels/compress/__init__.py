@@ -2,17 +2,18 @@
 measured :class:`CompressionReport`, and ``pk.save`` / ``pk.load`` (one
 ``.safetensors`` file with a manifest).
 
-This package is itself callable: ``pk.compress(...)`` is
-:func:`pykernels.compress.api.compress`, and ``pykernels.compress.<module>``
-still imports its parts. Recipe steps live in
+``pk.compress`` is the function :func:`pykernels.compress.api.compress`:
+``pykernels/__init__.py`` binds it over this package's name, so
+``import pykernels.compress`` also gives the function, while ``from
+pykernels.compress import ...`` (and ``pykernels.compress.<module>`` in
+that form) imports from this package. The function carries this package's
+public names as attributes (``pk.compress.read_manifest``,
+``pk.compress.register_step``). Recipe steps live in
 :mod:`pykernels.compress.recipes` (``pk.recipes``); new steps register with
 :func:`register_step`, new module kinds (for save/load) with
-:func:`register_kind`.
+:func:`register_kind`. Which modules a step replaces is decided in one
+place, :mod:`pykernels.compress.walk`.
 """
-
-import inspect as _inspect
-import sys as _sys
-import types as _types
 
 from . import recipes
 from .api import compress
@@ -20,18 +21,6 @@ from .io import load, read_manifest, save
 from .kinds import ModuleKind, count_params, register_kind
 from .recipes import Step, register_step
 from .report import CompressionReport, LayerRow
-
-
-class _CallableModule(_types.ModuleType):
-    """Lets ``pk.compress`` be both the function and this package (DESIGN's layout)."""
-
-    def __call__(self, *args, **kwargs):
-        return compress(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
-__signature__ = _inspect.signature(compress)
-__wrapped__ = compress
 
 __all__ = [
     "CompressionReport",
@@ -47,3 +36,10 @@ __all__ = [
     "register_step",
     "save",
 ]
+
+# `pk.compress.<name>` used to reach this package through the callable-module
+# trick; the function now carries the same objects.
+for _name in __all__:
+    if _name != "compress":
+        setattr(compress, _name, globals()[_name])
+del _name

@@ -1,4 +1,5 @@
-"""``pk.compress(model, recipe, example_inputs)``."""
+"""``pk.compress(model, recipe, example_inputs)``, and the same steps without a report
+for ``pk.quantize_int8`` / ``pk.sparsify`` / ``pk.factorize`` / ``pk.qat``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,38 @@ from torch import nn
 from . import io, recipes
 from .context import Context, FilterFn, Selector, call_model, check_example_inputs
 from .report import CompressionReport, measure
+from .walk import guard_fused_paths
+
+
+def run_steps(ctx: Context, steps: list[recipes.Step]) -> None:
+    """Applies ``steps`` in order to ``ctx.model``: the one loop both entry points share."""
+    for step in steps:
+        ctx.step = str(step)
+        step.apply(ctx)
+        # A step may have swapped a Linear a fused transformer path reads.
+        guard_fused_paths(ctx.model)
+
+
+def apply_steps(
+    model: nn.Module,
+    steps: list[recipes.Step],
+    filter_fn: FilterFn | None = None,
+    *,
+    inplace: bool = False,
+) -> nn.Module:
+    """``steps`` on ``model`` without example inputs, report or progress bars: what the
+    model-level helpers (``pk.quantize_int8``, ``pk.sparsify``, ``pk.factorize``,
+    ``pk.qat.prepare`` / ``convert``) run, so they choose layers exactly as
+    :func:`compress` does. ``filter_fn``'s answer is taken for its truth value, as
+    those helpers always have. Steps that need example inputs (prune) cannot run
+    here. Returns the converted model (a new module when ``model`` itself was
+    replaced)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    accept = None if filter_fn is None else (lambda m, fqn: bool(filter_fn(m, fqn)))
+    ctx = Context(model, None, Selector(model, accept, None), progress=False)
+    run_steps(ctx, steps)
+    return ctx.model
 
 
 def compress(
@@ -68,9 +101,8 @@ def compress(
         work = model if inplace else copy.deepcopy(model)
         ctx = Context(work, example_inputs, selector, progress)
         for step in steps:
-            ctx.step = str(step)
-            step.apply(ctx)
-            ctx.model.eval()
+            run_steps(ctx, [step])
+            ctx.model.eval()  # the next step's forwards and the report run in eval mode
         work = ctx.model
         text = "+".join(str(s) for s in steps)
         report = measure(reference, work, ctx, text)

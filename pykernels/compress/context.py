@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import walk
+
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -144,20 +146,35 @@ class Context:
         self.skipped: list[Skipped] = []
         self.attrs: dict[str, dict[str, Any]] = {}
         self.step = ""
+        self._also: dict[str, list[str]] = {}  # other names of a shared module, by targets()
 
     def call(self, model: nn.Module | None = None) -> Any:
         return call_model(self.model if model is None else model, self.example_inputs)
 
     def modules(self, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
         """(fqn, module) for every module of one of ``types`` (the model itself included),
-        each once, outermost first; modules inside a match are not visited."""
-        out: list[tuple[str, nn.Module]] = []
-        for fqn, m in self.model.named_modules():
-            if any(fqn.startswith(f + ".") or f == "" for f, _ in out):
-                continue
-            if isinstance(m, types):
-                out.append((fqn, m))
-        return out
+        each once, outermost first; modules inside a match are not visited. Neither
+        the selection nor safety is checked: a step replacing modules wants
+        :meth:`targets`."""
+        return walk.candidates(self.model, types)
+
+    def targets(self, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+        """(fqn, module) for each module of one of ``types`` that this step may replace by
+        a layer computing the same function: accepted by the caller's ``filter_fn`` and
+        ``exclude``, not read directly by its owner (attention's ``out_proj``), not a
+        subclass with a computation of its own. Those accepted but unsafe are recorded
+        as skipped, with the reason. A module held under several names is listed once;
+        :meth:`replace` puts its replacement at each accepted name."""
+        found, unsafe = walk.targets(self.model, types, self.accept)
+        for fqn, reason in unsafe:
+            self.skip(fqn, reason)
+        wanted = {id(m): fqn for fqn, m in found}
+        self._also = {}
+        for fqn, m in self.model.named_modules(remove_duplicate=False):
+            first = wanted.get(id(m))
+            if first is not None and fqn != first and self.accept(m, fqn):
+                self._also.setdefault(first, []).append(fqn)
+        return found
 
     def progress(self, items: Iterable, desc: str, total: int | None = None) -> Iterator:
         return progress(items, desc, self.show_progress, total)
@@ -171,12 +188,18 @@ class Context:
         return ch
 
     def replace(self, fqn: str, new: nn.Module) -> None:
-        """Swaps the module at ``fqn`` for ``new`` (a different layer of the same function)."""
-        self._change(fqn)
-        if fqn == "":
-            self.model = new
-        else:
-            self.model.set_submodule(fqn, new)
+        """Swaps the module at ``fqn`` (and at its other names, when :meth:`targets` found
+        it shared) for ``new``: a different layer of the same function, in the same
+        training mode."""
+        old = self.model.get_submodule(fqn) if fqn else self.model
+        new.train(old.training)
+        also = [n for n in self._also.pop(fqn, ()) if self.model.get_submodule(n) is old]
+        for name in (fqn, *also):
+            self._change(name)
+            if name == "":
+                self.model = new
+            else:
+                self.model.set_submodule(name, new)
 
     def reshaped(
         self,

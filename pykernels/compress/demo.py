@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -50,23 +51,34 @@ _CORPUS_MODULES = (
 )  # fmt: skip
 
 
-def corpus() -> list[str]:
-    """English sentences from the standard library's docstrings, in a fixed order."""
+def corpus(modules: Iterable[str] = _CORPUS_MODULES, methods: bool = False) -> list[str]:
+    """English sentences from the docstrings of the standard-library ``modules`` (the
+    demo's list by default) and of their public functions and classes (with
+    ``methods=True``, each class's public methods too), in a fixed order: 8-40
+    words, a capital first, a full stop last, mostly letters, each once."""
     docs = []
-    for name in _CORPUS_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a module missing on this platform is skipped
-            continue
+    for name in modules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated modules warn on import
+            try:
+                mod = importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - a module missing on this platform is skipped
+                continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecated aliases (typing.io) warn when read
-            objs = [mod] + [
-                v
-                for k, v in sorted(vars(mod).items())
-                if not k.startswith("_")
-                and (inspect.isfunction(v) or inspect.isclass(v))
-                and getattr(v, "__module__", None) == mod.__name__
-            ]
+            objs: list[Any] = [mod]
+            for k, v in sorted(vars(mod).items()):
+                if k.startswith("_") or not (inspect.isfunction(v) or inspect.isclass(v)):
+                    continue
+                if getattr(v, "__module__", None) != mod.__name__:
+                    continue  # imported from elsewhere: its own module's, if listed
+                objs.append(v)
+                if methods and inspect.isclass(v):
+                    objs += [
+                        f
+                        for n, f in sorted(vars(v).items())
+                        if not n.startswith("_") and inspect.isfunction(f)
+                    ]
             for o in objs:
                 d = inspect.getdoc(o)
                 if d:

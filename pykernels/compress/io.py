@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .context import module_device
-from .kinds import dtype_name, get_kind, kind_names, kind_of
+from .kinds import dtype_name, module_kind_named, module_kind_names, module_kind_of
+from .walk import guard_fused_paths
 
 FORMAT = "pykernels.compress"
 FORMAT_VERSION = 1
@@ -104,13 +105,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             m = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(f"pk.save: the model has no module {fqn!r} any more") from None
-        kind = kind_of(m)
-        if kind is None:
+        mk = module_kind_of(m)
+        if mk is None:
             raise ValueError(
                 f"pk.save: module {fqn!r} is a {type(m).__name__}, which has no registered kind "
-                f"(pykernels.compress.register_kind); known: {', '.join(kind_names())}"
+                f"(pykernels.compress.register_kind); known: {', '.join(module_kind_names())}"
             )
-        modules[fqn] = {"kind": kind.name, "config": kind.describe(m)}
+        modules[fqn] = {"kind": mk.name, "config": mk.describe(m)}
 
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
@@ -242,21 +243,21 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         )
 
     for fqn, entry in manifest["modules"].items():
-        kname = entry.get("kind") if isinstance(entry, dict) else None
-        kind = get_kind(kname) if isinstance(kname, str) else None
-        if kind is None:
+        kind_name = entry.get("kind") if isinstance(entry, dict) else None
+        mk = module_kind_named(kind_name) if isinstance(kind_name, str) else None
+        if mk is None:
             raise ValueError(
-                f"pk.load: the manifest names module kind {kname!r} for {fqn!r}, which this "
-                f"process does not know; known: {', '.join(kind_names())}"
+                f"pk.load: the manifest names module kind {kind_name!r} for {fqn!r}, which this "
+                f"process does not know; known: {', '.join(module_kind_names())}"
             )
         try:
             old = model.get_submodule(fqn) if fqn else model
         except AttributeError:
             raise ValueError(f"pk.load: the manifest names module {fqn!r}, absent here") from None
         try:
-            new = kind.build(entry.get("config", {}))
+            new = mk.build(entry.get("config", {}))
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"pk.load: cannot rebuild {fqn!r} as {kname}: {e}") from None
+            raise ValueError(f"pk.load: cannot rebuild {fqn!r} as {kind_name}: {e}") from None
         new = new.to(module_device(old))
         new.train(old.training)
         if fqn:
@@ -287,6 +288,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"pk.load: the file's tensors do not fit the rebuilt model: {e}") from None
+    # The rebuilt layers are fresh modules, without the hooks compress put on
+    # the ones a fused transformer path would read.
+    guard_fused_paths(model)
     object.__setattr__(
         model,
         RECORD,

@@ -24,6 +24,7 @@ from ..nn import (
     Int8Embedding,
     Int8Linear,
     LowRankLinear,
+    QATLinear,
     SparseLinear,
     TuckerConv2d,
 )
@@ -38,7 +39,7 @@ class ModuleKind:
     params: Callable[[nn.Module], int] | None = None
 
 
-_KINDS: dict[str, ModuleKind] = {}
+_MODULE_KINDS: dict[str, ModuleKind] = {}
 
 
 def register_kind(
@@ -57,28 +58,28 @@ def register_kind(
     if not isinstance(type_, type) or not issubclass(type_, nn.Module):
         raise TypeError(f"register_kind: type_ must be an nn.Module subclass, got {type_!r}")
     name = name or type_.__name__
-    old = _KINDS.get(name)
+    old = _MODULE_KINDS.get(name)
     if old is not None and old.type is not type_:
         raise ValueError(f"register_kind: a kind named {name!r} is already registered")
-    kind = ModuleKind(name, type_, describe, build, params)
-    _KINDS[name] = kind
-    return kind
+    mk = ModuleKind(name, type_, describe, build, params)
+    _MODULE_KINDS[name] = mk
+    return mk
 
 
-def kind_of(module: nn.Module) -> ModuleKind | None:
-    """The registered kind whose type is exactly ``type(module)``."""
-    for k in _KINDS.values():
-        if type(module) is k.type:
-            return k
+def module_kind_of(module: nn.Module) -> ModuleKind | None:
+    """The registered module kind whose type is exactly ``type(module)``."""
+    for mk in _MODULE_KINDS.values():
+        if type(module) is mk.type:
+            return mk
     return None
 
 
-def get_kind(name: str) -> ModuleKind | None:
-    return _KINDS.get(name)
+def module_kind_named(name: str) -> ModuleKind | None:
+    return _MODULE_KINDS.get(name)
 
 
-def kind_names() -> list[str]:
-    return sorted(_KINDS)
+def module_kind_names() -> list[str]:
+    return sorted(_MODULE_KINDS)
 
 
 def count_params(model: nn.Module) -> int:
@@ -90,9 +91,9 @@ def count_params(model: nn.Module) -> int:
     for fqn, m in model.named_modules():
         if any(fqn.startswith(p) for p in skip_under):
             continue
-        k = kind_of(m)
-        if k is not None and k.params is not None:
-            total += k.params(m)
+        mk = module_kind_of(m)
+        if mk is not None and mk.params is not None:
+            total += mk.params(m)
             skip_under.append(fqn + "." if fqn else "")
             continue
         for p in m.parameters(recurse=False):
@@ -224,6 +225,22 @@ def _int8_emb_describe(m: Int8Embedding) -> dict[str, Any]:
 def _int8_emb_build(c: dict[str, Any]) -> nn.Module:
     return Int8Embedding(
         c["num_embeddings"], c["embedding_dim"], c["padding_idx"], dtype=dtype_of(c["dtype"])
+    )
+
+
+def _qat_describe(m: QATLinear) -> dict[str, Any]:
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "mode": m.mode,
+        "dtype": dtype_name(m.weight.dtype),
+    }
+
+
+def _qat_build(c: dict[str, Any]) -> nn.Module:
+    return QATLinear(
+        c["in_features"], c["out_features"], c["bias"], c["mode"], dtype=dtype_of(c["dtype"])
     )
 
 
@@ -364,6 +381,7 @@ register_kind(
     params=_int8_linear_params,
 )
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())
+register_kind(QATLinear, _qat_describe, _qat_build)
 register_kind(SparseLinear, _sparse_describe, _sparse_build)
 register_kind(LowRankLinear, _lowrank_describe, _lowrank_build)
 register_kind(TuckerConv2d, _tucker_describe, _tucker_build)

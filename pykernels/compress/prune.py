@@ -198,10 +198,10 @@ class Member:
 @dataclass
 class Group:
     name: str
-    kind: str  # "neurons", "channels", "heads"
+    units: str  # what a unit is: "neurons", "channels", "heads"
     size: int  # units
     members: list[Member]
-    unit: int = 1  # channels per unit (the head size for heads)
+    width: int = 1  # channels per unit (the head size for heads)
     attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (fqn, attr, per unit)
 
     def fqns(self) -> set[str]:
@@ -236,7 +236,7 @@ def _unit_scores(group: Group, score_of: dict[int, Tensor]) -> Tensor:
             dim = _feature_dim(m.module, m.role)
             s = score_of[id(w)].double()
             s = s.transpose(0, dim).reshape(s.shape[dim], -1).sum(1).cpu()
-            width = group.unit * m.mult
+            width = group.width * m.mult
             total += s.reshape(group.size, width).sum(1)
     return total
 
@@ -298,7 +298,7 @@ def _prune_member(ctx: Context, m: Member, features: Tensor) -> None:
 
 def _apply_group(ctx: Context, g: Group, keep: Tensor) -> None:
     for m in g.members:
-        _prune_member(ctx, m, _features(keep, g.unit * m.mult))
+        _prune_member(ctx, m, _features(keep, g.width * m.mult))
     for fqn, attr, per_unit in g.attrs:
         ctx.set_attr(fqn, attr, int(keep.numel()) * per_unit)
 
@@ -318,10 +318,10 @@ class _Tracer(fx.Tracer):
 class _Space:
     """Channels of one tensor lineage; coupled lineages are merged (union-find)."""
 
-    def __init__(self, size: int | None, kind: str | None, blocked: str | None = None) -> None:
+    def __init__(self, size: int | None, layout: str | None, blocked: str | None = None) -> None:
         self.parent: _Space = self
         self.size = size
-        self.kind = kind  # "linear" (features last) or "conv" (channels at dim 1)
+        self.layout = layout  # "linear" (features last) or "conv" (channels at dim 1)
         self.blocked = blocked
         self.members: list[Member] = []
 
@@ -347,7 +347,7 @@ def _union(a: _Space, b: _Space, where: str) -> _Space:
     b.members = []
     if a.blocked is None and b.blocked is not None:
         a.blocked = b.blocked
-    if a.blocked is None and (a.size != b.size or a.kind != b.kind):
+    if a.blocked is None and (a.size != b.size or a.layout != b.layout):
         a.blocked = f"its output meets a tensor of another shape in {where}"
     return a
 
@@ -423,15 +423,17 @@ class _GraphScan:
             return
         sp = src.space.root()
         if isinstance(m, nn.Linear):
-            if src.flat and sp.size and m.in_features % sp.size == 0 and sp.kind == "conv":
+            if src.flat and sp.size and m.in_features % sp.size == 0 and sp.layout == "conv":
                 sp.members.append(Member(fqn, m, "in", m.in_features // sp.size))
-            elif not src.flat and sp.kind in ("linear", None) and sp.size in (m.in_features, None):
+            elif (
+                not src.flat and sp.layout in ("linear", None) and sp.size in (m.in_features, None)
+            ):
                 sp.members.append(Member(fqn, m, "in"))
             else:
                 sp.block(f"its output reaches {label} along another dimension")
             self.start(node, fqn, m, m.out_features, "linear")
         elif isinstance(m, _CONV) and m.groups == 1 and m.padding_mode == "zeros":
-            if not src.flat and sp.kind in ("conv", None):
+            if not src.flat and sp.layout in ("conv", None):
                 sp.members.append(Member(fqn, m, "in"))
             else:
                 sp.block(f"its output reaches {label} along another dimension")
@@ -441,7 +443,7 @@ class _GraphScan:
             and m.groups == m.in_channels == m.out_channels
             and m.padding_mode == "zeros"
             and not src.flat
-            and sp.kind == "conv"
+            and sp.layout == "conv"
         ):
             sp.members.append(Member(fqn, m, "chan"))
             self.ref[node] = src
@@ -450,7 +452,7 @@ class _GraphScan:
             self.ref[node] = src
         elif isinstance(m, _ELEMENTWISE_MODULES) or type(m).__name__ in _HF_ELEMENTWISE:
             self.ref[node] = src
-        elif isinstance(m, _POOL) and sp.kind == "conv" and not src.flat:
+        elif isinstance(m, _POOL) and sp.layout == "conv" and not src.flat:
             self.ref[node] = src
         elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
             self.flatten(node, src)
@@ -460,19 +462,19 @@ class _GraphScan:
 
     def bn_fits(self, fqn: str, sp: _Space) -> bool:
         """A batch norm works on dim 1: a conv space, or a 2-D [N, C] linear output."""
-        if sp.kind == "conv":
+        if sp.layout == "conv":
             return True
-        return sp.kind == "linear" and self.shapes.get(fqn, 0) == 2
+        return sp.layout == "linear" and self.shapes.get(fqn, 0) == 2
 
-    def start(self, node: fx.Node, fqn: str, m: nn.Module, size: int, kind: str) -> None:
-        sp = _Space(size, kind)
+    def start(self, node: fx.Node, fqn: str, m: nn.Module, size: int, layout: str) -> None:
+        sp = _Space(size, layout)
         sp.members.append(Member(fqn, m, "out"))
         self.producers[fqn] = sp
         self.ref[node] = _Ref(sp)
 
     def flatten(self, node: fx.Node, src: _Ref) -> None:
         sp = src.space.root()
-        if sp.kind == "conv" and not src.flat:
+        if sp.layout == "conv" and not src.flat:
             self.ref[node] = _Ref(sp, flat=True)
         else:
             sp.block("its output is flattened along another dimension")
@@ -517,7 +519,7 @@ class _GraphScan:
                 self.ref[node] = _Ref(_union(a.space, b.space, name), a.flat)
         elif node.op == "call_function" and t in _POOL_FUNCTIONS and len(ins) == 1:
             src = self.ref[ins[0]]
-            if src.space.root().kind == "conv" and not src.flat and first is ins[0]:
+            if src.space.root().layout == "conv" and not src.flat and first is ins[0]:
                 self.ref[node] = src
             else:
                 src.space.block(f"its output feeds {name} along another dimension")
@@ -637,8 +639,8 @@ def _fx_groups(ctx: Context, claimed: set[str]) -> tuple[list[Group], dict[str, 
                 for p in producers:
                     reasons.setdefault(p, why)
                 continue
-            kind = "channels" if sp.kind == "conv" else "neurons"
-            groups.append(Group(", ".join(producers), kind, int(sp.size), list(sp.members)))
+            units = "channels" if sp.layout == "conv" else "neurons"
+            groups.append(Group(", ".join(producers), units, int(sp.size), list(sp.members)))
     return groups, reasons
 
 
@@ -680,7 +682,7 @@ def _bert_groups(ctx: Context, heads: bool) -> tuple[list[Group], dict[str, str]
                 Member(opre, o, "in"),
             ]
             attrs = [(fqn, "num_attention_heads", 1), (fqn, "all_head_size", hd)]
-            groups.append(Group(f"{fqn} (heads)", "heads", nh, members, unit=hd, attrs=attrs))
+            groups.append(Group(f"{fqn} (heads)", "heads", nh, members, width=hd, attrs=attrs))
         inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
         d1, d2 = _linear(getattr(inter, "dense", None)), _linear(getattr(out, "dense", None))
         if d1 and d2 and hasattr(m, "attention"):
@@ -815,7 +817,7 @@ def prune_structured(ctx: Context, step: Any) -> None:
                     reasons.setdefault(mem.fqn, why)
 
     plan = [
-        (g, _keep_count(g.size, step.ratio, None if g.kind == "heads" else step.round_to))
+        (g, _keep_count(g.size, step.ratio, None if g.units == "heads" else step.round_to))
         for g in usable
     ]
     plan = [(g, k) for g, k in plan if k < g.size]

@@ -45,8 +45,10 @@ class Step:
     ``apply(model, ctx)`` changes ``ctx.model`` in place, through
     ``ctx.replace`` / ``ctx.reshaped`` / ``ctx.set_attr`` so the report and
     :func:`pykernels.save` know what changed, and ``ctx.skip`` for what it
-    left alone and why. It considers only modules ``ctx.accept(module, fqn)``
-    accepts.
+    left alone and why. A step that replaces modules takes them from
+    ``ctx.targets(types)``: the one walk that applies the caller's
+    ``filter_fn`` / ``exclude`` and leaves alone (listed as skipped) what
+    cannot be replaced exactly.
     """
 
     name: ClassVar[str] = ""
@@ -218,25 +220,20 @@ class Int8(Step):
     positional: ClassVar[tuple[str, ...]] = ("mode",)
 
     def __post_init__(self) -> None:
-        from ..nn.int8 import MODES
-
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.embeddings, bool):
-            raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
-        from ..nn.int8 import _check_act_bits
+        from ..nn.int8 import check_int8_options
 
         try:
-            _check_act_bits("int8", self.mode, self.act_bits)
+            check_int8_options("int8", self.mode, self.act_bits)
         except (TypeError, ValueError) as e:  # a recipe's errors are ValueErrors
             raise ValueError(str(e).removeprefix("int8: ")) from None
+        if not isinstance(self.embeddings, bool):
+            raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
 
     def apply(self, ctx: Context) -> None:
         from ..nn import Int8Embedding, Int8Linear
 
         types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)
-        targets = [(f, m) for f, m in ctx.modules(types) if ctx.accept(m, f)]
-        for fqn, m in ctx.progress(targets, "int8"):
+        for fqn, m in ctx.progress(ctx.targets(types), "int8"):
             if isinstance(m, nn.Linear):
                 ctx.replace(fqn, Int8Linear.from_linear(m, mode=self.mode, act_bits=self.act_bits))
             elif m.max_norm is not None:
@@ -248,21 +245,28 @@ class Int8(Step):
 @register_step
 @dataclass
 class Sparse(Step):
-    """Linear layers -> :class:`pykernels.nn.SparseLinear`, magnitude-pruned per layer
-    to ``sparsity`` (``pattern``: ``"unstructured"``, ``"block"`` (4x4) or ``"2:4"``).
+    """Linear layers -> :class:`pykernels.nn.SparseLinear`, magnitude-pruned to
+    ``sparsity`` (``pattern``: ``"unstructured"``, ``"block"`` (4x4) or ``"2:4"``),
+    each layer to it (``scope="layer"``) or the chosen layers' weights together
+    (``scope="global"``: one threshold, :meth:`SparseLinear.from_linears`).
 
-    ``"sparse:0.9"``, ``"sparse:0.9:block"``, ``"sparse:2:4"``."""
+    ``"sparse:0.9"``, ``"sparse:0.9:block"``, ``"sparse:2:4"``,
+    ``"sparse:0.9:scope=global"``."""
 
     sparsity: float | None = None
     pattern: str = "unstructured"
+    scope: str = "layer"
     name: ClassVar[str] = "sparse"
     positional: ClassVar[tuple[str, ...]] = ("sparsity", "pattern")
 
     def __post_init__(self) -> None:
+        from ..nn.sparse import SCOPES
         from ..ops.sparse import PATTERNS
 
         if self.pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.pattern == "2:4":
             if self.sparsity not in (None, 0.5):
                 raise ValueError(f"2:4 means sparsity 0.5, got sparsity={self.sparsity!r}")
@@ -276,16 +280,29 @@ class Sparse(Step):
             args = ["pattern=2:4", *args[2:]]
         return super().from_args(args, text)
 
+    def spec(self) -> dict[str, Any]:
+        # Saved manifests of layer-scoped steps stay as they were before scope existed.
+        out = super().spec()
+        if self.scope == "layer":
+            del out["scope"]
+        return out
+
     def __str__(self) -> str:
         if self.pattern == "2:4":
             return "sparse:2:4"
         tail = "" if self.pattern == "unstructured" else f":{self.pattern}"
+        tail += "" if self.scope == "layer" else f":scope={self.scope}"
         return f"sparse:{self.sparsity:g}{tail}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import SparseLinear
 
-        targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
+        targets = ctx.targets((nn.Linear,))
+        if self.scope == "global" and self.pattern != "2:4":
+            layers = SparseLinear.from_linears([m for _, m in targets], self.sparsity, self.pattern)
+            for (fqn, _), layer in zip(targets, layers, strict=True):
+                ctx.replace(fqn, layer)
+            return
         for fqn, m in ctx.progress(targets, "sparse"):
             ctx.replace(fqn, SparseLinear.from_linear(m, self.sparsity, self.pattern))
 
@@ -312,7 +329,7 @@ class LowRank(Step):
         if self.energy is not None:
             self.energy = _fraction("energy", self.energy, lo_open=True, hi_open=False)
         if self.tol is not None:
-            self.tol = _fraction("tol", self.tol, lo_open=True)
+            self.tol = _fraction("tol", self.tol)
         if self.rank is not None and (
             not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1
         ):
@@ -324,11 +341,9 @@ class LowRank(Step):
         return f"lowrank:rank={self.rank}" if self.rank is not None else f"lowrank:tol={self.tol:g}"
 
     def apply(self, ctx: Context) -> None:
-        from ..nn import LowRankLinear
-        from ..nn._module import nbytes_of
+        from ..nn import LowRankLinear, nbytes_of
 
-        targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
-        for fqn, m in ctx.progress(targets, "lowrank"):
+        for fqn, m in ctx.progress(ctx.targets((nn.Linear,)), "lowrank"):
             new = LowRankLinear.from_linear(m, rank=self.rank, energy=self.energy, tol=self.tol)
             if nbytes_of(new) < nbytes_of(m):
                 ctx.replace(fqn, new)
@@ -432,8 +447,7 @@ class Cluster(Step):
     def apply(self, ctx: Context) -> None:
         from ..nn import ClusteredLinear
 
-        targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
-        for fqn, m in ctx.progress(targets, "cluster"):
+        for fqn, m in ctx.progress(ctx.targets((nn.Linear,)), "cluster"):
             new = ClusteredLinear.from_linear(m, self.n_clusters, self.per, mode=self.mode)
             ctx.replace(fqn, new)
 
@@ -469,11 +483,9 @@ class CP(Step):
         return f"cp:{self.energy:g}" if self.energy is not None else f"cp:rank={self.rank}"
 
     def apply(self, ctx: Context) -> None:
-        from ..nn import CPConv2d
-        from ..nn._module import nbytes_of
+        from ..nn import CPConv2d, nbytes_of
 
-        targets = [(f, m) for f, m in ctx.modules((nn.Conv2d,)) if ctx.accept(m, f)]
-        for fqn, m in ctx.progress(targets, "cp"):
+        for fqn, m in ctx.progress(ctx.targets((nn.Conv2d,)), "cp"):
             if m.groups != 1:
                 ctx.skip(fqn, f"groups={m.groups}: already factored by channel")
                 continue
@@ -484,6 +496,55 @@ class CP(Step):
                 ctx.skip(fqn, f"rank {new.rank} would not be smaller than the dense layer")
 
 
+@register_step
+@dataclass
+class Tucker(Step):
+    """Conv2d layers -> :class:`pykernels.nn.TuckerConv2d` (Tucker-2: a 1x1 convolution
+    into ``rank`` channels, the kernel's core, a 1x1 convolution out), at ``rank``
+    for both ranks or at the smallest ranks keeping ``energy`` of each
+    unfolding. Grouped convolutions, padding modes other than zeros and
+    layers whose factors would not be smaller stay as they are (listed as
+    skipped). What :func:`pykernels.factorize` runs on convolutions.
+
+    ``"tucker:0.9"`` (energy), ``"tucker:rank=32"``."""
+
+    energy: float | None = None
+    rank: int | None = None
+    name: ClassVar[str] = "tucker"
+    positional: ClassVar[tuple[str, ...]] = ("energy",)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("energy", "rank") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of energy and rank, got {given or 'none'}")
+        if self.energy is not None:
+            self.energy = _fraction("energy", self.energy, lo_open=True, hi_open=False)
+        if self.rank is not None and (
+            not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1
+        ):
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+
+    def __str__(self) -> str:
+        return f"tucker:{self.energy:g}" if self.energy is not None else f"tucker:rank={self.rank}"
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import TuckerConv2d, nbytes_of
+
+        ranks = None if self.rank is None else (self.rank, self.rank)
+        for fqn, m in ctx.progress(ctx.targets((nn.Conv2d,)), "tucker"):
+            if m.groups != 1:
+                ctx.skip(fqn, f"groups={m.groups}: already factored by channel")
+                continue
+            if m.padding_mode != "zeros":
+                ctx.skip(fqn, f"padding_mode={m.padding_mode!r}: only zero padding factors")
+                continue
+            new = TuckerConv2d.from_conv(m, ranks=ranks, energy=self.energy)
+            if nbytes_of(new) < nbytes_of(m):
+                ctx.replace(fqn, new)
+            else:
+                ctx.skip(fqn, f"ranks {new.ranks} would not be smaller than the dense layer")
+
+
 __all__ = [
     "CP",
     "Cluster",
@@ -492,6 +553,7 @@ __all__ = [
     "PruneStructured",
     "Sparse",
     "Step",
+    "Tucker",
     "from_specs",
     "parse",
     "register_step",

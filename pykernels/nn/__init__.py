@@ -1,5 +1,6 @@
 """Drop-in compressed layers."""
 
+from ._module import nbytes_of
 from .cluster import ClusteredLinear
 from .cp import CPConv2d
 from .embedding import Int8Embedding
@@ -18,6 +19,7 @@ __all__ = [
     "SparseLinear",
     "TuckerConv2d",
     "factorize",
+    "nbytes_of",
     "quantize_int8",
     "sparsify",
 ]

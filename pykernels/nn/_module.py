@@ -1,5 +1,6 @@
 """What the compressed layers share: their byte count, and loading tensors whose
-size depends on the weight (stored values, a chosen rank)."""
+size depends on the weight (stored values, a chosen rank). Which modules of a
+model they replace is :mod:`pykernels.compress.walk`'s business."""
 
 from __future__ import annotations
 
@@ -41,61 +42,11 @@ def take_loaded_sizes(
         setattr(module, name, fresh)
 
 
-# --- swapping layers into a model ----------------------------------------------
-#
-# A conversion (quantize_int8, sparsify, factorize) replaces child modules by
-# compressed layers that have no dense `.weight`. Two torch modules read their
-# Linears' weights directly instead of calling them:
-#
-# - nn.MultiheadAttention passes out_proj.weight (and its in_proj_weight, a bare
-#   parameter) to F.multi_head_attention_forward. Its Linear is left dense:
-#   converting attention would take a module of our own, and a conversion must
-#   never leave a model that fails at forward.
-# - nn.TransformerEncoderLayer (and nn.TransformerEncoder) run a fused
-#   inference path (torch._transformer_encoder_layer_fwd) on linear1.weight and
-#   linear2.weight when they can. Those feed-forward Linears are converted, and
-#   the fused path is turned off for the layers holding them (it would read the
-#   dense weights the layer no longer has): torch takes the module-by-module
-#   path whenever a submodule has a forward hook, and TransformerEncoder honours
-#   use_nested_tensor = False.
+def __getattr__(name: str):
+    # Models pickled whole (torch.save(model)) before the walk moved to
+    # pykernels.compress.walk name its fused-path hook here.
+    if name == "_unfused":
+        from ..compress.walk import _unfused
 
-
-def convertible_children(
-    model: nn.Module, kinds: tuple[type, ...], accept
-) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, name, child) for each child of a type in `kinds` that
-    ``accept(child, fqn)`` takes, leaving out what nn.MultiheadAttention owns."""
-    out = []
-    for fqn, parent in list(model.named_modules()):
-        if isinstance(parent, nn.MultiheadAttention):
-            continue
-        for name, child in list(parent.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            if isinstance(child, kinds) and accept(child, child_fqn):
-                out.append((parent, name, child))
-    return out
-
-
-def _unfused(module, args):  # noqa: ARG001
-    """A forward pre-hook that does nothing: its presence keeps torch's fused
-    transformer path, which reads dense weights, off (see above)."""
-    return None
-
-
-def guard_fused_paths(model: nn.Module) -> None:
-    """After a swap: turn torch's fused transformer paths off where they would
-    read a weight that is no longer dense."""
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoderLayer):
-            for name in ("linear1", "linear2"):
-                child = getattr(m, name, None)
-                if child is not None and not isinstance(child, nn.Linear):
-                    if _unfused not in child._forward_pre_hooks.values():
-                        child.register_forward_pre_hook(_unfused)
-        if isinstance(m, nn.TransformerEncoder):
-            if any(
-                not isinstance(getattr(layer, name, None), (nn.Linear, type(None)))
-                for layer in m.layers
-                for name in ("linear1", "linear2")
-            ):
-                m.use_nested_tensor = False
+        return _unfused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

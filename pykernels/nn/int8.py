@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -12,12 +11,16 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks
 from ..ops.int8 import Int8PackedWeight, check_act_bits
-from ._module import convertible_children, guard_fused_paths, nbytes_of
+from ._module import nbytes_of
 
 MODES = ("dynamic", "weight_only")
 
 
-def _check_act_bits(fn: str, mode: str, act_bits: object) -> int:
+def check_int8_options(fn: str, mode: object, act_bits: object) -> int:
+    """The ``mode`` / ``act_bits`` pair an Int8Linear takes, checked under ``fn``'s name
+    (ValueError / TypeError); returns ``act_bits`` as an int."""
+    if mode not in MODES:
+        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
     bits = check_act_bits(fn, act_bits)
     if bits != 8 and mode != "dynamic":
         raise ValueError(
@@ -66,9 +69,7 @@ class Int8Linear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             _checks.check_int("Int8Linear", name, v, 0)
         bias = _checks.check_bool("Int8Linear", "bias", bias)
-        if mode not in MODES:
-            raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
-        act_bits = _check_act_bits("Int8Linear", mode, act_bits)
+        act_bits = check_int8_options("Int8Linear", mode, act_bits)
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
@@ -241,30 +242,25 @@ def quantize_int8(
     """Replaces every ``nn.Linear`` that ``filter_fn(module, fqn)`` accepts with an Int8Linear.
 
     ``fqn`` is the module's dotted name in ``model`` (``""`` for the model
-    itself). Without ``filter_fn`` every Linear is converted, except the
+    itself). Layers are chosen as the ``"int8"`` recipe step of
+    :func:`pykernels.compress` chooses them (this runs that step, without
+    embeddings): without ``filter_fn`` every Linear is converted, except the
     output projection of ``nn.MultiheadAttention``, which attention reads as
-    a dense weight and which is left as it is (the feed-forward Linears of
-    ``nn.TransformerEncoderLayer`` are converted, with torch's fused
-    inference path turned off for that layer). The model is deep-copied
-    first unless ``inplace=True``; the converted model is returned (an
-    Int8Linear when ``model`` is itself a Linear). ``act_bits=7``: the
+    a dense weight, and Linear subclasses with a ``forward`` of their own,
+    which an Int8Linear would not compute; both are left as they are (the
+    feed-forward Linears of ``nn.TransformerEncoderLayer`` are converted, with
+    torch's fused inference path turned off for that layer). The model is
+    deep-copied first unless ``inplace=True``; the converted model is returned
+    (an Int8Linear when ``model`` is itself a Linear). ``act_bits=7``: the
     opt-in 7-bit activations of :class:`Int8Linear` (faster on AVX2-only CPUs).
     """
+    from ..compress.api import apply_steps
+    from ..compress.recipes import Int8
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"quantize_int8: mode must be one of {MODES}, got {mode!r}")
-    act_bits = _check_act_bits("quantize_int8", mode, act_bits)
+    act_bits = check_int8_options("quantize_int8", mode, act_bits)
     _checks.check_callable("quantize_int8", "filter_fn", filter_fn)
-    if not _checks.check_bool("quantize_int8", "inplace", inplace):
-        model = copy.deepcopy(model)
-
-    def accept(m: nn.Module, fqn: str) -> bool:
-        return isinstance(m, nn.Linear) and (filter_fn is None or bool(filter_fn(m, fqn)))
-
-    if accept(model, ""):
-        return Int8Linear.from_linear(model, mode=mode, act_bits=act_bits)
-    for parent, name, child in convertible_children(model, (nn.Linear,), accept):
-        setattr(parent, name, Int8Linear.from_linear(child, mode=mode, act_bits=act_bits))
-    guard_fused_paths(model)
-    return model
+    inplace = _checks.check_bool("quantize_int8", "inplace", inplace)
+    step = Int8(mode=mode, embeddings=False, act_bits=act_bits)
+    return apply_steps(model, [step], filter_fn, inplace=inplace)

@@ -4,7 +4,6 @@ a model."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from ..ops import _checks
 from ..ops import sparse as sp
-from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
+from ._module import nbytes_of, take_loaded_sizes
 
 SCOPES = ("layer", "global")
 _STRUCTURE = ("values", "col", "row_ptr")  # in sp.check_structure's order
@@ -63,6 +62,48 @@ class SparseLinear(nn.Module):
             w = sp.prune(w, sparsity, pattern)
         block = sp.BLOCK if pattern == "block" else 1
         return cls(sp.to_sparse(w, block), linear.bias, pattern)
+
+    @classmethod
+    def from_linears(
+        cls, linears: list[nn.Linear], sparsity: float, pattern: str = "unstructured"
+    ) -> list[SparseLinear]:
+        """Prunes ``linears`` together: one magnitude threshold across all their weights
+        (as ``torch.nn.utils.prune.global_unstructured``; for ``"block"`` one
+        block-norm threshold), so the layers end up at different densities and
+        their weights as a whole at ``sparsity``. ``"2:4"`` is per group of four,
+        so pruning together is the same as one by one. The layers are not modified.
+        """
+        fn = "SparseLinear.from_linears"
+        if pattern not in sp.PATTERNS:
+            raise ValueError(f"{fn}: pattern must be one of {sp.PATTERNS}")
+        for lin in linears:
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"{fn}: linears must be nn.Linear, got {type(lin).__name__}")
+        if pattern == "2:4":
+            return [cls.from_linear(lin, None, pattern) for lin in linears]
+        sparsity = sp._check_sparsity(fn, sparsity)
+        if not linears:
+            return []
+        if pattern == "unstructured":
+            scores = [lin.weight.detach().abs().float().reshape(-1) for lin in linears]
+        else:
+            scores = [sp.block_norms(lin.weight).reshape(-1) for lin in linears]
+        flat = torch.cat([s.cpu() for s in scores])
+        keep = sp.magnitude_keep(flat, sp._keep_count(flat.numel(), sparsity))
+        block = sp.BLOCK if pattern == "block" else 1
+        out, start = [], 0
+        for lin, s in zip(linears, scores, strict=True):
+            part = keep[start : start + s.numel()]
+            start += s.numel()
+            if pattern == "unstructured":
+                mask = part.view(lin.weight.shape)
+            else:
+                nb, kb = -(-lin.out_features // sp.BLOCK), -(-lin.in_features // sp.BLOCK)
+                mask = sp.expand_block_mask(part.view(nb, kb), *lin.weight.shape)
+            w = lin.weight.detach()
+            pruned = torch.where(mask.to(w.device), w, torch.zeros_like(w))
+            out.append(cls(sp.to_sparse(pruned, block), lin.bias, pattern))
+        return out
 
     def sparse_weight(self) -> sp.SparseWeight:
         return sp.SparseWeight(
@@ -137,11 +178,16 @@ def sparsify(
     one block-norm threshold), so layers end up with different densities and
     the selected weights as a whole have ``sparsity``. 2:4 is per group of
     four, so its scope does not matter, and its sparsity is 0.5: ``sparsity``
-    must then be 0.5 or None (anything else is refused). The output
-    projection of ``nn.MultiheadAttention`` is left dense (attention reads
-    its weight directly); see :func:`pykernels.quantize_int8`. Deep-copies the model unless
+    must then be 0.5 or None (anything else is refused). Layers are chosen
+    as the ``"sparse"`` recipe step chooses them (this runs that step): the
+    output projection of ``nn.MultiheadAttention`` and Linear subclasses with
+    their own ``forward`` are left as they are; see
+    :func:`pykernels.quantize_int8`. Deep-copies the model unless
     ``inplace=True``; returns the converted model.
     """
+    from ..compress.api import apply_steps
+    from ..compress.recipes import Sparse
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
     if pattern not in sp.PATTERNS:
@@ -158,40 +204,5 @@ def sparsify(
         raise ValueError(
             f"sparsify: the 2:4 pattern has sparsity 0.5, got sparsity={sparsity}; pass 0.5 or None"
         )
-    if not inplace:
-        model = copy.deepcopy(model)
-
-    def accept(m: nn.Module, fqn: str) -> bool:
-        return isinstance(m, nn.Linear) and (filter_fn is None or bool(filter_fn(m, fqn)))
-
-    if accept(model, ""):
-        return SparseLinear.from_linear(model, sparsity if pattern != "2:4" else None, pattern)
-    targets = convertible_children(model, (nn.Linear,), accept)
-    block = sp.BLOCK if pattern == "block" else 1
-    masks = None
-    if scope == "global" and pattern != "2:4" and targets:
-        if pattern == "unstructured":
-            scores = [c.weight.detach().abs().float().reshape(-1) for _, _, c in targets]
-        else:
-            scores = [sp.block_norms(c.weight).reshape(-1) for _, _, c in targets]
-        flat = torch.cat([s.cpu() for s in scores])
-        keep = sp.magnitude_keep(flat, sp._keep_count(flat.numel(), sparsity))
-        masks, start = [], 0
-        for (_, _, c), s in zip(targets, scores, strict=False):
-            part = keep[start : start + s.numel()]
-            start += s.numel()
-            if pattern == "unstructured":
-                masks.append(part.view(c.weight.shape))
-            else:
-                nb, kb = -(-c.out_features // sp.BLOCK), -(-c.in_features // sp.BLOCK)
-                masks.append(sp.expand_block_mask(part.view(nb, kb), *c.weight.shape))
-    for i, (parent, name, child) in enumerate(targets):
-        if masks is not None:
-            w = child.weight.detach()
-            pruned = torch.where(masks[i].to(w.device), w, torch.zeros_like(w))
-            layer = SparseLinear(sp.to_sparse(pruned, block), child.bias, pattern)
-        else:
-            layer = SparseLinear.from_linear(child, sparsity if pattern != "2:4" else None, pattern)
-        setattr(parent, name, layer)
-    guard_fused_paths(model)
-    return model
+    step = Sparse(sparsity if pattern != "2:4" else None, pattern, scope)
+    return apply_steps(model, [step], filter_fn, inplace=inplace)

@@ -4,7 +4,6 @@ model where they are smaller."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from ..ops import _checks
 from ..ops import svd as ops_svd
-from ._module import convertible_children, guard_fused_paths, nbytes_of, take_loaded_sizes
+from ._module import nbytes_of, take_loaded_sizes
 
 
 def _one_of(fn: str, rank, energy, tol) -> None:
@@ -240,38 +239,22 @@ def factorize(
 
     Exactly one of ``rank``, ``energy``, ``tol``. Convolutions take ``rank``
     as both Tucker ranks, or ``energy``; with ``tol`` they are left alone.
-    A layer whose factorization would not be smaller than the original is
-    left alone, and so is the output projection of ``nn.MultiheadAttention``
-    (see :func:`pykernels.quantize_int8`). Deep-copies the model unless
-    ``inplace=True``.
+    This runs the ``"lowrank"`` recipe step, then the ``"tucker"`` one, which
+    choose layers as :func:`pykernels.compress` does: a layer whose
+    factorization would not be smaller than the original is left alone, and
+    so are the output projection of ``nn.MultiheadAttention`` and subclasses
+    with their own ``forward`` (see :func:`pykernels.quantize_int8`).
+    Deep-copies the model unless ``inplace=True``.
     """
+    from ..compress.api import apply_steps
+    from ..compress.recipes import LowRank, Tucker
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"factorize: model must be an nn.Module, got {type(model).__name__}")
     _one_of("factorize", rank, energy, tol)
     _checks.check_callable("factorize", "filter_fn", filter_fn)
-    if not _checks.check_bool("factorize", "inplace", inplace):
-        model = copy.deepcopy(model)
-
-    def convert(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, nn.Linear):
-            new = LowRankLinear.from_linear(m, rank=rank, energy=energy, tol=tol)
-        elif isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":
-            if tol is not None:
-                return None
-            ranks = None if rank is None else (rank, rank)
-            new = TuckerConv2d.from_conv(m, ranks=ranks, energy=energy)
-        else:
-            return None
-        return new if nbytes_of(new) < nbytes_of(m) else None
-
-    def accept(m: nn.Module, fqn: str) -> bool:
-        return filter_fn is None or bool(filter_fn(m, fqn))
-
-    if isinstance(model, (nn.Linear, nn.Conv2d)) and accept(model, ""):
-        return convert(model) or model
-    for parent, name, child in convertible_children(model, (nn.Linear, nn.Conv2d), accept):
-        new = convert(child)
-        if new is not None:
-            setattr(parent, name, new)
-    guard_fused_paths(model)
-    return model
+    inplace = _checks.check_bool("factorize", "inplace", inplace)
+    steps = [LowRank(energy=energy, rank=rank, tol=tol)]
+    if tol is None:
+        steps.append(Tucker(energy=energy, rank=rank))
+    return apply_steps(model, steps, filter_fn, inplace=inplace)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .ops import sparse as sp
+from ..ops import sparse as sp
 
 __all__ = ["GradualPruning", "Polynomial"]
 
@@ -163,7 +163,7 @@ class GradualPruning:
     def finish(self) -> nn.Module:
         """Applies the final masks and swaps each pruned layer for a SparseLinear
         (in place); returns the model."""
-        from .nn import SparseLinear
+        from ..nn import SparseLinear
 
         final = self.schedule.final
         with torch.no_grad():

@@ -15,22 +15,56 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
-from .nn.int8 import MODES
-from .nn.qat import QATLinear
+from ..compress.api import apply_steps
+from ..compress.context import Context
+from ..compress.recipes import Step, register_step
+from ..nn.int8 import MODES
+from ..nn.qat import QATLinear
 
-__all__ = ["QATLinear", "convert", "prepare"]
+__all__ = ["QAT", "QATLinear", "convert", "prepare"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _children(model: nn.Module):
-    """(parent, name, child, fqn) for every submodule, outermost first."""
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            yield parent, name, child, (f"{fqn}.{name}" if fqn else name)
+@register_step
+@dataclass
+class QAT(Step):
+    """Linear layers -> :class:`QATLinear`, ready for quantization-aware fine-tuning
+    (``"prune:0.3+qat"``); :func:`convert` afterwards gives the int8 model."""
+
+    mode: str = "dynamic"
+    name: ClassVar[str] = "qat"
+    positional: ClassVar[tuple[str, ...]] = ("mode",)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def apply(self, ctx: Context) -> None:
+        for fqn, m in ctx.progress(ctx.targets((nn.Linear,)), "qat"):
+            # QATLinear shares the Linear's own parameters: only a plain one has
+            # exactly the parameters and forward it assumes.
+            if type(m) is nn.Linear:
+                ctx.replace(fqn, QATLinear.from_linear(m, mode=self.mode))
+            else:
+                ctx.skip(fqn, f"{type(m).__name__} is not a plain nn.Linear")
+
+
+@dataclass
+class _ToInt8(Step):
+    """What :func:`convert` runs: each QATLinear -> its Int8Linear. Not a recipe step
+    (a recipe never holds a trained QAT model), so not registered."""
+
+    name: ClassVar[str] = "qat-convert"
+
+    def apply(self, ctx: Context) -> None:
+        for fqn, m in ctx.targets((QATLinear,)):
+            ctx.replace(fqn, m.to_int8())
 
 
 def prepare(
@@ -49,7 +83,10 @@ def prepare(
     embedding, a Linear subclass such as attention's ``out_proj``, an
     already compressed layer) raises TypeError, since there is no int8 layer
     for it to become. ``mode``: ``"dynamic"`` (W8A8, activations per token)
-    or ``"weight_only"`` (W8A16). The model is deep-copied first unless
+    or ``"weight_only"`` (W8A16). The layers are chosen and swapped by the
+    ``"qat"`` recipe step, as :func:`pykernels.compress` does (torch's fused
+    transformer path, which would skip the fake quantization, is turned off
+    where it would read a QATLinear). The model is deep-copied first unless
     ``inplace=True``. Returns the prepared model (a QATLinear when ``model``
     is itself a Linear). Build the optimizer after preparing.
     """
@@ -87,12 +124,13 @@ def prepare(
         )
     if not inplace:
         model = copy.deepcopy(model)
-    if accept(model, ""):
-        return QATLinear.from_linear(model, mode=mode)
-    for parent, name, child, fqn in _children(model):
-        if accept(child, fqn):
-            setattr(parent, name, QATLinear.from_linear(child, mode=mode))
-    return model
+    if filter_fn is not None:
+        # The walk asks only about Linears; a filter that takes a convolution or
+        # a compressed layer is a mistake to report, not a layer to skip.
+        for fqn, m in model.named_modules():
+            if not isinstance(m, nn.Linear):
+                accept(m, fqn)
+    return apply_steps(model, [QAT(mode)], accept, inplace=True)
 
 
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -105,65 +143,4 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     if not any(isinstance(m, QATLinear) for m in model.modules()):
         raise ValueError("convert: model holds no QATLinear (call pykernels.qat.prepare first)")
-    if not inplace:
-        model = copy.deepcopy(model)
-    if isinstance(model, QATLinear):
-        return model.to_int8()
-    for parent, name, child, _ in _children(model):
-        if isinstance(child, QATLinear):
-            setattr(parent, name, child.to_int8())
-    return model
-
-
-# --- save / load and the recipe step ---------------------------------------------
-
-
-def _register() -> None:
-    from dataclasses import dataclass
-    from typing import ClassVar
-
-    from .compress.kinds import dtype_name, dtype_of, register_kind
-    from .compress.recipes import Step, register_step
-
-    def describe(m: QATLinear) -> dict:
-        return {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-            "mode": m.mode,
-            "dtype": dtype_name(m.weight.dtype),
-        }
-
-    def build(c: dict) -> nn.Module:
-        return QATLinear(
-            c["in_features"], c["out_features"], c["bias"], c["mode"], dtype=dtype_of(c["dtype"])
-        )
-
-    register_kind(QATLinear, describe, build)
-
-    @register_step
-    @dataclass
-    class QAT(Step):
-        """Linear layers -> :class:`QATLinear`, ready for quantization-aware fine-tuning
-        (``"prune:0.3+qat"``); :func:`convert` afterwards gives the int8 model."""
-
-        mode: str = "dynamic"
-        name: ClassVar[str] = "qat"
-        positional: ClassVar[tuple[str, ...]] = ("mode",)
-
-        def __post_init__(self) -> None:
-            if self.mode not in MODES:
-                raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-
-        def apply(self, ctx) -> None:
-            targets = [(f, m) for f, m in ctx.modules((nn.Linear,)) if ctx.accept(m, f)]
-            for fqn, m in ctx.progress(targets, "qat"):
-                if type(m) is nn.Linear:
-                    ctx.replace(fqn, QATLinear.from_linear(m, mode=self.mode))
-                else:
-                    ctx.skip(fqn, f"{type(m).__name__} is not a plain nn.Linear")
-
-    globals()["QAT"] = QAT
-
-
-_register()
+    return apply_steps(model, [_ToInt8()], inplace=inplace)

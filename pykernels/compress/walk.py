@@ -1,0 +1,118 @@
+"""Which modules of a model a step may replace: the one walk that every recipe
+step, ``pk.quantize_int8`` / ``pk.sparsify`` / ``pk.factorize`` and
+``pk.qat.prepare`` / ``convert`` go through.
+
+A replacement layer (Int8Linear, SparseLinear, ...) has no dense ``.weight``
+and computes what the module it replaces computes when *called*. The walk
+leaves alone, and names the reason for, the modules where that is not enough:
+
+- a module whose owner reads its tensors instead of calling it:
+  ``nn.MultiheadAttention`` passes ``out_proj.weight`` (and
+  ``in_proj_weight``, a bare parameter) to ``F.multi_head_attention_forward``.
+  Converting attention would take a module of our own, and a conversion must
+  never leave a model that fails at forward;
+- a subclass that computes something else than its torch base (its own
+  ``forward``, a scaled or gated Linear): the replacement would compute the
+  base's function and silently drop the subclass's.
+
+``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) run a fused
+inference path (``torch._transformer_encoder_layer_fwd``) on
+``linear1.weight`` and ``linear2.weight`` when they can. Those feed-forward
+Linears are converted, and :func:`guard_fused_paths` turns the fused path off
+for the layers holding them: torch takes the module-by-module path whenever a
+submodule has a forward hook, and ``TransformerEncoder`` honours
+``use_nested_tensor = False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+Accept = Callable[[nn.Module, str], bool]
+
+# What a module's computation is made of, beyond its tensors: a subclass that
+# overrides none of these computes what its base computes.
+_COMPUTE = ("forward", "_conv_forward", "__call__")
+
+
+def candidates(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    """(fqn, module) for every module of one of ``types`` (the model itself included),
+    each once, outermost first; modules inside a match are not visited."""
+    out: list[tuple[str, nn.Module]] = []
+    for fqn, m in model.named_modules():
+        if any(f == "" or fqn.startswith(f + ".") for f, _ in out):
+            continue
+        if isinstance(m, types):
+            out.append((fqn, m))
+    return out
+
+
+def why_not(model: nn.Module, fqn: str, module: nn.Module, types: tuple[type, ...]) -> str | None:
+    """Why replacing ``module`` (at ``fqn`` of ``model``) by a layer standing for one of
+    ``types`` would change what the model computes; None when it would not."""
+    base = next(t for t in types if isinstance(module, t))
+    if type(module) is not base:
+        own = [n for n in _COMPUTE if getattr(type(module), n, None) is not getattr(base, n, None)]
+        if own:
+            return (
+                f"{type(module).__name__} overrides {base.__name__}.{own[0]}: a replacement "
+                f"would compute a plain {base.__name__}"
+            )
+    parts = fqn.split(".") if fqn else []
+    for i in range(len(parts) - 1, -1, -1):
+        owner_fqn = ".".join(parts[:i])
+        owner = model.get_submodule(owner_fqn) if owner_fqn else model
+        if isinstance(owner, nn.MultiheadAttention):
+            return "its nn.MultiheadAttention reads the weight directly instead of calling it"
+    return None
+
+
+def targets(
+    model: nn.Module, types: tuple[type, ...], accept: Accept
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The :func:`candidates` that ``accept(module, fqn)`` takes and that can be
+    replaced exactly, and (fqn, reason) for those it takes that cannot.
+
+    ``accept`` is asked first, so a module the caller did not ask for is never
+    reported, and an ``accept`` that raises for a module it must not take
+    (``pk.qat.prepare``'s filter) sees every candidate.
+    """
+    ok: list[tuple[str, nn.Module]] = []
+    skipped: list[tuple[str, str]] = []
+    for fqn, m in candidates(model, types):
+        if not accept(m, fqn):
+            continue
+        reason = why_not(model, fqn, m, types)
+        if reason is None:
+            ok.append((fqn, m))
+        else:
+            skipped.append((fqn, reason))
+    return ok, skipped
+
+
+def _unfused(module, args):  # noqa: ARG001
+    """A forward pre-hook that does nothing: its presence keeps torch's fused
+    transformer path, which reads dense weights, off (see the module docstring)."""
+    return None
+
+
+def guard_fused_paths(model: nn.Module) -> None:
+    """After a swap: turn torch's fused transformer paths off where they would
+    read a weight that is no longer dense (or, for a QATLinear, would skip its
+    fake quantization)."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer):
+            for name in ("linear1", "linear2"):
+                child = getattr(m, name, None)
+                if child is not None and not isinstance(child, nn.Linear):
+                    if _unfused not in child._forward_pre_hooks.values():
+                        child.register_forward_pre_hook(_unfused)
+        if isinstance(m, nn.TransformerEncoder):
+            if any(
+                not isinstance(getattr(layer, name, None), (nn.Linear, type(None)))
+                for layer in m.layers
+                for name in ("linear1", "linear2")
+            ):
+                m.use_nested_tensor = False
