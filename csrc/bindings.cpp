@@ -46,7 +46,7 @@ T* optional_data_of(py::object& a, const char* name, int64_t n, bool writable) {
 
 void topk_sparsify(py::array x, int dtype, int64_t k, bool approx, py::object residual,
                    py::array values, py::array indices) {
-  using pk::topk::DType;
+  using pk::DType;
   pk::topk::Args a;
   a.dtype = static_cast<DType>(dtype);
   a.n = x.size();
@@ -69,7 +69,7 @@ void topk_sparsify(py::array x, int dtype, int64_t k, bool approx, py::object re
 // uint16 for f16/bf16), codes uint8 packed, scales fp32, residual fp32 or None.
 void quantize_buckets(py::array x, int dtype, int bits, int64_t bucket, bool stochastic,
                       uint64_t seed, py::object residual, py::array codes, py::array scales) {
-  using pk::quant::DType;
+  using pk::DType;
   pk::quant::QuantizeArgs a;
   a.dtype = static_cast<DType>(dtype);
   a.n = x.size();
@@ -194,11 +194,11 @@ void fake_quant_backward(py::array grad, py::array mask, py::array out) {
   pk::qat::fake_quant_backward_cpu(pg, pm, n, po);
 }
 
-// A float matrix of element type `code` (FType: fp32, or fp16/bf16 as uint16).
+// A float matrix of element type `code` (DType: fp32, or fp16/bf16 as uint16).
 void* float_matrix(py::array& a, const char* name, int code, int64_t* rows, int64_t* cols,
                    int64_t* ld, bool writable) {
-  if (code == int(pk::int8::FType::f32)) return matrix<float>(a, name, rows, cols, ld, writable);
-  if (code == int(pk::int8::FType::f16) || code == int(pk::int8::FType::bf16))
+  if (code == int(pk::DType::f32)) return matrix<float>(a, name, rows, cols, ld, writable);
+  if (code == int(pk::DType::f16) || code == int(pk::DType::bf16))
     return matrix<uint16_t>(a, name, rows, cols, ld, writable);
   throw std::invalid_argument(std::string(name) + ": unknown float type code");
 }
@@ -226,8 +226,8 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
   py::gil_scoped_release nogil;
-  pk::int8::linear_dynamic_cpu(px, pk::int8::FType(xt), m, k, ldx, pp, pc, ps, pb, n, py_,
-                               pk::int8::FType(yt), act_bits);
+  pk::int8::linear_dynamic_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, py_, pk::DType(yt),
+                               act_bits);
 }
 
 void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py::object bias,
@@ -242,8 +242,7 @@ void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py:
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
   py::gil_scoped_release nogil;
-  pk::int8::linear_weight_only_cpu(px, pk::int8::FType(xt), m, k, ldx, pw, ps, pb, n, py_,
-                                   pk::int8::FType(yt));
+  pk::int8::linear_weight_only_cpu(px, pk::DType(xt), m, k, ldx, pw, ps, pb, n, py_, pk::DType(yt));
 }
 
 void cluster_linear(py::array x, py::array codes, py::array codebook, py::object bias, int bits,

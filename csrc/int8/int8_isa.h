@@ -25,7 +25,7 @@ struct PackedGemm {
   const float* a_scale;
   const float* b_scale;
   const float* bias;
-  FType yt;
+  DType yt;
   // Non-null only for a table with a7_zp (7-bit activations): a holds q + zp
   // in [0, 127] (unsigned, never biased) and the kernel subtracts
   // a_zp[row] * comp[col] / 128 (= zp * sum_k w) instead of comp.
@@ -68,12 +68,12 @@ struct GemmKernels {
                int64_t p0, int64_t p1);
   // Rows [r0, r1) of x quantized as quantize_per_row does, stored in rows of
   // ldq bytes in this table's activation format (the bytes past k zero in it).
-  void (*quantize_a)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+  void (*quantize_a)(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                      float* scale, int64_t r0, int64_t r1);
   // Weight-only linear for output columns [n0, n1): x is M x K fp32 (row
   // stride k), w row-major N x K int8; wf is 4 * k floats of scratch.
   void (*weight_only)(const float* x, int64_t m, int64_t k, const int8_t* w, const float* w_scale,
-                      const float* bias, void* y, FType yt, int64_t n, int64_t n0, int64_t n1,
+                      const float* bias, void* y, DType yt, int64_t n, int64_t n0, int64_t n1,
                       float* wf);
   // Activation format of gemm_packed and quantize_a: false, unsigned bytes
   // a + 128 (the weight compensation comp is subtracted); true, signed bytes
@@ -95,7 +95,7 @@ struct GemmKernels {
   // stored in this table's activation format (q + 128, or q) and zp is not
   // written; with it, as q + zp with zp[r] written, for gemm_packed with
   // PackedGemm::a_zp (see there).
-  void (*quantize_a7)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+  void (*quantize_a7)(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                       float* scale, int32_t* zp, int64_t r0, int64_t r1);
   bool a7_zp;
 };

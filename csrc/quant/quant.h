@@ -40,10 +40,10 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace pk {
 namespace quant {
-
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
 
 constexpr int64_t kMaxBucket = int64_t(1) << 20;
 

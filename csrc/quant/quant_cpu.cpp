@@ -134,7 +134,6 @@ void quantize_cpu(const QuantizeArgs& a) {
   const uint64_t key = splitmix64(a.seed);
   const uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
   const int esize = a.dtype == DType::f32 ? 4 : 2;
-  const int32_t dt = int32_t(a.dtype);
   for_each_group(a.n, a.bucket, [&](int64_t b0, int64_t b1) {
     const int64_t g0 = b0 * a.bucket, g1 = std::min(a.n, b1 * a.bucket);
     thread_local std::vector<uint8_t> tmp;
@@ -148,7 +147,7 @@ void quantize_cpu(const QuantizeArgs& a) {
       const void* x = static_cast<const char*>(a.x) + s * esize;
       float* r = a.residual ? a.residual + s : nullptr;
       uint8_t* c = codes + (s - g0);
-      const uint32_t amax_bits = k->absmax_bits(x, dt, r, len);
+      const uint32_t amax_bits = k->absmax_bits(x, a.dtype, r, len);
       float amax;
       std::memcpy(&amax, &amax_bits, 4);
       const float inv = float(lim) / amax;
@@ -164,7 +163,7 @@ void quantize_cpu(const QuantizeArgs& a) {
       a.scales[b] = scale;
       // With error feedback y = x + r is in r now, in fp32.
       const void* src = r ? static_cast<const void*>(r) : x;
-      const int32_t sdt = r ? 0 : dt;
+      const DType sdt = r ? DType::f32 : a.dtype;
       // The generator's high index word changes every 2^32 elements.
       for (int64_t p = s; p < e;) {
         const int64_t q = std::min(e, ((p >> 32) + 1) << 32);

@@ -165,8 +165,7 @@ class Selector {
     parallel(nt_, [&](int t) {
       int64_t b, e;
       range(t, &b, &e);
-      kern_->collect_ef(a_.x, int32_t(a_.dtype), a_.residual, b, e, kNoCandidates, &dummy_b,
-                        &dummy_i, 0);
+      kern_->collect_ef(a_.x, a_.dtype, a_.residual, b, e, kNoCandidates, &dummy_b, &dummy_i, 0);
     });
     to_residual_view();
   }
@@ -187,7 +186,7 @@ class Selector {
       int64_t* oi = idx_ + off_[i];
       int64_t f;
       if (fused)
-        f = kern_->collect_ef(a_.x, int32_t(a_.dtype), a_.residual, b, e, t, ob, oi, cap_[i]);
+        f = kern_->collect_ef(a_.x, a_.dtype, a_.residual, b, e, t, ob, oi, cap_[i]);
       else if (u16_)
         f = kern_->collect_u16(static_cast<const uint16_t*>(src_), b, e, t, ob, oi, cap_[i]);
       else
