@@ -3,6 +3,7 @@
 // so no scalar conversion or rounding code is compiled here.
 #include <immintrin.h>
 
+#include "../common/hash.h"
 #include "quant_isa.h"
 
 namespace pk {
@@ -32,11 +33,12 @@ inline void copy_bytes(void* dst, const void* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = s[i];
 }
 
+// common/hash.h's lowbias32 on 8 lanes.
 inline __m256i lowbias32(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(kLowbias32Mul1)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x846ca68bu)));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(kLowbias32Mul2)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
   return h;
 }

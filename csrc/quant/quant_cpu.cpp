@@ -8,6 +8,7 @@
 
 #include "../common/checks.h"
 #include "../common/cpu_features.h"
+#include "../common/hash.h"
 #include "../common/parallel.h"
 #include "quant.h"
 #include "quant_isa.h"
@@ -45,22 +46,6 @@ int64_t group_buckets(int64_t bucket) {
   int64_t g = std::max<int64_t>(1, kGroupTarget / bucket);
   while ((g * bucket) % 8 != 0) ++g;
   return g;
-}
-
-uint32_t lowbias32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x7feb352du;
-  h ^= h >> 15;
-  h *= 0x846ca68bu;
-  h ^= h >> 16;
-  return h;
-}
-
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
 }
 
 // Codes of 8 / bits elements per byte, element i at bit offset i * bits.

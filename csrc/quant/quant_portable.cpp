@@ -2,6 +2,7 @@
 // baseline the build targets. The reference semantics of quant.h, element by
 // element.
 #include "../common/half.h"
+#include "../common/hash.h"
 #include "quant_isa.h"
 
 namespace pk {
@@ -17,15 +18,6 @@ inline float load(const void* x, DType dtype, int64_t j) {
     default:
       return static_cast<const float*>(x)[j];
   }
-}
-
-inline uint32_t lowbias32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x7feb352du;
-  h ^= h >> 15;
-  h *= 0x846ca68bu;
-  h ^= h >> 16;
-  return h;
 }
 
 uint32_t absmax_bits(const void* x, DType dtype, float* r, int64_t len) {

@@ -23,6 +23,7 @@
 #include "../common/checks.h"
 #include "../common/cpu_features.h"
 #include "../common/half.h"
+#include "../common/hash.h"
 #include "../common/parallel.h"
 #include "topk.h"
 #include "topk_isa.h"
@@ -85,12 +86,6 @@ struct Buffers {
     size = n;
   }
 };
-
-uint64_t mix(uint64_t z) {  // splitmix64 finaliser
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 float to_f32(const void* x, DType dt, int64_t i) {
   switch (dt) {
@@ -228,7 +223,7 @@ class Selector {
     for (int64_t j = 0; j < runs; ++j) {
       const int64_t slack = stride - kSampleRun + 1;
       const int64_t start =
-          (j * stride + int64_t(mix(uint64_t(j)) % uint64_t(slack))) & ~int64_t(15);
+          (j * stride + int64_t(splitmix64_mix(uint64_t(j)) % uint64_t(slack))) & ~int64_t(15);
       for (int64_t q = 0; q < kSampleRun; ++q) keys[j * kSampleRun + q] = key_at(start + q);
     }
     const double e = double(a_.k) * double(m) / double(a_.n);
