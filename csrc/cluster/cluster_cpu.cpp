@@ -104,9 +104,18 @@ void linear_cpu(const float* x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     run_dynamic(kern, x, m, k, ldx, codes, bits, codebook, n_clusters, per_row, bias, n, y);
     return;
   }
-  Args a{
-      x,          m,    k, ldx, codes, code_row_bytes(k, bits), codebook, per_row ? n_clusters : 0,
-      n_clusters, bias, n, y};
+  const Args a{.x = x,
+               .m = m,
+               .k = k,
+               .ldx = ldx,
+               .codes = codes,
+               .code_ld = code_row_bytes(k, bits),
+               .codebook = codebook,
+               .cb_ld = per_row ? n_clusters : 0,
+               .nc = n_clusters,
+               .bias = bias,
+               .n = n,
+               .y = y};
   // Blocks of 4 channels (the kernels' widest tile); at least 64 per thread
   // so each thread streams a long run of codes.
   const int nt = std::max(

@@ -541,9 +541,14 @@ void quantize_u7(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* qu, i
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx2() {
-  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed, &pack_generic, &quantize_s8,
-                                 &weight_only_generic,   true,         false,         nullptr,
-                                 &quantize_u7,           true};
+  static const GemmKernels table{.gemm = &gemm_rowmajor_generic,
+                                 .gemm_packed = &gemm_packed,
+                                 .pack = &pack_generic,
+                                 .quantize_a = &quantize_s8,
+                                 .weight_only = &weight_only_generic,
+                                 .signed_a = true,
+                                 .quantize_a7 = &quantize_u7,
+                                 .a7_zp = true};
   return &table;
 }
 

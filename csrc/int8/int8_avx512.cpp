@@ -372,9 +372,14 @@ void quantize_u8_a7(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q,
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx512_vnni() {
-  static const GemmKernels table{
-      &gemm, &gemm_packed, &pack,   &quantize_u8,    &weight_only_generic,
-      false, false,        nullptr, &quantize_u8_a7, false};
+  static const GemmKernels table{.gemm = &gemm,
+                                 .gemm_packed = &gemm_packed,
+                                 .pack = &pack,
+                                 .quantize_a = &quantize_u8,
+                                 .weight_only = &weight_only_generic,
+                                 .signed_a = false,
+                                 .quantize_a7 = &quantize_u8_a7,
+                                 .a7_zp = false};
   return &table;
 }
 

@@ -234,7 +234,8 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
         for (int64_t p = 0; p < k; ++p) dst[p] = uint8_t(src[p]) ^ 0x80;
         for (int64_t p = k; p < ldu; ++p) dst[p] = 128;
       });
-      PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, DType::f32};
+      const PackedGemm g{
+          .a = au, .lda = ldu, .b = bp, .kp = kp, .comp = comp, .n = n, .c = c, .ldc = ldc};
       run_packed(kern, g, m);
       return;
     }
@@ -253,7 +254,8 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
       for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
       flag[i] = uint8_t(any);
     });
-    PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, DType::f32};
+    const PackedGemm g{
+        .a = au, .lda = ldu, .b = bp, .kp = kp, .comp = comp, .n = n, .c = c, .ldc = ldc};
     run_packed(kern, g, m);
     std::vector<int64_t> rows;
     for (int64_t i = 0; i < m; ++i)
@@ -269,7 +271,8 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
       for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
     }
     std::vector<int32_t> ce(static_cast<size_t>(me * n));
-    PackedGemm ge{au, ldu, bp, kp, comp, n, ce.data(), n, nullptr, nullptr, nullptr, DType::f32};
+    const PackedGemm ge{
+        .a = au, .lda = ldu, .b = bp, .kp = kp, .comp = comp, .n = n, .c = ce.data(), .ldc = n};
     run_packed(kern, ge, me);
     parallel_for(0, me, std::max(1, int(std::min<int64_t>(nt, me))), [&](int64_t r) {
       int32_t* cr = c + rows[r] * ldc;
@@ -304,8 +307,19 @@ void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t l
   float* xs = scratch<float>(0, m);
   int32_t* zp = act_bits == 7 ? scratch<int32_t>(3, m) : nullptr;
   quantize_rows(kern, x, xt, m, k, ldx, q, ldq, xs, zp);
-  PackedGemm g{q, ldq, packed, kp, comp, n, y, n, xs, w_scale, bias, yt};
-  if (zp && kern->a7_zp) g.a_zp = zp;
+  const PackedGemm g{.a = q,
+                     .lda = ldq,
+                     .b = packed,
+                     .kp = kp,
+                     .comp = comp,
+                     .n = n,
+                     .c = y,
+                     .ldc = n,
+                     .a_scale = xs,
+                     .b_scale = w_scale,
+                     .bias = bias,
+                     .yt = yt,
+                     .a_zp = zp && kern->a7_zp ? zp : nullptr};
   run_packed(kern, g, m);
 }
 

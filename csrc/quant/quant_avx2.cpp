@@ -215,7 +215,8 @@ void dequantize(const uint8_t* codes, int64_t len, float scale, int32_t lim, flo
 }  // namespace
 
 const Kernels* kernels_avx2() {
-  static const Kernels table{&absmax_bits, &quantize, &dequantize};
+  static const Kernels table{
+      .absmax_bits = &absmax_bits, .quantize = &quantize, .dequantize = &dequantize};
   return &table;
 }
 

@@ -113,7 +113,9 @@ int64_t collect_ef(const void* x, DType dtype, float* r, int64_t b, int64_t e, u
 
 template <class Ops>
 const ScanKernels* make_scan_kernels() {
-  static const ScanKernels table{&collect_u32<Ops>, &collect_u16<Ops>, &collect_ef<Ops>};
+  static const ScanKernels table{.collect_u32 = &collect_u32<Ops>,
+                                 .collect_u16 = &collect_u16<Ops>,
+                                 .collect_ef = &collect_ef<Ops>};
   return &table;
 }
 
