@@ -279,7 +279,7 @@ void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
 
 }  // namespace
 
-const Kernels* kernels_avx512() {
+const Kernels* kernels_avx512_vnni() {
   static const Kernels table{.linear4 = &linear4,
                              .linear8 = &linear_generic<8>,
                              .dynamic4 = &dynamic4,

@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
 #include "cluster.h"
@@ -15,13 +15,10 @@ namespace cluster {
 namespace {
 
 const Kernels* kernels() {
-#ifdef PK_HAVE_AVX512
-  if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return kernels_avx512();
-#endif
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return kernels_avx2();
-#endif
-  return kernels_portable();
+  static const IsaPick<Kernels> pick({.portable = &kernels_portable,
+                                      .avx2 = PK_ISA_AVX2(&kernels_avx2),
+                                      .avx512_vnni = PK_ISA_AVX512(&kernels_avx512_vnni)});
+  return pick();
 }
 
 void run_dynamic(const Kernels* kern, const float* x, int64_t m, int64_t k, int64_t ldx,

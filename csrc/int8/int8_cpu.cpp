@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
 #include "../common/half.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
 #include "int8.h"
@@ -83,16 +83,11 @@ void quantize_per_row7_cpu(const float* x, int64_t rows, int64_t cols, int64_t l
 namespace {
 
 const GemmKernels* kernels() {
-#ifdef PK_HAVE_AMX
-  if (active_isa() >= Isa::amx && has_avx512_vnni()) return gemm_kernels_amx();
-#endif
-#ifdef PK_HAVE_AVX512
-  if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return gemm_kernels_avx512_vnni();
-#endif
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return gemm_kernels_avx2();
-#endif
-  return gemm_kernels_portable();
+  static const IsaPick<GemmKernels> pick({.portable = &gemm_kernels_portable,
+                                          .avx2 = PK_ISA_AVX2(&gemm_kernels_avx2),
+                                          .avx512_vnni = PK_ISA_AVX512(&gemm_kernels_avx512_vnni),
+                                          .amx = PK_ISA_AMX(&gemm_kernels_amx)});
+  return pick();
 }
 
 // Below this many rows the AMX table hands a packed GEMM to the AVX-512

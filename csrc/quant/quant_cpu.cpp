@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
 #include "../common/hash.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "quant.h"
 #include "quant_isa.h"
@@ -24,10 +24,9 @@ constexpr int64_t kGroupTarget = 16384;
 constexpr int64_t kGrain = int64_t(1) << 16;  // elements per thread, at least
 
 const Kernels* kernels() {
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return kernels_avx2();
-#endif
-  return kernels_portable();
+  static const IsaPick<Kernels> pick(
+      {.portable = &kernels_portable, .avx2 = PK_ISA_AVX2(&kernels_avx2)});
+  return pick();
 }
 
 void check_common(int64_t n, int32_t bits, int64_t bucket) {

@@ -21,9 +21,9 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
 #include "../common/half.h"
 #include "../common/hash.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "topk.h"
 #include "topk_isa.h"
@@ -53,26 +53,11 @@ constexpr int kFirstDigitBits = 16;
 // larger ones (large k) are freed after the call.
 constexpr int64_t kKeepEntries = int64_t(1) << 23;
 
-const ScanKernels* kernels_for(Isa isa) {
-  static const ScanKernels* table[4] = {
-      scan_kernels_portable(),
-#ifdef PK_HAVE_AVX2
-      scan_kernels_avx2(),
-#else
-      scan_kernels_portable(),
-#endif
-#ifdef PK_HAVE_AVX512
-      scan_kernels_avx512(),
-      scan_kernels_avx512(),
-#elif defined(PK_HAVE_AVX2)
-      scan_kernels_avx2(),
-      scan_kernels_avx2(),
-#else
-      scan_kernels_portable(),
-      scan_kernels_portable(),
-#endif
-  };
-  return table[static_cast<int>(isa)];
+const ScanKernels* kernels() {
+  static const IsaPick<ScanKernels> pick({.portable = &scan_kernels_portable,
+                                          .avx2 = PK_ISA_AVX2(&scan_kernels_avx2),
+                                          .avx512 = PK_ISA_AVX512(&scan_kernels_avx512)});
+  return pick();
 }
 
 struct Buffers {
@@ -100,8 +85,7 @@ float to_f32(const void* x, DType dt, int64_t i) {
 
 class Selector {
  public:
-  explicit Selector(const Args& a)
-      : a_(a), kern_(kernels_for(active_isa())), ef_(a.residual != nullptr) {
+  explicit Selector(const Args& a) : a_(a), kern_(kernels()), ef_(a.residual != nullptr) {
     nt_ = threads_for(a.n, kGrain);
     src_ = a.x;
     u16_ = !ef_ && a.dtype != DType::f32;
