@@ -28,6 +28,8 @@ struct Kernels {
                      bool accumulate);
 };
 
+// Portable and AVX2 only: an AVX-512 tier could not be run on the
+// development machine, so none is shipped.
 const Kernels* kernels_portable();
 const Kernels* kernels_avx2();
 
