@@ -21,7 +21,7 @@ void topk_sparsify(uintptr_t x, int dtype, int64_t n, int64_t k, bool approx, ui
                    uintptr_t values, uintptr_t indices, uintptr_t stream) {
   pk::topk::Args a;
   a.x = reinterpret_cast<const void*>(x);
-  a.dtype = static_cast<pk::topk::DType>(dtype);
+  a.dtype = static_cast<pk::DType>(dtype);
   a.n = n;
   a.k = k;
   a.approx = approx;

@@ -38,7 +38,7 @@ int pk_topk_sparsify(const void* x, int dtype, int64_t n, int64_t k, int approx,
   return guarded([&] {
     pk::topk::Args a;
     a.x = x;
-    a.dtype = static_cast<pk::topk::DType>(dtype);
+    a.dtype = static_cast<pk::DType>(dtype);
     a.n = n;
     a.k = k;
     a.approx = approx != 0;

@@ -156,8 +156,11 @@ void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
 }  // namespace
 
 const Kernels* kernels_avx2() {
-  static const Kernels table{&linear4, &linear_generic<8>, &dynamic4, &dynamic_generic<8>,
-                             &quantize_generic};
+  static const Kernels table{.linear4 = &linear4,
+                             .linear8 = &linear_generic<8>,
+                             .dynamic4 = &dynamic4,
+                             .dynamic8 = &dynamic_generic<8>,
+                             .quantize = &quantize_generic};
   return &table;
 }
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
 #include "cluster.h"
@@ -15,13 +15,10 @@ namespace cluster {
 namespace {
 
 const Kernels* kernels() {
-#ifdef PK_HAVE_AVX512
-  if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return kernels_avx512();
-#endif
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return kernels_avx2();
-#endif
-  return kernels_portable();
+  static const IsaPick<Kernels> pick({.portable = &kernels_portable,
+                                      .avx2 = PK_ISA_AVX2(&kernels_avx2),
+                                      .avx512_vnni = PK_ISA_AVX512(&kernels_avx512_vnni)});
+  return pick();
 }
 
 void run_dynamic(const Kernels* kern, const float* x, int64_t m, int64_t k, int64_t ldx,
@@ -104,9 +101,18 @@ void linear_cpu(const float* x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     run_dynamic(kern, x, m, k, ldx, codes, bits, codebook, n_clusters, per_row, bias, n, y);
     return;
   }
-  Args a{
-      x,          m,    k, ldx, codes, code_row_bytes(k, bits), codebook, per_row ? n_clusters : 0,
-      n_clusters, bias, n, y};
+  const Args a{.x = x,
+               .m = m,
+               .k = k,
+               .ldx = ldx,
+               .codes = codes,
+               .code_ld = code_row_bytes(k, bits),
+               .codebook = codebook,
+               .cb_ld = per_row ? n_clusters : 0,
+               .nc = n_clusters,
+               .bias = bias,
+               .n = n,
+               .y = y};
   // Blocks of 4 channels (the kernels' widest tile); at least 64 per thread
   // so each thread streams a long run of codes.
   const int nt = std::max(

@@ -63,7 +63,7 @@ struct Kernels {
 
 const Kernels* kernels_portable();
 const Kernels* kernels_avx2();
-const Kernels* kernels_avx512();
+const Kernels* kernels_avx512_vnni();
 
 }  // namespace cluster
 }  // namespace pk

@@ -6,8 +6,11 @@ namespace pk {
 namespace cluster {
 
 const Kernels* kernels_portable() {
-  static const Kernels table{&linear_generic<4>, &linear_generic<8>, &dynamic_generic<4>,
-                             &dynamic_generic<8>, &quantize_generic};
+  static const Kernels table{.linear4 = &linear_generic<4>,
+                             .linear8 = &linear_generic<8>,
+                             .dynamic4 = &dynamic_generic<4>,
+                             .dynamic8 = &dynamic_generic<8>,
+                             .quantize = &quantize_generic};
   return &table;
 }
 

@@ -1,7 +1,7 @@
 // Which x86 instruction sets the CPU and the OS support, and the cap that
 // PYKERNELS_CPU_ISA (or a test) puts on them. Kernels pick their per-ISA
-// implementation from active_isa(); the order of the enum is the order of
-// preference.
+// implementation from active_isa() through isa_pick.h; the order of the enum
+// is the order of preference.
 #pragma once
 #include <string>
 #include <vector>

@@ -4,14 +4,13 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace pk {
 namespace int8 {
 
 // K at or above this could overflow int32 (128 * 128 * K >= 2^31): refused.
 constexpr int64_t kMaxK = 131072;
-
-// Element type of float activations and outputs (same codes as topk's DType).
-enum class FType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
 // scale[r] = max|x[r, :]| / 127 (fp32); q = round_half_even(x / scale),
 // clamped to [-127, 127]; rows of zeros get scale 0 and q 0. Rows are `ld`
@@ -57,9 +56,9 @@ void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t*
 // x: M x K of `xt` with row stride ldx; y: M x N of `yt` (row stride n);
 // bias may be null. NaN/inf in a row of x give NaN in that row of y.
 // act_bits 7 quantizes x as quantize_per_row7 does instead (faster on AVX2).
-void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                         const int8_t* packed, const int32_t* comp, const float* w_scale,
-                        const float* bias, int64_t n, void* y, FType yt, int act_bits = 8);
+                        const float* bias, int64_t n, void* y, DType yt, int act_bits = 8);
 
 // Weight-only W8A16 linear: y = x @ (w * w_scale[:, None]).T + bias with x in
 // float, the int8 weight row-major (N x K) and dequantized in registers.
@@ -69,9 +68,9 @@ void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t l
 int64_t set_amx_min_rows(int64_t rows);
 int64_t amx_min_rows();
 
-void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+void linear_weight_only_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                             const int8_t* w, const float* w_scale, const float* bias, int64_t n,
-                            void* y, FType yt);
+                            void* y, DType yt);
 
 }  // namespace int8
 }  // namespace pk

@@ -192,7 +192,7 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
   alignas(64) int32_t buf[kBlockRows * 32];
   if (kfull == 0) __builtin_memset(buf, 0, sizeof buf);
   int cur0 = -1, cur1 = -1;
-  const bool stream = g.a_scale && g.yt == FType::f32 && (m1 - m0) * g.n * 4 >= kStreamBytes;
+  const bool stream = g.a_scale && g.yt == DType::f32 && (m1 - m0) * g.n * 4 >= kStreamBytes;
   for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
     const int64_t c1 = m1 - c0 < chunk ? m1 : c0 + chunk;
     // p0 is a multiple of 4, so p and p + 1 lie in one block of panels.

@@ -91,7 +91,7 @@ inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, i
   if (g.bias)
     v = _mm256_add_ps(
         v, cnt == 8 ? _mm256_loadu_ps(g.bias + col) : _mm256_maskload_ps(g.bias + col, m));
-  if (g.yt == FType::f32) {
+  if (g.yt == DType::f32) {
     float* y = static_cast<float*>(g.c) + off;
     if (cnt == 8)
       _mm256_storeu_ps(y, v);
@@ -99,7 +99,7 @@ inline void store8(const PackedGemm& g, int64_t row, int64_t col, __m256i acc, i
       _mm256_maskstore_ps(y, m, v);
     return;
   }
-  const __m128i h = g.yt == FType::f16
+  const __m128i h = g.yt == DType::f16
                         ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
                         : to_bf16(v);
   uint16_t* y = static_cast<uint16_t*>(g.c) + off;
@@ -403,12 +403,12 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
 // ---- Quantization prologue ------------------------------------------------
 
 // Eight elements of x from `off` as fp32.
-inline __m256 load8(const void* x, FType t, int64_t off) {
+inline __m256 load8(const void* x, DType t, int64_t off) {
   switch (t) {
-    case FType::f16:
+    case DType::f16:
       return _mm256_cvtph_ps(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off)));
-    case FType::bf16:
+    case DType::bf16:
       return _mm256_castsi256_ps(_mm256_slli_epi32(
           _mm256_cvtepu16_epi32(_mm_loadu_si128(
               reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off))),
@@ -430,7 +430,7 @@ inline void store32(void* dst, __m256i a, __m256i b, __m256i c, __m256i d) {
 // Same arithmetic as quantize_per_row (an IEEE division, then round half to
 // even), so the fused layer's integers equal the standalone op's. Stored as
 // signed bytes, zero past k.
-void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
+void quantize_s8(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
                  float* scale, int64_t r0, int64_t r1) {
   const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f),
                nlim = _mm256_set1_ps(-127.0f);
@@ -487,7 +487,7 @@ void quantize_s8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
 
 // Rows quantized as quantize_per_row7 (grid7's scale and zero point, the
 // same division and rounding as q7), stored as q + zp in [0, 127], zero past k.
-void quantize_u7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
+void quantize_u7(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* qu, int64_t ldq,
                  float* scale, int32_t* zp, int64_t r0, int64_t r1) {
   const int64_t kv = k / 8 * 8, k32 = k / 32 * 32;
   for (int64_t r = r0; r < r1; ++r) {
@@ -541,9 +541,14 @@ void quantize_u7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* qu, i
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx2() {
-  static const GemmKernels table{&gemm_rowmajor_generic, &gemm_packed, &pack_generic, &quantize_s8,
-                                 &weight_only_generic,   true,         false,         nullptr,
-                                 &quantize_u7,           true};
+  static const GemmKernels table{.gemm = &gemm_rowmajor_generic,
+                                 .gemm_packed = &gemm_packed,
+                                 .pack = &pack_generic,
+                                 .quantize_a = &quantize_s8,
+                                 .weight_only = &weight_only_generic,
+                                 .signed_a = true,
+                                 .quantize_a7 = &quantize_u7,
+                                 .a7_zp = true};
   return &table;
 }
 

@@ -33,16 +33,15 @@ inline void store_vec(const PackedGemm& g, int64_t row, int64_t col, __m512i acc
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, g.bias + col));
   const int64_t off = row * g.ldc + col;
   switch (g.yt) {
-    case FType::f32:
-      _mm512_mask_storeu_ps(static_cast<float*>(g.c) + off, m, v);
-      break;
-    case FType::f16:
+    case DType::f16:
       _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.c) + off, m,
                                _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       break;
-    case FType::bf16:
+    case DType::bf16:
       _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.c) + off, m, to_bf16(v));
       break;
+    default:
+      _mm512_mask_storeu_ps(static_cast<float*>(g.c) + off, m, v);
   }
 }
 

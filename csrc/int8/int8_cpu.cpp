@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
 #include "../common/half.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
 #include "int8.h"
@@ -83,16 +83,11 @@ void quantize_per_row7_cpu(const float* x, int64_t rows, int64_t cols, int64_t l
 namespace {
 
 const GemmKernels* kernels() {
-#ifdef PK_HAVE_AMX
-  if (active_isa() >= Isa::amx && has_avx512_vnni()) return gemm_kernels_amx();
-#endif
-#ifdef PK_HAVE_AVX512
-  if (active_isa() >= Isa::avx512 && has_avx512_vnni()) return gemm_kernels_avx512_vnni();
-#endif
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return gemm_kernels_avx2();
-#endif
-  return gemm_kernels_portable();
+  static const IsaPick<GemmKernels> pick({.portable = &gemm_kernels_portable,
+                                          .avx2 = PK_ISA_AVX2(&gemm_kernels_avx2),
+                                          .avx512_vnni = PK_ISA_AVX512(&gemm_kernels_avx512_vnni),
+                                          .amx = PK_ISA_AMX(&gemm_kernels_amx)});
+  return pick();
 }
 
 // Below this many rows the AMX table hands a packed GEMM to the AVX-512
@@ -157,7 +152,7 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
 
 // Quantizes x (M x K) into the kernel's activation format in rows of ldq
 // (7-bit when zp is not null: zp[r] written where the table keeps it).
-void quantize_rows(const GemmKernels* kern, const void* x, FType xt, int64_t m, int64_t k,
+void quantize_rows(const GemmKernels* kern, const void* x, DType xt, int64_t m, int64_t k,
                    int64_t ldx, uint8_t* q, int64_t ldq, float* scale, int32_t* zp) {
   const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 15), m)));
   parallel_for(0, nt, nt, [&](int t) {
@@ -234,7 +229,8 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
         for (int64_t p = 0; p < k; ++p) dst[p] = uint8_t(src[p]) ^ 0x80;
         for (int64_t p = k; p < ldu; ++p) dst[p] = 128;
       });
-      PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
+      const PackedGemm g{
+          .a = au, .lda = ldu, .b = bp, .kp = kp, .comp = comp, .n = n, .c = c, .ldc = ldc};
       run_packed(kern, g, m);
       return;
     }
@@ -253,7 +249,8 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
       for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
       flag[i] = uint8_t(any);
     });
-    PackedGemm g{au, ldu, bp, kp, comp, n, c, ldc, nullptr, nullptr, nullptr, FType::f32};
+    const PackedGemm g{
+        .a = au, .lda = ldu, .b = bp, .kp = kp, .comp = comp, .n = n, .c = c, .ldc = ldc};
     run_packed(kern, g, m);
     std::vector<int64_t> rows;
     for (int64_t i = 0; i < m; ++i)
@@ -269,7 +266,8 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
       for (int64_t p = k; p < ldu; ++p) dst[p] = 0;
     }
     std::vector<int32_t> ce(static_cast<size_t>(me * n));
-    PackedGemm ge{au, ldu, bp, kp, comp, n, ce.data(), n, nullptr, nullptr, nullptr, FType::f32};
+    const PackedGemm ge{
+        .a = au, .lda = ldu, .b = bp, .kp = kp, .comp = comp, .n = n, .c = ce.data(), .ldc = n};
     run_packed(kern, ge, me);
     parallel_for(0, me, std::max(1, int(std::min<int64_t>(nt, me))), [&](int64_t r) {
       int32_t* cr = c + rows[r] * ldc;
@@ -289,9 +287,9 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
   });
 }
 
-void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                         const int8_t* packed, const int32_t* comp, const float* w_scale,
-                        const float* bias, int64_t n, void* y, FType yt, int act_bits) {
+                        const float* bias, int64_t n, void* y, DType yt, int act_bits) {
   PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
   PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
   PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
@@ -304,14 +302,25 @@ void linear_dynamic_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t l
   float* xs = scratch<float>(0, m);
   int32_t* zp = act_bits == 7 ? scratch<int32_t>(3, m) : nullptr;
   quantize_rows(kern, x, xt, m, k, ldx, q, ldq, xs, zp);
-  PackedGemm g{q, ldq, packed, kp, comp, n, y, n, xs, w_scale, bias, yt};
-  if (zp && kern->a7_zp) g.a_zp = zp;
+  const PackedGemm g{.a = q,
+                     .lda = ldq,
+                     .b = packed,
+                     .kp = kp,
+                     .comp = comp,
+                     .n = n,
+                     .c = y,
+                     .ldc = n,
+                     .a_scale = xs,
+                     .b_scale = w_scale,
+                     .bias = bias,
+                     .yt = yt,
+                     .a_zp = zp && kern->a7_zp ? zp : nullptr};
   run_packed(kern, g, m);
 }
 
-void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64_t ldx,
+void linear_weight_only_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                             const int8_t* w, const float* w_scale, const float* bias, int64_t n,
-                            void* y, FType yt) {
+                            void* y, DType yt) {
   PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
   PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
   if (m == 0 || n == 0) return;
@@ -321,14 +330,14 @@ void linear_weight_only_cpu(const void* x, FType xt, int64_t m, int64_t k, int64
   // (M is small on this path, so the copy is cheap next to the weight).
   std::vector<float> xf;
   const float* xp = static_cast<const float*>(x);
-  if (xt != FType::f32 || ldx != k) {
+  if (xt != DType::f32 || ldx != k) {
     xf.resize(static_cast<size_t>(m * k));
     for (int64_t i = 0; i < m; ++i)
       for (int64_t p = 0; p < k; ++p) {
         const int64_t o = i * ldx + p;
         const auto* h = static_cast<const uint16_t*>(x);
-        xf[i * k + p] = xt == FType::f32   ? static_cast<const float*>(x)[o]
-                        : xt == FType::f16 ? f16_to_f32(h[o])
+        xf[i * k + p] = xt == DType::f32   ? static_cast<const float*>(x)[o]
+                        : xt == DType::f16 ? f16_to_f32(h[o])
                                            : bf16_to_f32(h[o]);
       }
     xp = xf.data();

@@ -15,23 +15,23 @@ namespace pk {
 namespace int8 {
 namespace {
 
-inline float load_f(const void* p, FType t, int64_t i) {
+inline float load_f(const void* p, DType t, int64_t i) {
   switch (t) {
-    case FType::f16:
+    case DType::f16:
       return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case FType::bf16:
+    case DType::bf16:
       return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
     default:
       return static_cast<const float*>(p)[i];
   }
 }
 
-inline void store_f(void* p, FType t, int64_t i, float v) {
+inline void store_f(void* p, DType t, int64_t i, float v) {
   switch (t) {
-    case FType::f16:
+    case DType::f16:
       static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
       break;
-    case FType::bf16:
+    case DType::bf16:
       static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
       break;
     default:
@@ -119,7 +119,7 @@ void packed_tile_generic(const PackedGemm& g, int64_t i0, int64_t p) {
 
 inline float abs_f(float v) { return v < 0.0f ? -v : v; }
 
-[[maybe_unused]] void quantize_u8_generic(const void* x, FType xt, int64_t ldx, int64_t k,
+[[maybe_unused]] void quantize_u8_generic(const void* x, DType xt, int64_t ldx, int64_t k,
                                           uint8_t* q, int64_t ldq, float* scale, int64_t r0,
                                           int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -148,7 +148,7 @@ inline float abs_f(float v) { return v < 0.0f ? -v : v; }
 // written (Zp true). Padding to ldq adds nothing in either (q = 0 or zero
 // weights).
 template <bool Zp>
-void quantize7_generic(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+void quantize7_generic(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                        float* scale, int32_t* zp, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     float lo = 0.0f, hi = 0.0f;
@@ -177,7 +177,7 @@ void quantize7_generic(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t*
 // four rows of x.
 [[maybe_unused]] void weight_only_generic(const float* x, int64_t m, int64_t k, const int8_t* w,
                                           const float* w_scale, const float* bias, void* y,
-                                          FType yt, int64_t n, int64_t n0, int64_t n1, float* wf) {
+                                          DType yt, int64_t n, int64_t n0, int64_t n1, float* wf) {
   for (int64_t j = n0; j < n1; j += 4) {
     const int nj = int(n1 - j < 4 ? n1 - j : 4);
     // Rows past n1 repeat row j (in bounds) and are never stored.

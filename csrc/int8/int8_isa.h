@@ -22,10 +22,10 @@ struct PackedGemm {
   int64_t ldc;
   // a_scale null: c = int32 (acc - comp, or acc with signed_a). Otherwise c, of type yt, =
   // float(acc - comp) * a_scale[m] * b_scale[n] + bias[n] (bias may be null).
-  const float* a_scale;
-  const float* b_scale;
-  const float* bias;
-  FType yt;
+  const float* a_scale = nullptr;
+  const float* b_scale = nullptr;
+  const float* bias = nullptr;
+  DType yt = DType::f32;
   // Non-null only for a table with a7_zp (7-bit activations): a holds q + zp
   // in [0, 127] (unsigned, never biased) and the kernel subtracts
   // a_zp[row] * comp[col] / 128 (= zp * sum_k w) instead of comp.
@@ -68,36 +68,36 @@ struct GemmKernels {
                int64_t p0, int64_t p1);
   // Rows [r0, r1) of x quantized as quantize_per_row does, stored in rows of
   // ldq bytes in this table's activation format (the bytes past k zero in it).
-  void (*quantize_a)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+  void (*quantize_a)(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                      float* scale, int64_t r0, int64_t r1);
   // Weight-only linear for output columns [n0, n1): x is M x K fp32 (row
   // stride k), w row-major N x K int8; wf is 4 * k floats of scratch.
   void (*weight_only)(const float* x, int64_t m, int64_t k, const int8_t* w, const float* w_scale,
-                      const float* bias, void* y, FType yt, int64_t n, int64_t n0, int64_t n1,
+                      const float* bias, void* y, DType yt, int64_t n, int64_t n0, int64_t n1,
                       float* wf);
   // Activation format of gemm_packed and quantize_a: false, unsigned bytes
   // a + 128 (the weight compensation comp is subtracted); true, signed bytes
   // that must lie in [-127, 127] (int8_gemm corrects for -128).
-  bool signed_a;
+  bool signed_a = false;
   // gemm_packed works in AMX tiles: it wants few, wide calls (a range of many
   // blocks of panels and every row, see run_packed in int8_cpu.cpp), and the
   // calling thread must hold the OS's tile-data permission (detected_isa()
   // is amx only once the process has it).
-  bool tiles;
+  bool tiles = false;
   // AMX only (null elsewhere): c = a b^T over columns [n0, n1) of c, every
   // row of a, with b row-major (rows n0.. n1 read in place, never packed)
   // and a packed as pack() packs a weight (ap, m rows, kp = k): the tiles
   // then compute c^T = b a^T with TDPBSSD (signed x signed, -128 exact).
   // k must be a positive multiple of 64.
   void (*gemm_bt)(const int8_t* ap, int64_t m, const int8_t* b, int64_t ldb, int64_t k, int32_t* c,
-                  int64_t ldc, int64_t n0, int64_t n1);
+                  int64_t ldc, int64_t n0, int64_t n1) = nullptr;
   // Rows [r0, r1) quantized as quantize_per_row7 does. Without a7_zp they are
   // stored in this table's activation format (q + 128, or q) and zp is not
   // written; with it, as q + zp with zp[r] written, for gemm_packed with
   // PackedGemm::a_zp (see there).
-  void (*quantize_a7)(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+  void (*quantize_a7)(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                       float* scale, int32_t* zp, int64_t r0, int64_t r1);
-  bool a7_zp;
+  bool a7_zp = false;
 };
 
 const GemmKernels* gemm_kernels_portable();

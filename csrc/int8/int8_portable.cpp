@@ -6,16 +6,14 @@ namespace pk {
 namespace int8 {
 
 const GemmKernels* gemm_kernels_portable() {
-  static const GemmKernels table{&gemm_rowmajor_generic,
-                                 &gemm_packed_generic,
-                                 &pack_generic,
-                                 &quantize_u8_generic,
-                                 &weight_only_generic,
-                                 false,
-                                 false,
-                                 nullptr,
-                                 &quantize7_generic<false>,
-                                 false};
+  static const GemmKernels table{.gemm = &gemm_rowmajor_generic,
+                                 .gemm_packed = &gemm_packed_generic,
+                                 .pack = &pack_generic,
+                                 .quantize_a = &quantize_u8_generic,
+                                 .weight_only = &weight_only_generic,
+                                 .signed_a = false,
+                                 .quantize_a7 = &quantize7_generic<false>,
+                                 .a7_zp = false};
   return &table;
 }
 

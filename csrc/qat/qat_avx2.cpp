@@ -5,7 +5,8 @@ namespace pk {
 namespace qat {
 
 const Kernels* kernels_avx2() {
-  static const Kernels table{&fake_quant_rows_generic, &backward_generic};
+  static const Kernels table{.fake_quant_rows = &fake_quant_rows_generic,
+                             .backward = &backward_generic};
   return &table;
 }
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "qat.h"
 #include "qat_isa.h"
@@ -14,13 +14,10 @@ namespace qat {
 namespace {
 
 const Kernels* kernels() {
-#ifdef PK_HAVE_AVX512
-  if (active_isa() >= Isa::avx512) return kernels_avx512();
-#endif
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return kernels_avx2();
-#endif
-  return kernels_portable();
+  static const IsaPick<Kernels> pick({.portable = &kernels_portable,
+                                      .avx2 = PK_ISA_AVX2(&kernels_avx2),
+                                      .avx512 = PK_ISA_AVX512(&kernels_avx512)});
+  return pick();
 }
 
 }  // namespace

@@ -25,9 +25,9 @@
 //   key    = k0 ^ lowbias32(uint32(i >> 32) ^ k1)           (one key per 2^32 elements)
 //   h      = lowbias32(uint32(i) ^ key)
 //   u      = float(h >> 8) * 2^-24                          (in [0, 1))
-// lowbias32(x): x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
-// x ^= x >> 16 (all mod 2^32). E[floor(v + u)] = v, so decoding is unbiased
-// up to the fp32 rounding of v + u and the clamp.
+// with splitmix64 and lowbias32 as common/hash.h defines them (arithmetic mod
+// 2^64 and 2^32). E[floor(v + u)] = v, so decoding is unbiased up to the fp32
+// rounding of v + u and the clamp.
 //
 // Error feedback (residual, fp32, n elements): y = float(x) + residual, and
 // the residual is overwritten with y - decoded value (0 in buckets that are
@@ -40,10 +40,10 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace pk {
 namespace quant {
-
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
 
 constexpr int64_t kMaxBucket = int64_t(1) << 20;
 

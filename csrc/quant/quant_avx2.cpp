@@ -3,18 +3,19 @@
 // so no scalar conversion or rounding code is compiled here.
 #include <immintrin.h>
 
+#include "../common/hash.h"
 #include "quant_isa.h"
 
 namespace pk {
 namespace quant {
 namespace {
 
-inline __m256 load8(const void* x, int32_t dtype, int64_t j) {
+inline __m256 load8(const void* x, DType dtype, int64_t j) {
   switch (dtype) {
-    case 1:
+    case DType::f16:
       return _mm256_cvtph_ps(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + j)));
-    case 2: {
+    case DType::bf16: {
       const __m128i h =
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + j));
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -24,7 +25,7 @@ inline __m256 load8(const void* x, int32_t dtype, int64_t j) {
   }
 }
 
-inline int elem_size(int32_t dtype) { return dtype == 0 ? 4 : 2; }
+inline int elem_size(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
 inline void copy_bytes(void* dst, const void* src, int64_t n) {
   unsigned char* d = static_cast<unsigned char*>(dst);
@@ -32,16 +33,17 @@ inline void copy_bytes(void* dst, const void* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = s[i];
 }
 
+// common/hash.h's lowbias32 on 8 lanes.
 inline __m256i lowbias32(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(kLowbias32Mul1)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x846ca68bu)));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(kLowbias32Mul2)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
   return h;
 }
 
-uint32_t absmax_bits(const void* x, int32_t dtype, float* r, int64_t len) {
+uint32_t absmax_bits(const void* x, DType dtype, float* r, int64_t len) {
   const __m256i mask = _mm256_set1_epi32(0x7fffffff);
   // Keys are below 2^31, so the signed max is the unsigned one.
   __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
@@ -117,7 +119,7 @@ inline __m128i narrow8(__m256i c) {
 // The main loop, specialised on the source type, rounding and error feedback
 // so the loop body has no branches; two vectors per step keep two hash chains
 // in flight.
-template <int DT, bool ST, bool EF>
+template <DType DT, bool ST, bool EF>
 int64_t quantize_body(const QuantStep& s, const void* src, int64_t len, uint32_t lo, uint8_t* codes,
                       float* r) {
   (void)r;
@@ -136,7 +138,7 @@ int64_t quantize_body(const QuantStep& s, const void* src, int64_t len, uint32_t
   return j;
 }
 
-template <int DT>
+template <DType DT>
 int64_t quantize_body_dt(const QuantStep& s, const void* src, int64_t len, uint32_t lo,
                          uint8_t* codes, float* r) {
   if (s.stochastic)
@@ -146,7 +148,7 @@ int64_t quantize_body_dt(const QuantStep& s, const void* src, int64_t len, uint3
            : quantize_body<DT, false, false>(s, src, len, lo, codes, r);
 }
 
-void quantize(const void* src, int32_t dtype, int64_t len, float inv, float scale, int32_t lim,
+void quantize(const void* src, DType dtype, int64_t len, float inv, float scale, int32_t lim,
               bool stochastic, uint32_t lo, uint32_t key, uint8_t* codes, float* r) {
   QuantStep s;
   s.inv = _mm256_set1_ps(inv);
@@ -158,9 +160,9 @@ void quantize(const void* src, int32_t dtype, int64_t len, float inv, float scal
   s.key = _mm256_set1_epi32(int(key));
   s.iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   s.stochastic = stochastic;
-  int64_t j = dtype == 1   ? quantize_body_dt<1>(s, src, len, lo, codes, r)
-              : dtype == 2 ? quantize_body_dt<2>(s, src, len, lo, codes, r)
-                           : quantize_body_dt<0>(s, src, len, lo, codes, r);
+  int64_t j = dtype == DType::f16    ? quantize_body_dt<DType::f16>(s, src, len, lo, codes, r)
+              : dtype == DType::bf16 ? quantize_body_dt<DType::bf16>(s, src, len, lo, codes, r)
+                                     : quantize_body_dt<DType::f32>(s, src, len, lo, codes, r);
   for (; j < len; j += 8) {
     const int64_t cnt = len - j < 8 ? len - j : 8;
     alignas(32) uint16_t tx[16] = {};
@@ -213,7 +215,8 @@ void dequantize(const uint8_t* codes, int64_t len, float scale, int32_t lim, flo
 }  // namespace
 
 const Kernels* kernels_avx2() {
-  static const Kernels table{&absmax_bits, &quantize, &dequantize};
+  static const Kernels table{
+      .absmax_bits = &absmax_bits, .quantize = &quantize, .dequantize = &dequantize};
   return &table;
 }
 

@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
+#include "../common/hash.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "quant.h"
 #include "quant_isa.h"
@@ -23,10 +24,9 @@ constexpr int64_t kGroupTarget = 16384;
 constexpr int64_t kGrain = int64_t(1) << 16;  // elements per thread, at least
 
 const Kernels* kernels() {
-#ifdef PK_HAVE_AVX2
-  if (active_isa() >= Isa::avx2) return kernels_avx2();
-#endif
-  return kernels_portable();
+  static const IsaPick<Kernels> pick(
+      {.portable = &kernels_portable, .avx2 = PK_ISA_AVX2(&kernels_avx2)});
+  return pick();
 }
 
 void check_common(int64_t n, int32_t bits, int64_t bucket) {
@@ -45,22 +45,6 @@ int64_t group_buckets(int64_t bucket) {
   int64_t g = std::max<int64_t>(1, kGroupTarget / bucket);
   while ((g * bucket) % 8 != 0) ++g;
   return g;
-}
-
-uint32_t lowbias32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x7feb352du;
-  h ^= h >> 15;
-  h *= 0x846ca68bu;
-  h ^= h >> 16;
-  return h;
-}
-
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
 }
 
 // Codes of 8 / bits elements per byte, element i at bit offset i * bits.
@@ -134,7 +118,6 @@ void quantize_cpu(const QuantizeArgs& a) {
   const uint64_t key = splitmix64(a.seed);
   const uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
   const int esize = a.dtype == DType::f32 ? 4 : 2;
-  const int32_t dt = int32_t(a.dtype);
   for_each_group(a.n, a.bucket, [&](int64_t b0, int64_t b1) {
     const int64_t g0 = b0 * a.bucket, g1 = std::min(a.n, b1 * a.bucket);
     thread_local std::vector<uint8_t> tmp;
@@ -148,7 +131,7 @@ void quantize_cpu(const QuantizeArgs& a) {
       const void* x = static_cast<const char*>(a.x) + s * esize;
       float* r = a.residual ? a.residual + s : nullptr;
       uint8_t* c = codes + (s - g0);
-      const uint32_t amax_bits = k->absmax_bits(x, dt, r, len);
+      const uint32_t amax_bits = k->absmax_bits(x, a.dtype, r, len);
       float amax;
       std::memcpy(&amax, &amax_bits, 4);
       const float inv = float(lim) / amax;
@@ -164,7 +147,7 @@ void quantize_cpu(const QuantizeArgs& a) {
       a.scales[b] = scale;
       // With error feedback y = x + r is in r now, in fp32.
       const void* src = r ? static_cast<const void*>(r) : x;
-      const int32_t sdt = r ? 0 : dt;
+      const DType sdt = r ? DType::f32 : a.dtype;
       // The generator's high index word changes every 2^32 elements.
       for (int64_t p = s; p < e;) {
         const int64_t q = std::min(e, ((p >> 32) + 1) << 32);

@@ -2,33 +2,25 @@
 // baseline the build targets. The reference semantics of quant.h, element by
 // element.
 #include "../common/half.h"
+#include "../common/hash.h"
 #include "quant_isa.h"
 
 namespace pk {
 namespace quant {
 namespace {
 
-inline float load(const void* x, int32_t dtype, int64_t j) {
+inline float load(const void* x, DType dtype, int64_t j) {
   switch (dtype) {
-    case 1:
+    case DType::f16:
       return f16_to_f32(static_cast<const uint16_t*>(x)[j]);
-    case 2:
+    case DType::bf16:
       return bf16_to_f32(static_cast<const uint16_t*>(x)[j]);
     default:
       return static_cast<const float*>(x)[j];
   }
 }
 
-inline uint32_t lowbias32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x7feb352du;
-  h ^= h >> 15;
-  h *= 0x846ca68bu;
-  h ^= h >> 16;
-  return h;
-}
-
-uint32_t absmax_bits(const void* x, int32_t dtype, float* r, int64_t len) {
+uint32_t absmax_bits(const void* x, DType dtype, float* r, int64_t len) {
   uint32_t m = 0;
   for (int64_t j = 0; j < len; ++j) {
     float y = load(x, dtype, j);
@@ -42,7 +34,7 @@ uint32_t absmax_bits(const void* x, int32_t dtype, float* r, int64_t len) {
   return m;
 }
 
-void quantize(const void* src, int32_t dtype, int64_t len, float inv, float scale, int32_t lim,
+void quantize(const void* src, DType dtype, int64_t len, float inv, float scale, int32_t lim,
               bool stochastic, uint32_t lo, uint32_t key, uint8_t* codes, float* r) {
   const float fl = float(lim);
   for (int64_t j = 0; j < len; ++j) {
@@ -76,7 +68,8 @@ void dequantize(const uint8_t* codes, int64_t len, float scale, int32_t lim, flo
 }  // namespace
 
 const Kernels* kernels_portable() {
-  static const Kernels table{&absmax_bits, &quantize, &dequantize};
+  static const Kernels table{
+      .absmax_bits = &absmax_bits, .quantize = &quantize, .dequantize = &dequantize};
   return &table;
 }
 

@@ -444,7 +444,7 @@ void sddmm(const Matrix& w, const float* dyt, const float* xt, int mc_pad, float
 }  // namespace
 
 const Kernels* kernels_avx2() {
-  static const Kernels table{&forward, &backward_x, &sddmm};
+  static const Kernels table{.forward = &forward, .backward_x = &backward_x, .sddmm = &sddmm};
   return &table;
 }
 

@@ -6,7 +6,8 @@ namespace pk {
 namespace sparse {
 
 const Kernels* kernels_portable() {
-  static const Kernels table{&forward_generic, &backward_x_generic, &sddmm_generic};
+  static const Kernels table{
+      .forward = &forward_generic, .backward_x = &backward_x_generic, .sddmm = &sddmm_generic};
   return &table;
 }
 

@@ -19,12 +19,12 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 struct CUstream_st;  // cudaStream_t without the CUDA headers
 
 namespace pk {
 namespace topk {
-
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
 
 struct Args {
   const void* x = nullptr;  // n elements of dtype

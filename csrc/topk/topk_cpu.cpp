@@ -21,8 +21,9 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/cpu_features.h"
 #include "../common/half.h"
+#include "../common/hash.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "topk.h"
 #include "topk_isa.h"
@@ -52,26 +53,11 @@ constexpr int kFirstDigitBits = 16;
 // larger ones (large k) are freed after the call.
 constexpr int64_t kKeepEntries = int64_t(1) << 23;
 
-const ScanKernels* kernels_for(Isa isa) {
-  static const ScanKernels* table[4] = {
-      scan_kernels_portable(),
-#ifdef PK_HAVE_AVX2
-      scan_kernels_avx2(),
-#else
-      scan_kernels_portable(),
-#endif
-#ifdef PK_HAVE_AVX512
-      scan_kernels_avx512(),
-      scan_kernels_avx512(),
-#elif defined(PK_HAVE_AVX2)
-      scan_kernels_avx2(),
-      scan_kernels_avx2(),
-#else
-      scan_kernels_portable(),
-      scan_kernels_portable(),
-#endif
-  };
-  return table[static_cast<int>(isa)];
+const ScanKernels* kernels() {
+  static const IsaPick<ScanKernels> pick({.portable = &scan_kernels_portable,
+                                          .avx2 = PK_ISA_AVX2(&scan_kernels_avx2),
+                                          .avx512 = PK_ISA_AVX512(&scan_kernels_avx512)});
+  return pick();
 }
 
 struct Buffers {
@@ -86,12 +72,6 @@ struct Buffers {
   }
 };
 
-uint64_t mix(uint64_t z) {  // splitmix64 finaliser
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 float to_f32(const void* x, DType dt, int64_t i) {
   switch (dt) {
     case DType::f16:
@@ -105,8 +85,7 @@ float to_f32(const void* x, DType dt, int64_t i) {
 
 class Selector {
  public:
-  explicit Selector(const Args& a)
-      : a_(a), kern_(kernels_for(active_isa())), ef_(a.residual != nullptr) {
+  explicit Selector(const Args& a) : a_(a), kern_(kernels()), ef_(a.residual != nullptr) {
     nt_ = threads_for(a.n, kGrain);
     src_ = a.x;
     u16_ = !ef_ && a.dtype != DType::f32;
@@ -165,8 +144,7 @@ class Selector {
     parallel(nt_, [&](int t) {
       int64_t b, e;
       range(t, &b, &e);
-      kern_->collect_ef(a_.x, int32_t(a_.dtype), a_.residual, b, e, kNoCandidates, &dummy_b,
-                        &dummy_i, 0);
+      kern_->collect_ef(a_.x, a_.dtype, a_.residual, b, e, kNoCandidates, &dummy_b, &dummy_i, 0);
     });
     to_residual_view();
   }
@@ -187,7 +165,7 @@ class Selector {
       int64_t* oi = idx_ + off_[i];
       int64_t f;
       if (fused)
-        f = kern_->collect_ef(a_.x, int32_t(a_.dtype), a_.residual, b, e, t, ob, oi, cap_[i]);
+        f = kern_->collect_ef(a_.x, a_.dtype, a_.residual, b, e, t, ob, oi, cap_[i]);
       else if (u16_)
         f = kern_->collect_u16(static_cast<const uint16_t*>(src_), b, e, t, ob, oi, cap_[i]);
       else
@@ -229,7 +207,7 @@ class Selector {
     for (int64_t j = 0; j < runs; ++j) {
       const int64_t slack = stride - kSampleRun + 1;
       const int64_t start =
-          (j * stride + int64_t(mix(uint64_t(j)) % uint64_t(slack))) & ~int64_t(15);
+          (j * stride + int64_t(splitmix64_mix(uint64_t(j)) % uint64_t(slack))) & ~int64_t(15);
       for (int64_t q = 0; q < kSampleRun; ++q) keys[j * kSampleRun + q] = key_at(start + q);
     }
     const double e = double(a_.k) * double(m) / double(a_.n);

@@ -6,6 +6,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace pk {
 namespace topk {
 
@@ -20,8 +22,8 @@ struct ScanKernels {
   int64_t (*collect_u16)(const uint16_t* p, int64_t b, int64_t e, uint32_t t, uint32_t* ob,
                          int64_t* oi, int64_t cap);
   // Error feedback: y = float(x) + r; r = y; then collects like collect_u32 on
-  // the bits of y. Keeps writing r after cap is reached. dtype: DType as int.
-  int64_t (*collect_ef)(const void* x, int32_t dtype, float* r, int64_t b, int64_t e, uint32_t t,
+  // the bits of y. Keeps writing r after cap is reached.
+  int64_t (*collect_ef)(const void* x, DType dtype, float* r, int64_t b, int64_t e, uint32_t t,
                         uint32_t* ob, int64_t* oi, int64_t cap);
 };
 

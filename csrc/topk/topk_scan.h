@@ -96,9 +96,9 @@ int64_t collect_u16(const uint16_t* p, int64_t b, int64_t e, uint32_t t, uint32_
 }
 
 template <class Ops>
-int64_t collect_ef(const void* x, int32_t dtype, float* r, int64_t b, int64_t e, uint32_t t,
+int64_t collect_ef(const void* x, DType dtype, float* r, int64_t b, int64_t e, uint32_t t,
                    uint32_t* ob, int64_t* oi, int64_t cap) {
-  switch (static_cast<DType>(dtype)) {
+  switch (dtype) {
     case DType::f16:
       return collect_ef_typed<uint16_t, &Ops::ef_f16>(static_cast<const uint16_t*>(x), r, b, e, t,
                                                       ob, oi, cap);
@@ -113,7 +113,9 @@ int64_t collect_ef(const void* x, int32_t dtype, float* r, int64_t b, int64_t e,
 
 template <class Ops>
 const ScanKernels* make_scan_kernels() {
-  static const ScanKernels table{&collect_u32<Ops>, &collect_u16<Ops>, &collect_ef<Ops>};
+  static const ScanKernels table{.collect_u32 = &collect_u32<Ops>,
+                                 .collect_u16 = &collect_u16<Ops>,
+                                 .collect_ef = &collect_ef<Ops>};
   return &table;
 }
 

@@ -78,7 +78,7 @@ void tile(const Args& a, int64_t j, int nj, int64_t i0) {
           _mm512_reduce_add_ps(acc[i][r]) + (a.bias ? a.bias[j + r] : 0.0f);
 }
 
-// GCC 12 spills vpdpbusd accumulators kept in an array (see int8_avx512.cpp):
+// GCC 12 spills vpdpbusd accumulators kept in an array (see int8_avx512_vnni.cpp):
 // inline asm, accumulators named one by one.
 inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
@@ -279,9 +279,12 @@ void linear4(const Args& a, int64_t n0, int64_t n1, float*) {
 
 }  // namespace
 
-const Kernels* kernels_avx512() {
-  static const Kernels table{&linear4, &linear_generic<8>, &dynamic4, &dynamic_generic<8>,
-                             &quantize};
+const Kernels* kernels_avx512_vnni() {
+  static const Kernels table{.linear4 = &linear4,
+                             .linear8 = &linear_generic<8>,
+                             .dynamic4 = &dynamic4,
+                             .dynamic8 = &dynamic_generic<8>,
+                             .quantize = &quantize};
   return &table;
 }
 

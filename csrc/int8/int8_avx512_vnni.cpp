@@ -283,11 +283,11 @@ void pack(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed, in
   }
 }
 
-inline __m512 load16(const void* x, FType t, int64_t off, __mmask16 m) {
+inline __m512 load16(const void* x, DType t, int64_t off, __mmask16 m) {
   switch (t) {
-    case FType::f16:
+    case DType::f16:
       return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + off));
-    case FType::bf16:
+    case DType::bf16:
       return _mm512_castsi512_ps(_mm512_slli_epi32(
           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + off)),
           16));
@@ -298,7 +298,7 @@ inline __m512 load16(const void* x, FType t, int64_t off, __mmask16 m) {
 
 // Same arithmetic as quantize_per_row (an IEEE division, then round half to
 // even), so the fused layer's integers equal the standalone op's.
-void quantize_u8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+void quantize_u8(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                  float* scale, int64_t r0, int64_t r1) {
   const __m512 lim = _mm512_set1_ps(127.0f);
   const __m512i bias = _mm512_set1_epi32(128);
@@ -334,7 +334,7 @@ void quantize_u8(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, in
 // Rows quantized as quantize_per_row7 (grid7's scale and zero point, the
 // same division and rounding as q7), stored biased as q + 128 like
 // quantize_u8's: the VNNI and AMX kernels then run unchanged.
-void quantize_u8_a7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
+void quantize_u8_a7(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                     float* scale, int32_t* /*zp*/, int64_t r0, int64_t r1) {
   const __m512i bias = _mm512_set1_epi32(128);
   for (int64_t r = r0; r < r1; ++r) {
@@ -372,9 +372,14 @@ void quantize_u8_a7(const void* x, FType xt, int64_t ldx, int64_t k, uint8_t* q,
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx512_vnni() {
-  static const GemmKernels table{
-      &gemm, &gemm_packed, &pack,   &quantize_u8,    &weight_only_generic,
-      false, false,        nullptr, &quantize_u8_a7, false};
+  static const GemmKernels table{.gemm = &gemm,
+                                 .gemm_packed = &gemm_packed,
+                                 .pack = &pack,
+                                 .quantize_a = &quantize_u8,
+                                 .weight_only = &weight_only_generic,
+                                 .signed_a = false,
+                                 .quantize_a7 = &quantize_u8_a7,
+                                 .a7_zp = false};
   return &table;
 }
 

@@ -1,0 +1,72 @@
+// How every family picks its per-ISA kernel table: the table of the active
+// ISA tier (active_isa(): what the CPU and the OS support, capped by
+// PYKERNELS_CPU_ISA or set_isa_cap()), or, where the family ships none for
+// that tier, the next lower one it ships. For the drivers (<family>_cpu.cpp,
+// baseline flags) only; it sits in an anonymous namespace besides, so no
+// copy of it can be shared with a file compiled for a wider ISA.
+#pragma once
+#include "cpu_features.h"
+
+// A tier's table factory where this build compiled that tier's files, else
+// null, so a driver names every tier it ships without #ifdefs.
+#ifdef PK_HAVE_AVX2
+#define PK_ISA_AVX2(factory) (factory)
+#else
+#define PK_ISA_AVX2(factory) nullptr
+#endif
+#ifdef PK_HAVE_AVX512
+#define PK_ISA_AVX512(factory) (factory)
+#else
+#define PK_ISA_AVX512(factory) nullptr
+#endif
+#ifdef PK_HAVE_AMX
+#define PK_ISA_AMX(factory) (factory)
+#else
+#define PK_ISA_AMX(factory) nullptr
+#endif
+
+namespace pk {
+namespace {
+
+// One family's tables by tier; null where it ships none.
+template <class T>
+struct IsaTables {
+  using Factory = const T* (*)();
+  Factory portable = nullptr;  // required
+  Factory avx2 = nullptr;
+  Factory avx512 = nullptr;
+  // AVX-512 plus VNNI (vpdpbusd), which the avx512 tier does not include:
+  // the avx512 tier runs it where the CPU has VNNI, else `avx512` (or, if
+  // null, the avx2 table).
+  Factory avx512_vnni = nullptr;
+  // AMX tiles. The AMX files are compiled with VNNI as well, so this table
+  // too runs only where the CPU has it.
+  Factory amx = nullptr;
+};
+
+template <class T>
+class IsaPick {
+ public:
+  // Resolves each tier once. A tier the CPU lacks keeps the lower table
+  // without calling its factory, which was compiled for that tier.
+  explicit IsaPick(const IsaTables<T>& t) {
+    const Isa cpu = detected_isa();
+    const bool vnni = has_avx512_vnni();
+    at(Isa::portable) = t.portable();
+    at(Isa::avx2) = t.avx2 && cpu >= Isa::avx2 ? t.avx2() : at(Isa::portable);
+    at(Isa::avx512) = t.avx512_vnni && vnni            ? t.avx512_vnni()
+                      : t.avx512 && cpu >= Isa::avx512 ? t.avx512()
+                                                       : at(Isa::avx2);
+    at(Isa::amx) = t.amx && vnni && cpu >= Isa::amx ? t.amx() : at(Isa::avx512);
+  }
+
+  // Read per call: the cap may change between calls (tests run every tier).
+  const T* operator()() const { return by_isa_[static_cast<int>(active_isa())]; }
+
+ private:
+  const T*& at(Isa isa) { return by_isa_[static_cast<int>(isa)]; }
+  const T* by_isa_[static_cast<int>(Isa::amx) + 1];
+};
+
+}  // namespace
+}  // namespace pk

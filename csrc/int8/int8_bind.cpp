@@ -1,0 +1,94 @@
+// pykernels._C: the int8 functions over NumPy buffers (check and forward).
+#include "common/bind.h"
+#include "int8/int8.h"
+
+namespace {
+
+using namespace pk::bind;  // NOLINT: the buffer checks every binding uses
+
+void quantize_per_row(py::array x, py::array q, py::array scale, int bits) {
+  if (bits != 8 && bits != 7) throw std::invalid_argument("bits must be 8 or 7");
+  int64_t r, c, ld, qr, qc, qld;
+  const float* px = matrix<float>(x, "x", &r, &c, &ld, false);
+  int8_t* pq = matrix<int8_t>(q, "q", &qr, &qc, &qld, true);
+  if (qr != r || qc != c || qld != c)
+    throw std::invalid_argument("q: expected a contiguous buffer of x's shape");
+  float* ps = data_of<float>(scale, "scale", r, true);
+  py::gil_scoped_release nogil;
+  if (bits == 7)
+    pk::int8::quantize_per_row7_cpu(px, r, c, ld, pq, ps);
+  else
+    pk::int8::quantize_per_row_cpu(px, r, c, ld, pq, ps);
+}
+
+void int8_gemm(py::array a, py::array b, py::array c) {
+  int64_t m, k, lda, n, kb, ldb, cm, cn, ldc;
+  const int8_t* pa = matrix<int8_t>(a, "a", &m, &k, &lda, false);
+  const int8_t* pb = matrix<int8_t>(b, "b", &n, &kb, &ldb, false);
+  int32_t* pc = matrix<int32_t>(c, "c", &cm, &cn, &ldc, true);
+  if (kb != k) throw std::invalid_argument("b: K differs from a's");
+  if (cm != m || cn != n) throw std::invalid_argument("c: expected shape [M, N]");
+  py::gil_scoped_release nogil;
+  pk::int8::gemm_s8s8s32_cpu(pa, pb, pc, m, n, k, lda, ldb, ldc);
+}
+
+void int8_pack_weight(py::array w, py::array packed, py::array comp) {
+  int64_t n, k, ldw;
+  const int8_t* pw = matrix<int8_t>(w, "w", &n, &k, &ldw, false);
+  int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), true);
+  int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), true);
+  py::gil_scoped_release nogil;
+  pk::int8::pack_weight_cpu(pw, n, k, ldw, pp, pc);
+}
+
+void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
+                 py::object bias, py::array y, int yt, int act_bits) {
+  if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
+  int64_t m, k, ldx, ym, n, ldy;
+  const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
+  void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
+  if (ym != m || ldy != n) throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
+  const int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), false);
+  const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
+  const float* ps = data_of<float>(w_scale, "w_scale", n, false);
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
+  py::gil_scoped_release nogil;
+  pk::int8::linear_dynamic_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, py_, pk::DType(yt),
+                               act_bits);
+}
+
+void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py::object bias,
+                        py::array y, int yt) {
+  int64_t m, k, ldx, n, kw, ldw, ym, yn, ldy;
+  const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
+  const int8_t* pw = matrix<int8_t>(w, "w", &n, &kw, &ldw, false);
+  void* py_ = float_matrix(y, "y", yt, &ym, &yn, &ldy, true);
+  if (kw != k || ldw != k) throw std::invalid_argument("w: expected a contiguous [N, K] buffer");
+  if (ym != m || yn != n || ldy != n)
+    throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
+  const float* ps = data_of<float>(w_scale, "w_scale", n, false);
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
+  py::gil_scoped_release nogil;
+  pk::int8::linear_weight_only_cpu(px, pk::DType(xt), m, k, ldx, pw, ps, pb, n, py_, pk::DType(yt));
+}
+
+}  // namespace
+
+PK_BIND_FAMILY(int8) {
+  m.def("quantize_per_row", &quantize_per_row, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("bits") = 8,
+        "Per-row int8 quantization of a float32 [rows, cols] buffer: symmetric (bits 8) or "
+        "the 7-bit grid (bits 7).");
+  m.def("int8_gemm", &int8_gemm, py::arg("a"), py::arg("b"), py::arg("c"),
+        "c[M, N] = a[M, K] @ b[N, K].T in int32, exact.");
+  m.def("int8_pack_weight", &int8_pack_weight, py::arg("w"), py::arg("packed"), py::arg("comp"),
+        "Packs an int8 [N, K] weight into the k4n16 layout and its compensation.");
+  m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("xtype"), py::arg("packed"),
+        py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
+        py::arg("act_bits") = 8, "Dynamic W8A8 linear over a packed weight.");
+  m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("xtype"), py::arg("w"),
+        py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
+        "Weight-only int8 linear (float activations).");
+}
