@@ -165,9 +165,17 @@ def test_a_model_directory_compresses_and_the_file_follows_the_umask(tiny_bert_d
         assert torch.equal(got(**batch).last_hidden_state, want(**batch).last_hidden_state)
 
 
+def test_the_demo_checks_its_arguments_before_loading(capsys):
+    assert main(["demo", "--recipe", "int8", "--recipe", "lowrank:x", "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("python -m pykernels demo: error: --recipe 'lowrank:x'")
+    assert main(["demo", "--recipe", "int8", "--report", "sparse:0.5"]) == 2
+    assert "--report 'sparse:0.5'" in one_error_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("bad", ["0", "-3", "two"])
 def test_counts_must_be_positive(bad, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["compress", "m", "--recipe", "int8", "--out", "o", "--threads", bad])
+        main(["demo", "--reps", bad])
     assert e.value.code == 2
-    assert "--threads" in capsys.readouterr().err
+    assert "--reps" in capsys.readouterr().err
