@@ -26,11 +26,28 @@ def version() -> str:
     """
     # Checked by path: an editable install's import hook would otherwise hand this
     # copy another checkout's _version module.
-    if (Path(__file__).resolve().parent / "_version.py").is_file():
+    here = Path(__file__).resolve().parent
+    if (here / "_version.py").is_file():
         from ._version import version as built
 
         return str(built)
-    return _installed_version() or "0+unknown"
+    return _native_version(here) or _installed_version() or "0+unknown"
+
+
+def _native_version(here: Path) -> str | None:
+    """The version compiled into this copy's C ABI library (a tree whose native files
+    were built, or copied, without the _version.py of that build)."""
+    import ctypes
+
+    lib = here / "libpykernels.so"
+    if not lib.is_file():
+        return None
+    try:
+        fn = ctypes.CDLL(str(lib)).pk_version
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode() or None
 
 
 def _installed_version() -> str | None:
