@@ -6,10 +6,14 @@ Environment variables:
   PYKERNELS_CUDA_ARCHS    CUDA architectures, default "80;90a"
   PYKERNELS_BUILD_JOBS    parallel compile jobs, default: CPU count
 
-The version comes from git (setuptools-scm, pyproject.toml). A build that
-carries the CUDA module gets a local version tag naming the toolkit, as
-torch's own CUDA wheels do (0.2.0+cu130): the CPU wheel and the CUDA wheel
-of one release then differ in name and cannot be mistaken for each other.
+The version comes from git (setuptools-scm, pyproject.toml). A build asked
+for CUDA on purpose (PYKERNELS_CUDA=1, as the release's CUDA wheel is) gets a
+local version tag naming the toolkit, as torch's own CUDA wheels do
+(0.2.0+cu130): the CPU wheel and the CUDA wheel of one release then differ in
+name. An `auto` build that merely finds nvcc compiles the CUDA module too, but
+keeps the plain version: its kernels are opt-in and not verified on a GPU, and
+the torch it will run with may have no CUDA at all, so the name must not
+promise CUDA. `python -m pykernels info` says what the build carries.
 """
 
 from __future__ import annotations
@@ -79,15 +83,14 @@ def _nvcc() -> str | None:
 
 
 def _cuda_tag() -> str | None:
-    """'cu130' for a build that will carry _C_cuda (nvcc 13.0), else None."""
+    """'cu130' for a build asked for CUDA on purpose (PYKERNELS_CUDA=1, nvcc 13.0),
+    else None: `auto` builds keep the plain version (see the module docstring)."""
     flag = os.environ.get("PYKERNELS_CUDA", "auto").strip().lower()
-    if not native or flag in ("0", "off", "false", "no"):
+    if not _native() or flag not in ("1", "on", "true", "yes"):
         return None
     nvcc = _nvcc()
     if nvcc is None:
-        if flag in ("1", "on", "true", "yes"):
-            raise RuntimeError("PYKERNELS_CUDA=1 but no nvcc was found (set CUDACXX or PATH)")
-        return None
+        raise RuntimeError("PYKERNELS_CUDA=1 but no nvcc was found (set CUDACXX or PATH)")
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+)\.(\d+)", out)
     if not match:
@@ -109,10 +112,14 @@ def _version_config() -> dict:
     return {"use_scm_version": {"local_scheme": local_scheme}}
 
 
-native = os.environ.get("PYKERNELS_NO_NATIVE", "0") not in ("1", "true", "yes")
+def _native() -> bool:
+    return os.environ.get("PYKERNELS_NO_NATIVE", "0") not in ("1", "true", "yes")
 
-setup(
-    ext_modules=[CMakeExtension("pykernels._C")] if native else [],
-    cmdclass={"build_ext": CMakeBuild} if native else {},
-    **_version_config(),
-)
+
+# setuptools runs this file as __main__; tests import it to check the version rule.
+if __name__ == "__main__":
+    setup(
+        ext_modules=[CMakeExtension("pykernels._C")] if _native() else [],
+        cmdclass={"build_ext": CMakeBuild} if _native() else {},
+        **_version_config(),
+    )

@@ -1,10 +1,15 @@
-"""``python -m pykernels info | bench | demo | compress``."""
+"""``python -m pykernels info | bench | demo | compress | federated``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+from typing import Any
+
+from ._cli import UsageError, one_line, positive_int
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -94,6 +99,176 @@ def _bench_tiers(args: argparse.Namespace) -> int:
     return tiers.run(chosen, child, args.json)
 
 
+def _require(module: str, extra: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f'{what} needs {module}: pip install -e ".[{extra}]"') from None
+
+
+def _check_compress_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so that a typo costs no model load."""
+    from .compress import recipes
+
+    try:
+        recipes.parse(args.recipe)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--recipe: {one_line(e)}") from None
+    if os.path.isdir(args.path):
+        if not os.path.isfile(os.path.join(args.path, "config.json")):
+            raise UsageError(f"{args.path} has no config.json: not a Hugging Face model directory")
+        _require("transformers", "demo", "a model directory")
+    elif not os.path.isfile(args.path):
+        raise UsageError(f"no such file or directory: {args.path}")
+    elif args.path.endswith(".safetensors"):
+        raise UsageError(
+            f"{args.path} holds tensors without the architecture to put them in: give the "
+            "Hugging Face model directory it belongs to"
+        )
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(out_dir):
+        raise UsageError(f"--out {args.out}: not a file in an existing folder")
+    if args.example and not os.path.isfile(args.example):
+        raise UsageError(f"--example: no such file: {args.example}")
+    if args.input_shape is not None:
+        try:
+            shape = [int(s) for s in args.input_shape.split(",")]
+        except ValueError:
+            shape = []
+        if not shape or min(shape) < 1:
+            raise UsageError(
+                f"--input-shape {args.input_shape!r}: positive integers separated by commas, "
+                "e.g. 1,3,224,224"
+            )
+        args.input_shape = shape
+    _require("safetensors", "demo", "writing --out")
+    if args.plot:
+        _require("matplotlib", "plot", "--plot")
+
+
+def _torch_load(path: str, trust_pickle: bool, what: str) -> Any:
+    """``torch.load`` that unpickles arbitrary objects only when the user said so:
+    a pickle can run any code its author chose when it is loaded."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=not trust_pickle, map_location="cpu")
+    except pickle.UnpicklingError:
+        if trust_pickle:
+            raise
+        raise UsageError(
+            f"{path} ({what}) is a full pickle, not tensors only: unpickling it would run code "
+            "from the file. Only if you trust its source, pass --trust-pickle (safer: a "
+            "Hugging Face directory written by save_pretrained)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - whatever torch raises for a file it cannot read
+        raise UsageError(f"cannot read {path}: {type(e).__name__}: {one_line(e)}") from None
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from torch import nn
+
+    if os.path.isdir(args.path):
+        transformers = importlib.import_module("transformers")
+        transformers.logging.set_verbosity_error()
+        try:
+            model = transformers.AutoModel.from_pretrained(args.path).eval()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load {args.path}: {one_line(e)}") from None
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.path)
+        except Exception:  # noqa: BLE001 - a model directory without a tokenizer
+            tokenizer = None
+        return model, tokenizer
+    model = _torch_load(args.path, args.trust_pickle, "a model")
+    if not isinstance(model, nn.Module):
+        hint = (
+            " (a state_dict has no architecture: save the model with save_pretrained, or "
+            "torch.save the module itself and pass --trust-pickle)"
+            if isinstance(model, dict)
+            else ""
+        )
+        raise UsageError(f"{args.path} holds a {type(model).__name__}, not a model{hint}")
+    return model.eval(), None
+
+
+def _given_example(args: argparse.Namespace) -> Any:
+    """The example input from --example or --input-shape, before any model loads."""
+    import torch
+
+    if args.example:
+        return _torch_load(args.example, args.trust_pickle, "an example input")
+    if args.input_shape:
+        return torch.randn(*args.input_shape)
+    return None
+
+
+def _tokenized_example(tokenizer: Any) -> Any:
+    if tokenizer is None:
+        raise UsageError(
+            "give --example FILE (a torch.save'd tensor, tuple or dict) or --input-shape"
+        )
+    from .compress.demo import corpus, passages
+
+    texts = passages(corpus(), tokenizer, 8, 128)
+    return dict(
+        tokenizer(texts, truncation=True, padding=True, max_length=128, return_tensors="pt")
+    )
+
+
+def _compress(args: argparse.Namespace) -> int:
+    _check_compress_args(args)
+    import torch
+
+    from . import compress, save, set_num_threads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
+    example = _given_example(args)
+    model, tokenizer = _load_model(args)
+    if example is None:
+        example = _tokenized_example(tokenizer)
+    try:
+        model_c, report = compress(model, args.recipe, example, progress=not args.quiet)
+    except ValueError as e:  # pk.compress's errors about what it was given
+        raise UsageError(one_line(e)) from None
+    print(report)
+    save(model_c, args.out)
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", file=sys.stderr)
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _add_compress_parser(sub: Any) -> None:
+    p = sub.add_parser("compress", help="compress a model directory or a torch.save'd model")
+    p.add_argument(
+        "path",
+        help="a Hugging Face model directory, or a torch.save'd nn.Module (needs --trust-pickle)",
+    )
+    p.add_argument("--recipe", required=True, help="e.g. 'int8' or 'prune:0.3+int8'")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    inputs = p.add_mutually_exclusive_group()
+    inputs.add_argument("--example", help="a torch.save'd example input (tensor, tuple or dict)")
+    inputs.add_argument(
+        "--input-shape", help="random float example input of this shape, e.g. 1,3,224,224"
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow model and example files that unpickle arbitrary objects (a whole "
+        "torch.save'd module): loading them runs code from the file",
+    )
+    p.add_argument("--threads", type=positive_int, help="threads for torch and pykernels")
+    p.add_argument("--plot", metavar="PATH.png", help="write the report's chart (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_compress)
+
+
 def _bench_families() -> tuple[str, ...]:
     from .bench import FAMILIES
 
@@ -115,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    p_bench.add_argument("--threads", type=int, help="threads for torch and pykernels")
+    p_bench.add_argument("--threads", type=positive_int, help="threads for torch and pykernels")
     p_bench.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p_bench.add_argument("--plot", metavar="PATH.png", help="write a chart (needs matplotlib)")
     p_bench.add_argument(
@@ -127,14 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         "this CPU cannot run is skipped",
     )
     p_bench.set_defaults(fn=_bench)
-    from .compress.demo import add_parsers as _add_compress_parsers
+    from .compress.demo import add_parsers as _add_demo_parser
 
-    _add_compress_parsers(sub)  # demo, compress
+    _add_demo_parser(sub)
+    _add_compress_parser(sub)
     from .comm._flower_demo import add_parser as _add_federated_parser
 
     _add_federated_parser(sub)  # federated (needs flwr when run, not to parse)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"{parser.prog} {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import torch
 
@@ -14,10 +17,92 @@ from .backends import native as _native
 
 
 def version() -> str:
+    """The version this package was built as (setuptools-scm, from git).
+
+    The build writes it into ``pykernels/_version.py`` beside this file, which
+    is then the truth for the code actually imported; the installed
+    distribution's metadata can describe another copy (an editable install of
+    one checkout imported from another), so it is only the fallback.
+    """
+    # Checked by path: an editable install's import hook would otherwise hand this
+    # copy another checkout's _version module.
+    here = Path(__file__).resolve().parent
+    if (here / "_version.py").is_file():
+        from ._version import version as built
+
+        return str(built)
+    return _native_version(here) or _installed_version() or "0+unknown"
+
+
+def _native_version(here: Path) -> str | None:
+    """The version compiled into this copy's C ABI library (a tree whose native files
+    were built, or copied, without the _version.py of that build)."""
+    import ctypes
+
+    lib = here / "libpykernels.so"
+    if not lib.is_file():
+        return None
     try:
-        return metadata.version("pykernels")
+        fn = ctypes.CDLL(str(lib)).pk_version
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode() or None
+
+
+def _installed_version() -> str | None:
+    """The installed distribution's version, if that distribution is this very copy."""
+    try:
+        dist = metadata.distribution("pykernels")
     except metadata.PackageNotFoundError:
-        return "0+unknown"
+        return None
+    here = Path(__file__).resolve().parent
+    for f in dist.files or ():
+        if f.name == "info.py" and Path(str(dist.locate_file(f))).resolve().parent == here:
+            return dist.version
+    try:
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+    except json.JSONDecodeError:
+        return None
+    if url.get("dir_info", {}).get("editable") and url.get("url", "").startswith("file://"):
+        src = Path(unquote(urlparse(url["url"]).path)).resolve()
+        if here.parent == src:
+            return dist.version
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the OS reports it (``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def build() -> str:
+    """What this build carries, in words; the CUDA module is named with its status, so
+    that nobody takes a build that merely compiled it for a CUDA build."""
+    parts = ["native CPU kernels" if _native.C is not None else "no native CPU kernels"]
+    if _native.C_cuda is not None:
+        cu = _native.C_cuda.cuda_info()
+        rt = int(cu["runtime_version"])
+        usable = (
+            "this torch has CUDA"
+            if torch.version.cuda and torch.cuda.is_available()
+            else "unused: this torch has no CUDA device"
+            if torch.version.cuda
+            else "unused: this torch is a CPU-only build"
+        )
+        parts.append(
+            f"CUDA module (CUDA {rt // 1000}.{rt % 1000 // 10}, sm {cu['archs_compiled']}; "
+            f"{backends.CUDA_NOT_VERIFIED}; {usable})"
+        )
+    return " + ".join(parts)
 
 
 def _amx_kernels() -> str:
@@ -61,6 +146,8 @@ def info() -> dict[str, Any]:
     """The same facts ``python -m pykernels info`` prints, as a dict."""
     d: dict[str, Any] = {
         "version": version(),
+        "build": build(),
+        "cpu": cpu_name(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "machine": platform.machine(),

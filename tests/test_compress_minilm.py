@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,10 +90,19 @@ def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys):
 
     out = tmp_path / "demo"
     argv = ["demo", "--recipe", "int8", "--reps", "1", "--tokens", "32", "--sentences", "24"]
-    argv += ["--calib", "1", "--quiet", "--out", str(out), "--json", str(tmp_path / "d.json")]
-    assert main(argv) == 0
-    text = capsys.readouterr().out
+    argv += ["--calib", "1", "--out", str(out), "--json", str(tmp_path / "d.json")]
+    mask = os.umask(0o027)  # the files written must follow it (issue 24)
+    try:
+        assert main(argv) == 0
+    finally:
+        os.umask(mask)
+    captured = capsys.readouterr()
+    text = captured.out
     assert "quantize_dynamic" in text and "outputs identical" in text
+    # progress goes to stderr, per recipe and per timed encode; the table stays clean
+    assert "compress: 100%" in captured.err and "time: 100%" in captured.err
+    assert "\r" not in text and "it/s" not in text
+    assert re.search(r"demo took \d+ s", text)
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
     assert list(rows) == ["fp32", "quantize_dynamic", "int8"]
     assert rows["fp32"]["cosine"] == pytest.approx(1.0) and rows["fp32"]["speedup"] == 1.0
@@ -99,6 +112,8 @@ def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys):
     assert 0.5 < rows["quantize_dynamic"]["size_mb"] / rows["fp32"]["size_mb"] < 0.8
     model_file = out / "minilm_int8.safetensors"
     assert model_file.stat().st_size < 0.3 * rows["fp32"]["size_mb"] * 1e6
+    for written in (model_file, tmp_path / "d.json"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o640
     fresh = transformers.AutoModel.from_pretrained(str(minilm.get_model_path())).eval()
     model = pk.load(model_file, fresh)
     assert isinstance(model.embeddings.word_embeddings, Int8Embedding)

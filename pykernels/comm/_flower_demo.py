@@ -300,9 +300,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("python -m pykernels federated needs Flower: pip install 'pykernels[federated]'")
         return 2
+    from .._cli import UsageError
+
     specs = [s for s in args.codec.split(",") if s.strip()]
     for s in specs:
-        parse_codec(s)  # bad specs fail before any simulation starts
+        try:
+            parse_codec(s)  # bad specs fail before any simulation starts
+        except ValueError as e:
+            raise UsageError(f"--codec: {e}") from None
     setup = Setup(
         clients=args.clients,
         rounds=args.rounds,

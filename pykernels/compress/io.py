@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._files import follow_umask
 from .context import module_device
 from .kinds import dtype_name, module_kind_named, module_kind_names, module_kind_of
 from .walk import guard_fused_paths
@@ -148,6 +149,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "sha256": _digest(tensors),
     }
     st.torch.save_file(tensors, os.fspath(path), metadata={"pykernels": json.dumps(manifest)})
+    follow_umask(path)  # safetensors leaves its temporary file's 0600
 
 
 def _version() -> str:
