@@ -137,6 +137,9 @@ class Codec:
     batch_sum: ClassVar[bool] = False
     #: state fields this codec keeps per key, and their dtypes
     _fields: ClassVar[dict[str, torch.dtype]] = {}
+    #: the params and parts a payload of this kind must carry (checked by Payload)
+    payload_params: ClassVar[tuple[str, ...]] = ()
+    payload_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -240,6 +243,11 @@ class Codec:
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Replaces the state with one from :meth:`state_dict` (of a codec like this one)."""
         owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{owner}: state_dict must be a mapping of '<key>/<field>' to tensors, "
+                f"got {type(state_dict).__name__}"
+            )
         state: dict[str, dict[str, Tensor]] = {}
         for name, t in state_dict.items():
             if not isinstance(name, str) or "/" not in name:

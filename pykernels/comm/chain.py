@@ -112,8 +112,13 @@ class Chain(Codec):
                     "nor 'second.'"
                 )
             parts[head][rest] = t
-        self.first.load_state_dict(parts["first"])
-        self.second.load_state_dict(parts["second"])
+        kept = self.first._state
+        for head, codec in (("first", self.first), ("second", self.second)):
+            try:
+                codec.load_state_dict(parts[head])
+            except (TypeError, ValueError) as e:
+                self.first._state = kept  # all or nothing, as for any codec
+                raise type(e)(f"Chain.load_state_dict: the entries under '{head}.': {e}") from None
 
     def reset(self, key: str | None = None) -> None:
         self.first.reset(key)

@@ -186,18 +186,50 @@ class CompressionState:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s result (made with an equally configured codec)."""
+        """Restores :meth:`state_dict`'s result (made with an equally configured codec).
+
+        Every entry is checked before anything changes: a malformed one raises
+        TypeError / ValueError naming it, and leaves this state as it was.
+        """
+        owner = "CompressionState.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{owner}: state_dict must be a mapping (from state_dict()), "
+                f"got {type(state_dict).__name__}"
+            )
         missing = {"iter", "codec"} - set(state_dict)
         if missing:
-            raise ValueError(f"CompressionState.load_state_dict: missing {sorted(missing)}")
-        self.codec.load_state_dict(state_dict["codec"])
-        self.iter = _count_arg("CompressionState.load_state_dict", "iter", state_dict["iter"], 0)
-        self._bytes_sent = int(state_dict.get("bytes_sent", 0))
-        self._bytes_dense = int(state_dict.get("bytes_dense", 0))
-        self._layouts = {
-            k: tuple((int(i), int(n)) for i, n in v)
-            for k, v in state_dict.get("layouts", {}).items()
+            raise ValueError(f"{owner}: missing {sorted(missing)}")
+        if not isinstance(state_dict["codec"], Mapping):
+            raise TypeError(
+                f"{owner}: 'codec' must be the codec's state_dict (a mapping), "
+                f"got {type(state_dict['codec']).__name__}"
+            )
+        it = _count_arg(owner, "iter", state_dict["iter"], 0)
+        counts = {
+            k: _count_arg(owner, k, state_dict.get(k, 0), 0)
+            for k in ("bytes_sent", "bytes_dense", "start_iter")
         }
+        del counts["start_iter"]  # checked, but the constructor's value stands
+        layouts = _parse_layouts(owner, state_dict.get("layouts", {}))
+        holder = self._residual_holder()
+        if holder is not None:
+            # A layout and its bucket's residual must agree, or _follow would
+            # move the wrong slices when DDP's buckets change.
+            res = state_dict["codec"]
+            prefix = "first." if holder is not self.codec else ""
+            for k, lay in layouts.items():
+                r = res.get(f"{prefix}{k}/residual")
+                n = sum(numel for _, numel in lay)
+                if isinstance(r, Tensor) and r.numel() != n:
+                    raise ValueError(
+                        f"{owner}: layouts[{k!r}] covers {n} elements, the codec's "
+                        f"{prefix}{k}/residual has {r.numel()}"
+                    )
+        self.codec.load_state_dict(state_dict["codec"])
+        self.iter = it
+        self._bytes_sent, self._bytes_dense = counts["bytes_sent"], counts["bytes_dense"]
+        self._layouts = layouts
         self._owner = {i: k for k, v in self._layouts.items() for i, _ in v}
         self._displaced = {}
 
@@ -276,6 +308,37 @@ class CompressionState:
         self._lock = threading.Lock()
         self._worker = None
         self._param_ids = {}
+
+
+def _parse_layouts(owner: str, layouts: Any) -> dict[str, tuple[tuple[int, int], ...]]:
+    """``{bucket key: ((parameter number, numel), ...)}`` from a state_dict's "layouts"."""
+    if not isinstance(layouts, Mapping):
+        raise TypeError(
+            f"{owner}: 'layouts' must map bucket keys to [[param, numel], ...] lists, "
+            f"got {type(layouts).__name__}"
+        )
+    out: dict[str, tuple[tuple[int, int], ...]] = {}
+    seen: dict[int, str] = {}
+    for k, lay in layouts.items():
+        where = f"layouts[{k!r}]"
+        if not isinstance(k, str):
+            raise TypeError(f"{owner}: {where}: bucket keys are str, got {type(k).__name__}")
+        if isinstance(lay, (str, bytes)) or not isinstance(lay, (list, tuple)):
+            raise TypeError(
+                f"{owner}: {where} must be a list of [param, numel] pairs, got {type(lay).__name__}"
+            )
+        pairs = []
+        for j, e in enumerate(lay):
+            if isinstance(e, (str, bytes)) or not isinstance(e, (list, tuple)) or len(e) != 2:
+                raise ValueError(f"{owner}: {where}[{j}] must be a [param, numel] pair, got {e!r}")
+            i = _count_arg(owner, f"{where}[{j}][0]", e[0], 0)
+            n = _count_arg(owner, f"{where}[{j}][1]", e[1], 0)
+            if i in seen:
+                raise ValueError(f"{owner}: parameter {i} is in both {seen[i]} and {where}")
+            seen[i] = where
+            pairs.append((i, n))
+        out[k] = tuple(pairs)
+    return out
 
 
 def _group(state: CompressionState) -> dist.ProcessGroup:

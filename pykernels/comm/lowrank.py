@@ -78,6 +78,8 @@ class LowRank(Codec):
 
     name = "lowrank"
     wire_id = 3
+    payload_params = ("rank", "rows", "cols", "warm_start", "error_feedback")
+    payload_parts = ("p", "q")
     dtypes = tuple(wire.DTYPES)
     exchange = "powersgd"
     batch_sum = True  # one product of rank (workers x r) for all payloads

@@ -58,6 +58,8 @@ class Quantize(Codec):
 
     name = "quantize"
     wire_id = 2
+    payload_params = ("bits", "bucket", "stochastic", "error_feedback", "seed")
+    payload_parts = ("codes", "scales")
     fixed_size = True  # a function of the shape and the bucket size only
     _fields = {"residual": torch.float32, "step": torch.int64}
 

@@ -71,6 +71,8 @@ class TopK(Codec):
 
     name = "topk"
     wire_id = 1
+    payload_params = ("k", "value_dtype", "approx", "error_feedback")
+    payload_parts = ("indices", "values")
     _fields = {"residual": torch.float32}
 
     def __init__(
