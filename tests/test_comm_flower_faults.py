@@ -1,7 +1,8 @@
 """comm.flower under faults: refused and failed replies, non-finite updates, stragglers.
 
 The in-process tests drive the ClientApp (with the mod) and the strategy on
-real Flower messages through test_comm_flower's small grid.
+real Flower messages through test_comm_flower's small grid; the last one runs
+a real ``run_simulation`` (Ray) with every fault at once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from test_comm_flower import (  # noqa: E402
 )
 
 from pykernels import comm  # noqa: E402
+from pykernels.comm import _flower_demo as demo  # noqa: E402
 from pykernels.comm import flower as pkf  # noqa: E402
 
 
@@ -356,3 +358,56 @@ def test_start_sets_the_train_messages_ttl_to_its_timeout():
     assert Recording.ttls == [7.0] * (2 * len(NODES))
     assert res.failed == {1: [], 2: []} and res.missing == {1: [], 2: []}
     assert set(res.wait_s) == {1, 2} and all(0 <= w < 5 for w in res.wait_s.values())
+
+
+# --- all of it in a real simulation -------------------------------------------------------
+
+
+def test_faults_in_a_real_simulation():
+    """3 clients, 6 rounds, a 10 s round timeout. Round 2: client 0 replies with a
+    mismatched array, client 1 with a NaN update (both refused by their mod),
+    client 2's payload is corrupted on the way (refused by the server). Round 3:
+    client 1 straggles 12 s. Round 5: client 2 takes 4 s more, within the timeout
+    (the straggler's run ends meanwhile)."""
+    pytest.importorskip("ray")
+    setup = demo.Setup(
+        clients=3,
+        rounds=6,
+        local_epochs=1,
+        timeout=10.0,
+        faults=demo.parse_faults("2:0:mismatch,2:1:nan,2:2:corrupt,3:1:slow:12,5:2:slow:4"),
+    )
+    run = demo.simulate("topk:0.05", setup)
+    assert run.failed_per_round == [0, 2, 0, 0, 0, 0]
+    assert run.refused_per_round == [0, 1, 0, 0, 0, 0]
+    assert run.missing_per_round == [0, 0, 1, 0, 0, 0]
+    # No round waits for its timeout but the straggler's.
+    waits = run.wait_s
+    assert waits[2] >= 9.5, waits
+    assert max(waits[:2] + waits[3:]) < 8.0, waits
+    state = run.client_state  # per round: {client: [state's round, sum |state|]}
+    # Client 2's corrupted round-2 reply was not aggregated: round 3 starts from
+    # the state round 2 started from (the same sum), not from its round-2 send.
+    assert state[1][2][0] == 1 and state[2][2] == [2.0, state[1][2][1]]
+    # Clients 0 and 1 sent nothing in round 2: their state is still round 1's.
+    assert state[2][0][0] == 1
+    # The straggler's run kept nothing: its state is from round 1 in round 4,
+    # and from the round before every round after (never rolled back to 3).
+    assert state[3][1][0] == 1
+    assert [state[r][1][0] for r in (4, 5)] == [4, 5]
+    assert run.final_accuracy > 30
+
+
+def test_fault_specs_and_the_cli_refuses_a_bad_one_before_simulating():
+    from pykernels.__main__ import main
+
+    assert demo.parse_faults("2:0:nan, 3:1:slow:12,4:2:corrupt") == (
+        (2, 0, "nan"),
+        (3, 1, "slow:12"),
+        (4, 2, "corrupt"),
+    )
+    for bad in ("2:0:gzip", "a:0:nan", "2:0:slow", "2:0:nan:3", "2:0"):
+        with pytest.raises(ValueError, match="expected ROUND:PARTITION:KIND"):
+            demo.parse_faults(bad)
+    with pytest.raises(ValueError, match="fault '2:0:gzip'"):
+        main(["federated", "--faults", "2:0:gzip", "--rounds", "1"])
