@@ -290,3 +290,13 @@ def test_all_finite(dtype):
     # finite values whose sum overflows are finite
     big = torch.full((10,), float(torch.finfo(dtype).max), dtype=dtype)
     assert all_finite(big)
+
+
+def test_take_back_refuses_what_is_not_this_keys_payload(gen):
+    for codec in (comm.TopK(0.1), comm.Quantize(8, error_feedback=True)):
+        codec.encode(torch.randn(50, generator=gen), key="w")
+        other = codec.encode(torch.randn(40, generator=gen), key="v")
+        with pytest.raises(ValueError, match="decodes to 40 elements, the residual of key 'w'"):
+            codec.take_back(other, key="w")
+        with pytest.raises(TypeError, match="payload must be a Payload"):
+            codec.take_back(b"PKCM", key="w")

@@ -289,12 +289,15 @@ class Codec:
         a payload made without error feedback (``params["error_feedback"]``
         false: no error feedback configured, or a non-finite step).
         """
+        if not isinstance(payload, Payload):
+            raise TypeError(f"take_back: payload must be a Payload, got {type(payload).__name__}")
         holder = self.residual_codec()
         if holder is None or not payload.params.get("error_feedback"):
             return
         r = holder._state.get(_key(key), {}).get("residual")
         if r is None:
             return
+        _check_same_size(payload, r, key)
         sent = decode(payload, device=r.device).float().reshape(r.shape)
         r.add_(torch.where(torch.isfinite(sent), sent, torch.zeros_like(sent)))
 
@@ -344,6 +347,16 @@ def _device_of(p: Payload) -> torch.device:
             return t.device
         return _device_of(t)
     return torch.device("cpu")
+
+
+def _check_same_size(payload: Payload, r: Tensor, key: str | None) -> None:
+    if not isinstance(payload, Payload):
+        raise TypeError(f"take_back: payload must be a Payload, got {type(payload).__name__}")
+    if payload.numel != r.numel():
+        raise ValueError(
+            f"take_back: the payload decodes to {payload.numel} elements, the residual of "
+            f"key {key!r} has {r.numel()}: not this key's payload"
+        )
 
 
 def payload_finite(payload: Payload) -> bool:

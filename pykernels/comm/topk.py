@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES, check_bool, check_int, check_range
 from . import wire
-from .base import Codec, _key, _largest, all_finite, to_dtype
+from .base import Codec, _check_same_size, _key, _largest, all_finite, to_dtype
 from .quantize import Quantize, dequantize_values
 from .wire import Payload
 
@@ -175,11 +175,14 @@ class TopK(Codec):
         return Payload("topk", t.dtype, tuple(t.shape), params, {"indices": idx, "values": sent})
 
     def take_back(self, payload: Payload, key: str | None = None) -> None:
+        if not isinstance(payload, Payload):
+            raise TypeError(f"take_back: payload must be a Payload, got {type(payload).__name__}")
         if not payload.params.get("error_feedback"):
             return
         r = self._state.get(_key(key), {}).get("residual")
         if r is None:
             return
+        _check_same_size(payload, r, key)
         # Only the k sent entries changed: add back what decode gives for them.
         vals = to_dtype(_kept_values(payload.parts["values"], r.device), payload.dtype).float()
         vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
