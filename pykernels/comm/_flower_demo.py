@@ -6,6 +6,9 @@ over the labels), training a small MLP with FedAvg. The clients run
 :func:`~pykernels.comm.flower.compression_mod`, the server
 :class:`~pykernels.comm.flower.Compressed`; accuracy is measured on the
 server on the held-out test split after every round.
+
+``--faults ROUND:PARTITION:KIND,...`` injects faults into chosen clients'
+rounds (kinds in :data:`FAULTS`), to measure what a run loses to them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -29,6 +33,15 @@ from .lowrank import LowRank
 
 HIDDEN = 128
 
+#: what ``--faults`` can inject into a client's round
+FAULTS = {
+    "nan": "the trained arrays hold a NaN (a non-finite update: the mod refuses it)",
+    "mismatch": "the reply's arrays are not the ones received (the mod refuses it)",
+    "corrupt": "a byte of one payload flipped on the way (the server refuses it)",
+    "raise": "the ClientApp raises (Flower reports a failure)",
+    "slow": "the client takes SECONDS (slow:SECONDS) longer, past a round timeout",
+}
+
 
 @dataclass
 class Setup:
@@ -41,6 +54,9 @@ class Setup:
     local_epochs: int = 2
     lr: float = 0.1
     batch: int = 32
+    #: (round, partition id, kind) faults; kind is a key of FAULTS ("slow:SECONDS")
+    faults: tuple[tuple[int, int, str], ...] = ()
+    timeout: float = 3600.0  # Strategy.start's round timeout (Flower's default)
 
 
 @dataclass
@@ -54,6 +70,14 @@ class Run:
     refused: int = 0
     wall_s: float = 0.0
     codec_state_arrays: list[float] = field(default_factory=list)  # per round, client mean
+    failed: int = 0  # error replies, all rounds
+    failed_per_round: list[int] = field(default_factory=list)
+    refused_per_round: list[int] = field(default_factory=list)
+    missing_per_round: list[int] = field(default_factory=list)  # no reply by the timeout
+    wait_s: list[float] = field(default_factory=list)  # per round, waiting for replies
+    #: per round: {partition id: [codec state round, sum of |codec state|]} of the
+    #: replies aggregated (the state each client's round started from)
+    client_state: list[dict[int, list[float]]] = field(default_factory=list)
 
     @property
     def uplink_total(self) -> int:
@@ -125,13 +149,79 @@ def partition(clients: int, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
             return tuple(np.sort(np.array(s, dtype=np.int64)) for s in shards)
 
 
+def parse_faults(spec: str) -> tuple[tuple[int, int, str], ...]:
+    """``ROUND:PARTITION:KIND,...`` (KIND in FAULTS; ``slow:SECONDS``) as Setup.faults."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            rnd, pid, kind = int(parts[0]), int(parts[1]), ":".join(parts[2:])
+            name, _, arg = kind.partition(":")
+            if name not in FAULTS or (name == "slow") != bool(arg):
+                raise ValueError
+            if arg:
+                float(arg)
+        except (ValueError, IndexError):
+            raise ValueError(
+                f"fault {item!r}: expected ROUND:PARTITION:KIND, KIND one of "
+                f"{sorted(FAULTS)} (slow:SECONDS)"
+            ) from None
+        out.append((rnd, pid, kind))
+    return tuple(out)
+
+
+def _fault(setup: Setup, rnd: int, pid: int) -> str | None:
+    for r, p, kind in setup.faults:
+        if (r, p) == (rnd, pid):
+            return kind
+    return None
+
+
+def _corrupt_mod(setup: Setup) -> Callable:
+    """A client mod outside compression_mod: flips one byte of one payload of the
+    replies that ``setup.faults`` marks "corrupt" (a link that damages data)."""
+    from flwr.app import ConfigRecord
+
+    from .flower import UPDATE_RECORD
+
+    def corrupt_on_the_way(msg: Any, ctx: Any, call_next: Callable) -> Any:
+        rnd = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        pid = int(ctx.node_config.get("partition-id", -1))
+        out = call_next(msg, ctx)
+        if _fault(setup, rnd, pid) == "corrupt" and not out.has_error():
+            blobs = dict(out.content[UPDATE_RECORD])
+            name = sorted(blobs)[0]
+            b = bytearray(blobs[name])
+            b[len(b) // 2] ^= 0x40
+            blobs[name] = bytes(b)
+            out.content[UPDATE_RECORD] = ConfigRecord(blobs)
+        return out
+
+    return corrupt_on_the_way
+
+
+def _state_summary(ctx: Any) -> tuple[int, float]:
+    """(round of the codec state's last send, sum of |its arrays|): what the client starts from."""
+    from .flower import STATE_CODEC, STATE_META
+
+    meta = ctx.state.get(STATE_META)
+    held = ctx.state.get(STATE_CODEC)
+    total = 0.0 if held is None else sum(float(np.abs(a.numpy()).sum()) for a in held.values())
+    return (-1 if meta is None else int(meta["round"])), total
+
+
 def _client_app(codec: Codec | None, setup: Setup) -> Any:
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     from .flower import STATE_CODEC, compression_mod
 
-    app = ClientApp(mods=[compression_mod(codec)])
+    mods = [compression_mod(codec)]
+    if any(kind == "corrupt" for _, _, kind in setup.faults):
+        mods.insert(0, _corrupt_mod(setup))
+    app = ClientApp(mods=mods)
 
     def local(ctx: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
         pid = int(ctx.node_config["partition-id"])
@@ -150,6 +240,12 @@ def _client_app(codec: Codec | None, setup: Setup) -> Any:
         model = _digits.mlp(setup.seed, HIDDEN)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         rnd = int(msg.content["config"]["server-round"])
+        state_round, state_sum = _state_summary(ctx)
+        fault = _fault(setup, rnd, pid)
+        if fault == "raise":
+            raise RuntimeError(f"injected fault: client {pid} fails in round {rnd}")
+        if fault is not None and fault.startswith("slow:"):
+            time.sleep(float(fault.split(":", 1)[1]))
         opt = torch.optim.SGD(model.parameters(), lr=setup.lr, momentum=0.9)
         g = torch.Generator().manual_seed(setup.seed * 1_000_003 + pid * 1009 + rnd)
         total = 0.0
@@ -167,10 +263,26 @@ def _client_app(codec: Codec | None, setup: Setup) -> Any:
                 "num-examples": len(x),
                 "train-loss": total / (len(x) * setup.local_epochs),
                 "codec-state-arrays": state_arrays,
+                "partition-id": pid,
+                "codec-state-round": state_round,
+                "codec-state-sum": state_sum,
             }
         )
         arrays = ArrayRecord(model.state_dict())
+        if fault == "nan":
+            w = arrays["0.weight"].numpy().copy()
+            w[0, 0] = np.nan
+            arrays["0.weight"] = Array(w)
+        elif fault == "mismatch":
+            w = arrays["0.weight"].numpy()
+            arrays["0.weight"] = Array(np.ascontiguousarray(w[:, :-1]))
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    @app.query()
+    def ping(msg: Message, ctx: Any) -> Message:
+        local(ctx)  # loads the data (sklearn) in this actor: the first round's slow part
+        _digits.mlp(setup.seed, HIDDEN)
+        return Message(RecordDict(), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, ctx: Any) -> Message:
@@ -185,7 +297,7 @@ def _client_app(codec: Codec | None, setup: Setup) -> Any:
 
 def simulate(spec: str, setup: Setup, strategy_factory: Any = None) -> Run:
     """One Flower simulation (Ray backend) of ``setup`` with the codec ``spec``."""
-    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
@@ -202,6 +314,8 @@ def simulate(spec: str, setup: Setup, strategy_factory: Any = None) -> Run:
         model.load_state_dict(arrays.to_torch_state_dict())
         return MetricRecord({"accuracy": _digits.accuracy(model, xte, yte)})
 
+    states: dict[int, dict[int, list[float]]] = {}
+
     @server.main()
     def main(grid: Any, context: Any) -> None:
         inner = (
@@ -214,10 +328,38 @@ def simulate(spec: str, setup: Setup, strategy_factory: Any = None) -> Run:
             )
         )
         strategy = Compressed(inner)
+        compressed_aggregate = strategy.aggregate_train
+
+        def seen(rnd: int, replies: Any) -> Any:
+            # The state each client started its round from, from every reply
+            # that came back (refused ones included; the metrics are averaged
+            # over clients once aggregated).
+            replies = list(replies)
+            for r in replies:
+                if not r.has_error():
+                    m = r.content["metrics"]
+                    states.setdefault(rnd, {})[int(m["partition-id"])] = [
+                        float(m["codec-state-round"]),
+                        float(m["codec-state-sum"]),
+                    ]
+            return compressed_aggregate(rnd, replies)
+
+        strategy.aggregate_train = seen
+        # One query per node first, without a timeout: Ray starts its actors and
+        # they import torch (seconds) here, not in round 1's time.
+        nodes: list[int] = []
+        for _ in range(600):  # the nodes register with the server as they start
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= setup.clients:
+                break
+            time.sleep(0.1)
+        ping = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        list(grid.send_and_receive(ping, timeout=None))
         out["result"] = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(_digits.mlp(setup.seed, HIDDEN).state_dict()),
             num_rounds=setup.rounds,
+            timeout=setup.timeout,
             train_config=ConfigRecord(),
             evaluate_fn=central,
         )
@@ -246,8 +388,17 @@ def simulate(spec: str, setup: Setup, strategy_factory: Any = None) -> Run:
         refused=sum(len(v) for v in res.refused.values()),
         wall_s=wall,
         codec_state_arrays=[
-            float(res.train_metrics_clientapp[r]["codec-state-arrays"]) for r in rounds
+            float(res.train_metrics_clientapp[r]["codec-state-arrays"])
+            if r in res.train_metrics_clientapp
+            else math.nan
+            for r in rounds
         ],
+        failed=sum(len(v) for v in res.failed.values()),
+        failed_per_round=[len(res.failed.get(r, [])) for r in rounds],
+        refused_per_round=[len(res.refused.get(r, [])) for r in rounds],
+        missing_per_round=[len(res.missing.get(r, [])) for r in rounds],
+        wait_s=[float(res.wait_s.get(r, math.nan)) for r in rounds],
+        client_state=[states.get(r, {}) for r in rounds],
     )
 
 
@@ -266,6 +417,20 @@ def table(runs: list[Run], target: float = 90.0) -> str:
             f"| {r.codec} | {r.uplink_total / 1e6:.3f} | {r.ratio:.2f}x | {fewer:.2f}x "
             f"| {r.final_accuracy:.2f} | {delta:+.2f} | {reach if reach else '-'} "
             f"| {r.wall_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def rounds_table(r: Run) -> str:
+    """One line per round: accuracy, failures, refusals, missing replies, wait."""
+    lines = [
+        "| round | accuracy (%) | failed | refused | no reply | waited s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i in range(len(r.accuracy)):
+        lines.append(
+            f"| {i + 1} | {r.accuracy[i]:.2f} | {r.failed_per_round[i]} "
+            f"| {r.refused_per_round[i]} | {r.missing_per_round[i]} | {r.wait_s[i]:.1f} |"
         )
     return "\n".join(lines)
 
@@ -315,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         local_epochs=args.local_epochs,
         lr=args.lr,
+        faults=parse_faults(args.faults or ""),
+        timeout=args.timeout,
     )
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -326,6 +493,8 @@ def run(args: argparse.Namespace) -> int:
             f"accuracy {r.final_accuracy:.2f}%, {r.wall_s:.1f} s",
             flush=True,
         )
+        if setup.faults:
+            print(rounds_table(r))
         runs.append(r)
     print()
     print(
@@ -334,6 +503,8 @@ def run(args: argparse.Namespace) -> int:
         f"MLP 64-{HIDDEN}-{HIDDEN}-10, {setup.local_epochs} local epochs of SGD per round"
     )
     print(table(runs))
+    if setup.faults:
+        print(f"faults: {setup.faults}, round timeout {setup.timeout:g} s")
     if args.plot:
         plot(runs, args.plot)
         print(f"plot: {args.plot}")
@@ -369,5 +540,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--plot", metavar="PATH.png", help="accuracy vs cumulative uplink bytes")
     p.add_argument("--json", metavar="PATH", help="write every round's figures as JSON")
+    p.add_argument(
+        "--faults",
+        metavar="R:P:KIND,...",
+        help="inject faults: in round R, client (partition) P; KIND: "
+        + ", ".join(f"{k} ({v})" for k, v in FAULTS.items()),
+    )
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="round timeout, s (Flower's default)"
+    )
     p.add_argument("--verbose", action="store_true", help="Flower's INFO log")
     p.set_defaults(fn=run)

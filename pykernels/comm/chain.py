@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .base import Codec, _key, decode
+from .base import Codec, _key, decode, to_dtype
 from .quantize import Quantize
 from .topk import TopK
 from .wire import Payload
@@ -23,7 +23,10 @@ class Chain(Codec):
 
     The first codec must be :class:`TopK`, the second a :class:`Quantize`
     without error feedback of its own: with the first's error feedback on,
-    the quantization error of the sent values goes into its residual too.
+    the quantization error of the sent values goes into its residual too,
+    measured against what decode returns in the tensor's dtype. A step whose
+    input holds NaN or inf leaves the residual as it was (see TopK); its
+    values' bucket then decodes to NaN.
     """
 
     name = "chain"
@@ -72,7 +75,9 @@ class Chain(Codec):
         q = self.second.encode(values, key=key, seed=seed)
         nested = Payload("quantize", torch.float32, (values.numel(),), q.params, q.parts)
         if r is not None and values.numel():
-            sent = decode(nested)
+            # Measured against what decode returns, in the tensor's dtype (not the
+            # fp32 dequantized values): fp16 and bf16 lose no rounding per step.
+            sent = to_dtype(decode(nested), t.dtype).float()
             diff = values.float() - sent
             diff = torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff))
             r.view(-1).index_add_(0, idx, diff)
@@ -80,9 +85,12 @@ class Chain(Codec):
             "k": int(idx.numel()),
             "value_dtype": torch.float32,
             "approx": self.first.approx,
-            "error_feedback": self.first.error_feedback,
+            "error_feedback": r is not None,
         }
         return Payload("topk", t.dtype, tuple(t.shape), params, {"indices": idx, "values": nested})
+
+    def take_back(self, payload: Payload, key: str | None = None) -> None:
+        self.first.take_back(payload, key)
 
     def state_dict(self) -> dict[str, Tensor]:
         sd = {f"first.{k}": v for k, v in self.first.state_dict().items()}
@@ -90,6 +98,11 @@ class Chain(Codec):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "Chain.load_state_dict: state_dict must be a mapping of 'first.<key>/<field>' "
+                f"and 'second.<key>/<field>' to tensors, got {type(state_dict).__name__}"
+            )
         parts: dict[str, dict[str, Tensor]] = {"first": {}, "second": {}}
         for name, t in state_dict.items():
             head, _, rest = str(name).partition(".")
@@ -99,8 +112,13 @@ class Chain(Codec):
                     "nor 'second.'"
                 )
             parts[head][rest] = t
-        self.first.load_state_dict(parts["first"])
-        self.second.load_state_dict(parts["second"])
+        kept = self.first._state
+        for head, codec in (("first", self.first), ("second", self.second)):
+            try:
+                codec.load_state_dict(parts[head])
+            except (TypeError, ValueError) as e:
+                self.first._state = kept  # all or nothing, as for any codec
+                raise type(e)(f"Chain.load_state_dict: the entries under '{head}.': {e}") from None
 
     def reset(self, key: str | None = None) -> None:
         self.first.reset(key)

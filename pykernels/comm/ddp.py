@@ -21,6 +21,19 @@ the process that made them):
   tensors sent dense together with the P factors, one of the Q factors. Its
   state (warm-start Q, residual) is kept per parameter.
 
+Non-finite gradients (an AMP overflow, a NaN batch) never enter error
+feedback. A rank whose bucket holds NaN or inf sends it without error
+feedback (that residual stays as it was), so the mean is not finite on every
+rank and AMP's GradScaler skips the step as it would without compression.
+With LowRank the allreduced factors carry the NaN to every rank, and no rank
+keeps that tensor's residual or warm-start Q. Since nobody applies such a
+step, at its last bucket every rank takes back what it sent in all its
+buckets (:meth:`~pykernels.comm.Codec.take_back`): those residuals become
+``x + residual_before``, the update kept for a later step.
+
+A job that fails (a collective's timeout, a peer that died) fails the
+future DDP waits on, and DDP raises that error from ``backward``.
+
 Each compressed bucket's exchange runs as one job on a worker thread, in the
 order DDP called the hook, so collectives are issued in the same order on
 every rank while backward continues. Per-bucket residuals follow the
@@ -48,7 +61,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as default
 
 from ..ops._checks import check_int, check_range
-from .base import Codec, _mix, sum_into
+from .base import Codec, _mix, all_finite, payload_finite, sum_into
 from .lowrank import LowRank
 from .wire import Payload
 
@@ -148,6 +161,9 @@ class CompressionState:
         self._layouts: dict[str, tuple[tuple[int, int], ...]] = {}
         self._owner: dict[int, str] = {}
         self._displaced: dict[int, tuple[Tensor, int, int]] = {}
+        # This iteration's payloads (key, payload) so far, and whether any
+        # bucket's exchange was not finite: see _settle.
+        self._pending: tuple[int, list[tuple[str, Payload]], bool] = (-1, [], False)
 
     def __repr__(self) -> str:
         return f"CompressionState({self.codec!r}, start_iter={self.start_iter}, iter={self.iter})"
@@ -186,18 +202,50 @@ class CompressionState:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s result (made with an equally configured codec)."""
+        """Restores :meth:`state_dict`'s result (made with an equally configured codec).
+
+        Every entry is checked before anything changes: a malformed one raises
+        TypeError / ValueError naming it, and leaves this state as it was.
+        """
+        owner = "CompressionState.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{owner}: state_dict must be a mapping (from state_dict()), "
+                f"got {type(state_dict).__name__}"
+            )
         missing = {"iter", "codec"} - set(state_dict)
         if missing:
-            raise ValueError(f"CompressionState.load_state_dict: missing {sorted(missing)}")
-        self.codec.load_state_dict(state_dict["codec"])
-        self.iter = _count_arg("CompressionState.load_state_dict", "iter", state_dict["iter"], 0)
-        self._bytes_sent = int(state_dict.get("bytes_sent", 0))
-        self._bytes_dense = int(state_dict.get("bytes_dense", 0))
-        self._layouts = {
-            k: tuple((int(i), int(n)) for i, n in v)
-            for k, v in state_dict.get("layouts", {}).items()
+            raise ValueError(f"{owner}: missing {sorted(missing)}")
+        if not isinstance(state_dict["codec"], Mapping):
+            raise TypeError(
+                f"{owner}: 'codec' must be the codec's state_dict (a mapping), "
+                f"got {type(state_dict['codec']).__name__}"
+            )
+        it = _count_arg(owner, "iter", state_dict["iter"], 0)
+        counts = {
+            k: _count_arg(owner, k, state_dict.get(k, 0), 0)
+            for k in ("bytes_sent", "bytes_dense", "start_iter")
         }
+        del counts["start_iter"]  # checked, but the constructor's value stands
+        layouts = _parse_layouts(owner, state_dict.get("layouts", {}))
+        holder = self._residual_holder()
+        if holder is not None:
+            # A layout and its bucket's residual must agree, or _follow would
+            # move the wrong slices when DDP's buckets change.
+            res = state_dict["codec"]
+            prefix = "first." if holder is not self.codec else ""
+            for k, lay in layouts.items():
+                r = res.get(f"{prefix}{k}/residual")
+                n = sum(numel for _, numel in lay)
+                if isinstance(r, Tensor) and r.numel() != n:
+                    raise ValueError(
+                        f"{owner}: layouts[{k!r}] covers {n} elements, the codec's "
+                        f"{prefix}{k}/residual has {r.numel()}"
+                    )
+        self.codec.load_state_dict(state_dict["codec"])
+        self.iter = it
+        self._bytes_sent, self._bytes_dense = counts["bytes_sent"], counts["bytes_dense"]
+        self._layouts = layouts
         self._owner = {i: k for k, v in self._layouts.items() for i, _ in v}
         self._displaced = {}
 
@@ -266,8 +314,29 @@ class CompressionState:
                     holder._state.pop(k, None)
         return layout
 
+    def _settle(self, it: int, sent: list[tuple[str, Payload]], bad: bool, last: bool) -> None:
+        """Notes one bucket's payloads of iteration `it`; at its last bucket, if any
+        bucket's exchange was not finite, takes every payload of it back.
+
+        AMP's GradScaler skips a step whose gradients are not finite anywhere,
+        so nothing sent in it, in any bucket, is applied: each rank puts what
+        it sent back into its residuals (``x + residual_before``) rather than
+        lose it. Runs on the hook's worker thread, buckets in order.
+        """
+        held_it, held, held_bad = self._pending
+        if held_it != it:  # a new iteration (or one whose job failed part way)
+            held, held_bad = [], False
+        held = held + sent
+        held_bad = held_bad or bad
+        if last:
+            if held_bad:
+                for key, payload in held:
+                    self.codec.take_back(payload, key)
+            held, held_bad = [], False
+        self._pending = (it, held, held_bad)
+
     def __getstate__(self) -> dict[str, Any]:
-        skip = ("process_group", "_lock", "_worker", "_param_ids")
+        skip = ("process_group", "_lock", "_worker", "_param_ids", "_pending")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -276,6 +345,38 @@ class CompressionState:
         self._lock = threading.Lock()
         self._worker = None
         self._param_ids = {}
+        self._pending = (-1, [], False)
+
+
+def _parse_layouts(owner: str, layouts: Any) -> dict[str, tuple[tuple[int, int], ...]]:
+    """``{bucket key: ((parameter number, numel), ...)}`` from a state_dict's "layouts"."""
+    if not isinstance(layouts, Mapping):
+        raise TypeError(
+            f"{owner}: 'layouts' must map bucket keys to [[param, numel], ...] lists, "
+            f"got {type(layouts).__name__}"
+        )
+    out: dict[str, tuple[tuple[int, int], ...]] = {}
+    seen: dict[int, str] = {}
+    for k, lay in layouts.items():
+        where = f"layouts[{k!r}]"
+        if not isinstance(k, str):
+            raise TypeError(f"{owner}: {where}: bucket keys are str, got {type(k).__name__}")
+        if isinstance(lay, (str, bytes)) or not isinstance(lay, (list, tuple)):
+            raise TypeError(
+                f"{owner}: {where} must be a list of [param, numel] pairs, got {type(lay).__name__}"
+            )
+        pairs = []
+        for j, e in enumerate(lay):
+            if isinstance(e, (str, bytes)) or not isinstance(e, (list, tuple)) or len(e) != 2:
+                raise ValueError(f"{owner}: {where}[{j}] must be a [param, numel] pair, got {e!r}")
+            i = _count_arg(owner, f"{where}[{j}][0]", e[0], 0)
+            n = _count_arg(owner, f"{where}[{j}][1]", e[1], 0)
+            if i in seen:
+                raise ValueError(f"{owner}: parameter {i} is in both {seen[i]} and {where}")
+            seen[i] = where
+            pairs.append((i, n))
+        out[k] = tuple(pairs)
+    return out
 
 
 def _group(state: CompressionState) -> dist.ProcessGroup:
@@ -359,7 +460,8 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         state._checked.add(sig)
     layout = state._layout_of(bucket)  # also numbers the parameters on first sight
     it = state.iter
-    if bucket.is_last():
+    last = bucket.is_last()
+    if last:
         state.iter += 1
     dense = allreduce_bytes(buf.numel() * buf.element_size(), world)
     if it < state.start_iter:
@@ -371,14 +473,14 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         names = [f"param{i}" for i, _ in layout]
 
         def job() -> Tensor:
-            return _lowrank_exchange(state, names, buf, grads, group, world, dense)
+            return _lowrank_exchange(state, names, buf, grads, group, world, it, last, dense)
 
     else:
 
         def job() -> Tensor:
             order = state._follow(f"bucket{index}", layout, buf.device)
             if order == layout:
-                return _gather_exchange(state, index, buf, group, world, it, dense)
+                return _gather_exchange(state, index, buf, group, world, it, last, dense)
             # Compress a copy in the known order, and put the result back in DDP's.
             offsets, off = {}, 0
             for i, n in layout:
@@ -386,7 +488,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
                 off += n
             segs = [buf[offsets[i][0] : offsets[i][0] + n] for i, n in order]
             work = torch.cat(segs)
-            _gather_exchange(state, index, work, group, world, it, dense)
+            _gather_exchange(state, index, work, group, world, it, last, dense)
             off = 0
             for seg in segs:
                 seg.copy_(work[off : off + seg.numel()])
@@ -395,7 +497,15 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
 
     fut: torch.futures.Future = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
     _worker_of(state).submit(job, fut)
-    return fut
+    # Python's set_exception stores the exception as the future's *value*, and
+    # DDP then fails to cast it to a Tensor ("Unable to cast ... to Tensor"). A
+    # callback that raises marks the chained future as failed instead, so DDP
+    # raises the job's own error (a collective's timeout says so).
+    return fut.then(_value)
+
+
+def _value(fut: torch.futures.Future) -> Tensor:
+    return fut.wait()
 
 
 def _wire_device(group: dist.ProcessGroup, buf: Tensor) -> torch.device:
@@ -410,6 +520,7 @@ def _gather_exchange(
     group: dist.ProcessGroup,
     world: int,
     it: int,
+    last: bool,
     dense: int,
 ) -> Tensor:
     """Encodes buf (the bucket, or a reordered copy), all-gathers every rank's payload,
@@ -453,6 +564,9 @@ def _gather_exchange(
     else:
         total = torch.empty(buf.numel(), dtype=torch.float32, device=buf.device)
         buf.copy_(sum_into(payloads, total, scale=1.0 / world, overwrite=True))
+    # Every rank sees the same payloads, so every rank decides alike.
+    bad = not all(payload_finite(p) for p in payloads)
+    state._settle(it, [(key, payload)], bad, last)
     return buf
 
 
@@ -463,6 +577,8 @@ def _lowrank_exchange(
     grads: list[Tensor],
     group: dist.ProcessGroup,
     world: int,
+    it: int,
+    last: bool,
     dense: int,
 ) -> Tensor:
     """PowerSGD: allreduce [dense tensors | P], orthonormalize P, allreduce Q, decompress."""
@@ -480,6 +596,8 @@ def _lowrank_exchange(
         or [torch.zeros(0, device=buf.device)]
     )
     dist.all_reduce(first, group=group)
+    # A NaN or inf on any rank is in every rank's sum: all decide alike.
+    bad = not all_finite(first)
     sent = allreduce_bytes(first.numel() * 4, world)
     off = 0
     for g in plain:
@@ -489,19 +607,32 @@ def _lowrank_exchange(
     for s, p in zip(steps, ps, strict=False):
         qs.append(codec._q(s, first[off : off + p.numel()].view(p.shape)))
         off += p.numel()
+    kept = []
     if qs:
         second = torch.cat([q.reshape(-1) for q in qs])
         dist.all_reduce(second, group=group)
+        bad = bad or not all_finite(second)
         sent += allreduce_bytes(second.numel() * 4, world)
         second.div_(world)
         off = 0
         for s, q in zip(steps, qs, strict=False):
             q_avg = second[off : off + q.numel()].view(q.shape)
             off += q.numel()
-            codec._finish(s, q, q_avg)
+            if codec._finish(s, q, q_avg) and codec.error_feedback:
+                # What this rank's residual gave up for this tensor: P Q_local^T.
+                params = {
+                    "rank": q.shape[1],
+                    "rows": s.p.shape[0],
+                    "cols": q.shape[0],
+                    "warm_start": codec.warm_start,
+                    "error_feedback": True,
+                }
+                p_local = Payload("lowrank", s.target.dtype, s.shape, params, {"p": s.p, "q": q})
+                kept.append((s.key, p_local))
             if s.target.dtype == torch.float32 and s.target.is_contiguous():
                 torch.mm(s.p, q_avg.T, out=s.target)  # no dense temporary
             else:
                 s.target.copy_(s.p @ q_avg.T)
+    state._settle(it, kept, bad, last)
     state._count(sent, dense)
     return buf

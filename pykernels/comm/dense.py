@@ -23,6 +23,7 @@ class Dense(Codec):
 
     name = "dense"
     wire_id = 0
+    payload_parts = ("data",)
     dtypes = tuple(wire.DTYPES)
     fixed_size = True
 

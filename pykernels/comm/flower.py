@@ -44,12 +44,26 @@ Evaluate broadcasts are sent as Flower sends them.
 
 Put ``compression_mod`` first in ``mods=[...]``: it rebuilds the broadcast
 before the other mods see it and compresses the reply after they are done.
+
+Faults: a reply the mod cannot send (arrays that changed name, shape or
+dtype; an update holding NaN or inf) becomes an error reply to the message
+received, which the server counts and names (``failed``) without waiting
+for the round's timeout. Each train message tells the node whether its
+recent replies were aggregated; the error-feedback state from before a
+reply that was not (refused, failed, late, lost) is restored, so nothing
+taken out of the residuals is lost. The state is versioned by round: a run
+that ends past its message's deadline raises :class:`LateReply` (Flower then
+discards its context instead of saving it over a newer round's), a message
+older than the node's state is refused, and a state found older than a
+reply the server aggregated is reported.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -82,7 +96,7 @@ except ImportError as e:  # pragma: no cover - exercised only without flwr
     ) from e
 
 from . import codecs as _codecs
-from .base import _mix
+from .base import _mix, all_finite
 from .codecs import Codec
 from .wire import Payload
 
@@ -92,6 +106,7 @@ __all__ = [
     "UPLINK_BYTES",
     "Compressed",
     "CompressedResult",
+    "LateReply",
     "ReplyRefused",
     "compression_mod",
 ]
@@ -102,9 +117,13 @@ DOWNLINK_BYTES = "pk.downlink_bytes"
 UPDATE_RECORD = "pk.update"  # ConfigRecord: array name -> payload bytes (uplink)
 DOWNLINK_RECORD = "pk.downlink"  # ConfigRecord: array name -> payload bytes (broadcast)
 DOWNLINK_META = "pk.downlink.meta"  # ConfigRecord: version, base, record, names
+TRAIN_META = "pk.train"  # ConfigRecord: round, and the node's recent (round, aggregated)
 STATE_CODEC = "pk.codec"  # Context.state: the uplink codec's state_dict
+STATE_PREV = "pk.codec.prev"  # Context.state: the state before the last send
+STATE_META = "pk.codec.meta"  # Context.state: the round of the last send
 STATE_REF = "pk.downlink.ref"  # Context.state: the broadcast reference model
 STATE_REF_META = "pk.downlink.version"  # Context.state: its version
+HISTORY = 16  # rounds of each node's outcomes the server sends it
 
 # Array dtypes that are compressed; the rest (ints, bools, float64) pass through.
 _COMPRESSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -117,6 +136,18 @@ class ReplyRefused(ValueError):
         super().__init__(f"Compressed: refused the reply of node {node_id}: {reason}")
         self.node_id = node_id
         self.reason = reason
+
+
+class LateReply(RuntimeError):
+    """Raised by :func:`compression_mod` for a train reply past its message's deadline.
+
+    The server stopped waiting for it (the deadline is the message's
+    ``created_at + ttl``; :class:`Compressed` sets the ttl to ``start``'s
+    timeout), and a newer round may already have run on this node. Raising
+    keeps Flower from saving this run's context over the newer one (a
+    ClientApp that raises has its context discarded), which would roll the
+    node's error feedback back.
+    """
 
 
 # --- helpers -------------------------------------------------------------------
@@ -186,8 +217,30 @@ def _digest(reply: Message) -> bytes:
 
 
 def _mod_error(msg: Message, reason: str) -> Message:
+    """An error reply to `msg`, the message the node *received*.
+
+    Built against the incoming message, it carries the metadata the server
+    matches replies by (src = this node, reply_to = the message); one built
+    against the node's own outgoing reply had them reversed, was rejected by
+    Flower's link state, and the round waited for its timeout.
+    """
     log(ERROR, reason)
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def _deadline(msg: Message) -> float:
+    return float(msg.metadata.created_at) + float(msg.metadata.ttl)
+
+
+def _check_in_time(msg: Message, rnd: int | None, when: str) -> None:
+    late = time.time() - _deadline(msg)
+    if late > 0:
+        what = f"round {rnd}" if rnd is not None else "this train message"
+        raise LateReply(
+            f"compression_mod: the reply to {what} would be {late:.1f} s past its "
+            f"deadline ({when}); not sent, and this run's state is not kept, so a "
+            "newer round's state on this node stands"
+        )
 
 
 # --- client side ---------------------------------------------------------------
@@ -230,23 +283,96 @@ def _apply_downlink(msg: Message, ctxt: Context) -> None:
     msg.content = new
 
 
+@dataclass
+class _Feedback:
+    """What the server's train message says: its round, and how the node's recent
+    replies fared (round -> aggregated), from :class:`Compressed`."""
+
+    round: int
+    outcomes: dict[int, bool]
+
+
+def _feedback(msg: Message) -> _Feedback | None:
+    """Takes the server's TRAIN_META record out of `msg` (the ClientApp never sees it)."""
+    content = msg.content
+    meta = content.get(TRAIN_META)
+    if meta is None:
+        return None
+    msg.content = RecordDict({k: v for k, v in content.items() if k != TRAIN_META})
+    sent, agg = list(meta.get("sent", [])), list(meta.get("aggregated", []))
+    if len(sent) != len(agg):
+        raise ValueError(f"the {TRAIN_META!r} record lists {len(sent)} rounds, {len(agg)} outcomes")
+    return _Feedback(int(meta["round"]), {int(r): bool(a) for r, a in zip(sent, agg, strict=True)})
+
+
+def _settle_state(fb: _Feedback, ctxt: Context) -> None:
+    """Settles the codec state the node's previous send left, with what the server says.
+
+    A send whose reply the server did not aggregate (refused, failed, late,
+    lost) gets its pre-send state back: what it took out of the residuals is
+    kept, not lost. The state is versioned by the round of its send: one
+    older than a send the server aggregated was overwritten by a late run
+    (warned); one not older than this message means this message is the late
+    one (refused, so that it cannot roll the state back).
+    """
+    meta = ctxt.state.get(STATE_META)
+    held = None if meta is None else int(meta["round"])
+    if held is not None and held >= fb.round:
+        raise ValueError(
+            f"this node's compression state is from round {held}, not older than this "
+            f"message's round {fb.round}: a late or repeated message, not run (it would "
+            "roll the newer state back)"
+        )
+    if meta is not None and meta.get("settled", False):
+        return  # settled by an earlier message whose run sent nothing
+    if held is not None and fb.outcomes.get(held) is False and STATE_PREV in ctxt.state:
+        ctxt.state[STATE_CODEC] = ctxt.state[STATE_PREV]
+        log(
+            INFO,
+            "compression_mod: node %s: its reply of round %s was not aggregated; the "
+            "error-feedback state from before it is restored",
+            ctxt.node_id,
+            held,
+        )
+    lost = sorted(r for r, agg in fb.outcomes.items() if agg and (held is None or r > held))
+    if lost:
+        log(
+            WARNING,
+            "compression_mod: node %s: its compression state is %s, but the server "
+            "aggregated its replies of rounds %s: a late run saved an older state over the "
+            "newer one (or the node lost its context); their error feedback is lost",
+            ctxt.node_id,
+            "missing" if held is None else f"from round {held}",
+            lost,
+        )
+    if STATE_PREV in ctxt.state:
+        del ctxt.state[STATE_PREV]
+    if held is not None or lost:
+        # Settled: a run that ends without sending (an error reply) must not
+        # restore or warn again.
+        ctxt.state[STATE_META] = ConfigRecord(
+            {"round": -1 if held is None else held, "settled": True}
+        )
+
+
 def _compress_reply(
-    codec: Codec | None, received: ArrayRecord, out: Message, ctxt: Context
+    codec: Codec | None,
+    received: ArrayRecord,
+    out: Message,
+    ctxt: Context,
+    msg: Message,
+    fb: _Feedback | None,
 ) -> Message:
     key, arrays = _single(out.content.array_records, "ArrayRecord", "the train reply")
     if set(arrays.keys()) != set(received.keys()):
         missing = sorted(set(received.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(received.keys()))
         return _mod_error(
-            out,
+            msg,
             f"compression_mod: the reply's arrays must be the arrays received "
             f"(missing {missing}, unexpected {extra})",
         )
-    c = None if codec is None else _codec_for_node(codec, ctxt)
-    if c is not None:
-        _load_state(c, ctxt.state)
-    blobs: dict[str, bytes] = {}
-    passed: dict[str, Array] = {}
+    updates: dict[str, torch.Tensor] = {}
     uplink = dense = 0
     for name, arr in arrays.items():
         new = arr.numpy()
@@ -254,19 +380,42 @@ def _compress_reply(
         dense += new.nbytes
         if new.shape != old.shape or new.dtype != old.dtype:
             return _mod_error(
-                out,
+                msg,
                 f"compression_mod: array {name!r} came back as {new.dtype}{list(new.shape)}, "
                 f"it was received as {old.dtype}{list(old.shape)}",
             )
-        if c is None or not _compressible(new):
+        if codec is not None and _compressible(new):
+            updates[name] = _f32(new) - _f32(old)
+    # A non-finite update is refused here, before the codec sees it: the node's
+    # state stays as it was, and the server counts and names the failure.
+    bad = [n for n, u in updates.items() if not all_finite(u)]
+    if bad:
+        return _mod_error(
+            msg, f"compression_mod: the update of {bad} is not finite (NaN or inf); not sent"
+        )
+    c = None if codec is None else _codec_for_node(codec, ctxt)
+    if c is not None:
+        _load_state(c, ctxt.state)
+    blobs: dict[str, bytes] = {}
+    passed: dict[str, Array] = {}
+    for name, arr in arrays.items():
+        if name not in updates:
             passed[name] = arr
-            uplink += new.nbytes
+            uplink += arr.numpy().nbytes
             continue
-        blob = c.encode(_f32(new) - _f32(old), key=name).to_bytes()
+        blob = c.encode(updates[name], key=name).to_bytes()
         blobs[name] = blob
         uplink += len(blob)
+    if fb is not None:
+        # Past the deadline the server has moved on; keep no state of this run.
+        _check_in_time(msg, fb.round, "after compressing")
     if c is not None:
+        before = ctxt.state.get(STATE_CODEC)
         _save_state(c, ctxt.state)
+        if fb is not None:
+            # The first send's "before" is no state at all: an empty record.
+            ctxt.state[STATE_PREV] = before if before is not None else ArrayRecord()
+            ctxt.state[STATE_META] = ConfigRecord({"round": fb.round})
     content = RecordDict({k: v for k, v in out.content.items() if k != key})
     content[key] = ArrayRecord(passed)
     content[UPDATE_RECORD] = ConfigRecord(blobs)
@@ -310,6 +459,18 @@ def compression_mod(codec: Codec | None) -> Mod:
     ) -> Message:
         if not _is_train(msg):
             return call_next(msg, ctxt)
+        try:
+            fb = _feedback(msg)
+        except (ValueError, KeyError, TypeError) as e:
+            return _mod_error(msg, f"compression_mod: {e}")
+        if fb is not None:
+            # A message already past its deadline: whatever ran would be late.
+            _check_in_time(msg, fb.round, "on arrival")
+            if codec is not None:
+                try:
+                    _settle_state(fb, ctxt)
+                except ValueError as e:
+                    return _mod_error(msg, f"compression_mod: {e}")
         if DOWNLINK_META in msg.content:
             try:
                 _apply_downlink(msg, ctxt)
@@ -323,9 +484,9 @@ def compression_mod(codec: Codec | None) -> Mod:
         if out.has_error():
             return out
         try:
-            return _compress_reply(codec, received, out, ctxt)
-        except ValueError as e:
-            return _mod_error(out, f"compression_mod: {e}")
+            return _compress_reply(codec, received, out, ctxt, msg, fb)
+        except (ValueError, TypeError) as e:
+            return _mod_error(msg, f"compression_mod: {e}")
 
     pykernels_compression_mod.codec = codec  # type: ignore[attr-defined]
     return pykernels_compression_mod
@@ -342,7 +503,11 @@ class CompressedResult(Result):
     (payloads plus arrays passed through); ``dense_bytes[r]``: the raw bytes
     of the same arrays uncompressed; ``downlink_bytes[r]`` and
     ``downlink_dense_bytes[r]``: the same for the train broadcast;
-    ``refused[r]``: ``(node_id, reason)`` of each reply dropped.
+    ``refused[r]``: ``(node_id, reason)`` of each reply dropped;
+    ``failed[r]``: ``(node_id, reason)`` of each error reply (a ClientApp that
+    raised, a reply the mod refused to send); ``missing[r]``: nodes sent a
+    train message that did not reply in time; ``wait_s[r]``: seconds the
+    round waited for its train replies.
     """
 
     uplink_bytes: dict[int, int] = field(default_factory=dict)
@@ -350,6 +515,9 @@ class CompressedResult(Result):
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     downlink_dense_bytes: dict[int, int] = field(default_factory=dict)
     refused: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
+    failed: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
+    missing: dict[int, list[int]] = field(default_factory=dict)
+    wait_s: dict[int, float] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -375,8 +543,15 @@ class Compressed(Strategy):
             the previous one), or None to broadcast as Flower does.
 
     Attributes (per round): ``uplink_bytes``, ``dense_bytes``,
-    ``downlink_bytes``, ``downlink_dense_bytes``, ``refused``; ``start``
-    returns them on a :class:`CompressedResult`.
+    ``downlink_bytes``, ``downlink_dense_bytes``, ``refused``, ``failed``,
+    ``missing``, ``wait_s``; ``start`` returns them on a :class:`CompressedResult`.
+
+    Each train message tells its node, in a ``"pk.train"`` record that
+    :func:`compression_mod` takes out, the round and whether the node's
+    recent replies were aggregated: the mod then restores the error-feedback
+    state from before a reply that was not (refused, failed, late, lost).
+    Started with ``start(..., timeout=T)``, train messages get a ttl of at
+    most T, which the mod takes as the reply's deadline.
     """
 
     def __init__(self, strategy: Strategy, downlink: Codec | None = None) -> None:
@@ -396,6 +571,12 @@ class Compressed(Strategy):
         self.downlink_bytes: dict[int, int] = {}
         self.downlink_dense_bytes: dict[int, int] = {}
         self.refused: dict[int, list[tuple[int, str]]] = {}
+        self.failed: dict[int, list[tuple[int, str]]] = {}
+        self.missing: dict[int, list[int]] = {}
+        self.wait_s: dict[int, float] = {}
+        self._history: dict[int, dict[int, bool]] = {}  # node -> {round: aggregated}
+        self._timeout: float | None = None  # start()'s, the train messages' ttl
+        self._sent_at = 0.0
         self._sent: dict[int, ArrayRecord] = {}  # node -> the arrays it trains from
         self._ref: dict[str, np.ndarray] | None = None  # downlink reference
         self._ref_version = 0
@@ -419,8 +600,33 @@ class Compressed(Strategy):
             for m in messages:
                 _, rec = _single(m.content.array_records, "ArrayRecord", "a train message")
                 self._sent[m.metadata.dst_node_id] = rec
-            return messages
-        return self._compress_broadcast(server_round, messages)
+        else:
+            messages = self._compress_broadcast(server_round, messages)
+        for m in messages:
+            self._tell(server_round, m)
+        self._sent_at = time.monotonic()
+        return messages
+
+    def _tell(self, server_round: int, m: Message) -> None:
+        """Adds the node's round and recent outcomes to its message (its own content:
+        a strategy may give every message the same RecordDict)."""
+        node = m.metadata.dst_node_id
+        hist = self._history.setdefault(node, {})
+        rounds = sorted(r for r in hist if r < server_round)[-HISTORY:]
+        content = RecordDict(dict(m.content.items()))
+        content[TRAIN_META] = ConfigRecord(
+            {
+                "round": int(server_round),
+                "sent": [int(r) for r in rounds],
+                "aggregated": [bool(hist[r]) for r in rounds],
+            }
+        )
+        m.content = content
+        hist[server_round] = False  # until its reply is aggregated
+        for r in sorted(hist)[: -HISTORY - 1]:
+            del hist[r]
+        if self._timeout is not None and m.metadata.ttl > self._timeout:
+            m.metadata.ttl = float(self._timeout)
 
     def _compress_broadcast(self, server_round: int, messages: list[Message]) -> list[Message]:
         if not messages:
@@ -566,14 +772,21 @@ class Compressed(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        waited = time.monotonic() - self._sent_at
         good: list[tuple[bytes, int, Message]] = []
         failed: list[Message] = []
         refused: list[tuple[int, str]] = []
+        errors: list[tuple[int, str]] = []
         uplink = dense = 0
         replied = set()
+        answered = set()
         for reply in replies:
+            answered.add(reply.metadata.src_node_id)
             if reply.has_error():
-                failed.append(reply)  # the wrapped strategy logs it as a failure
+                failed.append(reply)  # the wrapped strategy sees it as a failure too
+                node, reason = reply.metadata.src_node_id, reply.error.reason
+                log(ERROR, "Compressed: node %s failed in round %s: %s", node, server_round, reason)
+                errors.append((node, reason))
                 continue
             try:
                 msg, up, dn = self.decode_reply(reply)
@@ -597,6 +810,16 @@ class Compressed(Strategy):
         self.uplink_bytes[server_round] = uplink
         self.dense_bytes[server_round] = dense
         self.refused[server_round] = refused
+        self.failed[server_round] = errors
+        self.missing[server_round] = sorted(set(self._sent) - answered)
+        self.wait_s[server_round] = waited
+        if self.missing[server_round]:
+            log(
+                WARNING,
+                "Compressed: round %s got no reply from nodes %s (timed out)",
+                server_round,
+                self.missing[server_round],
+            )
         log(
             INFO,
             "Compressed: round %s uplink %d bytes (%d dense, %.2fx) from %d replies, %d refused",
@@ -610,6 +833,10 @@ class Compressed(Strategy):
         if not replied:
             log(WARNING, "Compressed: no reply of round %s could be aggregated", server_round)
         arrays, metrics = self.strategy.aggregate_train(server_round, decoded)
+        if arrays is not None:
+            # What the next message tells each node: its update is in the model.
+            for node in replied:
+                self._history.setdefault(node, {})[server_round] = True
         if metrics is not None:
             # The wrapped strategy averages metrics; bytes add up.
             metrics[UPLINK_BYTES] = int(uplink)
@@ -631,6 +858,10 @@ class Compressed(Strategy):
 
     def start(self, *args: Any, **kwargs: Any) -> CompressedResult:
         """Flower's ``Strategy.start``, returning the byte accounting with the result."""
+        bound = inspect.signature(Strategy.start).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        timeout = bound.arguments["timeout"]
+        self._timeout = None if timeout is None else float(timeout)
         res = super().start(*args, **kwargs)
         return CompressedResult(
             arrays=res.arrays,
@@ -642,4 +873,7 @@ class Compressed(Strategy):
             downlink_bytes=dict(self.downlink_bytes),
             downlink_dense_bytes=dict(self.downlink_dense_bytes),
             refused={k: list(v) for k, v in self.refused.items()},
+            failed={k: list(v) for k, v in self.failed.items()},
+            missing={k: list(v) for k, v in self.missing.items()},
+            wait_s=dict(self.wait_s),
         )

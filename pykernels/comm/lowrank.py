@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..ops._checks import check_bool, check_int, check_range
 from . import wire
-from .base import Codec, _key, _mix, key_hash
+from .base import Codec, _key, _mix, all_finite, key_hash, to_dtype
 from .wire import Payload
 
 # flag bits
@@ -51,8 +51,9 @@ class _Step:
 
     key: str
     target: Tensor  # the gradient itself, [rows, cols] view
-    m: Tensor  # fp32 [rows, cols]: target + residual (the residual buffer when EF)
+    m: Tensor  # fp32 [rows, cols]: target + residual (a new tensor when EF)
     q: Tensor  # fp32 [cols, r], the starting Q
+    shape: tuple[int, ...] = ()  # the tensor's own shape, the residual's
     p: Tensor | None = None  # orthonormal P once known
 
 
@@ -62,7 +63,10 @@ class LowRank(Codec):
     Args:
         rank: columns of P and Q, ``>= 1`` (capped at the matrix's smaller side).
         warm_start: start each call from the previous call's Q for the key.
-        error_feedback: keep ``M - P Q^T`` per key and add it next time.
+        error_feedback: keep ``M - P Q^T`` per key (``P Q^T`` as decode returns
+            it, in the tensor's dtype) and add it next time. A step whose
+            ``M`` (or P or Q) holds NaN or inf keeps neither residual nor warm-start
+            Q: the payload decodes to NaN and the state stays as it was.
         min_compression_rate: compress a tensor only if ``(rows + cols) * rank
             * min_compression_rate < rows * cols``; others (and tensors of
             fewer than 2 dimensions) are sent dense, as torch's PowerSGD does.
@@ -74,6 +78,8 @@ class LowRank(Codec):
 
     name = "lowrank"
     wire_id = 3
+    payload_params = ("rank", "rows", "cols", "warm_start", "error_feedback")
+    payload_parts = ("p", "q")
     dtypes = tuple(wire.DTYPES)
     exchange = "powersgd"
     batch_sum = True  # one product of rank (workers x r) for all payloads
@@ -133,19 +139,23 @@ class LowRank(Codec):
         return rows, cols, r
 
     def _validate_state(self, owner: str, name: str, field: str, t: Tensor) -> None:
+        super()._validate_state(owner, name, field, t)
         if field == "q" and (t.dim() != 2 or t.shape[1] > self.rank):
             raise ValueError(
                 f"{owner}: {name} must be [cols, r] with r <= rank={self.rank}, "
                 f"got {tuple(t.shape)}"
             )
+        if field == "q" and not all_finite(t):
+            raise ValueError(f"{owner}: {name} holds NaN or inf; a warm-start Q must be finite")
 
     # --- the three pieces ------------------------------------------------------
     def _begin(self, key: str, t: Tensor, plan: tuple[int, int, int]) -> _Step:
         rows, cols, r = plan
         target = t.reshape(rows, cols)
         if self.error_feedback:
-            m = self._residual(key, t).view(rows, cols)
-            m.add_(target)
+            # Out of place: the residual is replaced at the end only if the step
+            # was finite (a NaN step, on this worker or any other, leaves it).
+            m = self._residual(key, t).view(rows, cols) + target.to(torch.float32)
         else:
             m = target.float()
         fields = self._state.setdefault(key, {})
@@ -163,7 +173,7 @@ class LowRank(Codec):
                 fields["step"] = torch.tensor(step + 1, dtype=torch.int64)
             gen = torch.Generator().manual_seed(_mix(self.seed, key_hash(key), step))
             q = torch.randn(cols, r, generator=gen)
-        return _Step(key, target, m, q.to(m.device, torch.float32))
+        return _Step(key, target, m, q.to(m.device, torch.float32), tuple(t.shape))
 
     @staticmethod
     def _p(step: _Step) -> Tensor:
@@ -178,12 +188,30 @@ class LowRank(Codec):
         # faster (10 vs 60 ms for 4096 x 4096, rank 4, 2 threads).
         return (step.p.T @ step.m).T.contiguous()
 
-    def _finish(self, step: _Step, q_local: Tensor, q_shared: Tensor) -> None:
-        """Keeps M - P Q_local^T as the residual, and Q_shared for the next warm start."""
+    def _finish(self, step: _Step, q_local: Tensor, q_shared: Tensor) -> bool:
+        """Keeps M - P Q_local^T as the residual, and Q_shared for the next warm start.
+
+        Only when both are finite (returns whether they were kept): a step
+        with NaN or inf anywhere (P and Q are allreduced in DDP, so one
+        worker's NaN reaches all) changes no state. The product is taken as
+        decode returns it, in the tensor's dtype.
+        """
+        ok = not self.warm_start or all_finite(q_shared)
+        if self.error_feedback and ok:
+            dtype = step.target.dtype
+            if dtype in (torch.float16, torch.bfloat16):
+                step.m.sub_(to_dtype(step.p @ q_local.T, dtype).float())
+            else:
+                step.m.addmm_(step.p, q_local.T, alpha=-1.0)
+            ok = all_finite(step.m)
+        if not ok:
+            return False
+        fields = self._state.setdefault(step.key, {})
         if self.error_feedback:
-            step.m.addmm_(step.p, q_local.T, alpha=-1.0)
+            fields["residual"] = step.m.view(step.shape)
         if self.warm_start:
-            self._state.setdefault(step.key, {})["q"] = q_shared.detach().clone()
+            fields["q"] = q_shared.detach().clone()
+        return True
 
     # --- codec interface -------------------------------------------------------
     def encode(self, tensor: Tensor, key: str | None = None) -> Payload:
@@ -195,13 +223,13 @@ class LowRank(Codec):
             return Payload("dense", t.dtype, tuple(t.shape), {}, {"data": t.clone()})
         step = self._begin(key, t, plan)
         q = self._q(step, self._p(step))
-        self._finish(step, q, q)
+        kept = self._finish(step, q, q)
         params = {
             "rank": plan[2],
             "rows": plan[0],
             "cols": plan[1],
             "warm_start": self.warm_start,
-            "error_feedback": self.error_feedback,
+            "error_feedback": self.error_feedback and kept,
         }
         return Payload("lowrank", t.dtype, tuple(t.shape), params, {"p": step.p, "q": q})
 
@@ -246,7 +274,7 @@ class LowRank(Codec):
     def decode_payload(cls, payload: Payload, device: torch.device) -> Tensor:
         p = payload
         m = p.parts["p"].to(device).float() @ p.parts["q"].to(device).float().T
-        return m.to(p.dtype).reshape(p.shape)
+        return to_dtype(m, p.dtype).reshape(p.shape)
 
     @classmethod
     def add_payloads(

@@ -8,6 +8,7 @@ Wire body (codec id 2; also TopK's values when chained)::
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor
 from .. import ops
 from ..ops._checks import check_bool, check_int, check_range
 from . import wire
-from .base import Codec, _key, _mix, key_hash
+from .base import Codec, _key, _mix, all_finite, key_hash, to_dtype
 from .wire import Payload
 
 # flag bits
@@ -41,7 +42,13 @@ class Quantize(Codec):
         stochastic: unbiased stochastic rounding (``E[decode(encode(x))] == x``)
             from a counter-based generator; else round to nearest.
         bucket: elements per fp32 scale, ``1 <= bucket <= 2**20``.
-        error_feedback: keep the quantization error per key and add it next time.
+        error_feedback: keep the quantization error per key and add it next time:
+            ``x + residual_before == decode(encode(x)) + residual_after`` within
+            one fp32 rounding, measured against what decode returns in the
+            tensor's dtype. A step whose input holds NaN or inf is quantized
+            without it (the residual is left as it was; its buckets decode to
+            NaN, so AMP's GradScaler sees the step); a finite input whose sum
+            with the residual overflows gets NaN for that bucket and leaves 0.
         seed: base of the rounding noise. Each encode of a key draws a fresh
             seed from (seed, key, the key's call count), so runs are
             reproducible; ``encode(..., seed=s)`` fixes it for one call.
@@ -51,6 +58,8 @@ class Quantize(Codec):
 
     name = "quantize"
     wire_id = 2
+    payload_params = ("bits", "bucket", "stochastic", "error_feedback", "seed")
+    payload_parts = ("codes", "scales")
     fixed_size = True  # a function of the shape and the bucket size only
     _fields = {"residual": torch.float32, "step": torch.int64}
 
@@ -118,18 +127,40 @@ class Quantize(Codec):
             seed = self._next_seed(key) if self.stochastic else 0
         else:
             seed = _seed("Quantize.encode", seed)
-        r = self._residual(key, t) if self.error_feedback else None
+        # A non-finite input is quantized without the residual, which it leaves
+        # as it was (the kernel would zero the residual of its buckets).
+        r = self._residual(key, t) if self.error_feedback and all_finite(t) else None
         codes, scales = ops.quantize_buckets(t, self.bits, self.bucket, self.stochastic, seed, r)
+        if r is not None:
+            self._settle(r, codes, scales, t.dtype)
         params = {
             "bits": self.bits,
             "bucket": self.bucket,
             "stochastic": self.stochastic,
-            "error_feedback": self.error_feedback,
+            "error_feedback": r is not None,
             "seed": seed,
         }
         return Payload(
             "quantize", t.dtype, tuple(t.shape), params, {"codes": codes, "scales": scales}
         )
+
+    def _settle(self, r: Tensor, codes: Tensor, scales: Tensor, dtype: torch.dtype) -> None:
+        """Makes the kernel's residual ``x + r - decode(payload)`` for what decode returns.
+
+        The kernel leaves ``x + r`` minus the fp32 dequantized values; decode
+        rounds those to the tensor's dtype, so for fp16 and bf16 the rounding
+        goes into the residual too.
+        """
+        lim = _QUANT_LIMIT[self.bits]
+        top = float(scales.max()) * lim if scales.numel() else 0.0
+        if dtype != torch.float32 or not math.isfinite(top):
+            dq = ops.dequantize_buckets(codes, scales, r.numel(), self.bits, self.bucket)
+            diff = dq - to_dtype(dq, dtype).float()
+            r.view(-1).add_(torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff)))
+        if not math.isfinite(top):
+            # Levels of a bucket whose absmax is near fp32's limit can round to
+            # inf (x + r - inf); a residual must stay finite.
+            r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
     # --- payloads ----------------------------------------------------------------
     @classmethod
@@ -194,7 +225,7 @@ class Quantize(Codec):
             bucket=p.params["bucket"],
             out=out,
         )
-        return out.to(p.dtype)
+        return to_dtype(out, p.dtype)
 
     @classmethod
     def add_payloads(

@@ -18,6 +18,7 @@ cost 8 bytes each) and a bitmap where that is smaller.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from torch import Tensor
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES, check_bool, check_int, check_range
 from . import wire
-from .base import Codec, _key
+from .base import Codec, _check_same_size, _key, _largest, all_finite, to_dtype
 from .quantize import Quantize, dequantize_values
 from .wire import Payload
 
@@ -52,9 +53,17 @@ class TopK(Codec):
         error_feedback: add what was not sent last time (the residual, kept per
             key in fp32) before selecting, and keep what is not sent now:
             ``x + residual_before == decode(encode(x)) + residual_after``,
-            exactly, in fp32.
-        value_dtype: dtype of the values on the wire (fp32, fp16 or bf16);
-            fp16 values saturate at +-65504 (error feedback keeps the rest).
+            exactly, in fp32, for every tensor dtype and ``value_dtype``.
+            A step whose input holds NaN or inf is encoded without it: the
+            residual is neither read nor written, and the payload carries
+            the step's own largest entries, the non-finite ones first (so the
+            receiver's sum is not finite and AMP's GradScaler skips the step).
+            An entry whose sum with the residual overflows fp32 is sent as
+            inf and leaves 0.
+        value_dtype: dtype of the values on the wire (fp32, fp16 or bf16). A
+            value beyond what ``value_dtype`` holds, or beyond what decodes to a
+            finite value of the tensor's dtype (bf16 values of an fp16 tensor:
+            +-65280), is sent saturated and error feedback keeps the rest.
 
     Payload: indices delta-coded and bit-packed (or a bitmap), values in
     ``value_dtype``: about 1.1 bytes of index per kept entry at 1% density.
@@ -62,6 +71,8 @@ class TopK(Codec):
 
     name = "topk"
     wire_id = 1
+    payload_params = ("k", "value_dtype", "approx", "error_feedback")
+    payload_parts = ("indices", "values")
     _fields = {"residual": torch.float32}
 
     def __init__(
@@ -114,38 +125,68 @@ class TopK(Codec):
         return min(numel, max(1, round(self.ratio * numel)))
 
     def _select(self, t: Tensor, key: str) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(values in t's dtype, indices, residual or None), residual updated."""
+        """(values in t's dtype, indices, residual or None), residual updated.
+
+        The residual is None when error feedback is off, and for a step whose
+        input is not finite, which then leaves it as it was.
+        """
         k = self.k_for(t.numel())
-        r = self._residual(key, t) if self.error_feedback else None
+        r = None
+        if self.error_feedback and all_finite(t):
+            r = self._residual(key, t)
         values, idx = ops.topk_sparsify(t, k=k, approx=self.approx, residual=r)
+        if r is not None and not all_finite(values):
+            # A finite input whose sum with the residual overflowed fp32: those
+            # sums rank first, so they are among the values (sent as inf); any
+            # not selected must not stay behind either.
+            r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return values, idx, r
+
+    def _wire_values(self, values: Tensor, dtype: torch.dtype) -> Tensor:
+        """The kept values (in the tensor's `dtype`) as they travel, in value_dtype."""
+        vd = self.value_dtype
+        if vd == values.dtype or vd == torch.float32:
+            return values.to(vd)
+        lim = send_limit(dtype, vd)
+        v = values.float()
+        # Saturate finite values only: an inf of a non-finite step stays inf.
+        return torch.where(torch.isinf(v), v, v.clamp(-lim, lim)).to(vd)
 
     def encode(self, tensor: Tensor, key: str | None = None) -> Payload:
         """Selects the largest entries of ``tensor (+ residual of key)``."""
         t = self._check_tensor(tensor)
         key = _key(key)
         values, idx, r = self._select(t, key)
-        sent = values
-        if self.value_dtype != t.dtype:
-            v = values
-            if self.value_dtype == torch.float16 and t.dtype != torch.float16:
-                v = v.float().clamp(-65504.0, 65504.0)  # in fp32: bf16 cannot hold 65504
-            sent = v.to(self.value_dtype)
-            lossless = self.value_dtype == torch.float32
-            if r is not None and not lossless:
-                # What the rounding to value_dtype dropped stays in the residual
-                # (exactly representable: the low bits of the value).
-                back = sent.to(t.dtype).float()
-                diff = values.float() - back
-                diff = torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff))
-                r.view(-1).index_add_(0, idx, diff)
+        sent = self._wire_values(values, t.dtype)
+        if r is not None and sent.dtype not in (t.dtype, torch.float32):
+            # What decode does not give back (the rounding to value_dtype, the
+            # saturation) stays in the residual: measured against what decode
+            # returns, in the tensor's dtype.
+            diff = values.float() - to_dtype(sent, t.dtype).float()
+            diff = torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff))
+            r.view(-1).index_add_(0, idx, diff)
         params = {
             "k": int(idx.numel()),
             "value_dtype": self.value_dtype,
             "approx": self.approx,
-            "error_feedback": self.error_feedback,
+            # False for a step encoded without it (a non-finite input).
+            "error_feedback": r is not None,
         }
         return Payload("topk", t.dtype, tuple(t.shape), params, {"indices": idx, "values": sent})
+
+    def take_back(self, payload: Payload, key: str | None = None) -> None:
+        if not isinstance(payload, Payload):
+            raise TypeError(f"take_back: payload must be a Payload, got {type(payload).__name__}")
+        if not payload.params.get("error_feedback"):
+            return
+        r = self._state.get(_key(key), {}).get("residual")
+        if r is None:
+            return
+        _check_same_size(payload, r, key)
+        # Only the k sent entries changed: add back what decode gives for them.
+        vals = to_dtype(_kept_values(payload.parts["values"], r.device), payload.dtype).float()
+        vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
+        r.view(-1).index_add_(0, payload.parts["indices"].to(r.device), vals)
 
     # --- payloads ----------------------------------------------------------------
     @classmethod
@@ -249,7 +290,8 @@ class TopK(Codec):
     def decode_payload(cls, payload: Payload, device: torch.device) -> Tensor:
         p = payload
         out = torch.zeros(p.numel, dtype=p.dtype, device=device)
-        out[p.parts["indices"].to(device)] = _kept_values(p.parts["values"], device).to(p.dtype)
+        values = _kept_values(p.parts["values"], device)
+        out[p.parts["indices"].to(device)] = to_dtype(values, p.dtype)
         return out.view(p.shape)
 
     @classmethod
@@ -263,7 +305,22 @@ class TopK(Codec):
             idx = p.parts["indices"].to(dev)
             vals = _kept_values(p.parts["values"], dev)
             # What decode gives: the values rounded to the tensor's dtype.
-            out.index_add_(0, idx, vals.to(p.dtype).float(), alpha=scale)
+            out.index_add_(0, idx, to_dtype(vals, p.dtype).float(), alpha=scale)
+
+
+@functools.cache
+def send_limit(dtype: torch.dtype, value_dtype: torch.dtype) -> float:
+    """The largest value of `value_dtype` that decodes to a finite value of `dtype`.
+
+    fp16 values of an fp32 tensor: 65504; bf16 values of an fp16 tensor:
+    65280 (bf16's 65536, nearest to 65504, would decode to inf).
+    """
+    w = torch.tensor(min(_largest(dtype), _largest(value_dtype)), dtype=torch.float64)
+    w = w.to(value_dtype)
+    while not (bool(torch.isfinite(w)) and bool(torch.isfinite(w.to(dtype)))):
+        # One step towards zero: the next smaller 16-bit float's bits.
+        w = (w.view(torch.int16) - 1).view(value_dtype)
+    return float(w)
 
 
 def _kept_values(v: wire.Part, device: torch.device) -> Tensor:

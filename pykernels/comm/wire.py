@@ -107,6 +107,32 @@ class Payload:
             raise ValueError(f"Payload: codec must be one of {sorted(CODECS)}, got {codec!r}")
         if dtype not in DTYPES:
             raise TypeError(f"Payload: dtype must be a float dtype, got {dtype}")
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, torch.Size)):
+            raise TypeError(f"Payload: shape must be a tuple of ints, got {type(shape).__name__}")
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+                raise ValueError(f"Payload: shape must hold non-negative ints, got {tuple(shape)}")
+        for what, m in (("params", params), ("parts", parts)):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"Payload: {what} must be a mapping, got {type(m).__name__}")
+        # Checked here, where a payload is made, rather than as a KeyError deep
+        # in to_bytes or decode: the codec class says what its payloads carry.
+        kind = _CLASSES[codec]
+        for what, names, m in (
+            ("params", kind.payload_params, params),
+            ("parts", kind.payload_parts, parts),
+        ):
+            lacking = [n for n in names if n not in m]
+            if lacking:
+                raise ValueError(
+                    f"Payload: a {codec} payload needs {what} {list(names)}; missing {lacking}"
+                )
+        for name, part in parts.items():
+            if not isinstance(part, (Tensor, Payload)):
+                raise TypeError(
+                    f"Payload: part {name!r} must be a tensor (or a nested Payload), "
+                    f"got {type(part).__name__}"
+                )
         self.codec = codec
         self.dtype = dtype
         self.shape = tuple(int(s) for s in shape)
@@ -150,8 +176,16 @@ class Payload:
         CPU tensor. Raises ValueError (before any allocation larger than the
         blob) on a wrong magic number or version, a failed checksum, counts
         that do not match the bytes present, indices out of range, or a shape
-        of more than ``max_numel`` elements.
+        of more than ``max_numel`` elements (counting only the non-zero
+        dimensions of an empty shape). TypeError for a `max_numel` that is not
+        an int.
         """
+        if isinstance(max_numel, bool) or not isinstance(max_numel, (int, np.integer)):
+            raise TypeError(
+                f"Payload.from_bytes: max_numel must be an int, got {type(max_numel).__name__}"
+            )
+        if max_numel < 0:
+            raise ValueError(f"Payload.from_bytes: max_numel must be >= 0, got {max_numel}")
         buf = _as_bytes(data)
         if len(buf) < _HEAD.size + 4:
             raise ValueError(f"payload: {len(buf)} bytes is too short to be a payload")
@@ -173,12 +207,17 @@ class Payload:
             raise ValueError(f"payload: {ndim} dimensions (at most {MAX_NDIM})")
         r = Reader(buf, _HEAD.size, len(buf) - 4)
         shape = r.unpack(f"<{ndim}Q")
-        numel = math.prod(shape)
-        if numel > max_numel:
+        # A 0 in the shape makes numel 0 whatever the other dimensions are, but
+        # torch still multiplies them (and fails past int64): so the non-zero
+        # dimensions must fit the limit too.
+        extent = math.prod(d for d in shape if d)
+        if extent > max_numel:
+            numel = math.prod(shape)
+            claim = f"{numel} elements" if numel else f"{extent} in its non-zero dimensions"
             raise ValueError(
-                f"payload: shape {tuple(shape)} claims {numel} elements, more than "
-                f"max_numel={max_numel}"
+                f"payload: shape {tuple(shape)} claims {claim}, more than max_numel={max_numel}"
             )
+        numel = math.prod(shape)
         name = CODEC_NAMES[codec]
         kind, dt = codec_class(name), DTYPE_OF[dtype]
         if dt not in kind.dtypes:
