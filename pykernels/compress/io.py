@@ -4,10 +4,16 @@ The file holds the model's ``state_dict`` and, in its metadata under
 ``"pykernels"``, a JSON manifest: which module became what (a registered
 kind and its sizes), the int attributes pruning changed (head counts), the
 recipe, the pykernels version, the original architecture's tensor names,
-shapes and dtypes, and a SHA-256 of the tensors. Loading takes an
-uncompressed instance of the same architecture, rebuilds the compressed
-structure from the manifest and loads the tensors; anything that does not
-fit raises ValueError.
+shapes and dtypes, which tensors are one tensor under several names (tied
+weights) and which modules one module, and a SHA-256 of the manifest and
+the tensors together, so an edited manifest is refused like a flipped
+tensor bit. Loading takes an uncompressed instance of the same
+architecture, rebuilds the compressed structure from the manifest, loads
+the tensors and ties what was tied; anything that does not fit raises
+ValueError.
+
+Files of format 1 (pykernels before the manifest was covered) still load;
+their SHA-256 covers only the tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from .kinds import dtype_name, module_kind_named, module_kind_names, module_kind
 from .walk import guard_fused_paths
 
 FORMAT = "pykernels.compress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # format 1: the digest covers only the tensors
 RECORD = "_pk_compression"  # attribute of a compressed model: what compress changed
 
 
@@ -74,8 +81,22 @@ def record(model: nn.Module, steps: list[Any], original: nn.Module, changes, att
     object.__setattr__(model, RECORD, rec)
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    """The manifest, less its digest, as the bytes the digest covers: one JSON form
+    whatever the key order or spacing of the file's text."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    # Through JSON and back first, so the saver (tuples, int keys) and the loader
+    # (lists, str keys) hash the same text.
+    body = json.loads(json.dumps(body))
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(tensors: dict[str, Tensor], manifest: dict[str, Any] | None = None) -> str:
     h = hashlib.sha256()
+    if manifest is not None:
+        text = _canonical(manifest)
+        h.update(f"{len(text)}|".encode())
+        h.update(text)
     for k in sorted(tensors):
         t = tensors[k]
         h.update(f"{k}|{dtype_name(t.dtype)}|{list(t.shape)}|".encode())
@@ -94,17 +115,24 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     st = _safetensors()
     if not isinstance(model, nn.Module):
         raise TypeError(f"pk.save: model must be an nn.Module, got {type(model).__name__}")
+    path = _save_path(path)
     rec = getattr(model, RECORD, None)
     fqns = set(rec["modules"]) if rec else set()
     fqns |= {f for f, m in model.named_modules() if type(m).__module__.startswith("pykernels.")}
     # Keep only the outermost: a TuckerConv2d's own convolutions come with it.
     fqns = {f for f in fqns if not any(f.startswith(o + ".") for o in fqns if o and o != f)}
     modules: dict[str, Any] = {}
+    shared: dict[str, str] = {}  # a module held under several names: each later name -> first
+    first_name = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        first_name.setdefault(id(m), fqn)
     for fqn in sorted(fqns):
         try:
             m = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(f"pk.save: the model has no module {fqn!r} any more") from None
+        if first_name[id(m)] != fqn and first_name[id(m)] in fqns:
+            shared[fqn] = first_name[id(m)]
         mk = module_kind_of(m)
         if mk is None:
             raise ValueError(
@@ -120,13 +148,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         if not isinstance(v, Tensor):
             raise ValueError(f"pk.save: state_dict entry {k!r} is not a tensor")
         v = v.detach()
-        key = (
-            v.untyped_storage().data_ptr(),
-            v.storage_offset(),
-            tuple(v.shape),
-            v.stride(),
-            v.dtype,
-        )
+        key = _storage_key(v)
         if v.numel() and key in by_storage:
             aliases[k] = by_storage[key]  # a tied weight: stored once
             continue
@@ -145,9 +167,34 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "modules": modules,
         "attrs": rec["attrs"] if rec else {},
         "aliases": aliases,
-        "sha256": _digest(tensors),
+        "shared": shared,
     }
+    manifest["sha256"] = _digest(tensors, manifest)
     st.torch.save_file(tensors, os.fspath(path), metadata={"pykernels": json.dumps(manifest)})
+
+
+def _storage_key(t: Tensor) -> tuple:
+    """What makes two tensors one: the same memory, read the same way."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _save_path(path: Any) -> str:
+    """``path`` as a str, refused before any work when it cannot be written: as
+    ``torch.save`` and safetensors, pk.save writes a file and creates no directory."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"pk.save: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    if not path:
+        raise ValueError("pk.save: path is empty")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"pk.save: path {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(
+            f"pk.save: cannot write {path!r}: its directory {parent!r} does not exist "
+            "(pk.save creates no directories, as torch.save does not; os.makedirs it first)"
+        )
+    return path
 
 
 def _version() -> str:
@@ -177,14 +224,26 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"pk.load: the manifest in {path!r} is corrupted: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"pk.load: {path!r} holds no {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READS:
         raise ValueError(
-            f"pk.load: {path!r} has manifest format {manifest.get('format_version')!r}; "
-            f"this pykernels reads {FORMAT_VERSION}"
+            f"pk.load: {path!r} has manifest format {version!r}; this pykernels reads "
+            f"{', '.join(map(str, READS))}"
         )
-    for key, typ in (("modules", dict), ("attrs", dict), ("aliases", dict), ("sha256", str)):
+    manifest.setdefault("shared", {})  # format 1 recorded no shared modules
+    for key, typ in (
+        ("modules", dict),
+        ("attrs", dict),
+        ("aliases", dict),
+        ("shared", dict),
+        ("sha256", str),
+    ):
         if not isinstance(manifest.get(key), typ):
             raise ValueError(f"pk.load: the manifest in {path!r} lacks {key!r}")
+    for key in ("aliases", "shared"):
+        bad = next(((k, v) for k, v in manifest[key].items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"pk.load: the manifest's {key} maps {bad[0]!r} to {bad[1]!r}")
     return manifest
 
 
@@ -218,6 +277,60 @@ def _check_architecture(model: nn.Module, manifest: dict[str, Any]) -> None:
     )
 
 
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, dict] | None:
+    """(module, name, its _parameters or _buffers) holding state_dict entry ``key`` as
+    an attribute; None for an entry a module writes itself (a packed weight)."""
+    prefix, _, name = key.rpartition(".")
+    try:
+        m = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        return None
+    for table in (m._parameters, m._buffers):
+        if isinstance(table.get(name), Tensor):
+            return m, name, table
+    return None
+
+
+def _untie(model: nn.Module, tensors: dict[str, Tensor], aliases: dict[str, str]) -> None:
+    """Gives a tensor of its own to each entry that ``model`` ties to another but the
+    file stored apart: loading both into one tensor would keep only the last."""
+    first: dict[tuple, str] = {}  # the model's tensor -> the file's tensor loaded into it
+    names: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        names[id(m)] = names.get(id(m), 0) + 1
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key not in tensors or not isinstance(t, Tensor) or t.numel() == 0:
+            continue
+        src = aliases.get(key, key)
+        seen = first.setdefault(_storage_key(t), src)
+        if seen == src:
+            continue
+        owner = _owner(model, key)
+        if owner is None or names[id(owner[0])] > 1:
+            raise ValueError(
+                f"pk.load: {key!r} and {seen!r} are one tensor in this model but two in the "
+                "file, and cannot be told apart here (a module under several names)"
+            )
+        m, name, table = owner
+        fresh = table[name].detach().clone()
+        if isinstance(table[name], nn.Parameter):
+            fresh = nn.Parameter(fresh, requires_grad=table[name].requires_grad)
+        table[name] = fresh
+
+
+def _tie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Makes each alias the very tensor it names, as in the saved model (a tied
+    embedding and output projection, a QATLinear sharing its Linear's weight)."""
+    for dup, src in aliases.items():
+        a, b = _owner(model, dup), _owner(model, src)
+        if a is None or b is None:
+            continue  # loaded by value; a module's own layout, not an attribute
+        (_, dup_name, dup_table), (_, src_name, src_table) = a, b
+        if (dup_table is a[0]._parameters) != (src_table is b[0]._parameters):
+            continue  # a parameter and a buffer: equal values, kinds kept
+        dup_table[dup_name] = src_table[src_name]
+
+
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Rebuilds a compressed model from :func:`save`'s file in ``model`` and returns it.
 
@@ -237,12 +350,15 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         tensors = st.torch.load_file(os.fspath(path))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"pk.load: cannot read the tensors of {os.fspath(path)!r}: {e}") from None
-    if _digest(tensors) != manifest["sha256"]:
-        raise ValueError(
-            f"pk.load: {os.fspath(path)!r} is corrupted (its tensors' SHA-256 differs)"
-        )
+    covered = manifest if manifest["format_version"] >= 2 else None
+    if _digest(tensors, covered) != manifest["sha256"]:
+        what = "its manifest's or tensors'" if covered is not None else "its tensors'"
+        raise ValueError(f"pk.load: {os.fspath(path)!r} is corrupted ({what} SHA-256 differs)")
 
+    built: dict[str, nn.Module] = {}
     for fqn, entry in manifest["modules"].items():
+        if fqn in manifest["shared"]:
+            continue  # the module of another name: put in place below
         kind_name = entry.get("kind") if isinstance(entry, dict) else None
         mk = module_kind_named(kind_name) if isinstance(kind_name, str) else None
         if mk is None:
@@ -260,10 +376,22 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             raise ValueError(f"pk.load: cannot rebuild {fqn!r} as {kind_name}: {e}") from None
         new = new.to(module_device(old))
         new.train(old.training)
+        built[fqn] = new
         if fqn:
             model.set_submodule(fqn, new)
         else:
             model = new
+    for fqn, first in manifest["shared"].items():
+        if not fqn or first not in built:
+            raise ValueError(
+                f"pk.load: the manifest shares module {fqn!r} with {first!r}, which it does "
+                "not rebuild"
+            )
+        try:
+            model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"pk.load: the manifest names module {fqn!r}, absent here") from None
+        model.set_submodule(fqn, built[first])
     for fqn, values in manifest["attrs"].items():
         try:
             m = model.get_submodule(fqn)
@@ -280,14 +408,20 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 )
             setattr(m, name, value)
 
-    for dup, src in manifest["aliases"].items():
-        if src not in tensors:
-            raise ValueError(f"pk.load: alias {dup!r} names {src!r}, absent from the file")
+    aliases = manifest["aliases"]
+    for dup, src in aliases.items():
+        if src not in tensors or dup in tensors:
+            raise ValueError(
+                f"pk.load: alias {dup!r} names {src!r}, which is not a tensor of the file, "
+                "or names a stored tensor"
+            )
         tensors[dup] = tensors[src]
+    _untie(model, tensors, aliases)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"pk.load: the file's tensors do not fit the rebuilt model: {e}") from None
+    _tie(model, aliases)
     # The rebuilt layers are fresh modules, without the hooks compress put on
     # the ones a fused transformer path would read.
     guard_fused_paths(model)
