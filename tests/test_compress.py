@@ -517,3 +517,38 @@ def test_the_compress_command_writes_a_loadable_file(gen, tmp_path, capsys):
     assert main([*argv[:-1], "--input-shape", "2,24", "--quiet"]) == 0
     with pytest.raises(SystemExit, match="no such file"):
         main(["compress", str(tmp_path / "nothing"), "--recipe", "int8", "--out", str(dst)])
+
+
+# --- issue 20: the caller's modes -----------------------------------------------------------
+
+
+class FrozenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("recipe", ["int8", "sparse:0.5", "prune:0.25", "qat", "lowrank:rank=2"])
+def test_every_submodules_mode_is_kept(recipe, inplace, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = FrozenBN().train()
+    m.bn.eval()  # a frozen BatchNorm inside a training model
+    m.head[1].eval()
+    modes = {fqn: mod.training for fqn, mod in m.named_modules()}
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(8, 12, generator=gen)
+    out, _ = pk.compress(m, recipe, x, inplace=inplace, progress=False)
+    for fqn, mod in out.named_modules():
+        owner = fqn
+        while owner not in modes:  # a replacement's own parts take the replaced one's mode
+            owner = owner.rpartition(".")[0]
+        assert mod.training == modes[owner], fqn
+    if not inplace:
+        assert {fqn: mod.training for fqn, mod in m.named_modules()} == modes
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -129,6 +129,7 @@ def test_fit_on_digits(kind):
     elif kind == "sparse":
         student = pk.sparsify(student, sparsity=0.5)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = [m.training for m in teacher.modules()]
     batches = [(xtr[i : i + 64], ytr[i : i + 64]) for i in range(0, len(xtr), 64)]
     hist = fit(
         student,
@@ -146,7 +147,7 @@ def test_fit_on_digits(kind):
     acc = D.accuracy(student, xte, yte)
     assert acc >= D.accuracy(teacher, xte, yte) - 2.0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
-    assert not teacher.training
+    assert [m.training for m in teacher.modules()] == modes  # its modes too (issue 20)
 
 
 def test_fit_generator_batches_callback_and_defaults(gen):
@@ -169,3 +170,38 @@ def test_fit_generator_batches_callback_and_defaults(gen):
 
     hist = fit(Kw(), Kw(), [{"x": d} for d in data], steps=2, progress=False)
     assert len(hist) == 2
+
+
+# --- issue 20: the callers' modes ---------------------------------
+
+
+class WithBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("teacher_train", [True, False])
+@pytest.mark.parametrize("student_train", [True, False])
+def test_fit_gives_both_models_back_in_their_modes(teacher_train, student_train, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    teacher, student = WithBN().train(teacher_train), WithBN().train(student_train)
+    teacher.bn.eval()  # a frozen BatchNorm inside each, whatever the model's mode
+    student.bn.eval()
+    t_modes = [m.training for m in teacher.modules()]
+    s_modes = [m.training for m in student.modules()]
+    stats = teacher.bn.running_mean.clone()
+    seen = []
+    student.bn.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    data = [torch.randn(8, 6, generator=gen) for _ in range(2)]
+    fit(student, teacher, data, steps=3, progress=False)
+    assert [m.training for m in teacher.modules()] == t_modes
+    assert [m.training for m in student.modules()] == s_modes
+    assert torch.equal(teacher.bn.running_mean, stats)  # the teacher ran in eval mode
+    # a student passed in train mode keeps its frozen BatchNorm frozen while it trains
+    assert seen == [not student_train] * 3

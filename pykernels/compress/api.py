@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from . import io, recipes
-from .context import Context, FilterFn, Selector, call_model, check_example_inputs
+from .context import (
+    Context,
+    FilterFn,
+    Selector,
+    call_model,
+    check_example_inputs,
+    restore_training_flags,
+    training_flags,
+)
 from .report import CompressionReport, measure
 from .walk import guard_fused_paths
 
@@ -76,8 +84,10 @@ def compress(
         progress: tqdm progress bars on anything that takes more than a second.
 
     Returns:
-        ``(compressed_model, report)``: the model in the caller's training
-        mode, and a :class:`CompressionReport`.
+        ``(compressed_model, report)``: the model with each submodule in the
+        training mode it had in ``model`` (a replaced module's in the mode of
+        the one it replaced), and a :class:`CompressionReport`. ``model``
+        comes back as it was, modes included.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
@@ -86,7 +96,7 @@ def compress(
     if not isinstance(inplace, bool) or not isinstance(progress, bool):
         raise TypeError("compress: inplace and progress must be bool")
     selector = Selector(model, filter_fn, exclude)
-    training = model.training
+    flags = training_flags(model)
     model.eval()
     try:
         try:
@@ -108,6 +118,6 @@ def compress(
         report = measure(reference, work, ctx, text)
         io.record(work, steps, reference, ctx.changes, ctx.attrs)
     finally:
-        model.train(training)
-    work.train(training)
+        restore_training_flags(model, flags)
+    restore_training_flags(work, flags)
     return work, report

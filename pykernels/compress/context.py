@@ -51,6 +51,23 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
+def training_flags(model: nn.Module) -> dict[str, bool]:
+    """Each submodule's own ``training`` flag, by every name it has in ``model``."""
+    return {fqn: m.training for fqn, m in model.named_modules(remove_duplicate=False)}
+
+
+def restore_training_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Puts back what :func:`training_flags` took: ``model.train(mode)`` would set every
+    submodule alike and lose an eval-mode BatchNorm inside a training model. A module
+    at a name ``flags`` lacks (a step's replacement and what it holds) takes the flag
+    of the nearest name above it that ``flags`` has."""
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        name = fqn
+        while name not in flags and name:
+            name = name.rpartition(".")[0]
+        m.training = flags.get(name, model.training)
+
+
 def check_example_inputs(example_inputs: Any) -> None:
     if isinstance(example_inputs, Tensor):
         return

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compress.context import restore_training_flags, training_flags
+
 __all__ = ["DistillLoss", "fit"]
 
 HIDDEN = (None, "mse", "cosine")
@@ -201,8 +203,11 @@ def fit(
     ``data`` yields batches: a tensor or a mapping of keyword arguments
     (inputs only), or ``(inputs, labels)``; it is iterated again when it runs
     out. The teacher runs in eval mode under ``torch.no_grad``; the student
-    in train mode. ``optimizer`` defaults to AdamW (lr 1e-4) over the
-    student's trainable parameters; ``loss`` to :class:`DistillLoss`\\ ().
+    in train mode (one passed in train mode keeps its submodules' own modes,
+    so a BatchNorm frozen in eval mode stays frozen). Afterwards every
+    submodule of both is back in the mode it had before the call.
+    ``optimizer`` defaults to AdamW (lr 1e-4) over the student's trainable
+    parameters; ``loss`` to :class:`DistillLoss`\\ ().
     ``callback(step, loss)`` runs after each step (for a curve, or early
     evaluation). A tqdm bar (when tqdm is installed) shows progress unless
     ``progress=False``.
@@ -237,9 +242,12 @@ def fit(
             tqdm = None
         if tqdm is not None:
             bar = tqdm(total=steps, desc="distill", unit="step")
-    was_training = student.training
+    # Both models come back with every submodule in the mode it had (a frozen,
+    # eval-mode BatchNorm inside the student stays so).
+    student_flags, teacher_flags = training_flags(student), training_flags(teacher)
     teacher.eval()
-    student.train()
+    if not student.training:
+        student.train()
     history: list[float] = []
     try:
         for step in range(steps):
@@ -261,5 +269,6 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-        student.train(was_training)
+        restore_training_flags(student, student_flags)
+        restore_training_flags(teacher, teacher_flags)
     return history
