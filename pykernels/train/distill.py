@@ -96,11 +96,21 @@ class DistillLoss(nn.Module):
         """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over rows."""
         T = self.temperature
         s2, t2 = s.reshape(-1, s.shape[-1]).float(), t.reshape(-1, t.shape[-1]).float()
-        kl = F.kl_div(
-            F.log_softmax(s2 / T, -1), F.log_softmax(t2 / T, -1), log_target=True,
-            reduction="batchmean",
-        )  # fmt: skip
-        return kl * T * T
+        if t2.numel() and bool(torch.isneginf(t2).all(-1).any()):
+            raise ValueError(
+                "DistillLoss: teacher_out has a row of logits that are all -inf (every class "
+                "masked): its distribution is undefined"
+            )
+        log_t, log_s = F.log_softmax(t2 / T, -1), F.log_softmax(s2 / T, -1)
+        # A class the teacher masks (logit -inf, probability 0) adds 0 * log 0 = 0;
+        # F.kl_div computes 0 * (-inf - log_s) = NaN there. Both logs are zeroed
+        # where p = 0 so neither the value nor the gradient meets an inf.
+        p = log_t.exp()
+        kept = p > 0
+        zero = log_t.new_zeros(())
+        terms = p * (torch.where(kept, log_t, zero) - torch.where(kept, log_s, zero))
+        rows = max(t2.shape[0], 1)
+        return terms.sum() / rows * T * T
 
     def hidden_term(self, s: Tensor, t: Tensor) -> Tensor:
         s, t = s.float(), t.float()
