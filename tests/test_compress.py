@@ -17,6 +17,8 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from torch import nn
 
 import pykernels as pk
@@ -519,7 +521,55 @@ def test_the_compress_command_writes_a_loadable_file(gen, tmp_path, capsys):
         main(["compress", str(tmp_path / "nothing"), "--recipe", "int8", "--out", str(dst)])
 
 
-# --- issue 20: the caller's modes -----------------------------------------------------------
+# --- issue 20: recipes print back, the caller's modes -------------------------------------
+
+FRACTIONS = hst.floats(0, 1, exclude_max=True, allow_nan=False, allow_infinity=False)
+POSITIVE = hst.floats(0, 1, exclude_min=True, allow_nan=False, allow_infinity=False)
+STEPS = hst.one_of(
+    hst.builds(recipes.Int8, hst.just("dynamic"), hst.booleans(), hst.sampled_from([7, 8])),
+    hst.builds(recipes.Int8, hst.just("weight_only"), hst.booleans()),
+    hst.builds(recipes.Sparse, FRACTIONS, hst.sampled_from(["unstructured", "block"]),
+               hst.sampled_from(["layer", "global"])),
+    hst.builds(recipes.Sparse, hst.just(None), hst.just("2:4"),
+               hst.sampled_from(["layer", "global"])),
+    hst.builds(recipes.LowRank, energy=POSITIVE),
+    hst.builds(recipes.LowRank, rank=hst.integers(1, 10**6)),
+    hst.builds(recipes.LowRank, tol=FRACTIONS),
+    hst.builds(recipes.PruneStructured, FRACTIONS, hst.sampled_from(["l2", "taylor"]),
+               hst.none() | hst.integers(1, 512), hst.booleans()),
+    hst.builds(recipes.Cluster, hst.integers(2, 256), hst.sampled_from(["row", "layer"]),
+               hst.sampled_from(["dynamic", "weight_only"])),
+    hst.builds(recipes.CP, energy=POSITIVE),
+    hst.builds(recipes.CP, rank=hst.integers(1, 10**6)),
+    hst.builds(recipes.Tucker, energy=POSITIVE),
+    hst.builds(recipes.Tucker, rank=hst.integers(1, 10**6)),
+    hst.builds(pk.qat.QAT, hst.sampled_from(["dynamic", "weight_only"])),
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(step=STEPS)
+def test_every_step_prints_as_a_string_that_parses_back_to_it(step):
+    text = str(step)
+    (parsed,) = recipes.parse(text)
+    assert parsed == step, text
+    assert recipes.from_specs([step.spec()])[0] == step
+    assert "+".join([text, text]) == "+".join(str(s) for s in recipes.parse(f"{text}+{text}"))
+
+
+@pytest.mark.parametrize(
+    "step, text",
+    [
+        (recipes.Sparse(0.123456789), "sparse:0.123456789"),
+        (recipes.Sparse(1 / 3), f"sparse:{1 / 3!r}"),
+        (recipes.Sparse(pattern="2:4", scope="global"), "sparse:2:4:scope=global"),
+        (recipes.LowRank(energy=0.9), "lowrank:0.9"),  # short forms stay short
+        (recipes.PruneStructured(0.1 + 0.2), "prune:0.30000000000000004"),
+        (recipes.CP(energy=1e-7), "cp:1e-07"),
+    ],
+)
+def test_strings_keep_every_digit_and_option(step, text):
+    assert str(step) == text and recipes.parse(text)[0] == step
 
 
 class FrozenBN(nn.Module):

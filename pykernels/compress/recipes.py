@@ -107,11 +107,20 @@ class Step:
                 continue
             i = len(parts) - 1
             if bare and i < len(self.positional) and self.positional[i] == f.name:
-                parts.append(str(v))
+                parts.append(_num(v))
             else:
                 bare = False
-                parts.append(f"{f.name}={v}")
+                parts.append(f"{f.name}={_num(v)}")
         return ":".join(parts)
+
+
+def _num(v: Any) -> str:
+    """A number as a recipe writes it: the short ``%g`` form when it parses back to the
+    same value, else Python's repr (which always does)."""
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
 
 
 def _literal(text: str) -> Any:
@@ -288,11 +297,11 @@ class Sparse(Step):
         return out
 
     def __str__(self) -> str:
+        scope = "" if self.scope == "layer" else f":scope={self.scope}"
         if self.pattern == "2:4":
-            return "sparse:2:4"
+            return "sparse:2:4" + scope
         tail = "" if self.pattern == "unstructured" else f":{self.pattern}"
-        tail += "" if self.scope == "layer" else f":scope={self.scope}"
-        return f"sparse:{self.sparsity:g}{tail}"
+        return f"sparse:{_num(self.sparsity)}{tail}{scope}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import SparseLinear
@@ -337,8 +346,10 @@ class LowRank(Step):
 
     def __str__(self) -> str:
         if self.energy is not None:
-            return f"lowrank:{self.energy:g}"
-        return f"lowrank:rank={self.rank}" if self.rank is not None else f"lowrank:tol={self.tol:g}"
+            return f"lowrank:{_num(self.energy)}"
+        if self.rank is not None:
+            return f"lowrank:rank={self.rank}"
+        return f"lowrank:tol={_num(self.tol)}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import LowRankLinear, nbytes_of
@@ -395,7 +406,7 @@ class PruneStructured(Step):
             raise ValueError(f"heads must be a bool, got {self.heads!r}")
 
     def __str__(self) -> str:
-        s = f"prune:{self.ratio:g}"
+        s = f"prune:{_num(self.ratio)}"
         if self.importance != "l2":
             s += f":{self.importance}"
         if self.round_to is not None:
@@ -480,7 +491,7 @@ class CP(Step):
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
 
     def __str__(self) -> str:
-        return f"cp:{self.energy:g}" if self.energy is not None else f"cp:rank={self.rank}"
+        return f"cp:{_num(self.energy)}" if self.energy is not None else f"cp:rank={self.rank}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import CPConv2d, nbytes_of
@@ -525,7 +536,9 @@ class Tucker(Step):
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
 
     def __str__(self) -> str:
-        return f"tucker:{self.energy:g}" if self.energy is not None else f"tucker:rank={self.rank}"
+        if self.energy is None:
+            return f"tucker:rank={self.rank}"
+        return f"tucker:{_num(self.energy)}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import TuckerConv2d, nbytes_of
