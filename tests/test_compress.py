@@ -521,7 +521,7 @@ def test_the_compress_command_writes_a_loadable_file(gen, tmp_path, capsys):
         main(["compress", str(tmp_path / "nothing"), "--recipe", "int8", "--out", str(dst)])
 
 
-# --- issue 20: recipes print back, the caller's modes -------------------------------------
+# --- issue 20: recipes print back, the caller's modes, odd outputs ------------------------
 
 FRACTIONS = hst.floats(0, 1, exclude_max=True, allow_nan=False, allow_infinity=False)
 POSITIVE = hst.floats(0, 1, exclude_min=True, allow_nan=False, allow_infinity=False)
@@ -602,3 +602,45 @@ def test_every_submodules_mode_is_kept(recipe, inplace, gen):
     if not inplace:
         assert {fqn: mod.training for fqn, mod in m.named_modules()} == modes
         assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@dataclass
+class Output:
+    note: str
+    scores: torch.Tensor
+    extra: tuple
+
+
+class DataclassOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return Output("scores", y, (y.sum(), None))
+
+
+class NoTensorOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"n": int(self.fc(x).shape[0])}
+
+
+def test_dataclass_outputs_are_reported_and_tensorless_ones_refused_first(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = DataclassOut().eval()
+    x = torch.randn(5, 8, generator=gen)
+    out, report = pk.compress(m, "int8", x, progress=False)
+    with torch.no_grad():
+        want = F.cosine_similarity(out(x).scores.double(), m(x).scores.double(), dim=-1).mean()
+    assert report.total["output_cosine"] == pytest.approx(float(want), rel=1e-9)
+    calls = []
+    m2 = NoTensorOut().eval()
+    m2.fc.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(TypeError, match="cannot find a tensor in the model's output \\(dict\\)"):
+        pk.compress(m2, "int8", x, progress=False)
+    assert len(calls) == 1  # refused after the first forward, before any step

@@ -16,6 +16,7 @@ from .context import (
     Selector,
     call_model,
     check_example_inputs,
+    output_tensor,
     restore_training_flags,
     training_flags,
 )
@@ -101,11 +102,12 @@ def compress(
     try:
         try:
             with torch.no_grad():
-                call_model(model, example_inputs)
+                out = call_model(model, example_inputs)
         except Exception as e:
             raise ValueError(
                 f"compress: the model does not run on example_inputs: {type(e).__name__}: {e}"
             ) from e
+        output_tensor(out)  # the report compares it: refuse now, not after every step
         # The reference must stay uncompressed: the caller's model, or a copy of it.
         reference = copy.deepcopy(model) if inplace else model
         work = model if inplace else copy.deepcopy(model)

@@ -3,6 +3,7 @@ the model on the example inputs, and where it records what it changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -265,27 +266,41 @@ def progress(items: Iterable, desc: str, enabled: bool, total: int | None = None
 
 
 def output_tensor(out: Any) -> Tensor:
-    """The tensor a model's output is compared by: itself, ``last_hidden_state``, or the
-    first tensor of a tuple / dict / ModelOutput."""
+    """The tensor a model's output is compared by: itself, its ``last_hidden_state``
+    or ``logits`` (an attribute or key), else the first tensor found depth-first in
+    a tuple, list, mapping, dataclass (a Hugging Face ``ModelOutput`` is one) or
+    named tuple. TypeError when it holds none."""
+    found = _find_tensor(out, depth=0)
+    if found is None:
+        raise TypeError(
+            f"compress: cannot find a tensor in the model's output ({type(out).__name__}) "
+            "to compare"
+        )
+    return found
+
+
+def _find_tensor(out: Any, depth: int) -> Tensor | None:
     if isinstance(out, Tensor):
         return out
-    lhs = getattr(out, "last_hidden_state", None)
-    if isinstance(lhs, Tensor):
-        return lhs
+    if depth > 8:  # a self-referencing output; nothing sensible to compare there
+        return None
+    for name in ("last_hidden_state", "logits"):
+        v = out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+        if isinstance(v, Tensor):
+            return v
     if isinstance(out, Mapping):
-        if isinstance(out.get("last_hidden_state"), Tensor):
-            return out["last_hidden_state"]
         values = list(out.values())
     elif isinstance(out, (tuple, list)):
         values = list(out)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        values = [getattr(out, f.name, None) for f in dataclasses.fields(out)]
     else:
         values = []
     for v in values:
-        if isinstance(v, Tensor):
-            return v
-    raise TypeError(
-        f"compress: cannot find a tensor in the model's output ({type(out).__name__}) to compare"
-    )
+        t = _find_tensor(v, depth + 1)
+        if t is not None:
+            return t
+    return None
 
 
 def module_device(module: nn.Module) -> torch.device:
