@@ -521,7 +521,7 @@ def test_the_compress_command_writes_a_loadable_file(gen, tmp_path, capsys):
         main(["compress", str(tmp_path / "nothing"), "--recipe", "int8", "--out", str(dst)])
 
 
-# --- issue 20: recipes print back, the caller's modes, odd outputs ------------------------
+# --- issue 20: recipes print back, the caller's modes, unfit layers, odd outputs -----------
 
 FRACTIONS = hst.floats(0, 1, exclude_max=True, allow_nan=False, allow_infinity=False)
 POSITIVE = hst.floats(0, 1, exclude_min=True, allow_nan=False, allow_infinity=False)
@@ -602,6 +602,42 @@ def test_every_submodules_mode_is_kept(recipe, inplace, gen):
     if not inplace:
         assert {fqn: mod.training for fqn, mod in m.named_modules()} == modes
         assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_an_unfit_layer_is_skipped_with_its_reason_and_the_rest_converted(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    m = m.eval()
+    with torch.no_grad():
+        m[4].weight[0, 0] = float("nan")
+    x = torch.randn(5, 6, generator=gen)
+    cases = {
+        "sparse:2:4": {"0": "no multiple of 4"},
+        "int8": {"4": "NaN or inf"},
+        "cluster:8": {"4": "NaN or inf"},
+        "lowrank:rank=1": {"4": "NaN or inf"},
+    }
+    for recipe, want in cases.items():
+        out, report = pk.compress(m, recipe, x, progress=False)
+        skipped = {s.fqn: s.reason for s in report.skipped}
+        for fqn, reason in want.items():
+            assert reason in skipped[fqn], (recipe, skipped)
+            assert type(out.get_submodule(fqn)) is nn.Linear
+        assert {r.name for r in report.layers} == {"0", "2", "4"} - set(want), recipe
+    # the model-level helpers take the same rule and say what they left
+    with pytest.warns(UserWarning, match="0: in_features = 6 is no multiple of 4"):
+        s = pk.sparsify(m, None, "2:4")
+    assert type(s[0]) is nn.Linear and isinstance(s[2], SparseLinear)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8:weight_only", "sparse:0.5", "cluster:8", "qat"])
+def test_float64_layers_stay_float64_and_the_model_runs(recipe, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    x = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    out, report = pk.compress(m, recipe, x, progress=False)
+    assert not report.layers and all("float64" in s.reason for s in report.skipped)
+    assert torch.equal(out(x), m(x))
 
 
 @dataclass

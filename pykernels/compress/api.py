@@ -4,6 +4,7 @@ for ``pk.quantize_int8`` / ``pk.sparsify`` / ``pk.factorize`` / ``pk.qat``."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -52,6 +53,14 @@ def apply_steps(
     accept = None if filter_fn is None else (lambda m, fqn: bool(filter_fn(m, fqn)))
     ctx = Context(model, None, Selector(model, accept, None), progress=False)
     run_steps(ctx, steps)
+    if ctx.unfit:
+        # These helpers return no report: say what the caller asked for and did not get.
+        listed = "; ".join(f"{s.fqn or '(model)'}: {s.reason}" for s in ctx.unfit[:8])
+        more = f" (and {len(ctx.unfit) - 8} more)" if len(ctx.unfit) > 8 else ""
+        warnings.warn(
+            f"pykernels: {len(ctx.unfit)} layer(s) left as they were: {listed}{more}",
+            stacklevel=3,
+        )
     return ctx.model
 
 

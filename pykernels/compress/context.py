@@ -162,6 +162,7 @@ class Context:
         self.show_progress = progress
         self.changes: dict[str, Change] = {}
         self.skipped: list[Skipped] = []
+        self.unfit: list[Skipped] = []  # those of skipped a step's unfit() refused
         self.attrs: dict[str, dict[str, Any]] = {}
         self.step = ""
         self._also: dict[str, list[str]] = {}  # other names of a shared module, by targets()
@@ -176,16 +177,33 @@ class Context:
         :meth:`targets`."""
         return walk.candidates(self.model, types)
 
-    def targets(self, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    def targets(
+        self,
+        types: tuple[type, ...],
+        unfit: Callable[[nn.Module], str | None] | None = None,
+    ) -> list[tuple[str, nn.Module]]:
         """(fqn, module) for each module of one of ``types`` that this step may replace by
         a layer computing the same function: accepted by the caller's ``filter_fn`` and
         ``exclude``, not read directly by its owner (attention's ``out_proj``), not a
-        subclass with a computation of its own. Those accepted but unsafe are recorded
-        as skipped, with the reason. A module held under several names is listed once;
-        :meth:`replace` puts its replacement at each accepted name."""
+        subclass with a computation of its own, and fit for the step (``unfit(module)``
+        returns None; else it names why the step cannot convert that module, as
+        :meth:`pykernels.recipes.Step.unfit` does). Those accepted but unsafe or unfit
+        are recorded as skipped, with the reason: one layer the step cannot take never
+        stops it from converting the others. A module held under several names is
+        listed once; :meth:`replace` puts its replacement at each accepted name."""
         found, unsafe = walk.targets(self.model, types, self.accept)
         for fqn, reason in unsafe:
             self.skip(fqn, reason)
+        if unfit is not None:
+            fit = []
+            for fqn, m in found:
+                reason = unfit(m)
+                if reason is None:
+                    fit.append((fqn, m))
+                else:
+                    self.skip(fqn, reason)
+                    self.unfit.append(self.skipped[-1])
+            found = fit
         wanted = {id(m): fqn for fqn, m in found}
         self._also = {}
         for fqn, m in self.model.named_modules(remove_duplicate=False):
