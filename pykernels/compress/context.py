@@ -226,9 +226,14 @@ class Context:
     def replace(self, fqn: str, new: nn.Module) -> None:
         """Swaps the module at ``fqn`` (and at its other names, when :meth:`targets` found
         it shared) for ``new``: a different layer of the same function, in the same
-        training mode."""
+        training mode, and frozen (no parameter requiring grad) when the old one was."""
         old = self.model.get_submodule(fqn) if fqn else self.model
         new.train(old.training)
+        # A layer the caller froze stays frozen: a fine-tuning loop over the
+        # trainable parameters must not start training it.
+        params = list(old.parameters())
+        if params and not any(p.requires_grad for p in params):
+            new.requires_grad_(False)
         also = [n for n in self._also.pop(fqn, ()) if self.model.get_submodule(n) is old]
         for name in (fqn, *also):
             self._change(name)
