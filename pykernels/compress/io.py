@@ -244,7 +244,55 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         bad = next(((k, v) for k, v in manifest[key].items() if not isinstance(v, str)), None)
         if bad is not None:
             raise ValueError(f"pk.load: the manifest's {key} maps {bad[0]!r} to {bad[1]!r}")
+    # The digest is no signature: the rest is checked as what it claims to be, so
+    # a forged entry is refused by name instead of failing somewhere inside load.
+    for fqn, entry in manifest["modules"].items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("kind"), str)
+            and isinstance(entry.get("config", {}), dict)
+        ):
+            raise ValueError(
+                f"pk.load: the manifest's entry for module {fqn!r} in {path!r} is not "
+                f'{{"kind": name, "config": {{...}}}}: {entry!r}'
+            )
+    for fqn, values in manifest["attrs"].items():
+        if not isinstance(values, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+            for v in values.values()
+        ):
+            raise ValueError(
+                f"pk.load: the manifest's attrs for {fqn!r} in {path!r} are not names of "
+                f"non-negative ints: {values!r}"
+            )
+    steps, recipe = manifest.get("steps", []), manifest.get("recipe")
+    if not (isinstance(steps, list) and all(isinstance(e, dict) for e in steps)) or not (
+        recipe is None or isinstance(recipe, str)
+    ):
+        # Only recorded, but a later compress of the loaded model extends them.
+        raise ValueError(
+            f"pk.load: the manifest's recipe in {path!r} is not a string with a list of steps"
+        )
+    original = manifest.get("original")
+    if original is not None and not (
+        isinstance(original, list) and all(_signature_row(e) for e in original)
+    ):
+        raise ValueError(
+            f"pk.load: the manifest's original architecture in {path!r} is not a list of "
+            "[name, shape, dtype] rows"
+        )
     return manifest
+
+
+def _signature_row(e: Any) -> bool:
+    return (
+        isinstance(e, list)
+        and len(e) == 3
+        and isinstance(e[0], str)
+        and isinstance(e[1], list)
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in e[1])
+        and isinstance(e[2], str)
+    )
 
 
 def _check_architecture(model: nn.Module, manifest: dict[str, Any]) -> None:
@@ -275,6 +323,28 @@ def _check_architecture(model: nn.Module, manifest: dict[str, Any]) -> None:
         f"this model is {_type_name(model)}): {detail}. Pass an uncompressed instance of the "
         "same model, in the same dtype."
     )
+
+
+def _check_size(fqn: str, mk: Any, config: Any, sizes: dict[str, int]) -> None:
+    """Refuses a module the file could not fill before it is built: a manifest that
+    says a layer is 40000 x 40000 (the digest is no signature; anyone can
+    recompute it) must not make the load allocate gigabytes. The module is built
+    on the meta device, which allocates nothing, and its values counted against
+    the file's tensors under its name."""
+    try:
+        with torch.device("meta"):
+            probe = mk.build(config)
+    except Exception:  # noqa: BLE001 - the real build reports what is wrong
+        return
+    need = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    prefix = fqn + "." if fqn else ""
+    have = sum(n for k, n in sizes.items() if k.startswith(prefix))
+    # Slack for buffers a layer derives at load (packed layouts, sums of rows).
+    if need > 2 * have + 65536:
+        raise ValueError(
+            f"pk.load: the manifest describes {fqn or 'the model'!r} as a {mk.name} of {need:,} "
+            f"values; the file holds {have:,} for it"
+        )
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, dict] | None:
@@ -355,6 +425,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         what = "its manifest's or tensors'" if covered is not None else "its tensors'"
         raise ValueError(f"pk.load: {os.fspath(path)!r} is corrupted ({what} SHA-256 differs)")
 
+    sizes = {k: t.numel() for k, t in tensors.items()}
+    sizes.update({d: sizes[s] for d, s in manifest["aliases"].items() if s in sizes})
     built: dict[str, nn.Module] = {}
     for fqn, entry in manifest["modules"].items():
         if fqn in manifest["shared"]:
@@ -370,6 +442,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             old = model.get_submodule(fqn) if fqn else model
         except AttributeError:
             raise ValueError(f"pk.load: the manifest names module {fqn!r}, absent here") from None
+        _check_size(fqn, mk, entry.get("config", {}), sizes)
         try:
             new = mk.build(entry.get("config", {}))
         except Exception as e:  # noqa: BLE001
@@ -394,7 +467,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         model.set_submodule(fqn, built[first])
     for fqn, values in manifest["attrs"].items():
         try:
-            m = model.get_submodule(fqn)
+            m = model.get_submodule(fqn) if fqn else model
         except AttributeError:
             raise ValueError(
                 f"pk.load: the manifest sets attributes of {fqn!r}, absent here"
@@ -419,8 +492,12 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     _untie(model, tensors, aliases)
     try:
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"pk.load: the file's tensors do not fit the rebuilt model: {e}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        # A layer's own load check (a sparse structure, a code past its codebook)
+        # names the entry; the file is named here.
+        raise ValueError(
+            f"pk.load: the tensors of {os.fspath(path)!r} do not fit the rebuilt model: {e}"
+        ) from None
     _tie(model, aliases)
     # The rebuilt layers are fresh modules, without the hooks compress put on
     # the ones a fused transformer path would read.
