@@ -34,7 +34,11 @@ def _split(out: Any, hidden_mode: str | None, who: str) -> tuple[Tensor | None, 
     if isinstance(out, Tensor):
         return (None, out) if hidden_mode is not None else (out, None)
     if isinstance(out, Mapping):
-        return out.get("logits"), out.get("hidden")
+        # A Hugging Face encoder's output holds its hidden state as last_hidden_state.
+        hidden = out.get("hidden")
+        if hidden is None and hidden_mode is not None:
+            hidden = out.get("last_hidden_state")
+        return out.get("logits"), hidden
     if isinstance(out, (tuple, list)) and len(out) == 2:
         return out[0], out[1]
     raise TypeError(
@@ -54,7 +58,8 @@ class DistillLoss(nn.Module):
     - ``hidden``: ``"mse"`` (mean squared error) or ``"cosine"`` (mean of
       1 - cosine similarity over the last dimension) between student and
       teacher hidden states or embeddings, for encoders without logits or
-      labels; ``None`` for none.
+      labels (a mapping's ``"hidden"``, else its ``"last_hidden_state"``, as
+      a Hugging Face encoder returns); ``None`` for none.
 
     Call it as ``loss(student_out, teacher_out, labels=None)``. Outputs are
     logits tensors, or with ``hidden`` set, hidden/embedding tensors, or
@@ -196,6 +201,22 @@ def _forever(data: Iterable[Any], batch0: Any, first: Iterator[Any]) -> Iterator
             )
 
 
+def _refuse_untrainable(student: nn.Module, e: RuntimeError) -> None:
+    """A backward that failed inside an int8 layer (it has none: the rounding has no
+    useful gradient) is the student's fault, not a crash: say which layers and what to
+    do instead."""
+    from ..nn import Int8Linear
+
+    int8 = [f or "(model)" for f, m in student.named_modules() if isinstance(m, Int8Linear)]
+    if int8:
+        listed = ", ".join(int8[:4]) + (f" and {len(int8) - 4} more" if len(int8) > 4 else "")
+        raise ValueError(
+            f"fit: the student cannot be trained through its Int8Linear layers ({listed}), "
+            "which have no backward: distill a pk.qat.prepare'd student and pk.qat.convert it "
+            f"afterwards, or freeze every parameter before them ({e})"
+        ) from e
+
+
 def fit(
     student: nn.Module,
     teacher: nn.Module,
@@ -267,7 +288,11 @@ def fit(
             s_out = _call(student, inputs)
             value = loss(s_out, t_out, labels)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            try:
+                value.backward()
+            except RuntimeError as e:
+                _refuse_untrainable(student, e)
+                raise
             optimizer.step()
             v = float(value.detach())
             history.append(v)
