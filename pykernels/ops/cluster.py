@@ -172,11 +172,13 @@ def _check_code_range(fn: str, codes: Tensor, k: int, bits: int, c: int) -> None
 
     On the CPU this runs at every call: a write through ``codes.data`` or a
     NumPy view moves no version counter, so a check remembered from an earlier
-    call could not see it; it reads the codes once (two byte-wise maxima,
-    a fraction of the kernel's own pass over them) and only when the codebook
-    is smaller than the code width allows (``c < 2**bits``). On other devices
-    a check waits for the device, so it runs once per codes tensor while its
-    version counter and data pointer stay the same.
+    call could not see it. It runs only when the codebook is smaller than the
+    code width allows (``c < 2**bits``: the default 16 clusters, or 256 with
+    8-bit codes, pay nothing), and costs two to three passes over the codes:
+    for 8 MB of 4-bit codes (4096 x 4096) about 0.3 ms on one core, as long
+    as the kernel itself for a single token, a tenth of it for 16 tokens.
+    On other devices a check waits for the device, so it runs once per codes
+    tensor while its version counter and data pointer stay the same.
     """
     if not _checks.has_data(codes) or codes.numel() == 0 or c >= 2**bits:
         return
