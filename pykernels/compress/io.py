@@ -111,6 +111,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     A model that did not come from ``compress`` is saved too, with every
     pykernels layer in it described; it then has no record of its original
     architecture, so :func:`load` can check only that the tensors fit.
+    ``path``'s directory must exist (FileNotFoundError naming it otherwise):
+    like ``torch.save`` and safetensors, pk.save creates no directories.
     """
     st = _safetensors()
     if not isinstance(model, nn.Module):
