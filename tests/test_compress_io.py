@@ -327,7 +327,10 @@ def test_save_into_a_missing_directory_names_it(gen, tmp_path):
         pk.save(m, path)
         assert torch.equal(run(pk.load(path, mlp()), x), run(m, x))
     pk.save(m, bytes(tmp_path / "c.safetensors"))
-    assert (tmp_path / "c.safetensors").is_file()
+    assert torch.equal(run(pk.load(bytes(tmp_path / "c.safetensors"), mlp()), x), run(m, x))
+    for bad in (3, None, ["m.safetensors"]):
+        with pytest.raises(TypeError, match="pk.load: path must be"):
+            pk.load(bad, mlp())
 
 
 # --- tied weights and shared modules ------------------------------------------------------

@@ -208,7 +208,9 @@ def _version() -> str:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a file written by :func:`save` (ValueError when there is none)."""
     st = _safetensors()
-    path = os.fspath(path)
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"pk.load: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pk.load: no such file: {path!r}")
     try:
@@ -409,14 +411,17 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     ``model`` is an uncompressed instance of the architecture that was
     compressed (freshly constructed or ``from_pretrained``); it is changed in
     place: modules are replaced by the manifest's kinds, pruned attributes set,
-    and every tensor loaded. Its outputs then equal the saved model's bit for
-    bit. Raises ValueError for a file from another architecture, a corrupted
-    file, or a manifest naming a module kind this process does not know.
+    every tensor loaded, and tensors and modules tied as they were in the saved
+    model. Its outputs then equal the saved model's bit for bit. Raises
+    ValueError for a file from another architecture, a corrupted or edited
+    file, or a manifest naming a module kind this process does not know; a
+    refused load may leave ``model`` partly rebuilt.
     """
     st = _safetensors()
     if not isinstance(model, nn.Module):
         raise TypeError(f"pk.load: model must be an nn.Module, got {type(model).__name__}")
     manifest = read_manifest(path)
+    path = os.fsdecode(os.fspath(path))
     _check_architecture(model, manifest)
     try:
         tensors = st.torch.load_file(os.fspath(path))
