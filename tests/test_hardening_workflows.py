@@ -695,6 +695,15 @@ def test_bad_example_inputs_are_refused_by_name_and_change_nothing(inputs, exc, 
     assert_same(model, snap)
 
 
+@pytest.mark.parametrize("recipe", ["int8", "sparse:0.5", "lowrank:rank=2", "qat", "prune:0.3"])
+def test_a_model_without_values_is_refused_first(recipe):
+    model = make("mlp", 0).to("meta")
+    with pytest.raises(ValueError, match="model holds meta tensors.*'inp.weight'"):
+        pk.compress(model, recipe, torch.randn(2, 30, device="meta"), progress=False)
+    # the helpers that need no values still work on it (QAT, as torch.ao's prepare)
+    assert isinstance(pk.qat.prepare(model).inp, pk.nn.QATLinear)
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [

@@ -103,6 +103,16 @@ def compress(
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
     steps = recipes.parse(recipe)
     check_example_inputs(example_inputs)
+    # Every step and the report read values: a model without any (built on the
+    # meta device) is refused here rather than by whichever step meets it first.
+    meta = next(
+        (n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None
+    )
+    if meta is not None:
+        raise ValueError(
+            f"compress: model holds meta tensors, which have no values ({meta!r}); load its "
+            "weights first (e.g. load_state_dict(..., assign=True) or to_empty + a checkpoint)"
+        )
     if not isinstance(inplace, bool) or not isinstance(progress, bool):
         raise TypeError("compress: inplace and progress must be bool")
     selector = Selector(model, filter_fn, exclude)
