@@ -222,6 +222,14 @@ def test_masked_classes_where_the_teacher_puts_mass_are_infinite_not_nan(gen):
     assert float(DistillLoss()(s, t)) == math.inf
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_teacher_logits_are_not_masked_away(bad, gen):
+    t = torch.randn(3, 5, generator=gen)
+    t[1, 2] = bad  # a broken teacher row: its probabilities are NaN, not 0
+    loss = DistillLoss()(torch.randn(3, 5, generator=gen), t)
+    assert math.isnan(float(loss))
+
+
 def test_a_teacher_row_with_every_class_masked_is_refused(gen):
     t = torch.randn(3, 5, generator=gen)
     t[1] = float("-inf")

@@ -111,7 +111,7 @@ class DistillLoss(nn.Module):
         # F.kl_div computes 0 * (-inf - log_s) = NaN there. Both logs are zeroed
         # where p = 0 so neither the value nor the gradient meets an inf.
         p = log_t.exp()
-        kept = p > 0
+        kept = p != 0  # NaN (a NaN or +inf logit) is kept: it must reach the loss
         zero = log_t.new_zeros(())
         terms = p * (torch.where(kept, log_t, zero) - torch.where(kept, log_s, zero))
         rows = max(t2.shape[0], 1)
