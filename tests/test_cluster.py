@@ -270,3 +270,49 @@ def test_bad_inputs_refused_on_every_backend(backend, gen):
         pk.ops.cluster_linear(x, codes, cb, bits=bits, dynamic="yes")
     with pytest.raises(ValueError, match="codes must lie"):
         pk.ops.pack_cluster_codes(torch.full((2, 3), 16), 4)
+
+
+# --- issue 20: codes changed behind the version counter ------------------------------------
+
+
+@pytest.mark.parametrize("n_clusters, k", [(4, 200), (12, 40), (40, 33)])
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_a_code_edited_past_the_codebook_is_refused_at_every_call(backend, n_clusters, k, how, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = ClusteredLinear.from_linear(nn.Linear(k, 6), n_clusters)
+    x = torch.randn(3, k, generator=gen)
+    want = layer(x)  # checked once, and (before issue 20) remembered
+    version = layer.codes._version
+    target = layer.codes.data if how == "data" else layer.codes.numpy()
+    target[0, 0] = 0xFF  # names code 15 (4-bit) or 255 (8-bit): past the codebook
+    assert layer.codes._version == version  # no version counter saw it
+    with pytest.raises(ValueError, match=f"codes name entries past the codebook's {n_clusters}"):
+        layer(x)
+    with pytest.raises(ValueError, match="codes name entries"):
+        pk.ops.cluster_linear(x, layer.codes, layer.codebook.detach(), bits=layer.bits, k=k)
+    target[0, 0] = 0  # a code inside the codebook runs again
+    got = layer(x)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+
+
+def test_padding_nibbles_past_k_are_never_read_and_never_refused(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = ClusteredLinear.from_linear(nn.Linear(40, 6), 4)
+    x = torch.randn(3, 40, generator=gen)
+    want = layer(x)
+    # byte 4b + 3 of a 4-bit row holds weights 96 + b and 112 + b: past K = 40
+    layer.codes.data[:, 3::4] = 0xFF
+    assert torch.equal(layer(x), want)
+
+
+def test_a_state_dict_with_a_stray_code_is_refused_at_load(gen):
+    layer = ClusteredLinear.from_linear(nn.Linear(64, 5), 6)
+    sd = layer.state_dict()
+    sd["codes"] = sd["codes"].clone()
+    sd["codes"][2, 0] = 0x77  # codes 7 and 7 of 6
+    fresh = ClusteredLinear(64, 5, 6)
+    with pytest.raises(ValueError, match=r"state_dict\['codes'\] names entries past"):
+        fresh.load_state_dict(sd)
+    model = nn.Sequential(ClusteredLinear(64, 5, 6))
+    with pytest.raises(ValueError, match=r"state_dict\['0.codes'\]"):
+        model.load_state_dict({f"0.{k}": v for k, v in sd.items()})

@@ -17,6 +17,8 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from torch import nn
 
 import pykernels as pk
@@ -523,3 +525,164 @@ def test_the_compress_command_writes_a_loadable_file(gen, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compress", str(tmp_path / "nothing"), "--recipe", "int8", "--out", str(dst)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# --- issue 20: recipes print back, the caller's modes, unfit layers, odd outputs -----------
+
+FRACTIONS = hst.floats(0, 1, exclude_max=True, allow_nan=False, allow_infinity=False)
+POSITIVE = hst.floats(0, 1, exclude_min=True, allow_nan=False, allow_infinity=False)
+STEPS = hst.one_of(
+    hst.builds(recipes.Int8, hst.just("dynamic"), hst.booleans(), hst.sampled_from([7, 8])),
+    hst.builds(recipes.Int8, hst.just("weight_only"), hst.booleans()),
+    hst.builds(recipes.Sparse, FRACTIONS, hst.sampled_from(["unstructured", "block"]),
+               hst.sampled_from(["layer", "global"])),
+    hst.builds(recipes.Sparse, hst.just(None), hst.just("2:4"),
+               hst.sampled_from(["layer", "global"])),
+    hst.builds(recipes.LowRank, energy=POSITIVE),
+    hst.builds(recipes.LowRank, rank=hst.integers(1, 10**6)),
+    hst.builds(recipes.LowRank, tol=FRACTIONS),
+    hst.builds(recipes.PruneStructured, FRACTIONS, hst.sampled_from(["l2", "taylor"]),
+               hst.none() | hst.integers(1, 512), hst.booleans()),
+    hst.builds(recipes.Cluster, hst.integers(2, 256), hst.sampled_from(["row", "layer"]),
+               hst.sampled_from(["dynamic", "weight_only"])),
+    hst.builds(recipes.CP, energy=POSITIVE),
+    hst.builds(recipes.CP, rank=hst.integers(1, 10**6)),
+    hst.builds(recipes.Tucker, energy=POSITIVE),
+    hst.builds(recipes.Tucker, rank=hst.integers(1, 10**6)),
+    hst.builds(pk.qat.QAT, hst.sampled_from(["dynamic", "weight_only"])),
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(step=STEPS)
+def test_every_step_prints_as_a_string_that_parses_back_to_it(step):
+    text = str(step)
+    (parsed,) = recipes.parse(text)
+    assert parsed == step, text
+    assert recipes.from_specs([step.spec()])[0] == step
+    assert "+".join([text, text]) == "+".join(str(s) for s in recipes.parse(f"{text}+{text}"))
+
+
+@pytest.mark.parametrize(
+    "step, text",
+    [
+        (recipes.Sparse(0.123456789), "sparse:0.123456789"),
+        (recipes.Sparse(1 / 3), f"sparse:{1 / 3!r}"),
+        (recipes.Sparse(pattern="2:4", scope="global"), "sparse:2:4:scope=global"),
+        (recipes.LowRank(energy=0.9), "lowrank:0.9"),  # short forms stay short
+        (recipes.PruneStructured(0.1 + 0.2), "prune:0.30000000000000004"),
+        (recipes.CP(energy=1e-7), "cp:1e-07"),
+    ],
+)
+def test_strings_keep_every_digit_and_option(step, text):
+    assert str(step) == text and recipes.parse(text)[0] == step
+
+
+class FrozenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("recipe", ["int8", "sparse:0.5", "prune:0.25", "qat", "lowrank:rank=2"])
+def test_every_submodules_mode_is_kept(recipe, inplace, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = FrozenBN().train()
+    m.bn.eval()  # a frozen BatchNorm inside a training model
+    m.head[1].eval()
+    modes = {fqn: mod.training for fqn, mod in m.named_modules()}
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(8, 12, generator=gen)
+    out, _ = pk.compress(m, recipe, x, inplace=inplace, progress=False)
+    for fqn, mod in out.named_modules():
+        owner = fqn
+        while owner not in modes:  # a replacement's own parts take the replaced one's mode
+            owner = owner.rpartition(".")[0]
+        assert mod.training == modes[owner], fqn
+    if not inplace:
+        assert {fqn: mod.training for fqn, mod in m.named_modules()} == modes
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_an_unfit_layer_is_skipped_with_its_reason_and_the_rest_converted(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    m = m.eval()
+    with torch.no_grad():
+        m[4].weight[0, 0] = float("nan")
+    x = torch.randn(5, 6, generator=gen)
+    cases = {
+        "sparse:2:4": {"0": "no multiple of 4"},
+        "int8": {"4": "NaN or inf"},
+        "cluster:8": {"4": "NaN or inf"},
+        "lowrank:rank=1": {"4": "NaN or inf"},
+    }
+    for recipe, want in cases.items():
+        out, report = pk.compress(m, recipe, x, progress=False)
+        skipped = {s.fqn: s.reason for s in report.skipped}
+        for fqn, reason in want.items():
+            assert reason in skipped[fqn], (recipe, skipped)
+            assert type(out.get_submodule(fqn)) is nn.Linear
+        assert {r.name for r in report.layers} == {"0", "2", "4"} - set(want), recipe
+    # the model-level helpers take the same rule and say what they left
+    with pytest.warns(UserWarning, match="0: in_features = 6 is no multiple of 4"):
+        s = pk.sparsify(m, None, "2:4")
+    assert type(s[0]) is nn.Linear and isinstance(s[2], SparseLinear)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8:weight_only", "sparse:0.5", "cluster:8", "qat"])
+def test_float64_layers_stay_float64_and_the_model_runs(recipe, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    x = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    out, report = pk.compress(m, recipe, x, progress=False)
+    assert not report.layers and all("float64" in s.reason for s in report.skipped)
+    assert torch.equal(out(x), m(x))
+
+
+@dataclass
+class Output:
+    note: str
+    scores: torch.Tensor
+    extra: tuple
+
+
+class DataclassOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return Output("scores", y, (y.sum(), None))
+
+
+class NoTensorOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"n": int(self.fc(x).shape[0])}
+
+
+def test_dataclass_outputs_are_reported_and_tensorless_ones_refused_first(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = DataclassOut().eval()
+    x = torch.randn(5, 8, generator=gen)
+    out, report = pk.compress(m, "int8", x, progress=False)
+    with torch.no_grad():
+        want = F.cosine_similarity(out(x).scores.double(), m(x).scores.double(), dim=-1).mean()
+    assert report.total["output_cosine"] == pytest.approx(float(want), rel=1e-9)
+    calls = []
+    m2 = NoTensorOut().eval()
+    m2.fc.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(TypeError, match="cannot find a tensor in the model's output \\(dict\\)"):
+        pk.compress(m2, "int8", x, progress=False)
+    assert len(calls) == 1  # refused after the first forward, before any step

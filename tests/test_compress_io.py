@@ -161,13 +161,19 @@ def saved(gen, tmp_path):
     return path
 
 
-def rewrite(path, dst, edit):
-    """A copy of ``path`` with its manifest changed by ``edit(manifest)``."""
+def rewrite(path, dst, edit, sign=True):
+    """A copy of ``path`` with its manifest changed by ``edit(manifest)`` and, with
+    ``sign``, its digest recomputed (a forgery made on purpose: what the checks after
+    the digest's must catch)."""
+    from pykernels.compress import io
+
     tensors = st.load_file(str(path))
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     manifest = json.loads(meta["pykernels"])
     edit(manifest)
+    if sign:
+        manifest["sha256"] = io._digest(tensors, manifest)
     meta["pykernels"] = json.dumps(manifest)
     st.save_file(tensors, str(dst), metadata=meta)
     return dst
@@ -243,3 +249,178 @@ def test_a_module_without_a_kind_is_refused_at_save(gen, tmp_path):
     out[1] = Mine()  # a module compress changed, now of a type save cannot describe
     with pytest.raises(ValueError, match="register_kind"):
         pk.save(out, tmp_path / "x.safetensors")
+
+
+# --- the manifest is covered by the digest --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["modules"]["1"]["config"].update(mode="weight_only"),
+        lambda m: m["modules"]["1"]["config"].update(act_bits=7),
+        lambda m: m.update(recipe="int8"),
+        lambda m: m["attrs"].setdefault("1", {}).update(out_features=5),
+        lambda m: m.update(aliases={"1.bias": "1.weight_scale"}),
+        lambda m: m.update(model_class="other.Model"),
+    ],
+    ids=["mode", "act_bits", "recipe", "attrs", "aliases", "model_class"],
+)
+def test_an_edited_manifest_is_refused(saved, tmp_path, edit):
+    bad = rewrite(saved, tmp_path / "edited.safetensors", edit, sign=False)
+    with pytest.raises(ValueError, match="edited.safetensors.*corrupted.*manifest"):
+        pk.load(bad, mlp())
+    # the same file with only its layout changed (key order, spacing) still loads
+    same = rewrite(saved, tmp_path / "same.safetensors", lambda m: None, sign=False)
+    pk.load(same, mlp())
+
+
+def test_format_1_files_still_load(saved, tmp_path):
+    from pykernels.compress import io
+
+    def as_v1(m):
+        m["format_version"] = 1
+        del m["shared"]
+
+    tensors = st.load_file(str(saved))
+    old = rewrite(saved, tmp_path / "v1.safetensors", as_v1, sign=False)
+    with safetensors.safe_open(str(old), framework="pt") as f:
+        meta = dict(f.metadata())
+    manifest = json.loads(meta["pykernels"])
+    manifest["sha256"] = io._digest(tensors)  # format 1: the tensors only
+    meta["pykernels"] = json.dumps(manifest)
+    st.save_file(tensors, str(old), metadata=meta)
+    x = torch.randint(0, 50, (5, 7))
+    want = run(pk.load(saved, mlp()), x)
+    assert torch.equal(run(pk.load(old, mlp()), x), want)
+    # a format-2 file relabelled as format 1 keeps its full digest, which then fails
+    relabelled = rewrite(saved, tmp_path / "r.safetensors", as_v1, sign=False)
+    with pytest.raises(ValueError, match="corrupted"):
+        pk.load(relabelled, mlp())
+    for version in (0, 3, "2", True, None):
+        bad = rewrite(
+            saved, tmp_path / "v.safetensors", lambda m, v=version: m.update(format_version=v)
+        )
+        with pytest.raises(ValueError, match="manifest format"):
+            pk.load(bad, mlp())
+
+
+# --- where the file goes ------------------------------------------------------------------
+
+
+def test_save_into_a_missing_directory_names_it(gen, tmp_path):
+    m = mlp()
+    target = tmp_path / "no" / "such" / "m.safetensors"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "no" / "such")):
+        pk.save(m, target)
+    assert not (tmp_path / "no").exists()  # pk.save creates no directory, as torch.save
+    with pytest.raises(IsADirectoryError, match="directory"):
+        pk.save(m, tmp_path)
+    for bad in (3, None, ["m.safetensors"]):
+        with pytest.raises(TypeError, match="path must be"):
+            pk.save(m, bad)
+    with pytest.raises(ValueError, match="empty"):
+        pk.save(m, "")
+    # str, Path and bytes paths all write the same file
+    x = ids(gen)
+    for path in (str(tmp_path / "a.safetensors"), tmp_path / "b.safetensors"):
+        pk.save(m, path)
+        assert torch.equal(run(pk.load(path, mlp()), x), run(m, x))
+    pk.save(m, bytes(tmp_path / "c.safetensors"))
+    assert torch.equal(run(pk.load(bytes(tmp_path / "c.safetensors"), mlp()), x), run(m, x))
+    for bad in (3, None, ["m.safetensors"]):
+        with pytest.raises(TypeError, match="pk.load: path must be"):
+            pk.load(bad, mlp())
+
+
+# --- tied weights and shared modules ------------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    """An output projection tied to the embedding, as Hugging Face decoders tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(self.emb(x))))
+
+
+def shared_mlp():
+    lin = nn.Linear(16, 16)
+    return nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(16, 4))
+
+
+def tensor_ties(model):
+    """Groups of state_dict names that are one tensor (by identity of the attribute)."""
+    by_id = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(t), []).append(name)
+    return sorted(sorted(v) for v in by_id.values() if len(v) > 1)
+
+
+def module_ties(model):
+    by_id = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        by_id.setdefault(id(m), []).append(name)
+    return sorted(sorted(v) for v in by_id.values() if len(v) > 1)
+
+
+TIE_CASES = [
+    ("tied_lm", TiedLM, lambda: torch.randint(0, 50, (3, 5))),
+    ("shared_mlp", shared_mlp, lambda: torch.randn(3, 16)),
+]
+TIE_RECIPES = ["qat", "int8", "int8:embeddings=False", "sparse:0.5", "lowrank:rank=2",
+               "cluster:8", "qat:weight_only"]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", TIE_RECIPES)
+@pytest.mark.parametrize("name, make, inputs", TIE_CASES, ids=[c[0] for c in TIE_CASES])
+def test_ties_survive_save_and_load(name, make, inputs, recipe, tmp_path):
+    seeded(3)
+    model = make().eval()
+    x = inputs()
+    c, _ = pk.compress(model, recipe, x, progress=False)
+    pk.save(c, tmp_path / "t.safetensors")
+    seeded(4)  # other weights: everything must come from the file
+    back = pk.load(tmp_path / "t.safetensors", make().eval())
+    assert torch.equal(run(back, x), run(c, x))
+    assert tensor_ties(back) == tensor_ties(c)
+    assert module_ties(back) == module_ties(c)
+    assert [type(m) for m in back.modules()] == [type(m) for m in c.modules()]
+
+
+def test_a_tied_qat_model_trains_as_one_weight_after_load(tmp_path):
+    seeded(5)
+    q = pk.qat.prepare(TiedLM())
+    assert q.head.weight is q.emb.weight
+    pk.save(q, tmp_path / "q.safetensors")
+    back = pk.load(tmp_path / "q.safetensors", TiedLM())
+    assert isinstance(back.head, pk.nn.QATLinear) and back.head.weight is back.emb.weight
+    x = torch.randint(0, 50, (3, 5))
+    back(x).square().mean().backward()
+    q(x).square().mean().backward()
+    # one parameter, one gradient: both uses summed, as in the saved model
+    torch.testing.assert_close(back.emb.weight.grad, q.emb.weight.grad)
+
+
+def test_weights_untied_after_construction_load_untied(gen, tmp_path):
+    seeded(6)
+    m = TiedLM().eval()
+    m.head.weight = nn.Parameter(m.emb.weight.detach() * 2)  # the caller untied them
+    pk.save(m, tmp_path / "u.safetensors")
+    back = pk.load(tmp_path / "u.safetensors", TiedLM())
+    assert back.head.weight is not back.emb.weight
+    x = torch.randint(0, 50, (3, 5))
+    assert torch.equal(run(back, x), run(m, x))
+    # a module shared under two names that the file stores apart cannot be split
+    seeded(7)
+    apart = shared_mlp()
+    apart[2] = nn.Linear(16, 16)
+    pk.save(apart, tmp_path / "apart.safetensors")
+    with pytest.raises(ValueError, match="one tensor in this model but two in the file"):
+        pk.load(tmp_path / "apart.safetensors", shared_mlp())

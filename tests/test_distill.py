@@ -129,6 +129,7 @@ def test_fit_on_digits(kind):
     elif kind == "sparse":
         student = pk.sparsify(student, sparsity=0.5)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = [m.training for m in teacher.modules()]
     batches = [(xtr[i : i + 64], ytr[i : i + 64]) for i in range(0, len(xtr), 64)]
     hist = fit(
         student,
@@ -146,7 +147,7 @@ def test_fit_on_digits(kind):
     acc = D.accuracy(student, xte, yte)
     assert acc >= D.accuracy(teacher, xte, yte) - 2.0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
-    assert not teacher.training
+    assert [m.training for m in teacher.modules()] == modes  # its modes too (issue 20)
 
 
 def test_fit_generator_batches_callback_and_defaults(gen):
@@ -169,3 +170,100 @@ def test_fit_generator_batches_callback_and_defaults(gen):
 
     hist = fit(Kw(), Kw(), [{"x": d} for d in data], steps=2, progress=False)
     assert len(hist) == 2
+
+
+# --- issue 20: masked classes, and the callers' modes ---------------------------------
+
+
+def masked_kd(s, t, T):
+    """T^2 KL(p_t || p_s) with p_t = 0 on the classes the teacher masks: the sum over
+    the classes it keeps, in float64."""
+    s2, t2 = s.reshape(-1, s.shape[-1]).double(), t.reshape(-1, t.shape[-1]).double()
+    total = 0.0
+    for srow, trow in zip(s2, t2, strict=True):
+        keep = torch.isfinite(trow)
+        pt = torch.softmax(trow[keep] / T, -1)
+        ls = torch.log_softmax(srow / T, -1)[keep]
+        total += float((pt * (pt.log() - ls)).sum())
+    return T * T * total / s2.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 2.0, 5.0])
+def test_masked_teacher_classes_add_nothing(T, dtype, gen):
+    s = (torch.randn(6, 12, generator=gen) * 3).to(dtype)
+    t = (torch.randn(6, 12, generator=gen) * 3).to(dtype)
+    mask = torch.rand(6, 12, generator=gen) < 0.4
+    mask[:, 0] = False  # every row keeps a class
+    t = t.masked_fill(mask, float("-inf"))
+    s.requires_grad_(True)
+    loss = DistillLoss(temperature=T)(s, t)
+    value = float(loss.detach())
+    assert math.isfinite(value)
+    assert value == pytest.approx(masked_kd(s.detach(), t, T), rel=1e-4, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    # the student masking the same classes changes nothing (0 log 0 on both sides)
+    s2 = s.detach().masked_fill(mask, float("-inf")).requires_grad_(True)
+    loss2 = DistillLoss(temperature=T)(s2, t)
+    assert float(loss2.detach()) == pytest.approx(masked_kd(s2.detach(), t, T), rel=1e-4, abs=1e-6)
+    loss2.backward()
+    assert torch.isfinite(s2.grad).all() and not s2.grad[mask].any()
+    # with labels the hard term is added as before
+    labels = torch.zeros(6, dtype=torch.long)
+    with_labels = DistillLoss(temperature=T, alpha=0.5)(s.detach(), t, labels)
+    assert math.isfinite(float(with_labels))
+
+
+def test_masked_classes_where_the_teacher_puts_mass_are_infinite_not_nan(gen):
+    t = torch.randn(2, 5, generator=gen)
+    s = torch.randn(2, 5, generator=gen)
+    s[0, 1] = float("-inf")  # the student rules out a class the teacher allows
+    assert float(DistillLoss()(s, t)) == math.inf
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_teacher_logits_are_not_masked_away(bad, gen):
+    t = torch.randn(3, 5, generator=gen)
+    t[1, 2] = bad  # a broken teacher row: its probabilities are NaN, not 0
+    loss = DistillLoss()(torch.randn(3, 5, generator=gen), t)
+    assert math.isnan(float(loss))
+
+
+def test_a_teacher_row_with_every_class_masked_is_refused(gen):
+    t = torch.randn(3, 5, generator=gen)
+    t[1] = float("-inf")
+    with pytest.raises(ValueError, match="teacher_out.*all -inf"):
+        DistillLoss()(torch.randn(3, 5, generator=gen), t)
+
+
+class WithBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("teacher_train", [True, False])
+@pytest.mark.parametrize("student_train", [True, False])
+def test_fit_gives_both_models_back_in_their_modes(teacher_train, student_train, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    teacher, student = WithBN().train(teacher_train), WithBN().train(student_train)
+    teacher.bn.eval()  # a frozen BatchNorm inside each, whatever the model's mode
+    student.bn.eval()
+    t_modes = [m.training for m in teacher.modules()]
+    s_modes = [m.training for m in student.modules()]
+    stats = teacher.bn.running_mean.clone()
+    seen = []
+    student.bn.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    data = [torch.randn(8, 6, generator=gen) for _ in range(2)]
+    fit(student, teacher, data, steps=3, progress=False)
+    assert [m.training for m in teacher.modules()] == t_modes
+    assert [m.training for m in student.modules()] == s_modes
+    assert torch.equal(teacher.bn.running_mean, stats)  # the teacher ran in eval mode
+    # a student passed in train mode keeps its frozen BatchNorm frozen while it trains
+    assert seen == [not student_train] * 3

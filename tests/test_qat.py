@@ -223,3 +223,76 @@ def test_qatlinear_compiles_fullgraph(gen):
     y2 = layer(x)
     y2.sum().backward()
     assert torch.allclose(y, y2) and torch.equal(gw, layer.weight.grad) and torch.equal(gx, x.grad)
+
+
+# --- issue 20: QAT under torch's fused transformer paths ----------------------------------
+
+
+def _paths(model, *args):
+    """Outputs with grad off (torch's fused encoder path is eligible in eval mode), in
+    inference mode, and with grad on (the module-by-module path)."""
+    out = []
+    for ctx in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with ctx():
+            out.append(model(*args).detach().clone())
+    return out
+
+
+def _fake_quant_reference(layer, x):
+    """What a prepared encoder layer computes, written out: its own attention, the
+    feed-forward Linears fake-quantized by hand (weights per row, activations per
+    token), post-norm, relu, no dropout."""
+
+    def fq_linear(lin, h):
+        w = pk.ops.fake_quantize_per_row(lin.weight.detach())
+        return torch.nn.functional.linear(pk.ops.fake_quantize_per_row(h), w, lin.bias)
+
+    with torch.no_grad():
+        a = layer.self_attn(x, x, x, need_weights=False)[0]
+        h = layer.norm1(x + a)
+        ff = fq_linear(layer.linear2, torch.relu(fq_linear(layer.linear1, h)))
+        return layer.norm2(h + ff)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("wrap", ["layer", "encoder"])
+def test_prepared_encoder_runs_the_fake_quantized_weights_on_every_path(batch_first, wrap, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    if wrap == "encoder":
+        layer = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    model = layer.eval()
+    x = torch.randn(2, 6, 32, generator=gen)
+    prepared = pk.qat.prepare(model).eval()
+    inner = prepared if wrap == "layer" else prepared.layers[0]
+    assert isinstance(inner.linear1, pk.nn.QATLinear)
+    want = _fake_quant_reference(inner, x)
+    float_out = _paths(model, x)[0]
+    for got in _paths(prepared, x):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # not torch's fused path on the float weights, which gives the float output
+        assert float((got - float_out).abs().max()) > 1e-4
+    converted = pk.qat.convert(prepared).eval()
+    assert isinstance((converted if wrap == "layer" else converted.layers[0]).linear2,
+                      pk.nn.Int8Linear)  # fmt: skip
+    for got in _paths(converted, x):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_transformer_converts_and_every_path_runs(gen, tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True).eval()
+    src, tgt = torch.randn(2, 6, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    prepared = pk.qat.prepare(model).eval()
+    fake = _paths(prepared, src, tgt)
+    for got in fake[1:]:
+        torch.testing.assert_close(got, fake[0], rtol=1e-5, atol=1e-5)
+    pk.save(prepared, tmp_path / "p.safetensors")
+    fresh = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+    loaded = pk.load(tmp_path / "p.safetensors", fresh).eval()
+    for got, want in zip(_paths(loaded, src, tgt), fake, strict=True):
+        assert torch.equal(got, want)
+    converted = pk.qat.convert(loaded).eval()
+    for got in _paths(converted, src, tgt):
+        torch.testing.assert_close(got, fake[0], rtol=1e-4, atol=1e-4)

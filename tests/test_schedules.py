@@ -103,3 +103,23 @@ def test_gradual_pruning_on_digits():
     assert r["gradual_density"] == pytest.approx(0.1, abs=2e-3)
     assert r["gradual"] >= r["dense"] - 1.0
     assert r["one_shot"] < r["gradual"] - 1.0
+
+
+def test_polynomial_takes_every_integer_a_loop_counts_in():
+    np = pytest.importorskip("numpy")
+    sched = Polynomial(
+        0.1, 0.8, begin_step=np.int64(10), end_step=torch.tensor(110), frequency=np.int8(20)
+    )
+    assert (sched.begin_step, sched.end_step, sched.frequency) == (10, 110, 20)
+    assert all(type(v) is int for v in (sched.begin_step, sched.end_step, sched.frequency))
+    for step in range(0, 130, 7):
+        want = sched(step)
+        for v in (np.int64(step), np.int32(step), np.uint16(step), torch.tensor(step),
+                  torch.tensor(step, dtype=torch.int32)):  # fmt: skip
+            assert sched(v) == want and sched.updates(v) == sched.updates(step)
+    for bad in (10.0, np.float64(10), torch.tensor(10.0), torch.tensor([10]), True, np.bool_(True),
+                torch.tensor(True), "10", None, torch.tensor(10, device="meta")):  # fmt: skip
+        with pytest.raises(TypeError, match="step must be an int"):
+            sched(bad)
+        with pytest.raises(TypeError, match="step must be an int"):
+            sched.updates(bad)

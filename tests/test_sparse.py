@@ -497,3 +497,35 @@ def test_block_structure_expansion_is_remembered_until_the_structure_changes(gen
     x = torch.randn(5, 50, generator=gen)
     check_against_reference(x, sp.to_sparse(w, block=4), None, gen)
     check_against_reference(x, sp.to_sparse(w, block=4), None, gen)
+
+
+# --- issue 20: what the thread count may change (the documented part only) ------------------
+
+
+@pytest.mark.skipif(_native.C is None, reason="native CPU kernels not built")
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_thread_count_changes_only_the_last_bits_of_the_input_gradient(pattern, gen, monkeypatch):
+    monkeypatch.setenv("PYKERNELS_BACKEND", "native")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = pk.nn.SparseLinear.from_linear(nn.Linear(512, 384), 0.8 if pattern != "2:4" else None,
+                                           pattern)  # fmt: skip
+    x = torch.randn(64, 512, generator=gen)
+    gy = torch.randn(64, 384, generator=gen)
+    before = _native.C.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 3, 4):
+            pk.set_num_threads(t)
+            xi = x.clone().requires_grad_(True)
+            layer.zero_grad()
+            y = layer(xi)
+            y.backward(gy)
+            runs.append((y.detach(), layer.values.grad.clone(), xi.grad))
+    finally:
+        pk.set_num_threads(before)
+    dense = layer.to_dense().double()
+    want_dx = gy.double() @ dense
+    for y, dv, dx in runs:
+        assert torch.equal(y, runs[0][0]) and torch.equal(dv, runs[0][1])
+        # dx: the same sum in another order, so within float32 rounding of it
+        torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-5)

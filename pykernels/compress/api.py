@@ -4,13 +4,23 @@ for ``pk.quantize_int8`` / ``pk.sparsify`` / ``pk.factorize`` / ``pk.qat``."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import io, recipes
-from .context import Context, FilterFn, Selector, call_model, check_example_inputs
+from .context import (
+    Context,
+    FilterFn,
+    Selector,
+    call_model,
+    check_example_inputs,
+    output_tensor,
+    restore_training_flags,
+    training_flags,
+)
 from .report import CompressionReport, measure
 from .walk import guard_fused_paths
 
@@ -43,6 +53,14 @@ def apply_steps(
     accept = None if filter_fn is None else (lambda m, fqn: bool(filter_fn(m, fqn)))
     ctx = Context(model, None, Selector(model, accept, None), progress=False)
     run_steps(ctx, steps)
+    if ctx.unfit:
+        # These helpers return no report: say what the caller asked for and did not get.
+        listed = "; ".join(f"{s.fqn or '(model)'}: {s.reason}" for s in ctx.unfit[:8])
+        more = f" (and {len(ctx.unfit) - 8} more)" if len(ctx.unfit) > 8 else ""
+        warnings.warn(
+            f"pykernels: {len(ctx.unfit)} layer(s) left as they were: {listed}{more}",
+            stacklevel=3,
+        )
     return ctx.model
 
 
@@ -76,26 +94,39 @@ def compress(
         progress: tqdm progress bars on anything that takes more than a second.
 
     Returns:
-        ``(compressed_model, report)``: the model in the caller's training
-        mode, and a :class:`CompressionReport`.
+        ``(compressed_model, report)``: the model with each submodule in the
+        training mode it had in ``model`` (a replaced module's in the mode of
+        the one it replaced), and a :class:`CompressionReport`. ``model``
+        comes back as it was, modes included.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
     steps = recipes.parse(recipe)
     check_example_inputs(example_inputs)
+    # Every step and the report read values: a model without any (built on the
+    # meta device) is refused here rather than by whichever step meets it first.
+    meta = next(
+        (n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None
+    )
+    if meta is not None:
+        raise ValueError(
+            f"compress: model holds meta tensors, which have no values ({meta!r}); load its "
+            "weights first (e.g. load_state_dict(..., assign=True) or to_empty + a checkpoint)"
+        )
     if not isinstance(inplace, bool) or not isinstance(progress, bool):
         raise TypeError("compress: inplace and progress must be bool")
     selector = Selector(model, filter_fn, exclude)
-    training = model.training
+    flags = training_flags(model)
     model.eval()
     try:
         try:
             with torch.no_grad():
-                call_model(model, example_inputs)
+                out = call_model(model, example_inputs)
         except Exception as e:
             raise ValueError(
                 f"compress: the model does not run on example_inputs: {type(e).__name__}: {e}"
             ) from e
+        output_tensor(out)  # the report compares it: refuse now, not after every step
         # The reference must stay uncompressed: the caller's model, or a copy of it.
         reference = copy.deepcopy(model) if inplace else model
         work = model if inplace else copy.deepcopy(model)
@@ -108,6 +139,6 @@ def compress(
         report = measure(reference, work, ctx, text)
         io.record(work, steps, reference, ctx.changes, ctx.attrs)
     finally:
-        model.train(training)
-    work.train(training)
+        restore_training_flags(model, flags)
+    restore_training_flags(work, flags)
     return work, report

@@ -3,6 +3,7 @@ the model on the example inputs, and where it records what it changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -49,6 +50,23 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def training_flags(model: nn.Module) -> dict[str, bool]:
+    """Each submodule's own ``training`` flag, by every name it has in ``model``."""
+    return {fqn: m.training for fqn, m in model.named_modules(remove_duplicate=False)}
+
+
+def restore_training_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Puts back what :func:`training_flags` took: ``model.train(mode)`` would set every
+    submodule alike and lose an eval-mode BatchNorm inside a training model. A module
+    at a name ``flags`` lacks (a step's replacement and what it holds) takes the flag
+    of the nearest name above it that ``flags`` has."""
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        name = fqn
+        while name not in flags and name:
+            name = name.rpartition(".")[0]
+        m.training = flags.get(name, model.training)
 
 
 def check_example_inputs(example_inputs: Any) -> None:
@@ -144,6 +162,7 @@ class Context:
         self.show_progress = progress
         self.changes: dict[str, Change] = {}
         self.skipped: list[Skipped] = []
+        self.unfit: list[Skipped] = []  # those of skipped a step's unfit() refused
         self.attrs: dict[str, dict[str, Any]] = {}
         self.step = ""
         self._also: dict[str, list[str]] = {}  # other names of a shared module, by targets()
@@ -158,16 +177,33 @@ class Context:
         :meth:`targets`."""
         return walk.candidates(self.model, types)
 
-    def targets(self, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    def targets(
+        self,
+        types: tuple[type, ...],
+        unfit: Callable[[nn.Module], str | None] | None = None,
+    ) -> list[tuple[str, nn.Module]]:
         """(fqn, module) for each module of one of ``types`` that this step may replace by
         a layer computing the same function: accepted by the caller's ``filter_fn`` and
         ``exclude``, not read directly by its owner (attention's ``out_proj``), not a
-        subclass with a computation of its own. Those accepted but unsafe are recorded
-        as skipped, with the reason. A module held under several names is listed once;
-        :meth:`replace` puts its replacement at each accepted name."""
+        subclass with a computation of its own, and fit for the step (``unfit(module)``
+        returns None; else it names why the step cannot convert that module, as
+        :meth:`pykernels.recipes.Step.unfit` does). Those accepted but unsafe or unfit
+        are recorded as skipped, with the reason: one layer the step cannot take never
+        stops it from converting the others. A module held under several names is
+        listed once; :meth:`replace` puts its replacement at each accepted name."""
         found, unsafe = walk.targets(self.model, types, self.accept)
         for fqn, reason in unsafe:
             self.skip(fqn, reason)
+        if unfit is not None:
+            fit = []
+            for fqn, m in found:
+                reason = unfit(m)
+                if reason is None:
+                    fit.append((fqn, m))
+                else:
+                    self.skip(fqn, reason)
+                    self.unfit.append(self.skipped[-1])
+            found = fit
         wanted = {id(m): fqn for fqn, m in found}
         self._also = {}
         for fqn, m in self.model.named_modules(remove_duplicate=False):
@@ -190,9 +226,14 @@ class Context:
     def replace(self, fqn: str, new: nn.Module) -> None:
         """Swaps the module at ``fqn`` (and at its other names, when :meth:`targets` found
         it shared) for ``new``: a different layer of the same function, in the same
-        training mode."""
+        training mode, and frozen (no parameter requiring grad) when the old one was."""
         old = self.model.get_submodule(fqn) if fqn else self.model
         new.train(old.training)
+        # A layer the caller froze stays frozen: a fine-tuning loop over the
+        # trainable parameters must not start training it.
+        params = list(old.parameters())
+        if params and not any(p.requires_grad for p in params):
+            new.requires_grad_(False)
         also = [n for n in self._also.pop(fqn, ()) if self.model.get_submodule(n) is old]
         for name in (fqn, *also):
             self._change(name)
@@ -248,27 +289,41 @@ def progress(items: Iterable, desc: str, enabled: bool, total: int | None = None
 
 
 def output_tensor(out: Any) -> Tensor:
-    """The tensor a model's output is compared by: itself, ``last_hidden_state``, or the
-    first tensor of a tuple / dict / ModelOutput."""
+    """The tensor a model's output is compared by: itself, its ``last_hidden_state``
+    or ``logits`` (an attribute or key), else the first tensor found depth-first in
+    a tuple, list, mapping, dataclass (a Hugging Face ``ModelOutput`` is one) or
+    named tuple. TypeError when it holds none."""
+    found = _find_tensor(out, depth=0)
+    if found is None:
+        raise TypeError(
+            f"compress: cannot find a tensor in the model's output ({type(out).__name__}) "
+            "to compare"
+        )
+    return found
+
+
+def _find_tensor(out: Any, depth: int) -> Tensor | None:
     if isinstance(out, Tensor):
         return out
-    lhs = getattr(out, "last_hidden_state", None)
-    if isinstance(lhs, Tensor):
-        return lhs
+    if depth > 8:  # a self-referencing output; nothing sensible to compare there
+        return None
+    for name in ("last_hidden_state", "logits"):
+        v = out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+        if isinstance(v, Tensor):
+            return v
     if isinstance(out, Mapping):
-        if isinstance(out.get("last_hidden_state"), Tensor):
-            return out["last_hidden_state"]
         values = list(out.values())
     elif isinstance(out, (tuple, list)):
         values = list(out)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        values = [getattr(out, f.name, None) for f in dataclasses.fields(out)]
     else:
         values = []
     for v in values:
-        if isinstance(v, Tensor):
-            return v
-    raise TypeError(
-        f"compress: cannot find a tensor in the model's output ({type(out).__name__}) to compare"
-    )
+        t = _find_tensor(v, depth + 1)
+        if t is not None:
+            return t
+    return None
 
 
 def module_device(module: nn.Module) -> torch.device:

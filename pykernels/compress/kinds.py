@@ -257,11 +257,16 @@ def _sparse_describe(m: SparseLinear) -> dict[str, Any]:
 def _sparse_build(c: dict[str, Any]) -> nn.Module:
     from ..ops import sparse as sp
 
-    # An empty weight of the right size; the load takes the stored pattern.
+    # A weight of the right size with nothing stored (every row empty), built
+    # without the dense [out, in] zeros it would take to prune one: the load
+    # takes the stored pattern and its sizes.
+    n, k = c["out_features"], c["in_features"]
     block = sp.BLOCK if c["pattern"] == "block" else 1
-    w = sp.to_sparse(torch.zeros(c["out_features"], c["in_features"]), block)
-    bias = torch.zeros(c["out_features"]) if c["bias"] else None
-    return SparseLinear(w, bias, c["pattern"])
+    values = torch.zeros((0, block, block) if block > 1 else (0,))
+    col = torch.zeros(0, dtype=sp._col_dtype(k, block))
+    row_ptr = torch.zeros(-(-n // block) + 1, dtype=torch.int64)
+    bias = torch.zeros(n) if c["bias"] else None
+    return SparseLinear(sp.SparseWeight(values, col, row_ptr, n, k, block), bias, c["pattern"])
 
 
 def _lowrank_describe(m: LowRankLinear) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .context import Context
@@ -57,6 +58,13 @@ class Step:
 
     def apply(self, ctx: Context) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def unfit(self, module: nn.Module) -> str | None:
+        """Why this step cannot convert ``module`` (None: it can). ``apply`` passes it
+        to ``ctx.targets``, which leaves such modules as they are and lists them as
+        skipped with this reason: the one rule for every step, so one unfit layer
+        never aborts the model."""
+        return None
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description: ``{"step": name, **fields}``."""
@@ -107,11 +115,20 @@ class Step:
                 continue
             i = len(parts) - 1
             if bare and i < len(self.positional) and self.positional[i] == f.name:
-                parts.append(str(v))
+                parts.append(_num(v))
             else:
                 bare = False
-                parts.append(f"{f.name}={v}")
+                parts.append(f"{f.name}={_num(v)}")
         return ":".join(parts)
+
+
+def _num(v: Any) -> str:
+    """A number as a recipe writes it: the short ``%g`` form when it parses back to the
+    same value, else Python's repr (which always does)."""
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
 
 
 def _literal(text: str) -> Any:
@@ -128,6 +145,28 @@ def _literal(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+# What the int8, sparse, cluster and fake-quant kernels compute in.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def weight_unfit(
+    module: nn.Module, finite: bool = True, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+) -> str | None:
+    """The common reasons a step cannot take a layer's weight: a dtype its kernels
+    do not compute in (the replacement would refuse the layer's own inputs), or,
+    with ``finite``, NaN / inf (no scale or factorization represents them)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    if w.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        got = str(w.dtype).removeprefix("torch.")
+        return f"weight is {got}: the replacement computes in {names}"
+    if finite and w.device.type != "meta" and not bool(torch.isfinite(w.detach()).all()):
+        return "weight holds NaN or inf, which the replacement cannot represent"
+    return None
 
 
 def _fraction(name: str, v: Any, lo_open: bool = False, hi_open: bool = True) -> float:
@@ -233,13 +272,16 @@ class Int8(Step):
         from ..nn import Int8Embedding, Int8Linear
 
         types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)
-        for fqn, m in ctx.progress(ctx.targets(types), "int8"):
+        for fqn, m in ctx.progress(ctx.targets(types, self.unfit), "int8"):
             if isinstance(m, nn.Linear):
                 ctx.replace(fqn, Int8Linear.from_linear(m, mode=self.mode, act_bits=self.act_bits))
-            elif m.max_norm is not None:
-                ctx.skip(fqn, "max_norm renormalizes rows at lookup; kept in float")
             else:
                 ctx.replace(fqn, Int8Embedding.from_embedding(m))
+
+    def unfit(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            return "max_norm renormalizes rows at lookup; kept in float"
+        return weight_unfit(module)
 
 
 @register_step
@@ -288,16 +330,16 @@ class Sparse(Step):
         return out
 
     def __str__(self) -> str:
+        scope = "" if self.scope == "layer" else f":scope={self.scope}"
         if self.pattern == "2:4":
-            return "sparse:2:4"
+            return "sparse:2:4" + scope
         tail = "" if self.pattern == "unstructured" else f":{self.pattern}"
-        tail += "" if self.scope == "layer" else f":scope={self.scope}"
-        return f"sparse:{self.sparsity:g}{tail}"
+        return f"sparse:{_num(self.sparsity)}{tail}{scope}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import SparseLinear
 
-        targets = ctx.targets((nn.Linear,))
+        targets = ctx.targets((nn.Linear,), self.unfit)
         if self.scope == "global" and self.pattern != "2:4":
             layers = SparseLinear.from_linears([m for _, m in targets], self.sparsity, self.pattern)
             for (fqn, _), layer in zip(targets, layers, strict=True):
@@ -305,6 +347,12 @@ class Sparse(Step):
             return
         for fqn, m in ctx.progress(targets, "sparse"):
             ctx.replace(fqn, SparseLinear.from_linear(m, self.sparsity, self.pattern))
+
+    def unfit(self, module: nn.Module) -> str | None:
+        if self.pattern == "2:4" and module.in_features % 4:
+            return f"in_features = {module.in_features} is no multiple of 4, which 2:4 needs"
+        # NaN and inf are kept as stored values, as the dense layer computes with them.
+        return weight_unfit(module, finite=False)
 
 
 @register_step
@@ -337,13 +385,15 @@ class LowRank(Step):
 
     def __str__(self) -> str:
         if self.energy is not None:
-            return f"lowrank:{self.energy:g}"
-        return f"lowrank:rank={self.rank}" if self.rank is not None else f"lowrank:tol={self.tol:g}"
+            return f"lowrank:{_num(self.energy)}"
+        if self.rank is not None:
+            return f"lowrank:rank={self.rank}"
+        return f"lowrank:tol={_num(self.tol)}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import LowRankLinear, nbytes_of
 
-        for fqn, m in ctx.progress(ctx.targets((nn.Linear,)), "lowrank"):
+        for fqn, m in ctx.progress(ctx.targets((nn.Linear,), self.unfit), "lowrank"):
             new = LowRankLinear.from_linear(m, rank=self.rank, energy=self.energy, tol=self.tol)
             if nbytes_of(new) < nbytes_of(m):
                 ctx.replace(fqn, new)
@@ -353,6 +403,10 @@ class LowRank(Step):
                     f"rank {new.rank} of {min(m.in_features, m.out_features)} would not be "
                     "smaller than the dense layer",
                 )
+
+    def unfit(self, module: nn.Module) -> str | None:
+        # The factors are torch matmuls: any float dtype, but no SVD of NaN or inf.
+        return weight_unfit(module, dtypes=(*KERNEL_DTYPES, torch.float64))
 
 
 @register_step
@@ -395,7 +449,7 @@ class PruneStructured(Step):
             raise ValueError(f"heads must be a bool, got {self.heads!r}")
 
     def __str__(self) -> str:
-        s = f"prune:{self.ratio:g}"
+        s = f"prune:{_num(self.ratio)}"
         if self.importance != "l2":
             s += f":{self.importance}"
         if self.round_to is not None:
@@ -447,9 +501,12 @@ class Cluster(Step):
     def apply(self, ctx: Context) -> None:
         from ..nn import ClusteredLinear
 
-        for fqn, m in ctx.progress(ctx.targets((nn.Linear,)), "cluster"):
+        for fqn, m in ctx.progress(ctx.targets((nn.Linear,), self.unfit), "cluster"):
             new = ClusteredLinear.from_linear(m, self.n_clusters, self.per, mode=self.mode)
             ctx.replace(fqn, new)
+
+    def unfit(self, module: nn.Module) -> str | None:
+        return weight_unfit(module)
 
 
 @register_step
@@ -480,20 +537,20 @@ class CP(Step):
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
 
     def __str__(self) -> str:
-        return f"cp:{self.energy:g}" if self.energy is not None else f"cp:rank={self.rank}"
+        return f"cp:{_num(self.energy)}" if self.energy is not None else f"cp:rank={self.rank}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import CPConv2d, nbytes_of
 
-        for fqn, m in ctx.progress(ctx.targets((nn.Conv2d,)), "cp"):
-            if m.groups != 1:
-                ctx.skip(fqn, f"groups={m.groups}: already factored by channel")
-                continue
+        for fqn, m in ctx.progress(ctx.targets((nn.Conv2d,), self.unfit), "cp"):
             new = CPConv2d.from_conv(m, rank=self.rank, energy=self.energy)
             if nbytes_of(new) < nbytes_of(m):
                 ctx.replace(fqn, new)
             else:
                 ctx.skip(fqn, f"rank {new.rank} would not be smaller than the dense layer")
+
+    def unfit(self, module: nn.Module) -> str | None:
+        return _conv_unfit(module, padding=False)
 
 
 @register_step
@@ -525,24 +582,31 @@ class Tucker(Step):
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
 
     def __str__(self) -> str:
-        return f"tucker:{self.energy:g}" if self.energy is not None else f"tucker:rank={self.rank}"
+        if self.energy is None:
+            return f"tucker:rank={self.rank}"
+        return f"tucker:{_num(self.energy)}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import TuckerConv2d, nbytes_of
 
         ranks = None if self.rank is None else (self.rank, self.rank)
-        for fqn, m in ctx.progress(ctx.targets((nn.Conv2d,)), "tucker"):
-            if m.groups != 1:
-                ctx.skip(fqn, f"groups={m.groups}: already factored by channel")
-                continue
-            if m.padding_mode != "zeros":
-                ctx.skip(fqn, f"padding_mode={m.padding_mode!r}: only zero padding factors")
-                continue
+        for fqn, m in ctx.progress(ctx.targets((nn.Conv2d,), self.unfit), "tucker"):
             new = TuckerConv2d.from_conv(m, ranks=ranks, energy=self.energy)
             if nbytes_of(new) < nbytes_of(m):
                 ctx.replace(fqn, new)
             else:
                 ctx.skip(fqn, f"ranks {new.ranks} would not be smaller than the dense layer")
+
+    def unfit(self, module: nn.Module) -> str | None:
+        return _conv_unfit(module, padding=True)
+
+
+def _conv_unfit(module: nn.Module, padding: bool) -> str | None:
+    if module.groups != 1:
+        return f"groups={module.groups}: already factored by channel"
+    if padding and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: only zero padding factors"
+    return weight_unfit(module, dtypes=(*KERNEL_DTYPES, torch.float64))
 
 
 __all__ = [

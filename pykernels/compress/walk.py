@@ -13,7 +13,10 @@ leaves alone, and names the reason for, the modules where that is not enough:
   never leave a model that fails at forward;
 - a subclass that computes something else than its torch base (its own
   ``forward``, a scaled or gated Linear): the replacement would compute the
-  base's function and silently drop the subclass's.
+  base's function and silently drop the subclass's;
+- a module with forward or backward hooks (a hook that rescales the output,
+  ``torch.nn.utils.prune``'s mask): they belong to the module object, and the
+  replacement would compute without them.
 
 ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) run a fused
 inference path (``torch._transformer_encoder_layer_fwd``) on
@@ -60,6 +63,13 @@ def why_not(model: nn.Module, fqn: str, module: nn.Module, types: tuple[type, ..
                 f"{type(module).__name__} overrides {base.__name__}.{own[0]}: a replacement "
                 f"would compute a plain {base.__name__}"
             )
+    hooks = _hooks(module)
+    if hooks:
+        return f"it has {hooks}, which a replacement would not run" + (
+            " (torch.nn.utils.prune.remove(module, 'weight') makes a pruned weight plain)"
+            if "prune" in hooks
+            else ""
+        )
     parts = fqn.split(".") if fqn else []
     for i in range(len(parts) - 1, -1, -1):
         owner_fqn = ".".join(parts[:i])
@@ -67,6 +77,25 @@ def why_not(model: nn.Module, fqn: str, module: nn.Module, types: tuple[type, ..
         if isinstance(owner, nn.MultiheadAttention):
             return "its nn.MultiheadAttention reads the weight directly instead of calling it"
     return None
+
+
+def _hooks(module: nn.Module) -> str:
+    """The hooks on ``module`` that change what calling it computes (its forward and
+    backward hooks, less the guard this walk puts on), named for a report."""
+    found = []
+    for kind, table in (
+        ("forward pre-hook", module._forward_pre_hooks),
+        ("forward hook", module._forward_hooks),
+        ("backward hook", module._backward_hooks),
+        ("backward pre-hook", getattr(module, "_backward_pre_hooks", {})),
+    ):
+        for hook in table.values():
+            if hook is _unfused:
+                continue
+            name = getattr(hook, "__qualname__", None) or type(hook).__qualname__
+            where = getattr(hook, "__module__", None) or type(hook).__module__ or ""
+            found.append(f"a {kind} ({where.rpartition('.')[2]}.{name})")
+    return ", ".join(found)
 
 
 def targets(

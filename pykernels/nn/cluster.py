@@ -143,6 +143,32 @@ class ClusteredLinear(nn.Module):
             f"codes={self.bits}-bit, nbytes={self.nbytes()}"
         )
 
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A code past the codebook is refused now, with the key named, rather than
+        # at the first forward.
+        codes = state_dict.get(prefix + "codes")
+        codebook = state_dict.get(prefix + "codebook", self.codebook)
+        if (
+            isinstance(codes, Tensor)
+            and isinstance(codebook, Tensor)
+            and codes.dtype == torch.uint8
+            and codes.shape == self.codes.shape
+            and codebook.dim() == 2
+            and _checks.has_data(codes)
+            and codes.numel()
+            and codebook.shape[1] < 2**self.bits
+            and not oc._codes_fit(codes, self.in_features, self.bits, codebook.shape[1])
+        ):
+            raise ValueError(
+                f"ClusteredLinear.load_state_dict: state_dict[{prefix + 'codes'!r}] names "
+                f"entries past the codebook's {codebook.shape[1]}"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
         # .half() / .to(dtype) convert float parameters; the kernels read

@@ -24,7 +24,10 @@ class SparseLinear(nn.Module):
     optimizer step updates them and never the pattern, so fine-tuning keeps
     the sparsity. The backward pass computes dX by a transposed sparse
     product and the gradient of the stored values only (an SDDMM), never a
-    dense weight gradient. Build it with :meth:`from_linear`.
+    dense weight gradient. Build it with :meth:`from_linear`. The gradient of
+    the input depends on the thread count in its last bits (see
+    :func:`pykernels.ops.sparse_linear`); the output and the values'
+    gradient do not.
     """
 
     def __init__(self, weight: sp.SparseWeight, bias: Tensor | None, pattern: str) -> None:

@@ -102,7 +102,10 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         total = float(w.double().pow(2).sum())
         layer.energy_kept = float(s.double().pow(2).sum()) / total if total else 1.0
-        return layer.to(linear.weight.device)
+        # The factors are computed in float32 and kept in the layer's own dtype: a
+        # half-precision model's factors in float32 would hold twice the bytes (and
+        # a layer that then does not shrink is left dense).
+        return layer.to(linear.weight.device, linear.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_floating_point() and x.dtype != self.down.dtype and not torch.is_autocast_enabled():
@@ -197,8 +200,10 @@ class TuckerConv2d(nn.Module):
                 "TuckerConv2d.from_conv", w.transpose(0, 1).reshape(i, -1), None, energy, None
             )[0]
         core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)  # [r_out, r_in, kh, kw]
-        dev = conv.weight.device
-        first = nn.Conv2d(i, u_in.shape[1], 1, bias=False).to(dev)
+        # In the convolution's own device and dtype (as CPConv2d): float32 factors
+        # of a bf16 or float64 convolution would refuse the model's activations.
+        dd = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        first = nn.Conv2d(i, u_in.shape[1], 1, bias=False, **dd)
         mid = nn.Conv2d(
             u_in.shape[1],
             u_out.shape[1],
@@ -207,8 +212,9 @@ class TuckerConv2d(nn.Module):
             padding=conv.padding,
             dilation=conv.dilation,
             bias=False,
-        ).to(dev)
-        last = nn.Conv2d(u_out.shape[1], o, 1, bias=conv.bias is not None).to(dev)
+            **dd,
+        )
+        last = nn.Conv2d(u_out.shape[1], o, 1, bias=conv.bias is not None, **dd)
         with torch.no_grad():
             first.weight.copy_(u_in.T[:, :, None, None])
             mid.weight.copy_(core)

@@ -550,6 +550,14 @@ def sparse_linear(x: Tensor, w_sparse: SparseWeight, bias: Tensor | None = None)
     CPU, returned in x's dtype); ``w_sparse``: a :class:`SparseWeight`;
     ``bias``: ``[N]`` or None. NaN in x reaches only the outputs whose rows
     of W hold a non-zero in that column.
+
+    Reproducibility: the output and the gradient of the stored values are
+    the same bit for bit at every thread count. The gradient of x is not in
+    its last bits on the native CPU backend: each thread sums the rows of W
+    it owns into a private buffer and the buffers are added after, so the
+    order of that sum follows the thread count (as torch's own parallel
+    reductions do); fix ``pykernels.set_num_threads`` (and the CPU) to
+    repeat a training run bit for bit.
     """
     fn = "sparse_linear"
     _checks.check_float_input(fn, x)

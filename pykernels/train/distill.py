@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compress.context import restore_training_flags, training_flags
+
 __all__ = ["DistillLoss", "fit"]
 
 HIDDEN = (None, "mse", "cosine")
@@ -32,7 +34,11 @@ def _split(out: Any, hidden_mode: str | None, who: str) -> tuple[Tensor | None, 
     if isinstance(out, Tensor):
         return (None, out) if hidden_mode is not None else (out, None)
     if isinstance(out, Mapping):
-        return out.get("logits"), out.get("hidden")
+        # A Hugging Face encoder's output holds its hidden state as last_hidden_state.
+        hidden = out.get("hidden")
+        if hidden is None and hidden_mode is not None:
+            hidden = out.get("last_hidden_state")
+        return out.get("logits"), hidden
     if isinstance(out, (tuple, list)) and len(out) == 2:
         return out[0], out[1]
     raise TypeError(
@@ -52,7 +58,8 @@ class DistillLoss(nn.Module):
     - ``hidden``: ``"mse"`` (mean squared error) or ``"cosine"`` (mean of
       1 - cosine similarity over the last dimension) between student and
       teacher hidden states or embeddings, for encoders without logits or
-      labels; ``None`` for none.
+      labels (a mapping's ``"hidden"``, else its ``"last_hidden_state"``, as
+      a Hugging Face encoder returns); ``None`` for none.
 
     Call it as ``loss(student_out, teacher_out, labels=None)``. Outputs are
     logits tensors, or with ``hidden`` set, hidden/embedding tensors, or
@@ -94,11 +101,21 @@ class DistillLoss(nn.Module):
         """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over rows."""
         T = self.temperature
         s2, t2 = s.reshape(-1, s.shape[-1]).float(), t.reshape(-1, t.shape[-1]).float()
-        kl = F.kl_div(
-            F.log_softmax(s2 / T, -1), F.log_softmax(t2 / T, -1), log_target=True,
-            reduction="batchmean",
-        )  # fmt: skip
-        return kl * T * T
+        if t2.numel() and bool(torch.isneginf(t2).all(-1).any()):
+            raise ValueError(
+                "DistillLoss: teacher_out has a row of logits that are all -inf (every class "
+                "masked): its distribution is undefined"
+            )
+        log_t, log_s = F.log_softmax(t2 / T, -1), F.log_softmax(s2 / T, -1)
+        # A class the teacher masks (logit -inf, probability 0) adds 0 * log 0 = 0;
+        # F.kl_div computes 0 * (-inf - log_s) = NaN there. Both logs are zeroed
+        # where p = 0 so neither the value nor the gradient meets an inf.
+        p = log_t.exp()
+        kept = p != 0  # NaN (a NaN or +inf logit) is kept: it must reach the loss
+        zero = log_t.new_zeros(())
+        terms = p * (torch.where(kept, log_t, zero) - torch.where(kept, log_s, zero))
+        rows = max(t2.shape[0], 1)
+        return terms.sum() / rows * T * T
 
     def hidden_term(self, s: Tensor, t: Tensor) -> Tensor:
         s, t = s.float(), t.float()
@@ -184,6 +201,22 @@ def _forever(data: Iterable[Any], batch0: Any, first: Iterator[Any]) -> Iterator
             )
 
 
+def _refuse_untrainable(student: nn.Module, e: RuntimeError) -> None:
+    """A backward that failed inside an int8 layer (it has none: the rounding has no
+    useful gradient) is the student's fault, not a crash: say which layers and what to
+    do instead."""
+    from ..nn import Int8Linear
+
+    int8 = [f or "(model)" for f, m in student.named_modules() if isinstance(m, Int8Linear)]
+    if int8:
+        listed = ", ".join(int8[:4]) + (f" and {len(int8) - 4} more" if len(int8) > 4 else "")
+        raise ValueError(
+            f"fit: the student cannot be trained through its Int8Linear layers ({listed}), "
+            "which have no backward: distill a pk.qat.prepare'd student and pk.qat.convert it "
+            f"afterwards, or freeze every parameter before them ({e})"
+        ) from e
+
+
 def fit(
     student: nn.Module,
     teacher: nn.Module,
@@ -201,8 +234,11 @@ def fit(
     ``data`` yields batches: a tensor or a mapping of keyword arguments
     (inputs only), or ``(inputs, labels)``; it is iterated again when it runs
     out. The teacher runs in eval mode under ``torch.no_grad``; the student
-    in train mode. ``optimizer`` defaults to AdamW (lr 1e-4) over the
-    student's trainable parameters; ``loss`` to :class:`DistillLoss`\\ ().
+    in train mode (one passed in train mode keeps its submodules' own modes,
+    so a BatchNorm frozen in eval mode stays frozen). Afterwards every
+    submodule of both is back in the mode it had before the call.
+    ``optimizer`` defaults to AdamW (lr 1e-4) over the student's trainable
+    parameters; ``loss`` to :class:`DistillLoss`\\ ().
     ``callback(step, loss)`` runs after each step (for a curve, or early
     evaluation). A tqdm bar (when tqdm is installed) shows progress unless
     ``progress=False``.
@@ -237,9 +273,12 @@ def fit(
             tqdm = None
         if tqdm is not None:
             bar = tqdm(total=steps, desc="distill", unit="step")
-    was_training = student.training
+    # Both models come back with every submodule in the mode it had (a frozen,
+    # eval-mode BatchNorm inside the student stays so).
+    student_flags, teacher_flags = training_flags(student), training_flags(teacher)
     teacher.eval()
-    student.train()
+    if not student.training:
+        student.train()
     history: list[float] = []
     try:
         for step in range(steps):
@@ -249,7 +288,11 @@ def fit(
             s_out = _call(student, inputs)
             value = loss(s_out, t_out, labels)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            try:
+                value.backward()
+            except RuntimeError as e:
+                _refuse_untrainable(student, e)
+                raise
             optimizer.step()
             v = float(value.detach())
             history.append(v)
@@ -261,5 +304,6 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-        student.train(was_training)
+        restore_training_flags(student, student_flags)
+        restore_training_flags(teacher, teacher_flags)
     return history

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..compress.api import apply_steps
 from ..compress.context import Context
-from ..compress.recipes import Step, register_step
+from ..compress.recipes import Step, register_step, weight_unfit
 from ..nn.int8 import MODES
 from ..nn.qat import QATLinear
 
@@ -46,13 +46,16 @@ class QAT(Step):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     def apply(self, ctx: Context) -> None:
-        for fqn, m in ctx.progress(ctx.targets((nn.Linear,)), "qat"):
-            # QATLinear shares the Linear's own parameters: only a plain one has
-            # exactly the parameters and forward it assumes.
-            if type(m) is nn.Linear:
-                ctx.replace(fqn, QATLinear.from_linear(m, mode=self.mode))
-            else:
-                ctx.skip(fqn, f"{type(m).__name__} is not a plain nn.Linear")
+        for fqn, m in ctx.progress(ctx.targets((nn.Linear,), self.unfit), "qat"):
+            ctx.replace(fqn, QATLinear.from_linear(m, mode=self.mode))
+
+    def unfit(self, module: nn.Module) -> str | None:
+        # QATLinear shares the Linear's own parameters: only a plain one has
+        # exactly the parameters and forward it assumes.
+        if type(module) is not nn.Linear:
+            return f"{type(module).__name__} is not a plain nn.Linear"
+        # Training goes on after prepare: NaN and inf weights are the caller's to fix.
+        return weight_unfit(module, finite=False)
 
 
 @dataclass

@@ -21,8 +21,11 @@ the layers into :class:`pykernels.nn.SparseLinear` at the end::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,10 +34,35 @@ from ..ops import sparse as sp
 __all__ = ["GradualPruning", "Polynomial"]
 
 
-def _int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+def _as_int(v: Any) -> int | None:
+    """``v`` as a Python int when it is an integer of any kind a training loop counts
+    in (int, a NumPy integer, a 0-d integer tensor), else None. Bools and floats are
+    no step counts."""
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        return None
+    if isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_floating_point() or v.is_complex()):
+        return None
+    try:
+        return operator.index(v)
+    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
+        return None
+
+
+def _int(name: str, v: Any, lo: int) -> int:
+    i = _as_int(v)
+    if i is None or i < lo:
         raise ValueError(f"Polynomial: {name} must be an int >= {lo}, got {v!r}")
-    return v
+    return i
+
+
+def _step(v: Any) -> int:
+    i = _as_int(v)
+    if i is None:
+        raise TypeError(
+            f"Polynomial: step must be an int (or a NumPy integer, or a 0-d integer tensor), "
+            f"got {v!r}"
+        )
+    return i
 
 
 class Polynomial:
@@ -73,14 +101,14 @@ class Polynomial:
 
     def updates(self, step: int) -> bool:
         """Whether the masks are recomputed at ``step``."""
+        step = _step(step)
         if step < self.begin_step or step > self.end_step:
             return False
         return step == self.end_step or (step - self.begin_step) % self.frequency == 0
 
     def __call__(self, step: int) -> float:
         """The target sparsity at ``step`` (held between update steps)."""
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"Polynomial: step must be an int, got {step!r}")
+        step = _step(step)
         if step < self.begin_step:
             return self.initial
         if step >= self.end_step:
