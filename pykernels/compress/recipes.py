@@ -509,21 +509,13 @@ class Cluster(Step):
         return weight_unfit(module)
 
 
-@register_step
-@dataclass
-class CP(Step):
-    """Conv2d layers -> :class:`pykernels.nn.CPConv2d` (CP decomposition, Lebedev et
-    al. 2015) at ``rank``, or at the smallest rank keeping ``energy`` of
-    ``||W||^2`` (relative error <= sqrt(1 - energy)). Grouped convolutions,
-    and layers whose factors would not be smaller, stay as they are (listed
-    as skipped).
+class _EnergyOrRank:
+    """The two ways of sizing a convolution's decomposition (CP, Tucker): exactly
+    one of ``energy`` (a fraction in (0, 1]) and ``rank`` (a positive int)."""
 
-    ``"cp:0.9"`` (energy), ``"cp:rank=32"``."""
-
-    energy: float | None = None
-    rank: int | None = None
-    name: ClassVar[str] = "cp"
-    positional: ClassVar[tuple[str, ...]] = ("energy",)
+    energy: float | None
+    rank: int | None
+    name: ClassVar[str]
 
     def __post_init__(self) -> None:
         given = [k for k in ("energy", "rank") if getattr(self, k) is not None]
@@ -537,7 +529,26 @@ class CP(Step):
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
 
     def __str__(self) -> str:
-        return f"cp:{_num(self.energy)}" if self.energy is not None else f"cp:rank={self.rank}"
+        if self.energy is None:
+            return f"{self.name}:rank={self.rank}"
+        return f"{self.name}:{_num(self.energy)}"
+
+
+@register_step
+@dataclass
+class CP(_EnergyOrRank, Step):
+    """Conv2d layers -> :class:`pykernels.nn.CPConv2d` (CP decomposition, Lebedev et
+    al. 2015) at ``rank``, or at the smallest rank keeping ``energy`` of
+    ``||W||^2`` (relative error <= sqrt(1 - energy)). Grouped convolutions,
+    and layers whose factors would not be smaller, stay as they are (listed
+    as skipped).
+
+    ``"cp:0.9"`` (energy), ``"cp:rank=32"``."""
+
+    energy: float | None = None
+    rank: int | None = None
+    name: ClassVar[str] = "cp"
+    positional: ClassVar[tuple[str, ...]] = ("energy",)
 
     def apply(self, ctx: Context) -> None:
         from ..nn import CPConv2d, nbytes_of
@@ -555,7 +566,7 @@ class CP(Step):
 
 @register_step
 @dataclass
-class Tucker(Step):
+class Tucker(_EnergyOrRank, Step):
     """Conv2d layers -> :class:`pykernels.nn.TuckerConv2d` (Tucker-2: a 1x1 convolution
     into ``rank`` channels, the kernel's core, a 1x1 convolution out), at ``rank``
     for both ranks or at the smallest ranks keeping ``energy`` of each
@@ -569,22 +580,6 @@ class Tucker(Step):
     rank: int | None = None
     name: ClassVar[str] = "tucker"
     positional: ClassVar[tuple[str, ...]] = ("energy",)
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("energy", "rank") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of energy and rank, got {given or 'none'}")
-        if self.energy is not None:
-            self.energy = _fraction("energy", self.energy, lo_open=True, hi_open=False)
-        if self.rank is not None and (
-            not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1
-        ):
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-
-    def __str__(self) -> str:
-        if self.energy is None:
-            return f"tucker:rank={self.rank}"
-        return f"tucker:{_num(self.energy)}"
 
     def apply(self, ctx: Context) -> None:
         from ..nn import TuckerConv2d, nbytes_of
