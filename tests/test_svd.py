@@ -218,6 +218,37 @@ def test_batched_svd_matches_reference(backend, shape, gen):
     assert bool((s[:, :-1] >= s[:, 1:]).all())
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 64), (2, 100, 30), (2, 30, 100), (4, 16, 16)])
+def test_batched_svd_jacobi_kernel_past_the_crossover(shape, gen):
+    """The native Jacobi kernel on shapes that batched_svd sends to LAPACK."""
+    from pykernels import backends
+
+    if backends.native.C is None:
+        pytest.skip("native kernels not built")
+    a = torch.randn(*shape, generator=gen)
+    a[-1, :, 2] = a[-1, :, 1]  # rank-deficient
+    u, s, vh = ops_svd._batched_cpu(backends.native.C, a)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((u * s[:, None, :]) @ vh, a, rtol=1e-5, atol=1e-5)
+    eye = torch.eye(min(shape[1:]))
+    assert float((u.transpose(1, 2) @ u - eye).abs().max()) < 1e-5
+    assert float((vh @ vh.transpose(1, 2) - eye).abs().max()) < 1e-5
+
+
+def test_batched_svd_crossover():
+    wins = ops_svd._jacobi_wins
+    assert wins(4096, 8, 8, 1) and wins(4096, 8, 8, 2) and wins(65536, 2, 2, 2)
+    assert wins(1024, 16, 16, 2) and not wins(1024, 16, 16, 1)  # one matrix per thread
+    for b, m in ((256, 32), (64, 64), (16, 128), (1, 256)):
+        assert not wins(b, m, m, 2)
+    assert not wins(1, 8, 8, 2)  # one tiny matrix: the extension's call costs more
+    assert not wins(1000, 8, 256, 2)  # long rows: Jacobi rotates all of them
+    # Monotonic in the matrix size: no island where Jacobi wins again.
+    for t in (1, 2, 4, 16):
+        ks = [k for k in range(2, 257) if wins(4096, k, k, t)]
+        assert ks == list(range(2, 2 + len(ks)))
+
+
 def test_batched_svd_dtypes_batches_and_errors(gen):
     a = torch.randn(2, 3, 10, 6, generator=gen, dtype=torch.float64)
     u, s, vh = pk.ops.batched_svd(a)

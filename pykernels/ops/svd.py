@@ -515,7 +515,13 @@ def optimal_error(s_full: Tensor, rank: int) -> float:
 MAX_BATCHED_DIM = 256
 
 
+def _lapack_layout(x: Tensor) -> Tensor:
+    """x [B, r, c] laid out as LAPACK returns its factors: each matrix column-major."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _batched_cpu(fns, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One-sided Jacobi (in float64) on a CPU backend's buffer functions."""
     b, m, n = a.shape
     k = min(m, n)
     u = torch.empty(b, m, k, dtype=a.dtype)
@@ -524,46 +530,109 @@ def _batched_cpu(fns, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     sweeps = backends.host_call(fns.batched_svd, a, u, s, vh)
     if sweeps > 60:  # csrc/svd/svd.h kMaxSweeps
         raise RuntimeError("batched_svd: Jacobi did not converge (please report this matrix)")
-    return u, s, vh
+    # One layout for the op's results whichever method ran: the LAPACK path
+    # then returns torch's factors as they are (a copy was 2-4% of its time).
+    return _lapack_layout(u), s, _lapack_layout(vh)
+
+
+def _lapack_us(k: int) -> float:
+    """LAPACK's time for one k x k SVD through torch.linalg.svd, in microseconds
+    (one thread, fp32, AMD EPYC Zen 5; 0.7 at k = 2, 22 at 16, 75 at 32)."""
+    return 0.2 * k**1.7
+
+
+def _jacobi_wins(batch: int, m: int, n: int, threads: int) -> bool:
+    """Whether the native Jacobi beats LAPACK (torch.linalg.svd) on this batch.
+
+    Measured per matrix on one thread each (benchmarks/RESULTS.md), Jacobi's
+    time over LAPACK's is about 0.082 k^0.95 (rows / k)^0.3 (k = min(m, n),
+    within 0.7-1.4x of that from 2x2 to 128x128 and 256x4): 0.16 at 2x2,
+    0.72 at 8x8, 1.4 at 16x16, 4.8 at 64x64. Jacobi runs one matrix per
+    thread while torch.linalg.svd runs the batch one matrix after another,
+    so it wins while that ratio, taken 1.4x higher to stay on the safe side,
+    is below the threads it can use; the ~10 us more that a call to the
+    extension costs decide for a few tiny matrices.
+    """
+    k, rows = min(m, n), max(m, n)
+    ratio = 1.4 * 0.082 * k**0.95 * (rows / k) ** 0.3
+    t = min(threads, batch)
+    return ratio < t and batch * _lapack_us(k) * (1 - ratio / t) > 10.0
+
+
+def _batched_native(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    b, m, n = a.shape
+    fns = backends.native.C
+    if _jacobi_wins(b, m, n, fns.get_num_threads()):
+        return _batched_cpu(fns, a)
+    # Past the crossover LAPACK's bidiagonalization does fewer flops than
+    # Jacobi's sweeps: s is then accurate to eps * s_1 rather than relatively.
+    return torch.linalg.svd(a, full_matrices=False)
 
 
 def _batched_reference(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # LAPACK through torch, on the host.
     u, s, vh = torch.linalg.svd(a.cpu(), full_matrices=False)
-    return u.to(a.device), s.to(a.device), vh.to(a.device)
+    return _lapack_layout(u.to(a.device)), s.to(a.device), _lapack_layout(vh.to(a.device))
+
+
+def _batched_torch(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Another device's solver may lay its factors out otherwise; the op's
+    # fake results promise LAPACK's layout (a no-op where it is that).
+    u, s, vh = _tsvd.batched_svd(a)
+    return _lapack_layout(u), s, _lapack_layout(vh)
 
 
 backends.register(
-    "svd", "batched_svd", torch=_tsvd.batched_svd, cpu=_batched_cpu, reference=_batched_reference
+    "svd",
+    "batched_svd",
+    torch=_batched_torch,
+    native_cpu=_batched_native,
+    cpu=_batched_cpu,
+    reference=_batched_reference,
 )
+
+
+def _batched_run(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # A finite sum proves every entry finite at half the cost of isfinite's
+    # pass and its boolean tensor (a tiny batch's check was 7 of its 25 us);
+    # only a sum that overflows needs the entry-wise check.
+    if not math.isfinite(float(a.sum())) and not bool(torch.isfinite(a).all()):
+        raise ValueError("batched_svd: a holds NaN or inf")
+    return backends.impl("svd", "batched_svd", a)(a)
 
 
 @torch.library.custom_op("pykernels::batched_svd", mutates_args=())
 def _batched_op(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # Here rather than in batched_svd: under torch.compile the values are
-    # first known here.
-    if not bool(torch.isfinite(a).all()):
-        raise ValueError("batched_svd: a holds NaN or inf")
-    return backends.impl("svd", "batched_svd", a)(a)
+    # The check is inside the op rather than in batched_svd: under
+    # torch.compile the values are first known here.
+    return _batched_run(a)
 
 
 @_batched_op.register_fake
 def _(a):
     b, m, n = a.shape
     k = min(m, n)
-    return a.new_empty(b, m, k), a.new_empty(b, k), a.new_empty(b, k, n)
+    u = a.new_empty_strided((b, m, k), (m * k, 1, m))
+    vh = a.new_empty_strided((b, k, n), (k * n, 1, k))
+    return u, a.new_empty(b, k), vh
 
 
 def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of every matrix in a batch ``[..., m, n]`` of small matrices (min(m, n) <= 256).
 
-    One-sided Jacobi on the CPU, computed in float64 whatever the input:
-    relative accuracy about 1e-6 in fp32, u and vh orthonormal, s descending.
-    Returns ``u [..., m, k]``, ``s [..., k]``, ``vh [..., k, n]`` with
-    ``k = min(m, n)``, in a's dtype (fp16/bf16 computed and returned in
-    fp32). Other devices use ``torch.linalg.svd`` there (the torch backend).
-    NaN or inf in a is refused (a ValueError, raised inside the op so that
-    it holds under ``torch.compile(fullgraph=True)`` too).
+    On the CPU, whichever of two exact methods is faster for the batch's
+    shape and the threads (the crossover measured against
+    ``torch.linalg.svd``, see ``_jacobi_wins``): one-sided Jacobi, one matrix
+    per thread, computed in float64 whatever the input (singular values to
+    about 1e-6 relative in fp32, small ones included) for small matrices
+    (up to 8x8 on one thread, 16x16 on two); LAPACK through
+    ``torch.linalg.svd`` in a's dtype above that (singular values to about
+    eps * s_1). u and vh orthonormal, s descending either way. Returns ``u
+    [..., m, k]``, ``s [..., k]``, ``vh [..., k, n]`` with ``k = min(m, n)``,
+    in a's dtype (fp16/bf16 computed and returned in fp32). Other devices
+    use ``torch.linalg.svd`` there (the torch backend). NaN or inf in a is
+    refused (a ValueError, raised inside the op so that it holds under
+    ``torch.compile(fullgraph=True)`` too).
     """
     fn = "batched_svd"
     if not isinstance(a, Tensor):
@@ -588,5 +657,8 @@ def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if work.shape[0] == 0 or k == 0:
         z = work.new_zeros
         return z(*lead, m, k), z(*lead, k), z(*lead, k, n)
-    u, s, vh = torch.ops.pykernels.batched_svd(work)
+    if backends.skip_dispatcher(work):  # eager: a tiny batch costs little more than the call
+        u, s, vh = _batched_run(work)
+    else:
+        u, s, vh = torch.ops.pykernels.batched_svd(work)
     return u.view(*lead, m, k), s.view(*lead, k), vh.view(*lead, k, n)
