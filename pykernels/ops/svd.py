@@ -4,8 +4,10 @@ The large products are the cost of a randomized SVD, and they run on the
 BLAS torch already carries (MKL or OpenBLAS on CPU, cuBLAS on GPU) through
 ``torch.matmul``. Linking a second BLAS into the torch-free extension would
 put two thread pools in one process and add a large wheel for the same GEMM.
-What the extension adds is the batched small SVD (one-sided Jacobi), where
-LAPACK's per-matrix calls are slow.
+What the extension adds is the batched SVD of small matrices (one-sided
+Jacobi, one matrix per thread), where LAPACK's per-matrix calls, one after
+another, are slower; past a measured crossover (16x16 on two threads)
+batched_svd calls LAPACK through torch instead.
 
 Algorithm: block Lanczos with full reorthogonalization (a block Krylov
 method, Musco & Musco 2015), in blocks of 20-64 columns, 4-8 of them. For
