@@ -4,14 +4,21 @@ The large products are the cost of a randomized SVD, and they run on the
 BLAS torch already carries (MKL or OpenBLAS on CPU, cuBLAS on GPU) through
 ``torch.matmul``. Linking a second BLAS into the torch-free extension would
 put two thread pools in one process and add a large wheel for the same GEMM.
-What the extension adds is the batched small SVD (one-sided Jacobi), where
-LAPACK's per-matrix calls are slow.
+What the extension adds is the batched SVD of small matrices (one-sided
+Jacobi, one matrix per thread), where LAPACK's per-matrix calls, one after
+another, are slower; past a measured crossover (16x16 on two threads)
+batched_svd calls LAPACK through torch instead.
 
-Algorithm: a block Krylov range finder (Musco & Musco 2015). Each pass over
-A adds an orthonormalised block ``(A A^T)^i A Omega``, kept rather than
-overwritten, and the products with A^T made along the way give
-``B = K^T A`` with no extra pass. One step (4 passes over A) is about as
-accurate as simultaneous iteration with two (6 passes).
+Algorithm: block Lanczos with full reorthogonalization (a block Krylov
+method, Musco & Musco 2015), in blocks of 20-64 columns, 4-8 of them. For
+the same passes over A, narrower blocks reach a higher Krylov degree, which
+is what slowly decaying spectra (trained weights) need: at the same cost as
+``torch.svd_lowrank(q=r+10, niter=2)``'s 6 passes of r + 10 columns it
+reaches a smaller error, so at its error it is cheaper. Every step is a
+GEMM: Cholesky QR (with a rank-revealing fallback) orthogonalizes the
+blocks, and the block tridiagonal T = K^T A A^T K comes from Gram matrices
+of the blocks of B = K^T A already made, so the Rayleigh-Ritz step needs
+only an eigendecomposition of T.
 """
 
 from __future__ import annotations
@@ -58,7 +65,9 @@ def _project_out(y: Tensor, basis: Tensor | None) -> Tensor:
     return y if basis is None else y - basis @ (basis.T @ y)
 
 
-def _orth_against(y: Tensor, basis: Tensor | None, gen: torch.Generator) -> Tensor:
+def _orth_against(
+    y: Tensor, basis: Tensor | None, gen: torch.Generator, noise: float | None = None
+) -> Tensor:
     """Orthonormal columns spanning what `y` adds to `basis`, as many as y has,
     orthogonal to `basis`: a rank-revealing orthogonalization.
 
@@ -69,16 +78,18 @@ def _orth_against(y: Tensor, basis: Tensor | None, gen: torch.Generator) -> Tens
     Krylov basis then stops being orthonormal and the factors come out wrong.
     Here the directions y holds only at the noise level are recognised (an SVD
     of QR's small R factor) and replaced by random ones orthogonalized against
-    everything kept.
+    everything kept. ``noise``: the size of y's rounding, where the caller
+    knows it better than this bound from y's norm.
     """
     m, w = y.shape
     scale = float(torch.linalg.vector_norm(y))  # what the rounding is relative to
     if not math.isfinite(scale):
         raise _NotFinite()
+    if noise is None:
+        noise = 16 * torch.finfo(y.dtype).eps * math.sqrt(max(m, w)) * scale
     y = _project_out(y, basis)
     q, r = torch.linalg.qr(y)
     sr = torch.linalg.svdvals(r)
-    noise = 16 * torch.finfo(y.dtype).eps * math.sqrt(max(m, w)) * scale
     rank = int((sr > noise).sum())
     kept = q
     if rank < w:  # the directions of y above the noise, in order
@@ -97,40 +108,163 @@ def _orth_against(y: Tensor, basis: Tensor | None, gen: torch.Generator) -> Tens
     return torch.cat([kept, _orth(_project_out(_orth(z), known))], dim=1)
 
 
-def _krylov_factors(a: Tensor, width: int, steps: int, gen: torch.Generator):
-    """(K, Bt): K [m, (steps+1) * width] orthonormal, Bt = A^T K."""
-    n = a.shape[1]
-    omega = torch.randn(n, width, generator=gen, device=a.device, dtype=a.dtype)
-    blocks = [_orth_against(a @ omega, None, gen)]
-    products = []
-    for _ in range(steps):
-        w = a.T @ blocks[-1]
-        products.append(w)
-        basis = torch.cat(blocks, dim=1)
-        blocks.append(_orth_against(a @ _orth(w), basis, gen))
-    products.append(a.T @ blocks[-1])
-    return torch.cat(blocks, dim=1), torch.cat(products, dim=1)
+def _rows_orth_robust(
+    y: Tensor, basis: Tensor | None, gen: torch.Generator, noise: float
+) -> Tensor:
+    """:func:`_orth_against` for row vectors: orthonormal rows spanning what y adds to basis."""
+    cols = _orth_against(y.T, None if basis is None else basis.T, gen, noise)
+    return cols.T.contiguous()
 
 
-def _small_svd(k: Tensor, bt: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top `rank` of the SVD of B = K^T A from bt = B^T [n, w]: (u [m, r], s, v [n, r]).
+def _cholqr(y: Tensor, floor: float, gram: Tensor | None = None) -> Tensor | None:
+    """Rows spanning y's, orthonormal, from y's Gram matrix (``gram`` when the
+    caller has it); None where that is unsafe: a row adds less than `floor`
+    to the ones before it, or the rows are too far from orthogonal for a Gram
+    matrix in y's precision (its condition number is squared there).
 
-    Through the w x w Gram matrix B B^T in float64 (a GEMM and a small eigh),
-    not a Householder QR of the n x w bt, which cost as much as the products.
-    V = B^T U / s loses orthogonality when s_r is tiny next to s_1, so that
-    case takes the QR path.
+    Cholesky QR is two GEMMs and a w x w factorization, where a Householder
+    QR of the same tall block spends half its time in BLAS-2 panels; the rare
+    block it refuses takes the rank-revealing path instead.
     """
-    g = (bt.T @ bt).double()
-    evals, evecs = torch.linalg.eigh(g)
-    evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
-    s = evals.clamp_min(0).sqrt()
-    if float(s[-1]) > 1e-3 * float(s[0]):
-        us = evecs.to(bt.dtype)
-        v = (bt @ us) / s.to(bt.dtype)
-        return k @ us, s.to(bt.dtype), v
-    qb, rb = torch.linalg.qr(bt)  # B = rb^T qb^T
-    us, sv, vhs = torch.linalg.svd(rb.T)
-    return k @ us[:, :rank], sv[:rank], qb @ vhs[:rank].T
+    g = y @ y.T if gram is None else gram
+    c, info = torch.linalg.cholesky_ex(g.double())
+    if int(info):
+        return None
+    d = torch.diagonal(c)
+    lo, hi = float(d.min()), float(d.max())
+    if not lo > max(floor, _GRAM_SAFE[y.dtype] * hi):  # also refuses NaN
+        return None
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return torch.linalg.solve_triangular(c, eye, upper=False).to(y.dtype) @ y
+
+
+# The smallest diagonal of a block's Cholesky factor, relative to its largest,
+# for which a Gram matrix in the block's precision still yields rows a second
+# pass makes orthonormal (their error is about eps * condition^2).
+_GRAM_SAFE = {torch.float32: 3e-3, torch.float64: 3e-7}
+
+
+def _noise(y: Tensor) -> float:
+    """The size of the rounding in a block of rows y = q @ A^T (q orthonormal rows).
+
+    Each row carries about 2 eps times the largest row's norm (measured on
+    flat and steep spectra, 600 to 4096 columns), so the block's rounding
+    has singular values below sqrt(rows) times that; 16x above it, a
+    direction is real. A bound from the block's Frobenius norm and its
+    length (_orth_against's) is 500-3000x the rounding and dropped real
+    directions 1e-4 below s_1: i^-2 spectra at rank 100 lost 1.8%.
+    """
+    w = y.shape[0]
+    return (
+        32
+        * torch.finfo(y.dtype).eps
+        * math.sqrt(w)
+        * float(torch.linalg.vector_norm(y, dim=1).max())
+    )
+
+
+def _orth_block(
+    y: Tensor, local: Tensor | None, full: Tensor | None, gen: torch.Generator
+) -> Tensor:
+    """Orthonormal rows for what the rows of y add to the orthonormal rows `full` (or None).
+
+    The Lanczos structure puts nearly all of y in the last two blocks
+    (`local`); after that projection and a Cholesky QR, one projection on the
+    whole basis and a second Cholesky QR ("twice is enough") leave the rows
+    orthogonal to working precision.
+    """
+    noise = _noise(y)
+    if not math.isfinite(noise):
+        raise _NotFinite()
+    if local is not None:
+        y = y - (y @ local.T) @ local
+    q = _cholqr(y, noise)
+    if q is not None:
+        if full is not None:
+            q = q - (q @ full.T) @ full
+        # The first pass leaves rows orthonormal only to eps * cond(y)^2.
+        q = _cholqr(q, 0.5)
+        if q is not None:
+            return q
+    return _rows_orth_robust(y, full, gen, noise)
+
+
+def _block_lanczos(
+    work: Tensor, rank: int, blocks: int, width: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top `rank` singular triplets of work [m, n] (m <= n) from a block Krylov space.
+
+    Returns (ut [rank, m], s, vt [rank, n]): work ~ ut.T @ diag(s) @ vt.
+
+    Vectors are rows (K [D, m] holds the basis of the column space, B = K
+    work [D, n]), so every product with `work` is a GEMM with the short side
+    first, which the BLAS runs near full speed even for blocks of 20-64.
+    Block i+1 comes from work @ orth(B_i^T): normalising B_i before the
+    product keeps what is new in it at working precision, not at its square
+    root. With the basis kept orthonormal, T = B B^T is block tridiagonal
+    (K_j^T A A^T K_i = 0 for |i - j| > 1), so T is the blocks B_i B_i^T and
+    B_i B_{i-1}^T, and the Rayleigh-Ritz step needs no D x D Gram of B.
+    """
+    m, n = work.shape
+    dt = work.dtype
+    d = blocks * width
+    k = work.new_empty(d, m)
+    b = work.new_empty(d, n)
+    t = work.new_zeros(d, d)
+    omega = torch.randn(width, n, generator=gen, device=work.device, dtype=dt)
+    k[:width] = _orth_block(omega @ work.T, None, None, gen)
+    for i in range(blocks):
+        rows = slice(i * width, (i + 1) * width)
+        bi = torch.matmul(k[rows], work, out=b[rows])
+        g = bi @ bi.T
+        t[rows, rows] = g
+        if i:
+            t[rows, (i - 1) * width : i * width] = bi @ b[(i - 1) * width : i * width].T
+        if i == blocks - 1:
+            break
+        qb = _cholqr(bi, 0.0, gram=g)
+        if qb is None:
+            # A block of B too ill-conditioned for Cholesky QR (or zero) still
+            # needs a well-conditioned basis to multiply by: its span is kept.
+            qb = _rows_orth_robust(bi, None, gen, _noise(bi))
+        y = qb @ work.T
+        lo = max(0, i - 1) * width
+        k[(i + 1) * width : (i + 2) * width] = _orth_block(
+            y, k[lo : (i + 1) * width], k[: (i + 1) * width], gen
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise _NotFinite()
+    lam, z = torch.linalg.eigh(t)  # its lower triangle
+    eps = torch.finfo(dt).eps
+    if not float(lam[-rank]) >= 1e3 * eps * float(lam[-1]):
+        # T holds B B^T only to about eps * s_1^2: past s_r / s_1 ~ 30
+        # sqrt(eps) (a steep spectrum, or rank-deficient) it cannot tell the
+        # last Ritz vectors apart, so the Rayleigh-Ritz step takes the SVD of B
+        # itself, through a QR of B^T (LAPACK, slower, at full precision).
+        qb, rb = torch.linalg.qr(b.T)  # B = rb^T qb^T
+        x, sv, yh = torch.linalg.svd(rb.T)
+        return x[:, :rank].T @ k, sv[:rank], yh[:rank] @ qb.T
+    zr = z[:, -rank:].flip(1)  # the top Ritz vectors, in the basis K
+    # eigh's vectors in single precision are orthonormal to about D * eps;
+    # one Cholesky QR of the D x rank block takes them to eps.
+    zr = zr @ torch.linalg.inv(torch.linalg.cholesky((zr.T @ zr).double())).T.to(dt)
+    p = zr.T @ b  # rows s_i v_i^T, up to a rotation
+    basis_u = zr.T @ k  # [rank, m], orthonormal rows
+    if dt == torch.float32:
+        # v_i = p_i / s_i from T would be orthonormal only to eps * (s_1 /
+        # s_i)^2. The Gram matrix of p, exact relative to its rows, in float64
+        # gives s and v at working precision (double's eps * (s_1 / s_i)^2 is
+        # below single's eps for every spectrum that got here).
+        mu, rot = torch.linalg.eigh((p @ p.T).double())
+        rot_t = rot.flip(1).T.to(dt)
+        s = mu.flip(0).clamp_min(0).sqrt().to(dt)
+        if float(s[-1]) > 0:
+            return rot_t @ basis_u, s, (rot_t @ p) / s[:, None]
+    # float64 (a Gram matrix would need quadruple precision) or a zero
+    # singular value: the right vectors from a QR of p.
+    qp, rp = torch.linalg.qr(p.T)  # p = rp^T qp^T
+    x, sv, yh = torch.linalg.svd(rp.T)
+    return x.T @ basis_u, sv, yh @ qp.T
 
 
 def _wrap_seed(seed: int) -> int:
@@ -144,30 +278,35 @@ def _generator(a: Tensor, seed: int) -> torch.Generator:
     return gen
 
 
+def _krylov_shape(rank: int, n_iter: int, oversample: int) -> tuple[int, int]:
+    """(blocks, width): n_iter + 1 blocks of equal width, rank + oversample columns or more."""
+    blocks = n_iter + 1
+    return blocks, -(-(rank + oversample) // blocks)
+
+
 @torch.library.custom_op("pykernels::randomized_svd", mutates_args=())
 def _randomized_svd_op(
     a: Tensor, rank: int, n_iter: int, oversample: int, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = "randomized_svd"
     m, n = a.shape
-    width = rank + oversample
-    if (n_iter + 1) * width >= min(m, n):
+    blocks, width = _krylov_shape(rank, n_iter, oversample)
+    if blocks * width >= min(m, n):
         if not bool(torch.isfinite(a).all()):
             raise ValueError(f"{fn}: a holds NaN or inf")
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous()
-    transposed = m < n  # the Krylov basis lives in the smaller dimension
+    transposed = m > n  # the Krylov basis lives in the smaller dimension
     work = a.T if transposed else a
     try:
-        k, bt = _krylov_factors(work, width, n_iter, _generator(a, seed))
+        ut, s, vt = _block_lanczos(work, rank, blocks, width, _generator(a, seed))
     except _NotFinite:
         raise _not_finite(fn, a) from None
-    if not bool(torch.isfinite(bt).all()):
+    if not bool(torch.isfinite(s).all()):
         raise _not_finite(fn, a)
-    u, s, v = _small_svd(k, bt, rank)
     if transposed:
-        u, v = v, u
-    return u.contiguous(), s[:rank].contiguous(), v.T.contiguous()
+        return vt.T.contiguous(), s, ut.contiguous()
+    return ut.T.contiguous(), s, vt.contiguous()
 
 
 @_randomized_svd_op.register_fake
@@ -176,20 +315,65 @@ def _(a, rank, n_iter, oversample, seed):
     return a.new_empty(m, rank), a.new_empty(rank), a.new_empty(rank, n)
 
 
+def _default_shape(rank: int, k: int, fast: bool) -> tuple[int, int]:
+    """(n_iter, oversample) when the caller gives neither (see randomized_svd);
+    k = min(m, n)."""
+    oversample = max(40, min(3 * rank // 2, 64 + rank // 2))
+    if fast:
+        return 3, max(8, oversample // 2)
+    if 2 * (rank + oversample) > k:
+        # Past half of k the tail left out is short: more columns buy little
+        # there (768 x 3072 at rank 256: 1.004x optimal at 448 columns, 1.014x
+        # at 384, svd_lowrank 1.025x) and more blocks of fewer columns do.
+        oversample = max(k // 2 - rank, min(oversample, 128))
+    d = rank + oversample
+    # Blocks of up to 64 columns keep the GEMMs near full speed; a space of
+    # half of k or more has a dense spectrum to separate and needs more steps.
+    widest = 64 if 2 * d < k else 32
+    return min(8, max(4, -(-d // widest))) - 1, oversample
+
+
 def randomized_svd(
-    a: Tensor, rank: int, n_iter: int = 1, oversample: int = 8, seed: int = 0
+    a: Tensor,
+    rank: int,
+    n_iter: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+    fast: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD ``a ~ u @ diag(s) @ vh`` of rank ``rank`` by a randomized block Krylov method.
 
-    ``n_iter`` Krylov steps (each two passes over ``a``) on a sketch of
-    ``rank + oversample`` columns. Returns u ``[m, rank]`` and vh ``[rank, n]``
-    with orthonormal columns / rows, s ``[rank]`` descending. Deterministic
-    for a seed (on one device and torch version). fp32 and fp64; fp16/bf16
-    are computed in fp32. When the sketch would cover min(m, n), the exact
-    SVD is used instead. Exactly low-rank matrices (rank below ``rank``)
-    factor exactly: the sketch is orthogonalized rank-revealingly. One custom
-    op, so it compiles with ``torch.compile(fullgraph=True)`` (its
-    data-dependent steps run inside it). No gradient flows through it.
+    Block Lanczos with full reorthogonalization: ``n_iter + 1`` blocks of
+    equal width, ``rank + oversample`` columns in all, grown from a Gaussian
+    sketch (each block costs two passes over ``a``), then a Rayleigh-Ritz
+    step on that space. Fewer columns per block reach a higher Krylov degree
+    for the same passes over ``a``, which is what slowly decaying spectra
+    need.
+
+    Defaults (both None): ``oversample = max(16, min(3 * rank // 2, 64 +
+    rank // 2))``, at most what brings the space to half of min(m, n), and
+    4 to 8 blocks of at most 64 columns (32 once the space is half of
+    min(m, n)): rank 32 is 4 x 20 columns, rank 128 4 x 64, rank 256 7 x 64
+    (8 x 48 for a 768-row matrix). On slowly decaying spectra and trained
+    weights the error is then below that of ``torch.svd_lowrank(a, q=rank +
+    10, niter=2)`` truncated to ``rank`` and within 1.02x of the optimal
+    rank-``rank`` error, in about 1.5-1.8x less time (benchmarks/RESULTS.md).
+    ``fast=True`` trades error for speed: 4 blocks and half the
+    oversampling, about 1.25x faster again, at 1.01-1.04x the optimal error
+    where ``svd_lowrank`` reaches 1.002-1.03x. Either of ``n_iter`` and
+    ``oversample`` given overrides the schedule (the other defaults as
+    above); ``n_iter=0`` is a plain sketch of ``rank + oversample`` columns.
+
+    Returns u ``[m, rank]`` and vh ``[rank, n]`` with orthonormal columns /
+    rows, s ``[rank]`` descending. Deterministic for a seed (on one device
+    and torch version). fp32 and fp64; fp16/bf16 are computed in fp32. When
+    the Krylov space would cover min(m, n), the exact SVD is used instead.
+    Exactly low-rank matrices (rank below ``rank``) factor exactly: blocks
+    are orthogonalized rank-revealingly. A cluster of equal singular values
+    wider than a block is found a block at a time (random directions fill
+    the Krylov blocks it leaves empty). One custom op, so it compiles with
+    ``torch.compile(fullgraph=True)`` (its data-dependent steps run inside
+    it). No gradient flows through it.
     """
     fn = "randomized_svd"
     # NaN and inf always reach the (small) results, so they are checked there:
@@ -197,11 +381,17 @@ def randomized_svd(
     a = _check_matrix(fn, a, finite=False)
     m, n = a.shape
     rank = _checks.check_int(fn, "rank", rank, 1)
-    n_iter = _checks.check_int(fn, "n_iter", n_iter, 0)
-    oversample = _checks.check_int(fn, "oversample", oversample, 0)
+    if n_iter is not None:
+        n_iter = _checks.check_int(fn, "n_iter", n_iter, 0)
+    if oversample is not None:
+        oversample = _checks.check_int(fn, "oversample", oversample, 0)
     seed = _checks.check_seed(fn, seed)
+    fast = _checks.check_bool(fn, "fast", fast)
     if rank > min(m, n):
         raise ValueError(f"{fn}: rank must be <= min(m, n) = {min(m, n)}, got {rank}")
+    default_iter, default_over = _default_shape(rank, min(m, n), fast)
+    n_iter = default_iter if n_iter is None else n_iter
+    oversample = default_over if oversample is None else oversample
     return torch.ops.pykernels.randomized_svd(a, rank, n_iter, oversample, _wrap_seed(seed))
 
 
@@ -327,7 +517,13 @@ def optimal_error(s_full: Tensor, rank: int) -> float:
 MAX_BATCHED_DIM = 256
 
 
+def _lapack_layout(x: Tensor) -> Tensor:
+    """x [B, r, c] laid out as LAPACK returns its factors: each matrix column-major."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _batched_cpu(fns, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One-sided Jacobi (in float64) on a CPU backend's buffer functions."""
     b, m, n = a.shape
     k = min(m, n)
     u = torch.empty(b, m, k, dtype=a.dtype)
@@ -336,46 +532,109 @@ def _batched_cpu(fns, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     sweeps = backends.host_call(fns.batched_svd, a, u, s, vh)
     if sweeps > 60:  # csrc/svd/svd.h kMaxSweeps
         raise RuntimeError("batched_svd: Jacobi did not converge (please report this matrix)")
-    return u, s, vh
+    # One layout for the op's results whichever method ran: the LAPACK path
+    # then returns torch's factors as they are (a copy was 2-4% of its time).
+    return _lapack_layout(u), s, _lapack_layout(vh)
+
+
+def _lapack_us(k: int) -> float:
+    """LAPACK's time for one k x k SVD through torch.linalg.svd, in microseconds
+    (one thread, fp32, AMD EPYC Zen 5; 0.7 at k = 2, 22 at 16, 75 at 32)."""
+    return 0.2 * k**1.7
+
+
+def _jacobi_wins(batch: int, m: int, n: int, threads: int) -> bool:
+    """Whether the native Jacobi beats LAPACK (torch.linalg.svd) on this batch.
+
+    Measured per matrix on one thread each (benchmarks/RESULTS.md), Jacobi's
+    time over LAPACK's is about 0.082 k^0.95 (rows / k)^0.3 (k = min(m, n),
+    within 0.7-1.4x of that from 2x2 to 128x128 and 256x4): 0.16 at 2x2,
+    0.72 at 8x8, 1.4 at 16x16, 4.8 at 64x64. Jacobi runs one matrix per
+    thread while torch.linalg.svd runs the batch one matrix after another,
+    so it wins while that ratio, taken 1.4x higher to stay on the safe side,
+    is below the threads it can use; the ~10 us more that a call to the
+    extension costs decide for a few tiny matrices.
+    """
+    k, rows = min(m, n), max(m, n)
+    ratio = 1.4 * 0.082 * k**0.95 * (rows / k) ** 0.3
+    t = min(threads, batch)
+    return ratio < t and batch * _lapack_us(k) * (1 - ratio / t) > 10.0
+
+
+def _batched_native(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    b, m, n = a.shape
+    fns = backends.native.C
+    if _jacobi_wins(b, m, n, fns.get_num_threads()):
+        return _batched_cpu(fns, a)
+    # Past the crossover LAPACK's bidiagonalization does fewer flops than
+    # Jacobi's sweeps: s is then accurate to eps * s_1 rather than relatively.
+    return torch.linalg.svd(a, full_matrices=False)
 
 
 def _batched_reference(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # LAPACK through torch, on the host.
     u, s, vh = torch.linalg.svd(a.cpu(), full_matrices=False)
-    return u.to(a.device), s.to(a.device), vh.to(a.device)
+    return _lapack_layout(u.to(a.device)), s.to(a.device), _lapack_layout(vh.to(a.device))
+
+
+def _batched_torch(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Another device's solver may lay its factors out otherwise; the op's
+    # fake results promise LAPACK's layout (a no-op where it is that).
+    u, s, vh = _tsvd.batched_svd(a)
+    return _lapack_layout(u), s, _lapack_layout(vh)
 
 
 backends.register(
-    "svd", "batched_svd", torch=_tsvd.batched_svd, cpu=_batched_cpu, reference=_batched_reference
+    "svd",
+    "batched_svd",
+    torch=_batched_torch,
+    native_cpu=_batched_native,
+    cpu=_batched_cpu,
+    reference=_batched_reference,
 )
+
+
+def _batched_run(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # A finite sum proves every entry finite at half the cost of isfinite's
+    # pass and its boolean tensor (a tiny batch's check was 7 of its 25 us);
+    # only a sum that overflows needs the entry-wise check.
+    if not math.isfinite(float(a.sum())) and not bool(torch.isfinite(a).all()):
+        raise ValueError("batched_svd: a holds NaN or inf")
+    return backends.impl("svd", "batched_svd", a)(a)
 
 
 @torch.library.custom_op("pykernels::batched_svd", mutates_args=())
 def _batched_op(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # Here rather than in batched_svd: under torch.compile the values are
-    # first known here.
-    if not bool(torch.isfinite(a).all()):
-        raise ValueError("batched_svd: a holds NaN or inf")
-    return backends.impl("svd", "batched_svd", a)(a)
+    # The check is inside the op rather than in batched_svd: under
+    # torch.compile the values are first known here.
+    return _batched_run(a)
 
 
 @_batched_op.register_fake
 def _(a):
     b, m, n = a.shape
     k = min(m, n)
-    return a.new_empty(b, m, k), a.new_empty(b, k), a.new_empty(b, k, n)
+    u = a.new_empty_strided((b, m, k), (m * k, 1, m))
+    vh = a.new_empty_strided((b, k, n), (k * n, 1, k))
+    return u, a.new_empty(b, k), vh
 
 
 def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of every matrix in a batch ``[..., m, n]`` of small matrices (min(m, n) <= 256).
 
-    One-sided Jacobi on the CPU, computed in float64 whatever the input:
-    relative accuracy about 1e-6 in fp32, u and vh orthonormal, s descending.
-    Returns ``u [..., m, k]``, ``s [..., k]``, ``vh [..., k, n]`` with
-    ``k = min(m, n)``, in a's dtype (fp16/bf16 computed and returned in
-    fp32). Other devices use ``torch.linalg.svd`` there (the torch backend).
-    NaN or inf in a is refused (a ValueError, raised inside the op so that
-    it holds under ``torch.compile(fullgraph=True)`` too).
+    On the CPU, whichever of two exact methods is faster for the batch's
+    shape and the threads (the crossover measured against
+    ``torch.linalg.svd``, see ``_jacobi_wins``): one-sided Jacobi, one matrix
+    per thread, computed in float64 whatever the input (singular values to
+    about 1e-6 relative in fp32, small ones included) for small matrices
+    (up to 8x8 on one thread, 16x16 on two); LAPACK through
+    ``torch.linalg.svd`` in a's dtype above that (singular values to about
+    eps * s_1). u and vh orthonormal, s descending either way. Returns ``u
+    [..., m, k]``, ``s [..., k]``, ``vh [..., k, n]`` with ``k = min(m, n)``,
+    in a's dtype (fp16/bf16 computed and returned in fp32). Other devices
+    use ``torch.linalg.svd`` there (the torch backend). NaN or inf in a is
+    refused (a ValueError, raised inside the op so that it holds under
+    ``torch.compile(fullgraph=True)`` too).
     """
     fn = "batched_svd"
     if not isinstance(a, Tensor):
@@ -400,5 +659,8 @@ def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if work.shape[0] == 0 or k == 0:
         z = work.new_zeros
         return z(*lead, m, k), z(*lead, k), z(*lead, k, n)
-    u, s, vh = torch.ops.pykernels.batched_svd(work)
+    if backends.skip_dispatcher(work):  # eager: a tiny batch costs little more than the call
+        u, s, vh = _batched_run(work)
+    else:
+        u, s, vh = torch.ops.pykernels.batched_svd(work)
     return u.view(*lead, m, k), s.view(*lead, k), vh.view(*lead, k, n)
