@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import pykernels as pk
+from pykernels import _native, backends
 from pykernels.ops import svd as ops_svd
 
 SPECTRA = {
@@ -40,6 +43,116 @@ def lowrank_error(a, rank, seed):
 def orthonormal_error(q: torch.Tensor) -> float:
     eye = torch.eye(q.shape[1], dtype=q.dtype)
     return float((q.T @ q - eye).abs().max())
+
+
+@pytest.fixture
+def two_threads():
+    before = _native.C.get_num_threads()
+    pk.set_num_threads(2)
+    yield
+    pk.set_num_threads(before)
+
+
+def _pass_inputs(m, n, w, gen, lda=None):
+    base = torch.randn(m, lda or n, generator=gen)
+    a = base[:, :n]  # row stride lda >= n
+    return a, torch.randn(w, n, generator=gen), torch.randn(w, m, generator=gen)
+
+
+def _assert_pass(got, want, k):
+    # float32 sums of k products in another order: the error grows like sqrt(k) eps.
+    scale = want.abs().max().item() if want.numel() else 0.0
+    tol = 8 * math.sqrt(max(k, 1)) * torch.finfo(torch.float32).eps * max(scale, 1.0)
+    assert got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= tol if got.numel() else True
+
+
+# Tails past every tile (4 x 6 and 64 columns on AVX-512, 3 x 4 and 16 on
+# AVX2, 2 x 4 and 8 portable), one-element and wide shapes, row strides > n.
+PASS_SHAPES = [
+    (1, 1, 1),
+    (5, 7, 3),
+    (17, 33, 13),
+    (100, 257, 20),
+    (64, 64, 64),
+    (3, 1000, 7),
+    (1000, 3, 5),
+    (129, 131, 80),
+    (6, 0, 4),
+    (0, 9, 4),
+    (7, 9, 0),
+]
+
+
+@pytest.mark.parametrize("m, n, w", PASS_SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_krylov_passes_every_isa(cpu_isa, m, n, w, strided, gen):
+    """The native products equal float64 ones at every ISA, strided a included."""
+    a, q, k = _pass_inputs(m, n, w, gen, lda=n + 5 if strided else None)
+    y = torch.full((w, m), float("nan"))
+    _native.C.svd_dot_rows(a.numpy(), q.numpy(), y.numpy())
+    _assert_pass(y, q.double() @ a.double().T, n)
+    z = torch.full((w, n), float("nan"))  # overwritten, not accumulated into
+    _native.C.svd_combine_rows(a.numpy(), k.T.contiguous().numpy(), z.numpy())
+    _assert_pass(z, k.double() @ a.double(), m)
+
+
+@pytest.mark.parametrize("m, n, w", [(1003, 517, 20), (37, 4099, 9), (4100, 33, 64)])
+def test_krylov_passes_two_threads(cpu_isa, two_threads, m, n, w, gen):
+    """Large enough that the driver splits rows (dot) and column strips (combine)."""
+    a, q, k = _pass_inputs(m, n, w, gen)
+    y = torch.empty(w, m)
+    _native.C.svd_dot_rows(a.numpy(), q.numpy(), y.numpy())
+    _assert_pass(y, q.double() @ a.double().T, n)
+    z = torch.empty(w, n)
+    _native.C.svd_combine_rows(a.numpy(), k.T.contiguous().numpy(), z.numpy())
+    _assert_pass(z, k.double() @ a.double(), m)
+
+
+def test_krylov_passes_bad_arguments():
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    c = _native.C
+    a = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="q: expected 5 columns"):
+        c.svd_dot_rows(a, np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"y: expected \[w, m\]"):
+        c.svd_dot_rows(a, np.zeros((2, 5), np.float32), np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="a: unexpected buffer dtype"):
+        c.svd_dot_rows(a.astype(np.float64), np.zeros((2, 5), np.float32), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="a: rows must be contiguous"):
+        c.svd_combine_rows(
+            np.zeros((5, 4), np.float32).T,
+            np.zeros((4, 2), np.float32),
+            np.zeros((2, 5), np.float32),
+        )
+    with pytest.raises(ValueError, match="kt: expected 4 rows"):
+        c.svd_combine_rows(a, np.zeros((5, 2), np.float32), np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="y: buffer must be writable"):
+        y = np.zeros((2, 5), np.float32)
+        y.flags.writeable = False
+        c.svd_combine_rows(a, np.zeros((4, 2), np.float32), y)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300)])
+def test_randomized_svd_native_passes_match_torch(shape, monkeypatch, gen):
+    """The same factorization whichever backend runs the products (both orientations)."""
+    a, _ = with_spectrum(*shape, "poly", gen)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
+    ut, st, vt = pk.ops.randomized_svd(a, 20, seed=seed)
+    monkeypatch.setenv("PYKERNELS_BACKEND", "native")
+    if backends.chosen("svd", a).name != "native-cpu":
+        pytest.skip("native CPU kernels not built")
+    un, sn, vn = pk.ops.randomized_svd(a, 20, seed=seed)
+    torch.testing.assert_close(sn, st, rtol=1e-4, atol=1e-6)
+    # Singular vectors agree up to sign where the singular values are apart.
+    dots = (un * ut).sum(0).abs()[:10]
+    torch.testing.assert_close(dots, torch.ones_like(dots), rtol=0, atol=1e-3)
+    a64 = a.double()
+    e_t = torch.linalg.norm(a64 - (ut * st).double() @ vt.double())
+    e_n = torch.linalg.norm(a64 - (un * sn).double() @ vn.double())
+    assert abs(float(e_n / e_t) - 1) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["poly", "exp", "poly+"])

@@ -66,6 +66,13 @@ T* matrix(py::array& a, const char* name, int64_t* rows, int64_t* cols, int64_t*
   *rows = a.shape(0);
   *cols = a.shape(1);
   const int64_t es = int64_t(sizeof(T));
+  // An empty array's strides are arbitrary (NumPy gives (0, 0)).
+  if (*rows == 0 || *cols == 0) {
+    *ld = *cols;
+    if (writable && !a.writeable())
+      throw std::invalid_argument(std::string(name) + ": buffer must be writable");
+    return static_cast<T*>(writable ? a.mutable_data() : const_cast<void*>(a.data()));
+  }
   if (*cols > 1 && a.strides(1) != es)
     throw std::invalid_argument(std::string(name) + ": rows must be contiguous");
   *ld = *rows > 1 ? a.strides(0) / es : *cols;

@@ -1,6 +1,7 @@
 // svd family, torch-free API: the batched SVD of many small matrices by
-// one-sided (Hestenes) Jacobi. Randomized and rank-revealing SVDs are
-// orchestrated in Python over torch's BLAS (see pykernels/ops/svd.py).
+// one-sided (Hestenes) Jacobi, and the two products with the big matrix that
+// a randomized (block Krylov) SVD repeats. The randomized and rank-revealing
+// SVDs are orchestrated in Python (see pykernels/ops/svd.py).
 #pragma once
 #include <cstdint>
 
@@ -18,6 +19,16 @@ int batched_svd_cpu(const float* a, int64_t batch, int64_t m, int64_t n, float* 
                     float* vh);
 int batched_svd_cpu(const double* a, int64_t batch, int64_t m, int64_t n, double* u, double* s,
                     double* vh);
+
+// The Krylov passes, on a row-major float32 a [m, n] with row stride lda
+// (>= n), each reading a once without packing it (svd_isa.h), on up to
+// max_threads() threads. dot_rows: y [w, m] = q [w, n] a^T (q's row stride ldq,
+// y's ldy). combine_rows: y [w, n] = k a with kt = k^T [m, w] (row stride
+// ldkt), y's row stride ldy. y = 0 for m = 0.
+void dot_rows_cpu(const float* a, int64_t m, int64_t n, int64_t lda, const float* q, int64_t w,
+                  int64_t ldq, float* y, int64_t ldy);
+void combine_rows_cpu(const float* a, int64_t m, int64_t n, int64_t lda, const float* kt, int64_t w,
+                      int64_t ldkt, float* y, int64_t ldy);
 
 }  // namespace svd
 }  // namespace pk

@@ -12,8 +12,10 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/isa_pick.h"
 #include "../common/parallel.h"
 #include "svd.h"
+#include "svd_isa.h"
 
 namespace pk {
 namespace svd {
@@ -192,6 +194,68 @@ int batched_svd_cpu(const float* a, int64_t batch, int64_t m, int64_t n, float* 
 int batched_svd_cpu(const double* a, int64_t batch, int64_t m, int64_t n, double* u, double* s,
                     double* vh) {
   return run(a, batch, m, n, u, s, vh);
+}
+
+namespace {
+
+const Kernels* pass_kernels() {
+  static const IsaPick<Kernels> pick({.portable = &kernels_portable,
+                                      .avx2 = PK_ISA_AVX2(&kernels_avx2),
+                                      .avx512 = PK_ISA_AVX512(&kernels_avx512)});
+  return pick();
+}
+
+void check_pass(const float* a, int64_t m, int64_t n, int64_t lda, const float* q, int64_t w,
+                const float* y, int64_t ldy, int64_t y_cols) {
+  PK_CHECK_ARG(m >= 0 && n >= 0 && w >= 0, "a, q: sizes must be >= 0");
+  PK_CHECK_ARG(lda >= n, "a: row stride ", lda, " < ", n, " columns");
+  PK_CHECK_ARG(ldy >= y_cols, "y: row stride ", ldy, " < ", y_cols, " columns");
+  PK_CHECK_ARG((a || m * n == 0) && (q || w == 0) && (y || w * y_cols == 0),
+               "a, q, y: null buffer");
+}
+
+// Threads for a pass over [0, len) in tiles: at most one per tile, and each
+// with 2^18 multiply-adds or more (a wake-up costs about a 64 x 64 product).
+int pass_threads(int64_t len, int64_t tile, int64_t other, int64_t w) {
+  const int64_t tiles = (len + tile - 1) / tile;
+  return int(std::min<int64_t>(threads_for(len * other * w, int64_t(1) << 18), tiles));
+}
+
+}  // namespace
+
+void dot_rows_cpu(const float* a, int64_t m, int64_t n, int64_t lda, const float* q, int64_t w,
+                  int64_t ldq, float* y, int64_t ldy) {
+  check_pass(a, m, n, lda, q, w, y, ldy, m);
+  PK_CHECK_ARG(ldq >= n, "q: row stride ", ldq, " < ", n, " columns");
+  if (m == 0 || w == 0) return;
+  const Kernels* k = pass_kernels();
+  const Pass p{a, m, n, lda, w, q, ldq, y, ldy};
+  const int nt = pass_threads(m, k->row_tile, n, w);
+  parallel(nt, [&](int t) {
+    int64_t i0, i1;
+    split_range(m, nt, t, k->row_tile, &i0, &i1);
+    if (i1 > i0) k->dot_rows(p, i0, i1);
+  });
+}
+
+void combine_rows_cpu(const float* a, int64_t m, int64_t n, int64_t lda, const float* kt, int64_t w,
+                      int64_t ldkt, float* y, int64_t ldy) {
+  check_pass(a, m, n, lda, kt, w, y, ldy, n);
+  PK_CHECK_ARG(ldkt >= w, "kt: row stride ", ldkt, " < ", w, " columns");
+  if (w == 0 || n == 0) return;
+  if (m == 0) {
+    for (int64_t j = 0; j < w; ++j) std::fill(y + j * ldy, y + j * ldy + n, 0.0f);
+    return;
+  }
+  const Kernels* k = pass_kernels();
+  const Pass p{a, m, n, lda, w, kt, ldkt, y, ldy};
+  // Threads take whole column strips, so no two write the same output.
+  const int nt = pass_threads(n, k->col_tile, m, w);
+  parallel(nt, [&](int t) {
+    int64_t c0, c1;
+    split_range(n, nt, t, k->col_tile, &c0, &c1);
+    if (c1 > c0) k->combine_rows(p, c0, c1);
+  });
 }
 
 }  // namespace svd

@@ -1,11 +1,15 @@
 """svd family: randomized truncated SVD, rank chosen by error, and batched small SVDs.
 
-The large products are the cost of a randomized SVD, and they run on the
-BLAS torch already carries (MKL or OpenBLAS on CPU, cuBLAS on GPU) through
-``torch.matmul``. Linking a second BLAS into the torch-free extension would
-put two thread pools in one process and add a large wheel for the same GEMM.
-What the extension adds is the batched SVD of small matrices (one-sided
-Jacobi, one matrix per thread), where LAPACK's per-matrix calls, one after
+The large products are the cost of a randomized SVD: each is the big
+matrix A times a block of 8-80 vectors. A BLAS GEMM packs A into panels
+before every such product, which at these widths costs about as much as the
+product itself, so on the CPU (float32) the extension runs them with
+kernels that read A once, unpacked (``svd_dot_rows``, ``svd_combine_rows``,
+per ISA: 1.5-3x MKL's sgemm at widths 16-80 on AMD EPYC Zen 5, RESULTS.md);
+other devices and dtypes use ``torch.matmul``. The small dense algebra
+(Cholesky QR, the eigendecompositions) stays on torch's LAPACK. The
+extension also runs the batched SVD of small matrices (one-sided Jacobi,
+one matrix per thread), where LAPACK's per-matrix calls, one after
 another, are slower; past a measured crossover (16x16 on two threads)
 batched_svd calls LAPACK through torch instead.
 
@@ -33,6 +37,77 @@ from ..backends.torch import svd as _tsvd
 from . import _checks
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# --- the Krylov passes ---------------------------------------------------------
+
+
+def _dot_rows_native(a: Tensor, q: Tensor, out: Tensor) -> Tensor:
+    backends.host_call(backends.native.C.svd_dot_rows, a, q, out)
+    return out
+
+
+def _combine_rows_native(a: Tensor, k: Tensor, out: Tensor) -> Tensor:
+    backends.host_call(backends.native.C.svd_combine_rows, a, k.T.contiguous(), out)
+    return out
+
+
+def _dot_rows_torch(a: Tensor, q: Tensor, out: Tensor) -> Tensor:
+    return torch.matmul(q, a.T, out=out)
+
+
+def _combine_rows_torch(a: Tensor, k: Tensor, out: Tensor) -> Tensor:
+    return torch.matmul(k, a, out=out)
+
+
+def _native_pass(a: Tensor) -> bool:
+    return a.dtype == torch.float32 and (a.shape[1] <= 1 or a.stride(1) == 1)
+
+
+# The products of a block Krylov method with a [m, n]: out [w, m] = q [w, n]
+# a^T, and out [w, n] = k [w, m] a. The native kernels take float32 with
+# contiguous rows; anything else (and every other backend) is torch.matmul.
+backends.register(
+    "svd",
+    "dot_rows",
+    native_cpu=lambda a, q, out: (_dot_rows_native if _native_pass(a) else _dot_rows_torch)(
+        a, q, out
+    ),
+    any=_dot_rows_torch,
+)
+backends.register(
+    "svd",
+    "combine_rows",
+    native_cpu=lambda a, k, out: (_combine_rows_native if _native_pass(a) else _combine_rows_torch)(
+        a, k, out
+    ),
+    any=_combine_rows_torch,
+)
+
+
+class _Passes:
+    """Products with work = a (or a^T when `transposed`), always reading a
+    itself: q @ work.T of a^T is k @ a, so the two kernels trade places."""
+
+    def __init__(self, a: Tensor, transposed: bool) -> None:
+        self.a = a
+        self.transposed = transposed
+        self.dot = backends.impl("svd", "dot_rows", a)
+        self.combine = backends.impl("svd", "combine_rows", a)
+
+    def times_t(self, q: Tensor) -> Tensor:
+        """q @ work.T, q [w, work's columns]."""
+        q = q.contiguous()
+        if self.transposed:
+            return self.combine(self.a, q, q.new_empty(q.shape[0], self.a.shape[1]))
+        return self.dot(self.a, q, q.new_empty(q.shape[0], self.a.shape[0]))
+
+    def times(self, k: Tensor, out: Tensor) -> Tensor:
+        """k @ work into out (contiguous), k [w, work's rows]."""
+        k = k.contiguous()
+        if self.transposed:
+            return self.dot(self.a, k, out)
+        return self.combine(self.a, k, out)
 
 
 def _check_matrix(fn: str, a: Tensor, finite: bool = True) -> Tensor:
@@ -190,15 +265,14 @@ def _orth_block(
 
 
 def _block_lanczos(
-    work: Tensor, rank: int, blocks: int, width: int, gen: torch.Generator
+    work: Tensor, rank: int, blocks: int, width: int, gen: torch.Generator, passes: _Passes
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top `rank` singular triplets of work [m, n] (m <= n) from a block Krylov space.
 
     Returns (ut [rank, m], s, vt [rank, n]): work ~ ut.T @ diag(s) @ vt.
 
     Vectors are rows (K [D, m] holds the basis of the column space, B = K
-    work [D, n]), so every product with `work` is a GEMM with the short side
-    first, which the BLAS runs near full speed even for blocks of 20-64.
+    work [D, n]); every product with `work` goes through `passes`.
     Block i+1 comes from work @ orth(B_i^T): normalising B_i before the
     product keeps what is new in it at working precision, not at its square
     root. With the basis kept orthonormal, T = B B^T is block tridiagonal
@@ -212,10 +286,10 @@ def _block_lanczos(
     b = work.new_empty(d, n)
     t = work.new_zeros(d, d)
     omega = torch.randn(width, n, generator=gen, device=work.device, dtype=dt)
-    k[:width] = _orth_block(omega @ work.T, None, None, gen)
+    k[:width] = _orth_block(passes.times_t(omega), None, None, gen)
     for i in range(blocks):
         rows = slice(i * width, (i + 1) * width)
-        bi = torch.matmul(k[rows], work, out=b[rows])
+        bi = passes.times(k[rows], b[rows])
         g = bi @ bi.T
         t[rows, rows] = g
         if i:
@@ -227,7 +301,7 @@ def _block_lanczos(
             # A block of B too ill-conditioned for Cholesky QR (or zero) still
             # needs a well-conditioned basis to multiply by: its span is kept.
             qb = _rows_orth_robust(bi, None, gen, _noise(bi))
-        y = qb @ work.T
+        y = passes.times_t(qb)
         lo = max(0, i - 1) * width
         k[(i + 1) * width : (i + 2) * width] = _orth_block(
             y, k[lo : (i + 1) * width], k[: (i + 1) * width], gen
@@ -299,7 +373,8 @@ def _randomized_svd_op(
     transposed = m > n  # the Krylov basis lives in the smaller dimension
     work = a.T if transposed else a
     try:
-        ut, s, vt = _block_lanczos(work, rank, blocks, width, _generator(a, seed))
+        passes = _Passes(a, transposed)
+        ut, s, vt = _block_lanczos(work, rank, blocks, width, _generator(a, seed), passes)
     except _NotFinite:
         raise _not_finite(fn, a) from None
     if not bool(torch.isfinite(s).all()):
