@@ -17,6 +17,7 @@
 namespace pk_test {
 
 inline int g_failures = 0;
+inline int64_t g_checks = 0;   // comparisons made, for the verdict line
 inline std::string g_context;  // what is being checked, for the messages
 
 // Records a failure; prints only the first few, so one broken kernel does not
@@ -36,6 +37,7 @@ inline void fail(const char* fmt, A... a) {
 
 #define PK_EXPECT(cond)                                                \
   do {                                                                 \
+    ++::pk_test::g_checks;                                             \
     if (!(cond)) ::pk_test::fail("%s:%d: " #cond, __FILE__, __LINE__); \
   } while (0)
 
@@ -109,7 +111,8 @@ inline void banner(const char* name) {
               compiled.c_str(), pk::isa_name(pk::isa_cap()));
 }
 inline int verdict(const char* name) {
-  std::printf("%s: %s (%d failures)\n", name, g_failures ? "FAILED" : "ok", g_failures);
+  std::printf("%s: %s (%lld checks, %d failures)\n", name, g_failures ? "FAILED" : "ok",
+              (long long)g_checks, g_failures);
   return g_failures != 0;
 }
 
