@@ -1,10 +1,9 @@
 // fp16 / bf16 -> fp32 on four NEON lanes, bit for bit as common/half.h's
 // scalar conversions (static, for the same reason as half.h: only the Arm
 // tier files include this). FCVTL is exact except on NaN, where it sets the
-// quiet bit; the scalar conversion keeps a signalling NaN signalling, and an
-// add that follows would then pick a different NaN operand from a NaN
-// addend (Arm favours signalling NaNs), so NaN lanes are rebuilt as the
-// scalar code builds them.
+// quiet bit that the scalar conversion leaves clear in a signalling NaN; NaN
+// lanes are rebuilt as the scalar code builds them, so what passes x's bits
+// on (quant's absmax) agrees with the portable path there too.
 #pragma once
 #include <arm_neon.h>
 
