@@ -17,9 +17,11 @@ namespace {
 
 pk::Isa parse_isa(const std::string& name) {
   pk::Isa isa;
-  if (!pk::isa_from_name(name, &isa))
-    throw std::invalid_argument("cpu isa must be one of portable, avx2, avx512, amx; got '" + name +
-                                "'");
+  if (!pk::isa_from_name(name, &isa)) {
+    std::string names;
+    for (const std::string& n : pk::isa_names()) names += (names.empty() ? "" : ", ") + n;
+    throw std::invalid_argument("cpu isa must be one of " + names + "; got '" + name + "'");
+  }
   return isa;
 }
 
@@ -28,6 +30,10 @@ py::dict cpu_info() {
   py::list compiled;
   for (pk::Isa i : pk::compiled_isas()) compiled.append(pk::isa_name(i));
   d["isa_compiled"] = compiled;
+  // Every tier of this architecture, in order: Python's names for the cap.
+  py::list names;
+  for (const std::string& n : pk::isa_names()) names.append(n);
+  d["isa_names"] = names;
   d["isa_detected"] = pk::isa_name(pk::detected_isa());
   d["isa_cap"] = pk::isa_name(pk::isa_cap());
   d["isa_active"] = pk::isa_name(pk::active_isa());

@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         metavar="TIER",
         help="CPU tiers to run, each in a child process with ours and the peers capped "
-        "together: avx2, avx512, amx or native (comma-separated or repeated); a tier "
-        "this CPU cannot run is skipped",
+        "together: avx2, avx512, amx (x86-64), neon, dotprod, i8mm (aarch64) or native "
+        "(comma-separated or repeated); a tier this CPU cannot run is skipped, saying so",
     )
     p_bench.set_defaults(fn=_bench)
     from .compress.demo import add_parsers as _add_demo_parser

@@ -110,6 +110,8 @@ def _amx_kernels() -> str:
     if _native.C is None:
         return "not available (native CPU kernels not built)"
     cpu = _native.C.cpu_info()
+    if _native.is_arm():
+        return "not built: AMX tiles are x86 (this aarch64 build has the neon, dotprod, i8mm tiers)"
     if "amx" not in cpu["isa_compiled"]:
         return "not built (the compiler lacks -mamx-int8); AMX CPUs use avx512"
     tiles = cpu.get("amx_tiles", "absent")
@@ -139,6 +141,11 @@ def _int8_act_bits() -> str:
         )
     if active == "portable":
         return "portable kernels: act_bits=7 brings no speed"
+    if active in _native.ARM_ISA_NAMES:
+        return (
+            f"int8 runs the Arm {active} tier here: act_bits=7 brings no speed; "
+            "keep the 8-bit default"
+        )
     return "int8 runs VNNI/AMX here: act_bits=7 brings no speed; keep the 8-bit default"
 
 

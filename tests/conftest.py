@@ -28,7 +28,7 @@ def _isas() -> list[str]:
     if _native.C is None:
         return []
     info = _native.C.cpu_info()
-    order = ["portable", "avx2", "avx512", "amx"]
+    order = list(_native.ISA_NAMES)  # this architecture's tiers, from the extension
     detected = order.index(info["isa_detected"])
     return [i for i in info["isa_compiled"] if order.index(i) <= detected]
 

@@ -155,6 +155,27 @@ def test_isa_cap_from_environment(tmp_path):
     assert out.stdout.strip() == "portable"
 
 
+def test_a_cap_of_the_other_architecture_is_ignored_saying_so(tmp_path):
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    other = "avx2" if _native.is_arm() else "neon"
+    code = "import pykernels as pk; print(pk.info()['isa_cap'])"
+    env = dict(os.environ, PYKERNELS_CPU_ISA=other)
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _native.ISA_NAMES[-1]  # no cap
+    assert f"PYKERNELS_CPU_ISA='{other}' is a tier of" in out.stderr
+    assert "ignoring it" in out.stderr
+    with pytest.raises(ValueError, match=", ".join(_native.ISA_NAMES)):
+        _native.C.set_cpu_isa(other)
+
+
 def test_import_survives_a_missing_extension(tmp_path):
     """A broken or missing _C warns once, and top-k still works through Numba."""
     code = (

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
+from pykernels import _native
+from pykernels.__main__ import main
 from pykernels.bench import tiers
 
 
@@ -71,3 +74,29 @@ def test_the_caps_reach_torch(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["AVX2", "avx2"]
+
+
+def test_arm_tiers_cap_ours_exactly_and_the_peers_without_sve():
+    assert tiers.parse(["neon,dotprod", "I8MM"]) == ["neon", "dotprod", "i8mm"]
+    for tier in tiers.ARM_TIERS:
+        assert tiers.caps(tier) == {
+            "PYKERNELS_CPU_ISA": tier,
+            "ATEN_CPU_CAPABILITY": "default",
+            "ONEDNN_MAX_CPU_ISA": "ADVANCED_SIMD",
+        }
+
+
+def test_tiers_of_the_other_architecture_say_they_cannot_run_here(monkeypatch, capsys):
+    other = tiers.X86_TIERS if _native.is_arm() else tiers.ARM_TIERS
+    for tier in other:
+        why = tiers.unsupported(tier)
+        assert why is not None and "cannot run it" in why and platform.machine() in why
+
+    def no_child(*a, **k):
+        raise AssertionError("a tier that cannot run here was started")
+
+    monkeypatch.setattr(tiers.subprocess, "run", no_child)
+    assert main(["bench", "--isa", ",".join(other), "--family", "topk"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"== tier {t}: skipped" in out for t in other)
+    assert "no tier ran" in out

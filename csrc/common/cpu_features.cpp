@@ -13,30 +13,63 @@
 #define PK_X86 1
 #endif
 
+#if defined(PK_ARM64) && defined(__linux__)
+#include <sys/auxv.h>
+// The hwcap bits, as the kernel's uapi defines them, for C libraries whose
+// headers predate them (HWCAP2_I8MM came with Linux 5.10).
+#ifndef HWCAP_FP
+#define HWCAP_FP (1ul << 0)
+#endif
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1ul << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1ul << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1ul << 13)
+#endif
+#endif
+
 namespace pk {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::portable:
       return "portable";
+#ifdef PK_ARM64
+    case Isa::neon:
+      return "neon";
+    case Isa::dotprod:
+      return "dotprod";
+    case Isa::i8mm:
+      return "i8mm";
+#else
     case Isa::avx2:
       return "avx2";
     case Isa::avx512:
       return "avx512";
     case Isa::amx:
       return "amx";
+#endif
   }
   return "unknown";
 }
 
 bool isa_from_name(const std::string& name, Isa* out) {
-  for (Isa i : {Isa::portable, Isa::avx2, Isa::avx512, Isa::amx}) {
-    if (name == isa_name(i)) {
-      *out = i;
+  for (int i = 0; i < kIsaLevels; ++i) {
+    if (name == isa_name(static_cast<Isa>(i))) {
+      *out = static_cast<Isa>(i);
       return true;
     }
   }
   return false;
+}
+
+std::vector<std::string> isa_names() {
+  std::vector<std::string> v;
+  for (int i = 0; i < kIsaLevels; ++i) v.emplace_back(isa_name(static_cast<Isa>(i)));
+  return v;
 }
 
 namespace {
@@ -84,6 +117,18 @@ Detection detect() {
   if (!(os_avx512 && avx512)) return {Isa::avx2, st};
   if (st == AmxState::denied && request_amx_permission()) return {Isa::amx, AmxState::granted};
   return {Isa::avx512, st};
+#elif defined(PK_ARM64) && defined(__linux__)
+  // Each tier needs the ones below it: the dotprod and i8mm files are built
+  // for Armv8.2-A plus their extensions (CMakeLists.txt), which is what a CPU
+  // that reports them implements (both are Armv8.2+ features).
+  const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  if (!((hw & HWCAP_FP) && (hw & HWCAP_ASIMD))) return {Isa::portable, AmxState::absent};
+  if (!(hw & HWCAP_ASIMDDP)) return {Isa::neon, AmxState::absent};
+  if (!(hw2 & HWCAP2_I8MM)) return {Isa::dotprod, AmxState::absent};
+  return {Isa::i8mm, AmxState::absent};
+#elif defined(PK_ARM64)
+  // No auxiliary vector to ask: Advanced SIMD is part of the AArch64 ABI.
+  return {Isa::neon, AmxState::absent};
 #else
   return {Isa::portable, AmxState::absent};
 #endif
@@ -96,7 +141,7 @@ const Detection& detection() {
 
 Isa initial_cap() {
   const char* env = std::getenv("PYKERNELS_CPU_ISA");
-  Isa cap = Isa::amx;
+  Isa cap = kIsaTop;
   if (env && *env) isa_from_name(env, &cap);  // unknown names are reported by Python
   return cap;
 }
@@ -111,6 +156,17 @@ AmxState amx_state() { return detection().amx; }
 
 std::vector<Isa> compiled_isas() {
   std::vector<Isa> v{Isa::portable};
+#ifdef PK_ARM64
+#ifdef PK_HAVE_NEON
+  v.push_back(Isa::neon);
+#endif
+#ifdef PK_HAVE_DOTPROD
+  v.push_back(Isa::dotprod);
+#endif
+#ifdef PK_HAVE_I8MM
+  v.push_back(Isa::i8mm);
+#endif
+#else
 #ifdef PK_HAVE_AVX2
   v.push_back(Isa::avx2);
 #endif
@@ -119,6 +175,7 @@ std::vector<Isa> compiled_isas() {
 #endif
 #ifdef PK_HAVE_AMX
   v.push_back(Isa::amx);
+#endif
 #endif
   return v;
 }

@@ -24,6 +24,21 @@
 #else
 #define PK_ISA_AMX(factory) nullptr
 #endif
+#ifdef PK_HAVE_NEON
+#define PK_ISA_NEON(factory) (factory)
+#else
+#define PK_ISA_NEON(factory) nullptr
+#endif
+#ifdef PK_HAVE_DOTPROD
+#define PK_ISA_DOTPROD(factory) (factory)
+#else
+#define PK_ISA_DOTPROD(factory) nullptr
+#endif
+#ifdef PK_HAVE_I8MM
+#define PK_ISA_I8MM(factory) (factory)
+#else
+#define PK_ISA_I8MM(factory) nullptr
+#endif
 
 namespace pk {
 namespace {
@@ -42,6 +57,13 @@ struct IsaTables {
   // AMX tiles. The AMX files are compiled with VNNI as well, so this table
   // too runs only where the CPU has it.
   Factory amx = nullptr;
+  // aarch64 (each also runs where the CPU has a higher Arm tier): Armv8-A
+  // Advanced SIMD; SDOT/UDOT; SMMLA/UMMLA (with dotprod). A family that
+  // gains nothing from an extension leaves its field null and its lower
+  // table serves that tier.
+  Factory neon = nullptr;
+  Factory dotprod = nullptr;
+  Factory i8mm = nullptr;
 };
 
 template <class T>
@@ -51,13 +73,19 @@ class IsaPick {
   // without calling its factory, which was compiled for that tier.
   explicit IsaPick(const IsaTables<T>& t) {
     const Isa cpu = detected_isa();
-    const bool vnni = has_avx512_vnni();
     at(Isa::portable) = t.portable();
+#ifdef PK_ARM64
+    at(Isa::neon) = t.neon && cpu >= Isa::neon ? t.neon() : at(Isa::portable);
+    at(Isa::dotprod) = t.dotprod && cpu >= Isa::dotprod ? t.dotprod() : at(Isa::neon);
+    at(Isa::i8mm) = t.i8mm && cpu >= Isa::i8mm ? t.i8mm() : at(Isa::dotprod);
+#else
+    const bool vnni = has_avx512_vnni();
     at(Isa::avx2) = t.avx2 && cpu >= Isa::avx2 ? t.avx2() : at(Isa::portable);
     at(Isa::avx512) = t.avx512_vnni && vnni            ? t.avx512_vnni()
                       : t.avx512 && cpu >= Isa::avx512 ? t.avx512()
                                                        : at(Isa::avx2);
     at(Isa::amx) = t.amx && vnni && cpu >= Isa::amx ? t.amx() : at(Isa::avx512);
+#endif
   }
 
   // Read per call: the cap may change between calls (tests run every tier).
@@ -65,7 +93,7 @@ class IsaPick {
 
  private:
   const T*& at(Isa isa) { return by_isa_[static_cast<int>(isa)]; }
-  const T* by_isa_[static_cast<int>(Isa::amx) + 1];
+  const T* by_isa_[kIsaLevels];
 };
 
 }  // namespace

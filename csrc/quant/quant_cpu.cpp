@@ -16,18 +16,19 @@
 namespace pk {
 namespace quant {
 
+const Kernels* active_kernels() {
+  static const IsaPick<Kernels> pick({.portable = &kernels_portable,
+                                      .avx2 = PK_ISA_AVX2(&kernels_avx2),
+                                      .neon = PK_ISA_NEON(&kernels_neon)});
+  return pick();
+}
+
 namespace {
 
 // Elements per group, about: small enough that a group's data stays in L2
 // between the absmax pass and the quantize pass.
 constexpr int64_t kGroupTarget = 16384;
 constexpr int64_t kGrain = int64_t(1) << 16;  // elements per thread, at least
-
-const Kernels* kernels() {
-  static const IsaPick<Kernels> pick(
-      {.portable = &kernels_portable, .avx2 = PK_ISA_AVX2(&kernels_avx2)});
-  return pick();
-}
 
 void check_common(int64_t n, int32_t bits, int64_t bucket) {
   PK_CHECK_ARG(n >= 0, "n must be >= 0, got ", n);
@@ -113,7 +114,7 @@ void check_args(const DequantizeArgs& a) {
 void quantize_cpu(const QuantizeArgs& a) {
   check_args(a);
   if (a.n == 0) return;
-  const Kernels* k = kernels();
+  const Kernels* k = active_kernels();
   const int32_t lim = limit(a.bits);
   const uint64_t key = splitmix64(a.seed);
   const uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
@@ -202,7 +203,7 @@ void unpack_bits_cpu(const uint8_t* in, int64_t n, int32_t width, uint32_t* v) {
 void dequantize_cpu(const DequantizeArgs& a) {
   check_args(a);
   if (a.n == 0) return;
-  const Kernels* k = kernels();
+  const Kernels* k = active_kernels();
   const int32_t lim = limit(a.bits);
   for_each_group(a.n, a.bucket, [&](int64_t b0, int64_t b1) {
     const int64_t g0 = b0 * a.bucket, g1 = std::min(a.n, b1 * a.bucket);

@@ -28,10 +28,14 @@ struct Kernels {
                      bool accumulate);
 };
 
-// Portable and AVX2 only: an AVX-512 tier could not be run on the
-// development machine, so none is shipped.
+// Portable and AVX2 only on x86: an AVX-512 tier could not be run on the
+// development machine, so none is shipped. On aarch64, NEON serves every tier.
 const Kernels* kernels_portable();
 const Kernels* kernels_avx2();
+const Kernels* kernels_neon();
+
+// The table the driver runs at the current cap (tests check the dispatch).
+const Kernels* active_kernels();
 
 }  // namespace quant
 }  // namespace pk

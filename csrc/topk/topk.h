@@ -15,7 +15,9 @@
 // (sending inf would break the identity and poison every later sum). The
 // identity is then exact for |y| < 2^29 and within one fp32 rounding of y
 // above (fp16's 65504 is then below y's last place); bf16 is always exact.
-// A y that is inf or NaN is sent as it is and leaves 0 behind.
+// A y that is inf or NaN is sent as it is and leaves 0 behind. Where x and
+// the residual are both NaN, which of the two payloads y carries is left
+// open (as IEEE leaves it: compilers reorder the add, and ISAs differ).
 #pragma once
 #include <cstdint>
 

@@ -41,6 +41,14 @@ void check_args(const Args& a) {
                "values and indices must not be null");
 }
 
+const ScanKernels* active_scan_kernels() {
+  static const IsaPick<ScanKernels> pick({.portable = &scan_kernels_portable,
+                                          .avx2 = PK_ISA_AVX2(&scan_kernels_avx2),
+                                          .avx512 = PK_ISA_AVX512(&scan_kernels_avx512),
+                                          .neon = PK_ISA_NEON(&scan_kernels_neon)});
+  return pick();
+}
+
 namespace {
 
 constexpr int64_t kSampleMinN = int64_t(1) << 15;
@@ -52,13 +60,6 @@ constexpr int kFirstDigitBits = 16;
 // Candidate buffers up to this many entries stay allocated per calling thread;
 // larger ones (large k) are freed after the call.
 constexpr int64_t kKeepEntries = int64_t(1) << 23;
-
-const ScanKernels* kernels() {
-  static const IsaPick<ScanKernels> pick({.portable = &scan_kernels_portable,
-                                          .avx2 = PK_ISA_AVX2(&scan_kernels_avx2),
-                                          .avx512 = PK_ISA_AVX512(&scan_kernels_avx512)});
-  return pick();
-}
 
 struct Buffers {
   std::unique_ptr<uint32_t[]> bits;
@@ -85,7 +86,8 @@ float to_f32(const void* x, DType dt, int64_t i) {
 
 class Selector {
  public:
-  explicit Selector(const Args& a) : a_(a), kern_(kernels()), ef_(a.residual != nullptr) {
+  explicit Selector(const Args& a)
+      : a_(a), kern_(active_scan_kernels()), ef_(a.residual != nullptr) {
     nt_ = threads_for(a.n, kGrain);
     src_ = a.x;
     u16_ = !ef_ && a.dtype != DType::f32;

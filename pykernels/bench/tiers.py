@@ -7,18 +7,27 @@ kernels (``ATEN_CPU_CAPABILITY``), oneDNN (``ONEDNN_MAX_CPU_ISA``), fbgemm
 all read them once at load. So an AVX-512 machine measures an honest AVX2
 tier. A tier above what this CPU runs is skipped, never emulated: the capped
 libraries would execute instructions the CPU lacks.
+
+On aarch64 the tiers are neon, dotprod and i8mm. Ours is capped exactly; the
+peers are capped at Advanced SIMD without SVE (ATen's default kernels, oneDNN's
+ADVANCED_SIMD), which none of our tiers uses, but no library offers a cap
+between NEON, dotprod and i8mm, so at each Arm tier the peers use whichever of
+those the CPU has. A tier of the other architecture is skipped, saying so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 from typing import Any
 
-TIERS = ("avx2", "avx512", "amx", "native")
+X86_TIERS = ("avx2", "avx512", "amx")
+ARM_TIERS = ("neon", "dotprod", "i8mm")
+TIERS = (*X86_TIERS, *ARM_TIERS, "native")
 CAP_VARS = (
     "PYKERNELS_CPU_ISA",
     "ATEN_CPU_CAPABILITY",
@@ -26,7 +35,6 @@ CAP_VARS = (
     "FBGEMM_ENABLE_INSTRUCTIONS",
     "MKL_ENABLE_INSTRUCTIONS",
 )
-_ORDER = ("portable", "avx2", "avx512", "amx")
 
 
 def caps(tier: str, vnni: bool = True) -> dict[str, str]:
@@ -55,18 +63,27 @@ def caps(tier: str, vnni: bool = True) -> dict[str, str]:
             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1",
             "MKL_ENABLE_INSTRUCTIONS": "AVX512_E4",
         }
+    if tier in ARM_TIERS:
+        return {
+            "PYKERNELS_CPU_ISA": tier,
+            "ATEN_CPU_CAPABILITY": "default",
+            "ONEDNN_MAX_CPU_ISA": "ADVANCED_SIMD",
+        }
     if tier == "native":
         return {}
     raise ValueError(f"--isa: tier must be one of {', '.join(TIERS)}, got {tier!r}")
 
 
 def detected() -> tuple[str, bool]:
-    """(best ISA of this CPU and OS: portable/avx2/avx512/amx, has AVX-512 VNNI)."""
+    """(best ISA of this CPU and OS, has AVX-512 VNNI): portable/avx2/avx512/amx on
+    x86-64, portable/neon/dotprod/i8mm on aarch64."""
     from ..backends import native as _native
 
     if _native.C is not None:
         cpu = _native.C.cpu_info()
         return cpu["isa_detected"], bool(cpu["avx512_vnni"])
+    if _native.is_arm():
+        return "neon", False  # the AArch64 baseline; without the extension, nothing finer
     import torch
 
     cap = torch.backends.cpu.get_cpu_capability().lower()
@@ -77,8 +94,17 @@ def unsupported(tier: str) -> str | None:
     """Why this CPU cannot run `tier`, or None."""
     if tier == "native":
         return None
+    from ..backends import native as _native
+
+    order = _native.ISA_NAMES
+    if tier not in order:
+        arch = "an aarch64" if tier in ARM_TIERS else "an x86-64"
+        return (
+            f"{tier} is {arch} tier: this {platform.machine()} machine cannot run it "
+            f"(its tiers are {', '.join(order[1:])})"
+        )
     best, _ = detected()
-    if _ORDER.index(tier) > _ORDER.index(best):
+    if order.index(tier) > order.index(best):
         return f"this CPU's best instruction set is {best}: the {tier} tier cannot run here"
     return None
 
@@ -124,6 +150,12 @@ def run(tiers: list[str], child_args: list[str], json_path: str | None) -> int:
                 data = json.load(f)
         data["meta"]["tier"] = tier
         combined["tiers"][tier] = data
+    if tiers and not combined["tiers"]:
+        print(
+            f"\n== no tier ran: {', '.join(tiers)} cannot run on this machine "
+            f"({platform.machine()}, best tier {detected()[0]})",
+            flush=True,
+        )
     if json_path:
         with open(json_path, "w") as f:
             json.dump(combined, f, indent=2)
