@@ -1,4 +1,5 @@
-// Armv8.6-A int8 matrix multiply kernels (SMMLA, FEAT_I8MM). SMMLA takes two
+// Int8 matrix multiply kernels (SMMLA, FEAT_I8MM: optional from Armv8.2-A,
+// required from 8.6; detection asks for dot product too). SMMLA takes two
 // rows of 8 bytes from each operand and adds their 2 x 2 dot products to
 // four int32 lanes: 32 MACs per instruction, twice SDOT's. Signed x signed,
 // exact, like SDOT.
@@ -24,9 +25,9 @@ namespace int8 {
 namespace {
 
 // Rows below which a packed GEMM runs on SDOT. Estimated, not measured (no
-// i8mm hardware here): llvm-mca puts the repack of a 64-column block at about
-// one SMMLA's time per weight operand, and SDOT at half SMMLA's rate, so
-// SMMLA wins from about 8 rows; 16 leaves a margin.
+// i8mm hardware here): in llvm-mca's model (benchmarks/ARM_MCA.md) repacking
+// a block's weight costs about 92 cycles per 8 k whatever the row count,
+// and SMMLA with its repacking overtakes SDOT at about 14 rows.
 #ifndef PK_MMLA_MIN_ROWS
 #define PK_MMLA_MIN_ROWS 16
 #endif
@@ -40,6 +41,9 @@ constexpr int64_t kMmlaMinRows = PK_MMLA_MIN_ROWS;
 constexpr int64_t kRc = 96, kKc = 256;
 constexpr int64_t kPairs = kRc / 2, kSteps = kKc / 8;
 
+// The partner of an odd count's last row: zeros, read like a row.
+alignas(16) constexpr uint8_t kZeroRow[kKc] = {};
+
 // Where a tile's operands lie, in both repacked buffers: the four a tile
 // reads each step are 32 bytes apart, interleaved with the four of its
 // neighbour (the other half panel; the next group of row pairs). Adjacent,
@@ -52,26 +56,28 @@ constexpr int64_t kPairs = kRc / 2, kSteps = kKc / 8;
 // ap + 128 * ((G / 2) * steps + s) + 16 * (G % 2) + 32 * p holds row
 // r0 + 2pr's 8 k, then the next row's (zeros past the rows and past kc, a
 // multiple of 4).
-void repack_a(const PackedGemm& g, int64_t r0, int64_t rc, int64_t k0, int64_t kc, int8_t* ap) {
+[[gnu::noinline]] void repack_a(const PackedGemm& g, int64_t r0, int64_t rc, int64_t k0, int64_t kc,
+                                int8_t* ap) {
   const int64_t steps = (kc + 7) / 8, full = kc / 8;
   for (int64_t pr = 0; 2 * pr < rc; ++pr) {
     const uint8_t* ra = g.a + (r0 + 2 * pr) * g.lda + k0;
-    const uint8_t* rb = 2 * pr + 1 < rc ? ra + g.lda : nullptr;
+    const uint8_t* rb = 2 * pr + 1 < rc ? ra + g.lda : kZeroRow;
     int8_t* dst = ap + 128 * (pr / 8) * steps + 16 * (pr / 4 % 2) + 32 * (pr % 4);
+    // Unrolled: the loop's own instructions would cost as much as its
+    // copies (two loads and a store pair a step).
+#pragma GCC unroll 4
     for (int64_t s = 0; s < full; ++s) {
-      uint64_t va, vb = 0;
-      __builtin_memcpy(&va, ra + 8 * s, 8);
-      if (rb) __builtin_memcpy(&vb, rb + 8 * s, 8);
-      __builtin_memcpy(dst + 128 * s, &va, 8);
-      __builtin_memcpy(dst + 128 * s + 8, &vb, 8);
+      uint64_t v[2];
+      __builtin_memcpy(&v[0], ra + 8 * s, 8);
+      __builtin_memcpy(&v[1], rb + 8 * s, 8);
+      __builtin_memcpy(dst + 128 * s, v, 16);
     }
     if (full < steps) {  // 4 k left
-      uint32_t va, vb = 0;
+      uint32_t va, vb;
       __builtin_memcpy(&va, ra + 8 * full, 4);
-      if (rb) __builtin_memcpy(&vb, rb + 8 * full, 4);
-      const uint64_t wa = va, wb = vb;
-      __builtin_memcpy(dst + 128 * full, &wa, 8);
-      __builtin_memcpy(dst + 128 * full + 8, &wb, 8);
+      __builtin_memcpy(&vb, rb + 8 * full, 4);
+      const uint64_t v[2] = {va, vb};
+      __builtin_memcpy(dst + 128 * full, v, 16);
     }
   }
 }
@@ -82,7 +88,8 @@ void repack_a(const PackedGemm& g, int64_t r0, int64_t rc, int64_t k0, int64_t k
 // 2(4h + c)'s 8 k, then the next channel's. ZIP1 / ZIP2 of the same vector of
 // two consecutive groups give exactly that: [c0 k0..3, c0 k4..7, c1 k0..3,
 // c1 k4..7] and the same for c2, c3.
-void repack_b(const PackedGemm& g, int64_t p, int64_t nvp, int64_t k0, int64_t kc, int8_t* bp) {
+[[gnu::noinline]] void repack_b(const PackedGemm& g, int64_t p, int64_t nvp, int64_t k0, int64_t kc,
+                                int8_t* bp) {
   int64_t gs;
   const int8_t* base = panel_base(g.b, g.kp, packed_n(g.n), p, &gs);
   const int64_t steps = (kc + 7) / 8, q0 = k0 / 4, q1 = (k0 + kc) / 4;
