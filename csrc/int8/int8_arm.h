@@ -241,16 +241,20 @@ void row_tile(const int8_t* a, const int8_t* b, int32_t* c, int64_t i0, int64_t 
     for (int j = 0; j < nj; ++j) c[(i0 + i) * ldc + j0 + j] = vaddvq_s32(acc[i][j]);
 }
 
-template <Mac16 Mac>
+// MR: rows per tile, at most 4. SDOT takes 4 (16 accumulators); the SMULL
+// form 2, since each of its multiply-adds holds two int16 products in
+// registers besides the accumulators, and at 4 rows GCC spills.
+template <Mac16 Mac, int MR>
 void gemm_rowmajor(const int8_t* a, const int8_t* b, int32_t* c, int64_t m0, int64_t m1, int64_t n0,
                    int64_t n1, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  static_assert(MR == 2 || MR == 4, "tile rows");
   for (int64_t j = n0; j < n1; j += 4) {
     const int64_t nj = n1 - j < 4 ? n1 - j : 4;
     int64_t i = m0;
-    for (; i + 4 <= m1; i += 4) row_tile<4, Mac>(a, b, c, i, j, nj, k, lda, ldb, ldc);
+    for (; i + MR <= m1; i += MR) row_tile<MR, Mac>(a, b, c, i, j, nj, k, lda, ldb, ldc);
     switch (m1 - i) {
       case 3:
-        row_tile<3, Mac>(a, b, c, i, j, nj, k, lda, ldb, ldc);
+        row_tile<MR == 4 ? 3 : 1, Mac>(a, b, c, i, j, nj, k, lda, ldb, ldc);
         break;
       case 2:
         row_tile<2, Mac>(a, b, c, i, j, nj, k, lda, ldb, ldc);

@@ -7,7 +7,7 @@ namespace pk {
 namespace int8 {
 
 const GemmKernels* gemm_kernels_dotprod() {
-  static const GemmKernels table{.gemm = &gemm_rowmajor<sdot16>,
+  static const GemmKernels table{.gemm = &gemm_rowmajor<sdot16, 4>,
                                  .gemm_packed = &gemm_packed_sdot,
                                  .pack = &pack_generic,
                                  .quantize_a = &quantize_s8,

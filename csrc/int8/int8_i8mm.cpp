@@ -220,7 +220,7 @@ void gemm_packed_mmla(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, i
 }  // namespace
 
 const GemmKernels* gemm_kernels_i8mm() {
-  static const GemmKernels table{.gemm = &gemm_rowmajor<sdot16>,
+  static const GemmKernels table{.gemm = &gemm_rowmajor<sdot16, 4>,
                                  .gemm_packed = &gemm_packed_mmla,
                                  .pack = &pack_generic,
                                  .quantize_a = &quantize_s8,

@@ -74,7 +74,7 @@ void gemm_packed(const PackedGemm& g, int64_t m0, int64_t m1, int64_t p0, int64_
 }  // namespace
 
 const GemmKernels* gemm_kernels_neon() {
-  static const GemmKernels table{.gemm = &gemm_rowmajor<mac16>,
+  static const GemmKernels table{.gemm = &gemm_rowmajor<mac16, 2>,
                                  .gemm_packed = &gemm_packed,
                                  .pack = &pack_generic,
                                  .quantize_a = &quantize_s8,
