@@ -86,7 +86,10 @@ const GemmKernels* kernels() {
   static const IsaPick<GemmKernels> pick({.portable = &gemm_kernels_portable,
                                           .avx2 = PK_ISA_AVX2(&gemm_kernels_avx2),
                                           .avx512_vnni = PK_ISA_AVX512(&gemm_kernels_avx512_vnni),
-                                          .amx = PK_ISA_AMX(&gemm_kernels_amx)});
+                                          .amx = PK_ISA_AMX(&gemm_kernels_amx),
+                                          .neon = PK_ISA_NEON(&gemm_kernels_neon),
+                                          .dotprod = PK_ISA_DOTPROD(&gemm_kernels_dotprod),
+                                          .i8mm = PK_ISA_I8MM(&gemm_kernels_i8mm)});
   return pick();
 }
 
@@ -95,7 +98,7 @@ const GemmKernels* kernels() {
 // of 1..few rows does a full tile's work.
 std::atomic<int64_t> g_amx_min_rows{int64_t(PK_AMX_MIN_ROWS)};
 
-const GemmKernels* packed_kernels(const GemmKernels* kern, int64_t m) {
+const GemmKernels* packed_kernels(const GemmKernels* kern, [[maybe_unused]] int64_t m) {
 #ifdef PK_HAVE_AVX512
   if (kern->tiles && m < g_amx_min_rows.load()) return gemm_kernels_avx512_vnni();
 #endif

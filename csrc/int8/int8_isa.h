@@ -106,6 +106,12 @@ const GemmKernels* gemm_kernels_avx512_vnni();
 // AVX-512 VNNI table with an AMX-INT8 tile gemm_packed (same packed weight,
 // same unsigned activations).
 const GemmKernels* gemm_kernels_amx();
+// Arm (int8_neon.cpp, int8_dotprod.cpp, int8_i8mm.cpp): signed activations,
+// the same packed weight. neon is baseline Armv8-A (SMULL / SADALP), dotprod
+// adds SDOT, i8mm SMMLA for many rows (and dotprod's kernels for few).
+const GemmKernels* gemm_kernels_neon();
+const GemmKernels* gemm_kernels_dotprod();
+const GemmKernels* gemm_kernels_i8mm();
 
 }  // namespace int8
 }  // namespace pk
