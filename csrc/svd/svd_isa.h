@@ -34,6 +34,7 @@ struct Kernels {
 const Kernels* kernels_portable();
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
+const Kernels* kernels_neon();
 
 }  // namespace svd
 }  // namespace pk
