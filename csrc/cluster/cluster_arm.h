@@ -67,9 +67,14 @@ struct Row4 {
     t = planes_of(a.codebook + row * a.cb_ld, a.nc);
   }
   void decode(int64_t kb, int64_t kl, float* w) const {
+    // Copies in registers: the stores through w, seen from here, might
+    // overwrite *this (byte vectors alias anything), and the planes would be
+    // reloaded after every store.
+    const uint8x16x4_t t = this->t;
+    const uint8_t* c = codes;
     const uint8x16_t low = vdupq_n_u8(15);
     for (int64_t p = 0; p < kl; p += kGroup4) {
-      const uint8x16x4_t v = vld4q_u8(codes + (kb + p) / 2);
+      const uint8x16x4_t v = vld4q_u8(c + (kb + p) / 2);
       float part[kGroup4];  // the last group, past K: only its first kl - p weights are kept
       float* o = kl - p >= kGroup4 ? w + p : part;
 #pragma GCC unroll 4
