@@ -17,7 +17,9 @@ namespace {
 const Kernels* kernels() {
   static const IsaPick<Kernels> pick({.portable = &kernels_portable,
                                       .avx2 = PK_ISA_AVX2(&kernels_avx2),
-                                      .avx512_vnni = PK_ISA_AVX512(&kernels_avx512_vnni)});
+                                      .avx512_vnni = PK_ISA_AVX512(&kernels_avx512_vnni),
+                                      .neon = PK_ISA_NEON(&kernels_neon),
+                                      .dotprod = PK_ISA_DOTPROD(&kernels_dotprod)});
   return pick();
 }
 

@@ -64,6 +64,9 @@ struct Kernels {
 const Kernels* kernels_portable();
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512_vnni();
+// aarch64: neon serves every Arm tier; dotprod (SDOT) from that tier up.
+const Kernels* kernels_neon();
+const Kernels* kernels_dotprod();
 
 }  // namespace cluster
 }  // namespace pk

@@ -20,7 +20,8 @@ namespace {
 const Kernels* kernels() {
   static const IsaPick<Kernels> pick({.portable = &kernels_portable,
                                       .avx2 = PK_ISA_AVX2(&kernels_avx2),
-                                      .avx512 = PK_ISA_AVX512(&kernels_avx512)});
+                                      .avx512 = PK_ISA_AVX512(&kernels_avx512),
+                                      .neon = PK_ISA_NEON(&kernels_neon)});
   return pick();
 }
 

@@ -26,6 +26,7 @@ struct Kernels {
 const Kernels* kernels_portable();
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
+const Kernels* kernels_neon();  // aarch64: every Arm tier
 
 }  // namespace sparse
 }  // namespace pk
