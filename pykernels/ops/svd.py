@@ -425,17 +425,19 @@ def randomized_svd(
     for the same passes over ``a``, which is what slowly decaying spectra
     need.
 
-    Defaults (both None): ``oversample = max(16, min(3 * rank // 2, 64 +
+    Defaults (both None): ``oversample = max(40, min(3 * rank // 2, 64 +
     rank // 2))``, at most what brings the space to half of min(m, n), and
     4 to 8 blocks of at most 64 columns (32 once the space is half of
     min(m, n)): rank 32 is 4 x 20 columns, rank 128 4 x 64, rank 256 7 x 64
     (8 x 48 for a 768-row matrix). On slowly decaying spectra and trained
     weights the error is then below that of ``torch.svd_lowrank(a, q=rank +
     10, niter=2)`` truncated to ``rank`` and within 1.02x of the optimal
-    rank-``rank`` error, in about 1.5-1.8x less time (benchmarks/RESULTS.md).
-    ``fast=True`` trades error for speed: 4 blocks and half the
-    oversampling, about 1.25x faster again, at 1.01-1.04x the optimal error
-    where ``svd_lowrank`` reaches 1.002-1.03x. Either of ``n_iter`` and
+    rank-``rank`` error, in 1.8-2.6x less time on an AVX-512 CPU and
+    1.5-2.1x on AVX2 for float32 CPU tensors, whose products with ``a`` run
+    on the extension's Krylov-pass kernels (benchmarks/RESULTS.md, AMD EPYC
+    Zen 5, 2 threads). ``fast=True`` trades error for speed: 4 blocks and
+    half the oversampling, 1.0-1.45x faster again, at 1.004-1.06x the
+    optimal error where ``svd_lowrank`` reaches 1.001-1.03x. Either of ``n_iter`` and
     ``oversample`` given overrides the schedule (the other defaults as
     above); ``n_iter=0`` is a plain sketch of ``rank + oversample`` columns.
 
