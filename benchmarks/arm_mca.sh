@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Static estimates (llvm-mca) of the int8 packed-GEMM inner loops on Arm, for
-# benchmarks/ARM_MCA.md: no Arm hardware ran them. Each kernel file is
+# benchmarks/RESULTS.md ("Arm tiers"): no Arm hardware ran them. Each kernel file is
 # compiled to assembly as the aarch64 build compiles it (its tier's -march
 # from CMakeLists.txt, at -O2), the innermost loop of the named tile function
 # holding the most of its multiply instruction is cut out (label to backward

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ESTIMATES, not measurements: llvm-mca's static model of the inner loops of
 # the sparse and cluster kernels, the Arm tier files against the portable
-# file, all tuned for Neoverse N1 (benchmarks/ARM_MCA_sparse.md has the
+# file, all tuned for Neoverse N1 (benchmarks/RESULTS.md, "Arm tiers", has the
 # table and what the model leaves out). Needs aarch64-linux-gnu-g++ (GCC 12
 # here), llvm-mca (LLVM 14 here) and c++filt.
 #
@@ -136,8 +136,20 @@ row "neon" --part "$S/cluster_neon.s" 'dyn_tile<1>' '1x3' --per 8 --expect-lanes
 row "dotprod" --part "$S/cluster_dotprod.s" 'dyn_tile<1>' '1x3' --per 8 --expect-lanes 512 \
   --expect tbl=32
 
-if [ -f csrc/topk/topk_neon.cpp ]; then
-  echo "== topk: csrc/topk/topk_neon.cpp is here; its estimate is not in this script yet"
-else
-  echo "== topk: no csrc/topk/topk_neon.cpp on this branch: skipped"
-fi
+echo "== topk, the magnitude scan (f32 keys, a block without survivors): cycles per 16 elements"
+for tier in portable neon; do
+  ops=$([ "$tier" = portable ] && echo Portable || echo Neon)
+  cat >"$work/topk_$tier.cpp" <<EOF
+#include "topk/topk_$tier.cpp"
+namespace pk::topk {
+void* volatile mca_keep[] = {(void*)&scan::collect_plain<$ops, uint32_t, &$ops::mask_u32>};
+}
+EOF
+done
+compile topk_portable "${portable[@]}"
+compile topk_neon "${neon[@]}"
+# portable: an element per pass of its compare loop (loop 1), 64 per block,
+# and the block loop once (loop 0); neon: a block of 64 per pass (loop 0).
+row "portable" --part "$S/topk_portable.s" 'collect_plain' '64x1' \
+  --part "$S/topk_portable.s" 'collect_plain' '1x0' --per 4 --expect cset=65
+row "neon" --part "$S/topk_neon.s" 'collect_plain' '1x0' --per 4 --expect cmhs=16
