@@ -51,14 +51,27 @@ inline int64_t packed_k(int64_t k) { return (k + 3) / 4 * 4; }
 void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t* packed,
                      int32_t* comp);
 
+// What the fused epilogue of linear_dynamic_cpu does to each fp32 output,
+// after the scales and the bias: y = act(y) + residual. The codes are the
+// Python API's (ops/int8.py ACTIVATIONS).
+enum class Act : int32_t { none = 0, relu = 1, gelu = 2, gelu_tanh = 3, silu = 4 };
+struct Epilogue {
+  Act act = Act::none;
+  const float* residual = nullptr;  // M x N fp32 with row stride ldr, or null
+  int64_t ldr = 0;
+};
+
 // Dynamic W8A8 linear: y[m, n] = sum_k q(x)[m, k] * w[n, k] * x_scale[m] *
 // w_scale[n] + bias[n], with x quantized per row as quantize_per_row does.
 // x: M x K of `xt` with row stride ldx; y: M x N of `yt` (row stride n);
 // bias may be null. NaN/inf in a row of x give NaN in that row of y.
 // act_bits 7 quantizes x as quantize_per_row7 does instead (faster on AVX2).
+// A non-trivial epilogue needs yt = f32; each thread applies it to the block
+// of y it has just computed.
 void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                         const int8_t* packed, const int32_t* comp, const float* w_scale,
-                        const float* bias, int64_t n, void* y, DType yt, int act_bits = 8);
+                        const float* bias, int64_t n, void* y, DType yt, int act_bits = 8,
+                        const Epilogue& epilogue = Epilogue{});
 
 // Weight-only W8A16 linear: y = x @ (w * w_scale[:, None]).T + bias with x in
 // float, the int8 weight row-major (N x K) and dequantized in registers.

@@ -19,6 +19,7 @@
 // four; the zero point comes off in the epilogue as zp * sum_k w.
 #include <immintrin.h>
 
+#include "int8_epilogue.h"
 #include "int8_generic.h"
 
 namespace pk {
@@ -548,7 +549,8 @@ const GemmKernels* gemm_kernels_avx2() {
                                  .weight_only = &weight_only_generic,
                                  .signed_a = true,
                                  .quantize_a7 = &quantize_u7,
-                                 .a7_zp = true};
+                                 .a7_zp = true,
+                                 .epilogue = &EpilogueMath<8>::apply};
   return &table;
 }
 

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include "int8_avx512_epilogue.h"
+#include "int8_epilogue.h"
 #include "int8_generic.h"
 
 namespace pk {
@@ -379,7 +380,8 @@ const GemmKernels* gemm_kernels_avx512_vnni() {
                                  .weight_only = &weight_only_generic,
                                  .signed_a = false,
                                  .quantize_a7 = &quantize_u8_a7,
-                                 .a7_zp = false};
+                                 .a7_zp = false,
+                                 .epilogue = &EpilogueMath<16>::apply};
   return &table;
 }
 

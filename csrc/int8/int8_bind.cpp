@@ -43,8 +43,12 @@ void int8_pack_weight(py::array w, py::array packed, py::array comp) {
 }
 
 void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
-                 py::object bias, py::array y, int yt, int act_bits) {
+                 py::object bias, py::array y, int yt, int act_bits, int activation,
+                 py::object residual) {
   if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
+  if (activation < 0 || activation > int(pk::int8::Act::silu))
+    throw std::invalid_argument("activation: code " + std::to_string(activation) +
+                                " is not one of 0..4");
   int64_t m, k, ldx, ym, n, ldy;
   const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
   void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
@@ -54,9 +58,17 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
   const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
+  pk::int8::Epilogue ep;
+  ep.act = pk::int8::Act(activation);
+  if (!residual.is_none()) {
+    py::array r = residual.cast<py::array>();
+    int64_t rm, rn;
+    ep.residual = matrix<float>(r, "residual", &rm, &rn, &ep.ldr, false);
+    if (rm != m || rn != n) throw std::invalid_argument("residual: expected shape [M, N]");
+  }
   py::gil_scoped_release nogil;
   pk::int8::linear_dynamic_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, py_, pk::DType(yt),
-                               act_bits);
+                               act_bits, ep);
 }
 
 void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py::object bias,
@@ -87,7 +99,9 @@ PK_BIND_FAMILY(int8) {
         "Packs an int8 [N, K] weight into the k4n16 layout and its compensation.");
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("xtype"), py::arg("packed"),
         py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
-        py::arg("act_bits") = 8, "Dynamic W8A8 linear over a packed weight.");
+        py::arg("act_bits") = 8, py::arg("activation") = 0, py::arg("residual") = py::none(),
+        "Dynamic W8A8 linear over a packed weight, with the fused epilogue y = act(y) + "
+        "residual (activation codes 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu; fp32 y).");
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("xtype"), py::arg("w"),
         py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
         "Weight-only int8 linear (float activations).");

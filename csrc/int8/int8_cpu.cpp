@@ -121,8 +121,16 @@ constexpr int64_t kBtMaxRows = int64_t(PK_AMX_BT_MAX_ROWS);
 // Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
 // width of one register tile) and, when there are fewer blocks than threads,
 // chunks of rows too. Each block of b is then streamed by one thread only.
-void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
+// With a non-trivial epilogue (y fp32) each task applies it to the block it
+// has just written, while that block is still in the thread's cache.
+void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m,
+                const Epilogue* ep = nullptr) {
+  const GemmKernels* outer = kern;
   kern = packed_kernels(kern, m);
+  const auto epi = outer->epilogue ? outer->epilogue : gemm_kernels_portable()->epilogue;
+  auto post = [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    if (ep) epi(*ep, static_cast<float*>(g.c), g.ldc, m0, m1, p0 * 16, std::min(g.n, p1 * 16));
+  };
   const int64_t panels = packed_n(g.n) / 16;
   const int64_t nblocks = (panels + 3) / 4;
   const int nt = threads_for(m * panels * 16 * g.kp, int64_t(1) << 19);
@@ -139,7 +147,10 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
       int64_t b0, b1;
       split_range(nblocks, int(bparts), int(t / mchunks), 1, &b0, &b1);
       const int64_t m0 = (t % mchunks) * rows, m1 = std::min(m, m0 + rows);
-      if (m0 < m1 && b0 < b1) kern->gemm_packed(g, m0, m1, b0 * 4, std::min(panels, b1 * 4));
+      if (m0 < m1 && b0 < b1) {
+        kern->gemm_packed(g, m0, m1, b0 * 4, std::min(panels, b1 * 4));
+        post(m0, m1, b0 * 4, std::min(panels, b1 * 4));
+      }
     });
     return;
   }
@@ -149,7 +160,10 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m) {
   parallel_for(0, tasks, std::max(1, int(std::min<int64_t>(nt, tasks))), [&](int64_t t) {
     const int64_t blk = t / mchunks, mc = t % mchunks;
     const int64_t m0 = mc * rows, m1 = std::min(m, m0 + rows);
-    if (m0 < m1) kern->gemm_packed(g, m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
+    if (m0 < m1) {
+      kern->gemm_packed(g, m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
+      post(m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
+    }
   });
 }
 
@@ -292,11 +306,18 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
 
 void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                         const int8_t* packed, const int32_t* comp, const float* w_scale,
-                        const float* bias, int64_t n, void* y, DType yt, int act_bits) {
+                        const float* bias, int64_t n, void* y, DType yt, int act_bits,
+                        const Epilogue& epilogue) {
   PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
   PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
   PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
   PK_CHECK_ARG(act_bits == 8 || act_bits == 7, "act_bits must be 8 or 7, got ", act_bits);
+  const bool fused = epilogue.act != Act::none || epilogue.residual;
+  PK_CHECK_ARG(int32_t(epilogue.act) >= 0 && int32_t(epilogue.act) <= int32_t(Act::silu),
+               "activation code ", int32_t(epilogue.act), " is not one of 0..4");
+  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation or residual needs fp32 y");
+  PK_CHECK_ARG(!epilogue.residual || epilogue.ldr >= n, "residual: row stride ", epilogue.ldr,
+               " is smaller than N = ", n);
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(x && packed && comp && w_scale && y, "x, weight, scales and y must not be null");
   const GemmKernels* kern = kernels();
@@ -318,7 +339,7 @@ void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t l
                      .bias = bias,
                      .yt = yt,
                      .a_zp = zp && kern->a7_zp ? zp : nullptr};
-  run_packed(kern, g, m);
+  run_packed(kern, g, m, fused ? &epilogue : nullptr);
 }
 
 void linear_weight_only_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,

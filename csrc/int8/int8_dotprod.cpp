@@ -1,6 +1,7 @@
 // Armv8.2-A dot product int8 kernels (SDOT, FEAT_DotProd): the packed and
 // row-major GEMMs of int8_sdot.h, the NEON quantizers and epilogue of
 // int8_arm.h. Signed activations, as every Arm table.
+#include "int8_epilogue.h"
 #include "int8_sdot.h"
 
 namespace pk {
@@ -14,7 +15,8 @@ const GemmKernels* gemm_kernels_dotprod() {
                                  .weight_only = &weight_only_generic,
                                  .signed_a = true,
                                  .quantize_a7 = &quantize_s7,
-                                 .a7_zp = false};
+                                 .a7_zp = false,
+                                 .epilogue = &EpilogueMath<4>::apply};
   return &table;
 }
 

@@ -14,6 +14,7 @@
 // loads and SMMLA only. The repack pays for itself only over enough rows
 // (each weight operand is then used rows / 2 times): below kMmlaMinRows the
 // SDOT kernels of int8_sdot.h run, which read the packed layout as it is.
+#include "int8_epilogue.h"
 #include "int8_sdot.h"
 
 #ifndef __ARM_FEATURE_MATMUL_INT8
@@ -227,7 +228,8 @@ const GemmKernels* gemm_kernels_i8mm() {
                                  .weight_only = &weight_only_generic,
                                  .signed_a = true,
                                  .quantize_a7 = &quantize_s7,
-                                 .a7_zp = false};
+                                 .a7_zp = false,
+                                 .epilogue = &EpilogueMath<4>::apply};
   return &table;
 }
 

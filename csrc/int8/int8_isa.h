@@ -98,6 +98,10 @@ struct GemmKernels {
   void (*quantize_a7)(const void* x, DType xt, int64_t ldx, int64_t k, uint8_t* q, int64_t ldq,
                       float* scale, int32_t* zp, int64_t r0, int64_t r1);
   bool a7_zp = false;
+  // The fused epilogue (int8_epilogue.h) on y[m0 .. m1, c0 .. c1) in place;
+  // null in a table means the portable one's.
+  void (*epilogue)(const Epilogue& e, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t c0,
+                   int64_t c1) = nullptr;
 };
 
 const GemmKernels* gemm_kernels_portable();

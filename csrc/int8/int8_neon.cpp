@@ -6,6 +6,7 @@
 // because the activations lie in [-127, 127] (signed_a; the driver takes
 // int8_gemm's -128 out): 2 * 127 * 128 < 2^15.
 #include "int8_arm.h"
+#include "int8_epilogue.h"
 
 namespace pk {
 namespace int8 {
@@ -81,7 +82,8 @@ const GemmKernels* gemm_kernels_neon() {
                                  .weight_only = &weight_only_generic,
                                  .signed_a = true,
                                  .quantize_a7 = &quantize_s7,
-                                 .a7_zp = false};
+                                 .a7_zp = false,
+                                 .epilogue = &EpilogueMath<4>::apply};
   return &table;
 }
 

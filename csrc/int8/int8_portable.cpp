@@ -1,5 +1,6 @@
 // Portable int8 kernels: the plain loops of int8_generic.h, which compilers
 // vectorise for the baseline ISA.
+#include "int8_epilogue.h"
 #include "int8_generic.h"
 
 namespace pk {
@@ -13,7 +14,8 @@ const GemmKernels* gemm_kernels_portable() {
                                  .weight_only = &weight_only_generic,
                                  .signed_a = false,
                                  .quantize_a7 = &quantize7_generic<false>,
-                                 .a7_zp = false};
+                                 .a7_zp = false,
+                                 .epilogue = &EpilogueMath<4>::apply};
   return &table;
 }
 

@@ -206,6 +206,7 @@ def _int8_linear_describe(m: Int8Linear) -> dict[str, Any]:
         "bias": m.bias is not None,
         "mode": m.mode,
         "act_bits": m.act_bits,
+        "activation": m.activation,
     }
 
 
@@ -381,7 +382,12 @@ register_kind(
     Int8Linear,
     _int8_linear_describe,
     lambda c: Int8Linear(
-        c["in_features"], c["out_features"], c["bias"], c["mode"], act_bits=c.get("act_bits", 8)
+        c["in_features"],
+        c["out_features"],
+        c["bias"],
+        c["mode"],
+        act_bits=c.get("act_bits", 8),
+        activation=c.get("activation", "none"),
     ),
     params=_int8_linear_params,
 )

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import _checks
-from ..ops.int8 import Int8PackedWeight, check_act_bits
+from ..ops.int8 import Int8PackedWeight, apply_epilogue, check_act_bits, check_activation
 from ._module import nbytes_of
 
 MODES = ("dynamic", "weight_only")
@@ -46,6 +46,13 @@ class Int8Linear(nn.Module):
     ReLU/GELU), about one bit coarser for symmetric ones. Results are the
     same on every CPU and backend for either setting.
 
+    ``activation`` (``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or None)
+    is applied to the output inside the kernel, and ``forward(x, residual)``
+    adds ``residual`` after it (``act(x W^T + b) + residual``): the fused
+    epilogue of :func:`pykernels.ops.int8_linear`, which
+    :func:`pykernels.compress` uses for the feed-forward and output
+    projections of the transformer blocks it fuses.
+
     Storage: in dynamic mode the weight is held only in the packed layout the
     kernels read (prepacked once, here); in weight-only mode it is the int8
     ``[N, K]`` matrix itself. ``state_dict`` always stores the plain int8
@@ -55,6 +62,7 @@ class Int8Linear(nn.Module):
     """
 
     act_bits: int = 8  # class default: a layer pickled before act_bits existed
+    activation: str = "none"  # likewise, before the fused epilogue
 
     def __init__(
         self,
@@ -64,12 +72,14 @@ class Int8Linear(nn.Module):
         mode: str = "dynamic",
         device: torch.device | str | None = None,
         act_bits: int = 8,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             _checks.check_int("Int8Linear", name, v, 0)
         bias = _checks.check_bool("Int8Linear", "bias", bias)
         act_bits = check_int8_options("Int8Linear", mode, act_bits)
+        self.activation = check_activation("Int8Linear", activation)
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
@@ -126,13 +136,19 @@ class Int8Linear(nn.Module):
     # --- construction ---------------------------------------------------
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str = "dynamic", act_bits: int = 8) -> Int8Linear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        mode: str = "dynamic",
+        act_bits: int = 8,
+        activation: str | None = None,
+    ) -> Int8Linear:
         """Quantizes ``linear``'s weight symmetrically per output channel.
 
         ``scale[n] = max|W[n, :]| / 127`` and ``W_q = round_half_even(W / scale)``
         (one scale per row beats one per tensor when some rows hold outliers).
-        The bias is kept in float32. ``act_bits``: see the class. ``linear`` is
-        not modified.
+        The bias is kept in float32. ``act_bits`` and ``activation`` (applied
+        after the linear, fused): see the class. ``linear`` is not modified.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(
@@ -153,6 +169,7 @@ class Int8Linear(nn.Module):
             mode=mode,
             device=w.device,
             act_bits=act_bits,
+            activation=activation,
         )
         with torch.no_grad():
             if w.numel():
@@ -168,11 +185,20 @@ class Int8Linear(nn.Module):
 
     # --- forward ----------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.mode == "weight_only":
-            return ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+            y = ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
+            return apply_epilogue(y, self.activation, residual)
         w = self._packed() if "weight_packed" in self._buffers else self.weight
-        return ops.int8_linear(x, w, self.weight_scale, self.bias, act_bits=self.act_bits)
+        return ops.int8_linear(
+            x,
+            w,
+            self.weight_scale,
+            self.bias,
+            act_bits=self.act_bits,
+            activation=self.activation,
+            residual=residual,
+        )
 
     # --- module protocol ---------------------------------------------------
 
@@ -185,6 +211,7 @@ class Int8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, mode={self.mode}, "
             + (f"act_bits={self.act_bits}, " if self.act_bits != 8 else "")
+            + (f"activation={self.activation}, " if self.activation != "none" else "")
             + f"weight=int8 per-channel, nbytes={self.nbytes()}"
         )
 

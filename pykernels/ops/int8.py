@@ -25,6 +25,38 @@ from . import _checks
 
 MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 
+# The fused epilogue's activations, in the order of the native codes
+# (csrc/int8/int8.h, Act): y = act(x W^T + b) + residual.
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def check_activation(fn: str, activation: object, name: str = "activation") -> str:
+    """``activation`` as one of :data:`ACTIVATIONS` (None means ``"none"``)."""
+    if activation is None:
+        return "none"
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: {name} must be one of {ACTIVATIONS} or None, got {activation!r}")
+    return activation
+
+
+def apply_epilogue(y: Tensor, activation: str, residual: Tensor | None) -> Tensor:
+    """The unfused epilogue, in float32: ``act(y) + residual`` (what every backend
+    but the native CPU one runs after its linear, and what the tests compare with)."""
+    if activation == "none" and residual is None:
+        return y
+    out = y.float()
+    if activation == "relu":
+        out = torch.relu(out)
+    elif activation == "gelu":
+        out = torch.nn.functional.gelu(out)
+    elif activation == "gelu_tanh":
+        out = torch.nn.functional.gelu(out, approximate="tanh")
+    elif activation == "silu":
+        out = torch.nn.functional.silu(out)
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(y.dtype)
+
 
 def _quantize_cpu(fns, x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     x2 = x.float().contiguous()
@@ -210,10 +242,19 @@ def _no_backward(name: str):
 
 
 def _linear_native(
-    kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra
+    kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra, epilogue=None
 ) -> Tensor:  # noqa: ARG001 - one signature for every backend
     code = _layout.DTYPE_CODES[x.dtype]
-    y = torch.empty(x.shape[0], w_scale.shape[0], dtype=x.dtype)
+    if epilogue is not None:
+        # The fused epilogue works on fp32 y (int8.h); other dtypes are
+        # converted once at the end, as the unfused path's last op would.
+        activation, residual = epilogue
+        y = torch.empty(x.shape[0], w_scale.shape[0], dtype=torch.float32)
+        res = None if residual is None else residual.float().contiguous().numpy()
+        fused = (ACTIVATIONS.index(activation), res)
+    else:
+        y = torch.empty(x.shape[0], w_scale.shape[0], dtype=x.dtype)
+        fused = ()
     getattr(backends.native.C, kind)(
         _fbuf(x),
         code,
@@ -221,10 +262,11 @@ def _linear_native(
         w_scale.numpy(),
         None if bias is None else bias.numpy(),
         _fbuf(y),
-        code,
+        _layout.DTYPE_CODES[y.dtype],
         *extra,
+        *fused,
     )
-    return y
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _linear_numba(kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra):  # noqa: ARG001
@@ -269,28 +311,64 @@ def _run_linear(
     w_scale: Tensor,
     bias: Tensor | None,
     act_bits: int = 8,
+    activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
     """int8_linear or int8_weight_linear (`kind`) on the chosen backend.
 
     The native kernel takes `native_weight()` (packed weight and
     compensation, or the row-major weight); the other backends take the
     row-major int8 weight. Each is built only when the backend that needs it
-    runs.
+    runs. The epilogue (`activation`, `residual`) is fused into the native
+    dynamic kernel and applied after the linear everywhere else.
     """
     extra = (act_bits,) if kind == "int8_linear" else ()  # weight-only has no activation grid
     run = backends.impl("int8", "linear", x)
-    return run(kind, x, native_weight, rowmajor_weight, w_scale, bias, *extra)
+    fused = activation != "none" or residual is not None
+    if run is _linear_native and kind == "int8_linear" and fused:
+        return run(
+            kind,
+            x,
+            native_weight,
+            rowmajor_weight,
+            w_scale,
+            bias,
+            *extra,
+            epilogue=(activation, residual),
+        )
+    y = run(kind, x, native_weight, rowmajor_weight, w_scale, bias, *extra)
+    return apply_epilogue(y, activation, residual)
 
 
 def _linear_impl(
-    x: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int
+    x: Tensor,
+    packed: Tensor,
+    comp: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    act_bits: int,
+    activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
-    act_bits = check_act_bits("pykernels::int8_linear", act_bits)  # called directly too
+    fn = "pykernels::int8_linear"  # called directly too
+    act_bits = check_act_bits(fn, act_bits)
+    activation = check_activation(fn, activation)
+    _check_residual(fn, residual, x, w_scale.shape[0])
 
     def unpack() -> Tensor:
         return _layout.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
 
-    return _run_linear("int8_linear", x, lambda: (packed, comp), unpack, w_scale, bias, act_bits)
+    return _run_linear(
+        "int8_linear",
+        x,
+        lambda: (packed, comp),
+        unpack,
+        w_scale,
+        bias,
+        act_bits,
+        activation,
+        residual,
+    )
 
 
 @torch.library.custom_op("pykernels::int8_linear", mutates_args=())
@@ -301,8 +379,10 @@ def _linear_op(
     w_scale: Tensor,
     bias: Tensor | None,
     act_bits: int = 8,
+    activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
-    return _linear_impl(x, packed, comp, w_scale, bias, act_bits)
+    return _linear_impl(x, packed, comp, w_scale, bias, act_bits, activation, residual)
 
 
 @_linear_op.register_fake
@@ -313,30 +393,57 @@ def _(
     w_scale: Tensor,
     bias: Tensor | None,
     act_bits: int = 8,
+    activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
     return x.new_empty(x.shape[0], w_scale.shape[0])
 
 
 def _linear_rowmajor_impl(
-    x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    act_bits: int,
+    activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
-    act_bits = check_act_bits("pykernels::int8_linear_rowmajor", act_bits)
+    fn = "pykernels::int8_linear_rowmajor"
+    act_bits = check_act_bits(fn, act_bits)
+    activation = check_activation(fn, activation)
+    _check_residual(fn, residual, x, w_scale.shape[0])
 
     def pack() -> tuple[Tensor, Tensor]:
         return _pack_op(w)
 
-    return _run_linear("int8_linear", x, pack, lambda: w, w_scale, bias, act_bits)
+    return _run_linear(
+        "int8_linear", x, pack, lambda: w, w_scale, bias, act_bits, activation, residual
+    )
 
 
 @torch.library.custom_op("pykernels::int8_linear_rowmajor", mutates_args=())
 def _linear_rowmajor_op(
-    x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int = 8
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    act_bits: int = 8,
+    activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
-    return _linear_rowmajor_impl(x, w, w_scale, bias, act_bits)
+    return _linear_rowmajor_impl(x, w, w_scale, bias, act_bits, activation, residual)
 
 
 @_linear_rowmajor_op.register_fake
-def _(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int = 8) -> Tensor:
+def _(
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    act_bits: int = 8,
+    activation: str = "none",
+    residual: Tensor | None = None,
+) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -455,6 +562,25 @@ def unpack_int8_weight(w: Int8PackedWeight) -> Tensor:
     return _layout.int8_unpack_weight(w.packed, w.n, w.k)
 
 
+def _check_residual(fn: str, residual: object, x: Tensor, n: int) -> None:
+    """residual: None, or a float tensor of the output's shape on x's device."""
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(
+            f"{fn}: residual must be a torch.Tensor or None, got {type(residual).__name__}"
+        )
+    if residual.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{fn}: residual must be a float tensor, got {residual.dtype}")
+    want = (*x.shape[:-1], n)
+    if tuple(residual.shape) != want:
+        raise ValueError(
+            f"{fn}: residual must have the output's shape {want}, got {tuple(residual.shape)}"
+        )
+    if residual.device != x.device:
+        raise ValueError(f"{fn}: residual is on {residual.device} but x is on {x.device}")
+
+
 def _check_linear_args(
     fn: str, x: Tensor, n: int, k: int, device: torch.device, w_scale: Tensor, bias: Tensor | None
 ) -> Tensor | None:
@@ -498,8 +624,11 @@ def int8_linear(
     bias: Tensor | None = None,
     *,
     act_bits: int = 8,
+    activation: str | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """Dynamic W8A8 linear: ``x @ (w_q * w_scale[:, None]).T + bias`` with x quantized.
+    """Dynamic W8A8 linear: ``act(x @ (w_q * w_scale[:, None]).T + bias) + residual``
+    with x quantized.
 
     Each row (token) of x is quantized as :func:`quantize_per_row` does, the
     int8 GEMM accumulates exactly in int32, and the result is dequantized by
@@ -515,9 +644,19 @@ def int8_linear(
     instructions rather than four, as the peers' 7-bit ``reduce_range`` does,
     for about one bit less on rows that are not one-sided. Same integers and
     results on every backend; elsewhere it is neither faster nor slower.
+
+    ``activation`` (one of :data:`ACTIVATIONS`: ``"relu"``, ``"gelu"`` (exact,
+    erf), ``"gelu_tanh"``, ``"silu"``) and ``residual`` (``[..., N]``, added
+    after the activation) make the fused epilogue of a transformer block: the
+    native CPU kernel applies them to each block of the output while it is in
+    cache, in float32, equal to :func:`apply_epilogue` of the unfused result
+    up to float rounding (GELU's erf to about 4e-7); other backends run the
+    unfused epilogue. Either way it is computed in float32 and rounded once to
+    x's dtype.
     """
     fn = "int8_linear"
     act_bits = check_act_bits(fn, act_bits)
+    activation = check_activation(fn, activation)
     if isinstance(w_q, Int8PackedWeight):
         _check_packed(fn, w_q)
         n, k, device = int(w_q.n), int(w_q.k), w_q.packed.device
@@ -526,18 +665,20 @@ def int8_linear(
         n, k = w_q.shape
         device = w_q.device
     bias32 = _check_linear_args(fn, x, n, k, device, w_scale, bias)
+    _check_residual(fn, residual, x, n)
     x2, lead, done = _rows(x, n, k, bias32)
     if done is not None:
-        return done
+        return apply_epilogue(done, activation, residual)
+    r2 = None if residual is None else residual.reshape(x2.shape[0], n)
     skip = backends.skip_dispatcher(x2)
     if isinstance(w_q, Int8PackedWeight):
         op = _linear_impl if skip else torch.ops.pykernels.int8_linear
-        y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32, act_bits)
+        y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32, act_bits, activation, r2)
     else:
         # Packed inside, and only for the native CPU kernel: other backends
         # (torch ops on a GPU) read the row-major weight as it is.
         op = _linear_rowmajor_impl if skip else torch.ops.pykernels.int8_linear_rowmajor
-        y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32, act_bits)
+        y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32, act_bits, activation, r2)
     return y.view(*lead, n)
 
 

@@ -1,0 +1,149 @@
+"""The fused epilogue of int8_linear (activation, residual) against the unfused
+int8 path and the float64 reference, on every backend and every CPU tier."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import _reference
+from pykernels.ops.int8 import ACTIVATIONS, apply_epilogue
+
+# Row tails of the register tiles, N past one block of 64 columns and not a
+# multiple of 16 (the epilogue's vector tail), K not a multiple of 4.
+SHAPES = [(1, 64, 48), (5, 130, 70), (37, 384, 200), (64, 96, 1152)]
+
+
+def _ref64(y: torch.Tensor, act: str) -> torch.Tensor:
+    y = y.double()
+    if act == "relu":
+        return torch.relu(y)
+    if act == "gelu":
+        return 0.5 * y * (1 + torch.special.erf(y / math.sqrt(2)))
+    if act == "gelu_tanh":
+        return 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
+    if act == "silu":
+        return y * torch.sigmoid(y)
+    return y
+
+
+def _make(m, k, n, gen):
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    b = torch.randn(n, generator=gen)
+    r = torch.randn(m, n, generator=gen)
+    return x, w, ws, b, r
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_fused_equals_unfused_every_tier(cpu_isa, act, m, k, n, gen):
+    x, w, ws, b, r = _make(m, k, n, gen)
+    packed = pk.ops.pack_int8_weight(w)
+    base = pk.ops.int8_linear(x, packed, ws, b)
+    for residual in (None, r):
+        y = pk.ops.int8_linear(x, packed, ws, b, activation=act, residual=residual)
+        unfused = apply_epilogue(base, act, residual)
+        # The same int8 products and scales; only the activation's float
+        # evaluation differs (erf to ~4e-7, exp to ~2 ulp), relative to |y|.
+        tol = 2e-6 * (1 + base.abs())
+        assert bool(((y - unfused).abs() <= tol).all()), float((y - unfused).abs().max())
+        # And against the exact activation of the float64 reference linear.
+        ref = _ref64(_reference.int8_linear(x, w, ws, b), act)
+        if residual is not None:
+            ref = ref + residual.double()
+        scale = float(ref.abs().max())
+        assert float((y.double() - ref).abs().max()) <= 1e-5 * scale + 1e-6
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_every_backend_same_epilogue(backend, act, gen):
+    x, w, ws, b, r = _make(9, 70, 40, gen)
+    y = pk.ops.int8_linear(x, w, ws, b, activation=act, residual=r)
+    ref = _ref64(_reference.int8_linear(x, w, ws, b), act) + r.double()
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_round_once(cpu_isa, dtype, gen):
+    x, w, ws, b, r = _make(7, 64, 33, gen)
+    x, r = x.to(dtype), r.to(dtype)
+    y = pk.ops.int8_linear(x, w, ws, b, activation="gelu", residual=r)
+    assert y.dtype == dtype
+    base = pk.ops.int8_linear(x.float(), w, ws, b)
+    want = apply_epilogue(base, "gelu", r.float()).to(dtype)
+    eps = torch.finfo(dtype).eps
+    assert bool(((y.float() - want.float()).abs() <= 2 * eps * (1 + want.float().abs())).all())
+
+
+def test_leading_dims_and_extremes(cpu_isa, gen):
+    x = torch.randn(2, 3, 32, generator=gen) * 50
+    w = torch.randint(-127, 128, (80, 32), dtype=torch.int8, generator=gen)
+    ws = torch.full((80,), 0.5)
+    r = torch.randn(2, 3, 80, generator=gen)
+    for act in ACTIVATIONS:
+        y = pk.ops.int8_linear(x, w, ws, activation=act, residual=r)
+        assert y.shape == (2, 3, 80)
+        assert bool(torch.isfinite(y).all())  # |y| in the thousands: exp saturates cleanly
+        base = pk.ops.int8_linear(x, w, ws)
+        want = apply_epilogue(base, act, r)
+        assert bool(((y - want).abs() <= 1e-5 * (1 + want.abs())).all()), act
+
+
+def test_nan_rows_stay_nan(cpu_isa):
+    x = torch.randn(4, 16)
+    x[1, 3] = float("nan")
+    w = torch.randint(-127, 128, (20, 16), dtype=torch.int8)
+    ws = torch.ones(20)
+    for act in ACTIVATIONS:
+        y = pk.ops.int8_linear(x, w, ws, activation=act, residual=torch.zeros(4, 20))
+        assert bool(torch.isnan(y[1]).all()), act
+        assert bool(torch.isfinite(y[[0, 2, 3]]).all()), act
+
+
+def test_bad_epilogue_arguments():
+    x = torch.randn(3, 8)
+    w = torch.randint(-127, 128, (5, 8), dtype=torch.int8)
+    ws = torch.ones(5)
+    with pytest.raises(ValueError, match="activation"):
+        pk.ops.int8_linear(x, w, ws, activation="gelu2")
+    with pytest.raises(ValueError, match="residual"):
+        pk.ops.int8_linear(x, w, ws, residual=torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="residual"):
+        pk.ops.int8_linear(x, w, ws, residual=torch.zeros(3, 5, dtype=torch.int32))
+    with pytest.raises(TypeError, match="residual"):
+        pk.ops.int8_linear(x, w, ws, residual=[0.0] * 15)
+    with pytest.raises(ValueError, match="activation"):
+        pk.nn.Int8Linear(8, 5, activation="tanh")
+
+
+def test_layer_activation_and_residual_save_load(tmp_path, gen):
+    lin = torch.nn.Linear(48, 64)
+    layer = pk.nn.Int8Linear.from_linear(lin, activation="gelu")
+    assert "activation=gelu" in repr(layer)
+    x = torch.randn(6, 48, generator=gen)
+    r = torch.randn(6, 64, generator=gen)
+    plain = pk.nn.Int8Linear.from_linear(lin)
+    want = apply_epilogue(plain(x), "gelu", r)
+    got = layer(x, r)
+    assert bool(((got - want).abs() <= 2e-6 * (1 + want.abs())).all())
+    model = torch.nn.Sequential(layer)
+    pk.save(model, tmp_path / "m")
+    back = pk.load(tmp_path / "m", torch.nn.Sequential(torch.nn.Linear(48, 64)))
+    assert back[0].activation == "gelu"
+    assert torch.equal(back[0](x), layer(x))
+
+
+def test_fake_tensor_mode_sees_the_fused_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = torch.randint(-127, 128, (5, 8), dtype=torch.int8)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = pk.ops.int8_linear(
+            torch.randn(3, 8), w, torch.ones(5), activation="silu", residual=torch.randn(3, 5)
+        )
+    assert tuple(y.shape) == (3, 5)
