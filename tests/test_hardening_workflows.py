@@ -369,6 +369,18 @@ def twin_of(original, compressed):
             or not type(new).__module__.startswith("pykernels")
         ):
             continue
+        if isinstance(new, pk.nn.EncoderBlock):
+            # A fused block: the same block with each int8 projection replaced by
+            # its fake-quantized float twin (the block applies their epilogues).
+            block = copy.deepcopy(new)
+            for name in ("qkv", "out", "ffn1", "ffn2"):
+                lin = getattr(new, name)
+                if lin.act_bits != 8:
+                    return None
+                bias = None if lin.bias is None else lin.bias.detach().clone()
+                setattr(block, name, FakeQuantLinear(lin.dequantized_weight(), bias))
+            twin.set_submodule(fqn, block)
+            continue
         eff = effective(new)
         if eff is None:
             return None

@@ -212,6 +212,12 @@ class Context:
                 self._also.setdefault(first, []).append(fqn)
         return found
 
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """(fqn, layer) for each transformer encoder layer whose projections this step
+        may all replace (:func:`walk.encoder_blocks`): the candidates for a fused
+        :class:`pykernels.nn.EncoderBlock`."""
+        return walk.encoder_blocks(self.model, self.accept)
+
     def progress(self, items: Iterable, desc: str, total: int | None = None) -> Iterator:
         return progress(items, desc, self.show_progress, total)
 

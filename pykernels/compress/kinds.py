@@ -21,6 +21,7 @@ from torch import nn
 from ..nn import (
     ClusteredLinear,
     CPConv2d,
+    EncoderBlock,
     Int8Embedding,
     Int8Linear,
     LowRankLinear,
@@ -390,6 +391,15 @@ register_kind(
         activation=c.get("activation", "none"),
     ),
     params=_int8_linear_params,
+)
+register_kind(
+    EncoderBlock,
+    lambda m: m.config(),
+    lambda c: EncoderBlock(**c),
+    params=lambda m: (
+        sum(_int8_linear_params(getattr(m, n)) for n in ("qkv", "out", "ffn1", "ffn2"))
+        + sum(p.numel() for p in (*m.norm1.parameters(), *m.norm2.parameters()))
+    ),
 )
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())
 register_kind(QATLinear, _qat_describe, _qat_build)

@@ -250,11 +250,19 @@ class Int8(Step):
     faster on AVX2-only CPUs); embedding tables -> row-wise
     :class:`pykernels.nn.Int8Embedding` unless ``embeddings=False``.
 
-    ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``."""
+    In dynamic mode, each transformer encoder layer whose projections are all
+    selected (Hugging Face BERT-family, DistilBERT and ViT layers,
+    ``nn.TransformerEncoderLayer``) becomes one :class:`pykernels.nn.EncoderBlock`
+    (fused QKV, pykernels' attention, activation and residual adds in the int8
+    GEMMs' epilogues) when a float copy of the fused block reproduces the
+    layer; ``fuse=False`` keeps the per-Linear path everywhere.
+
+    ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``, ``"int8:fuse=False"``."""
 
     mode: str = "dynamic"
     embeddings: bool = True
     act_bits: int = 8
+    fuse: bool = True
     name: ClassVar[str] = "int8"
     positional: ClassVar[tuple[str, ...]] = ("mode",)
 
@@ -267,10 +275,18 @@ class Int8(Step):
             raise ValueError(str(e).removeprefix("int8: ")) from None
         if not isinstance(self.embeddings, bool):
             raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"fuse must be a bool, got {self.fuse!r}")
 
     def apply(self, ctx: Context) -> None:
         from ..nn import Int8Embedding, Int8Linear
+        from ..nn.encoder import fuse_encoder_block
 
+        if self.fuse and self.mode == "dynamic":
+            for fqn, layer in ctx.progress(ctx.blocks(), "int8 blocks"):
+                fused = fuse_encoder_block(layer, act_bits=self.act_bits)
+                if not isinstance(fused, str):
+                    ctx.replace(fqn, fused)
         types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)
         for fqn, m in ctx.progress(ctx.targets(types, self.unfit), "int8"):
             if isinstance(m, nn.Linear):

@@ -121,6 +121,46 @@ def targets(
     return ok, skipped
 
 
+def encoder_blocks(model: nn.Module, accept: Accept) -> list[tuple[str, nn.Module]]:
+    """(fqn, module) of the transformer encoder layers that
+    :func:`pykernels.nn.encoder.fuse_encoder_block` may fuse: of a layout it knows,
+    with no hooks of their own, and every projection plain, accepted by ``accept``
+    and replaceable by :func:`why_not`'s rules (so a filter or ``exclude`` that
+    leaves out one projection leaves the layer to the per-Linear path).
+    Outermost first; layers inside a match are not visited."""
+    from ..nn.encoder import _spec
+
+    out: list[tuple[str, nn.Module]] = []
+    for fqn, m in model.named_modules():
+        if any(f == "" or fqn.startswith(f + ".") for f, _ in out):
+            continue
+        spec = _spec(m)
+        if isinstance(spec, str) or _hooks(m):
+            continue
+        names = {id(sub): (fqn + "." if fqn else "") + n for n, sub in m.named_modules()}
+        projections = [spec.q, spec.k, spec.v, spec.out, spec.ffn1, spec.ffn2]
+        if isinstance(m, nn.TransformerEncoderLayer):
+            projections = [m.self_attn.out_proj, m.linear1, m.linear2]
+        ok = True
+        for lin in projections:
+            name = names.get(id(lin))
+            if name is None or type(lin) is not nn.Linear or not accept(lin, name):
+                ok = False
+                break
+            # MultiheadAttention reads out_proj directly; the fused block does not.
+            if not isinstance(m, nn.TransformerEncoderLayer) and why_not(
+                model, name, lin, (nn.Linear,)
+            ):
+                ok = False
+                break
+            if _hooks(lin):
+                ok = False
+                break
+        if ok:
+            out.append((fqn, m))
+    return out
+
+
 def _unfused(module, args):  # noqa: ARG001
     """A forward pre-hook that does nothing: its presence keeps torch's fused
     transformer path, which reads dense weights, off (see the module docstring)."""

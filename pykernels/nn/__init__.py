@@ -4,6 +4,7 @@ from ._module import nbytes_of
 from .cluster import ClusteredLinear
 from .cp import CPConv2d
 from .embedding import Int8Embedding
+from .encoder import EncoderBlock, fuse_encoder_block
 from .int8 import Int8Linear, quantize_int8
 from .qat import QATLinear
 from .sparse import SparseLinear, sparsify
@@ -12,6 +13,7 @@ from .svd import LowRankLinear, TuckerConv2d, factorize
 __all__ = [
     "CPConv2d",
     "ClusteredLinear",
+    "EncoderBlock",
     "Int8Embedding",
     "Int8Linear",
     "LowRankLinear",
@@ -19,6 +21,7 @@ __all__ = [
     "SparseLinear",
     "TuckerConv2d",
     "factorize",
+    "fuse_encoder_block",
     "nbytes_of",
     "quantize_int8",
     "sparsify",
