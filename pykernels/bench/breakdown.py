@@ -21,6 +21,9 @@ self time (their own time, not their children's).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -95,6 +98,21 @@ def _inside(e: Any, pred: Callable[[Any], bool]) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null: kineto writes a line to it as the profiler starts
+    and another as it stops ("USDT: ... profiler_start"), into the table's output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def breakdown(fn: Callable[[], Any], calls: int = 3, warmup: int = 1) -> Breakdown:
     """Profile ``calls`` calls of ``fn`` (under inference_mode, after ``warmup`` calls)
     and split their time between pykernels' ops and the rest (module docstring)."""
@@ -107,11 +125,17 @@ def breakdown(fn: Callable[[], Any], calls: int = 3, warmup: int = 1) -> Breakdo
         for _ in range(calls):
             fn()
         plain = (time.perf_counter() - t0) * 1e3 / calls
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU])
+        with _quiet_stderr():
+            prof.start()
+        try:
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
             wall = (time.perf_counter() - t0) * 1e3 / calls
+        finally:
+            with _quiet_stderr():
+                prof.stop()
     events = [e for e in prof.events() if not e.is_async and e.device_type.name == "CPU"]
     thread = {e.thread for e in events if e.cpu_parent is None and e.name.startswith("aten::")}
     # the calling thread's events only (the profiler may see a worker's too)

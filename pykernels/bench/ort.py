@@ -159,7 +159,7 @@ def _build(model: nn.Module, d: Path) -> dict[str, int]:
 
     fp32, int8 = d / "optimized.onnx", d / "int8.onnx"
     raw = d / "exported.onnx"
-    ids = torch.randint(1000, 2000, (2, 16))
+    ids = torch.randint(1, model.config.vocab_size, (2, 16))
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
     args = (ids, mask, torch.zeros_like(ids))
