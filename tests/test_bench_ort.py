@@ -95,6 +95,14 @@ def test_without_onnxruntime_the_rows_are_skipped_with_one_line(monkeypatch, cap
     ]
 
 
+def test_a_capped_tier_has_no_ort_rows(monkeypatch, capsys):
+    monkeypatch.setattr(ort, "available", lambda: None)
+    monkeypatch.setenv("PYKERNELS_CPU_ISA", "avx2")
+    rows, graph = bench_model.ort_rows(torch.nn.Linear(2, 2), "model tiny")
+    assert rows == {} and graph is None
+    assert "cannot be ISA-capped" in capsys.readouterr().err
+
+
 def test_breakdown_shares_of_an_int8_model():
     model, b = tiny_bert(), batch()
     q = pk.quantize_int8(model)

@@ -26,6 +26,7 @@ without onnxruntime only the ORT rows are.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import warnings
 from typing import Any
@@ -89,9 +90,22 @@ def peers(fp32: nn.Module, act_bits_7: bool = False) -> dict[str, nn.Module]:
 
 def ort_rows(fp32: nn.Module, where: str) -> tuple[dict[str, nn.Module], str | None]:
     """ONNX Runtime's fp32 and int8 rows for ``fp32`` and its graph line, or no rows and
-    a line on stderr when onnxruntime is missing."""
+    a line on stderr when onnxruntime is missing or a ``bench --isa`` tier caps the
+    peers (ORT has no cap)."""
     if _ort.available():
         print(_ort.skip_line(where), file=sys.stderr)
+        return {}, None
+    from .tiers import CAP_VARS
+
+    capped = [k for k in CAP_VARS if os.environ.get(k)]
+    if capped:
+        # a `bench --isa` tier below native: ORT has no such cap, and its rows
+        # would be the native tier's figures under this tier's name
+        print(
+            f"{where}: ONNX Runtime rows skipped at a capped tier ({capped[0]} is set): "
+            "ONNX Runtime cannot be ISA-capped, its rows run at the native tier only",
+            file=sys.stderr,
+        )
         return {}, None
     return _ort.encoders(fp32)
 
