@@ -25,7 +25,8 @@ const float* view4(py::array& a, const char* name, int64_t* shape, pk::attention
       throw std::invalid_argument(std::string(name) + ": unsupported strides");
     st[i] = a.strides(i) / int64_t(sizeof(float));
   }
-  if (shape[3] > 1 && st[3] != 1)
+  // An empty array's strides are arbitrary (NumPy gives zeros): nothing is read.
+  if (a.size() > 0 && shape[3] > 1 && st[3] != 1)
     throw std::invalid_argument(std::string(name) + ": the last dimension must be contiguous");
   if (writable && !a.writeable())
     throw std::invalid_argument(std::string(name) + ": buffer must be writable");

@@ -112,8 +112,8 @@ def _attention_native(q, k, v, mask, is_causal, scale, kv_lengths) -> Tensor:
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     out = _out_like(q, v.shape[3])
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or sk == 0:
+        return out.zero_()
     m = None if mask is None else _kernel_mask(mask, (b, h, sq, sk))
     lens = None if kv_lengths is None else kv_lengths.to(torch.int64).contiguous()
     backends.host_call(
