@@ -27,6 +27,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <int W>
 struct VecTypes;
 template <>
+struct VecTypes<2> {
+  typedef float V __attribute__((vector_size(8)));
+  typedef int32_t I __attribute__((vector_size(8)));
+};
+template <>
 struct VecTypes<4> {
   typedef float V __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));
@@ -58,15 +63,61 @@ struct Simd {
   // x - 0.0f is x exactly, so this is a plain broadcast.
   static V splat(float x) { return x - V{}; }
   static V vmax(V a, V b) { return a > b ? a : b; }
+  // Horizontal reductions as a tree of half-width vectors: a scalar chain of
+  // W dependent adds per row cost as much as the row's exp at D = 32.
   static float hmax(V v) {
-    float m = v[0];
-    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-    return m;
+    if constexpr (W == 4) {
+      const float a = v[0] > v[2] ? v[0] : v[2], b = v[1] > v[3] ? v[1] : v[3];
+      return a > b ? a : b;
+    } else {
+      using H = Simd<W / 2>;
+      return H::hmax(H::vmax(lo_half(v), hi_half(v)));
+    }
   }
   static float hsum(V v) {
-    float s = 0.0f;
-    for (int i = 0; i < W; ++i) s += v[i];
-    return s;
+    if constexpr (W == 4) {
+      return (v[0] + v[2]) + (v[1] + v[3]);
+    } else {
+      using H = Simd<W / 2>;
+      return H::hsum(lo_half(v) + hi_half(v));
+    }
+  }
+  static typename VecTypes<W / 2>::V lo_half(V v) {
+    typename VecTypes<W / 2>::V h;
+    __builtin_memcpy(&h, &v, sizeof h);
+    return h;
+  }
+  static typename VecTypes<W / 2>::V hi_half(V v) {
+    typename VecTypes<W / 2>::V h;
+    __builtin_memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h, sizeof h);
+    return h;
+  }
+
+  // dst[c * ldd + i] = src[i * lds + c] for a W x W block: log2(W) rounds of
+  // interleaving row i with row i + W/2 (a perfect shuffle of the index bits
+  // each round), W two-source permutes a round. The scalar transpose of the
+  // keys cost 9% of a head at D = 32.
+  static void transpose(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    I lo, hi;
+    for (int i = 0; i < W; ++i) {
+      lo[i] = i % 2 == 0 ? i / 2 : W + i / 2;
+      hi[i] = lo[i] + W / 2;
+    }
+    V r[W], t[W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r[i] = load(src + i * lds);
+#pragma GCC unroll 4
+    for (int round = 1; round < W; round *= 2) {
+#pragma GCC unroll 8
+      for (int i = 0; i < W / 2; ++i) {
+        t[2 * i] = __builtin_shuffle(r[i], r[i + W / 2], lo);
+        t[2 * i + 1] = __builtin_shuffle(r[i], r[i + W / 2], hi);
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) r[i] = t[i];
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) store(dst + i * ldd, r[i]);
   }
 
   // 2^x for x <= 0 (what softmax needs after subtracting the max), NaN
@@ -191,17 +242,29 @@ struct Attention {
   // One row of a score block: scale and mask it, fold it into the row's
   // running max m and sum l, turn it into probabilities in place (zeros from
   // vr to jw) and rescale the row's output accumulators if the max grew.
+  // Without a mask the scores and m are kept in base 2 (scale includes
+  // log2 e), so the exp pass is a subtraction and the polynomial. With one
+  // they stay in base e until the max is subtracted: Hugging Face's
+  // finfo.min times log2 e would overflow to -inf, and a row of it must
+  // average v (as in SDPA), not count as fully masked.
   static void softmax_row(float* s, int64_t vr, int64_t jw, const float* mrow, float scale,
                           float* m, float* l, float* o, int64_t dvp) {
     const float ninf = -__builtin_inff();
     V mx = S::splat(ninf);
     const V vs = S::splat(scale);
     int64_t j = 0;
-    for (; j + W <= vr; j += W) {
-      V t = S::load(s + j) * vs;
-      if (mrow) t += S::load(mrow + j);
-      S::store(s + j, t);
-      mx = S::vmax(mx, t);
+    if (mrow) {
+      for (; j + W <= vr; j += W) {
+        const V t = S::load(s + j) * vs + S::load(mrow + j);
+        S::store(s + j, t);
+        mx = S::vmax(mx, t);
+      }
+    } else {
+      for (; j + W <= vr; j += W) {
+        const V t = S::load(s + j) * vs;
+        S::store(s + j, t);
+        mx = S::vmax(mx, t);
+      }
     }
     float mb = S::hmax(mx);
     for (; j < vr; ++j) {
@@ -214,24 +277,33 @@ struct Attention {
     // A row with nothing unmasked yet: exp(-inf - 0) = 0, never -inf - -inf.
     const float mu = mn == ninf ? 0.0f : mn;
     const V vmu = S::splat(mu);
-    const V l2e = S::splat(kLog2e);
+    const float unit = mrow ? kLog2e : 1.0f;
+    const V vunit = S::splat(unit);
     V sum = V{};
     j = 0;
-    for (; j + W <= vr; j += W) {
-      const V e = S::exp2_neg((S::load(s + j) - vmu) * l2e);
-      S::store(s + j, e);
-      sum += e;
+    if (mrow) {
+      for (; j + W <= vr; j += W) {
+        const V e = S::exp2_neg((S::load(s + j) - vmu) * vunit);
+        S::store(s + j, e);
+        sum += e;
+      }
+    } else {
+      for (; j + W <= vr; j += W) {
+        const V e = S::exp2_neg(S::load(s + j) - vmu);
+        S::store(s + j, e);
+        sum += e;
+      }
     }
     if (j < vr) {
       float tail[W];
       for (int i = 0; i < W; ++i) tail[i] = j + i < vr ? s[j + i] : ninf;
-      const V e = S::exp2_neg((S::load(tail) - vmu) * l2e);
+      const V e = S::exp2_neg((S::load(tail) - vmu) * vunit);
       for (int64_t i = 0; j + i < vr; ++i) s[j + i] = e[i];
       sum += e;
       j = vr;
     }
     for (j = vr < 0 ? 0 : vr; j < jw; ++j) s[j] = 0.0f;
-    const float alpha = S::exp2_scalar((mo - mu) * kLog2e);
+    const float alpha = S::exp2_scalar((mo - mu) * unit);
     *l = *l * alpha + S::hsum(sum);
     *m = mn;
     if (alpha != 1.0f) {
@@ -275,8 +347,12 @@ struct Attention {
     float* lrow = mrow + R;
 
     const float* k = p.k + b * p.kv.sb + h * p.kv.sh;
+    const int64_t jfull = kmax / W * W, cfull = d / W * W;
+    for (int64_t j = 0; j < jfull; j += W)
+      for (int64_t c = 0; c < cfull; c += W)
+        S::transpose(k + j * p.kv.ss + c, p.kv.ss, kt + c * kpad + j, kpad);
     for (int64_t j = 0; j < kmax; ++j)
-      for (int64_t c = 0; c < d; ++c) kt[c * kpad + j] = k[j * p.kv.ss + c];
+      for (int64_t c = j < jfull ? cfull : 0; c < d; ++c) kt[c * kpad + j] = k[j * p.kv.ss + c];
     for (int64_t c = 0; c < d; ++c)
       for (int64_t j = kmax; j < kpad; ++j) kt[c * kpad + j] = 0.0f;
     const float* v = p.v + b * p.vv.sb + h * p.vv.sh;
@@ -289,6 +365,7 @@ struct Attention {
     }
     const float* q = p.q + b * p.qv.sb + h * p.qv.sh;
     const float* mbase = p.mask ? p.mask + b * p.mv.sb + h * p.mv.sh : nullptr;
+    const float scale = p.mask ? p.scale : p.scale * kLog2e;
 
     for (int64_t ib = i0; ib < ie; ib += R) {
       const int64_t rows = ie - ib < R ? ie - ib : R;
@@ -310,7 +387,7 @@ struct Attention {
           const int64_t i = ib + r;
           int64_t vr = jw;
           if (p.causal && i + 1 - j0 < vr) vr = i + 1 - j0;
-          softmax_row(sblk + r * KC, vr, jw, mbase ? mbase + i * p.mv.ss + j0 : nullptr, p.scale,
+          softmax_row(sblk + r * KC, vr, jw, mbase ? mbase + i * p.mv.ss + j0 : nullptr, scale,
                       mrow + r, lrow + r, oblk + r * dvp, dvp);
         }
         pv_block(sblk, v + j0 * ldv, ldv, jw, oblk, dvp);
