@@ -154,9 +154,11 @@ struct Attention {
 
   static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-  // s[r][0 .. KW) = q[r] . kt[:, 0 .. KW) for MR rows.
+  // s[r][0 .. KW) = q[r] . kt[:, 0 .. KW) for MR rows, q packed transposed
+  // (qt[c * R + r]): each broadcast is then at a fixed offset from one
+  // pointer, where row pointers cost a load of the pointer per broadcast.
   template <int MR>
-  static void qk_tile(const float* const* qr, const float* kt, int64_t ldkt, int64_t d, float* s,
+  static void qk_tile(const float* qt, const float* kt, int64_t ldkt, int64_t d, float* s,
                       int64_t lds) {
     V acc[MR][QK_NV];
 #pragma GCC unroll 8
@@ -169,7 +171,7 @@ struct Attention {
       for (int n = 0; n < QK_NV; ++n) kv[n] = S::load(kt + c * ldkt + n * W);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const V qb = S::splat(qr[r][c]);
+        const V qb = S::splat(qt[c * R + r]);
 #pragma GCC unroll 4
         for (int n = 0; n < QK_NV; ++n) acc[r][n] += qb * kv[n];
       }
@@ -178,6 +180,22 @@ struct Attention {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int n = 0; n < QK_NV; ++n) S::store(s + r * lds + n * W, acc[r][n]);
+  }
+
+  // qt[c * R + r] = q row ib + r (the last row repeated past `rows`) times
+  // scale, for all R rows of a block.
+  static void pack_q(const float* q, int64_t ldq, int64_t rows, int64_t d, float scale, float* qt) {
+    if (rows == R && R % W == 0 && d % W == 0) {
+      for (int64_t c = 0; c < d; c += W)
+        for (int r = 0; r < R; r += W) S::transpose(q + r * ldq + c, ldq, qt + c * R + r, R);
+      const V vs = S::splat(scale);
+      for (int64_t i = 0; i < d * R; i += W) S::store(qt + i, S::load(qt + i) * vs);
+      return;
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* row = q + (r < rows ? r : rows - 1) * ldq;
+      for (int64_t c = 0; c < d; ++c) qt[c * R + r] = row[c] * scale;
+    }
   }
 
   // o[r][0 .. NV * W) += sum_j p[r][j] v[j][0 .. NV * W) for MR rows.
@@ -242,33 +260,29 @@ struct Attention {
   // One row of a score block: scale and mask it, fold it into the row's
   // running max m and sum l, turn it into probabilities in place (zeros from
   // vr to jw) and rescale the row's output accumulators if the max grew.
-  // Without a mask the scores and m are kept in base 2 (scale includes
-  // log2 e), so the exp pass is a subtraction and the polynomial. With one
-  // they stay in base e until the max is subtracted: Hugging Face's
-  // finfo.min times log2 e would overflow to -inf, and a row of it must
-  // average v (as in SDPA), not count as fully masked.
-  static void softmax_row(float* s, int64_t vr, int64_t jw, const float* mrow, float scale,
-                          float* m, float* l, float* o, int64_t dvp) {
+  // The scores come scaled (q was packed times the scale). Without a mask
+  // they and m are in base 2 (the scale includes log2 e), so the exp pass is
+  // a subtraction and the polynomial. With one they stay in base e until the
+  // max is subtracted: Hugging Face's finfo.min times log2 e would overflow
+  // to -inf, and a row of it must average v (as in SDPA), not count as
+  // fully masked.
+  static void softmax_row(float* s, int64_t vr, int64_t jw, const float* mrow, float* m, float* l,
+                          float* o, int64_t dvp) {
     const float ninf = -__builtin_inff();
     V mx = S::splat(ninf);
-    const V vs = S::splat(scale);
     int64_t j = 0;
     if (mrow) {
       for (; j + W <= vr; j += W) {
-        const V t = S::load(s + j) * vs + S::load(mrow + j);
+        const V t = S::load(s + j) + S::load(mrow + j);
         S::store(s + j, t);
         mx = S::vmax(mx, t);
       }
     } else {
-      for (; j + W <= vr; j += W) {
-        const V t = S::load(s + j) * vs;
-        S::store(s + j, t);
-        mx = S::vmax(mx, t);
-      }
+      for (; j + W <= vr; j += W) mx = S::vmax(mx, S::load(s + j));
     }
     float mb = S::hmax(mx);
     for (; j < vr; ++j) {
-      const float t = s[j] * scale + (mrow ? mrow[j] : 0.0f);
+      const float t = s[j] + (mrow ? mrow[j] : 0.0f);
       s[j] = t;
       mb = t > mb ? t : mb;
     }
@@ -315,7 +329,7 @@ struct Attention {
   static int64_t scratch_floats(const Problem& p) {
     const int64_t kpad = round_up(p.sk, KW);
     const int64_t dvp = round_up(p.dv, W);
-    return p.d * kpad + kpad * dvp + R * KC + R * dvp + 2 * R;
+    return p.d * kpad + kpad * dvp + R * KC + R * dvp + 2 * R + R * p.d;
   }
 
   static void zero_rows(float* out, int64_t ld, int64_t i0, int64_t i1, int64_t dv) {
@@ -345,6 +359,7 @@ struct Attention {
     float* oblk = sblk + R * KC;
     float* mrow = oblk + R * dvp;
     float* lrow = mrow + R;
+    float* qt = lrow + R;
 
     const float* k = p.k + b * p.kv.sb + h * p.kv.sh;
     const int64_t jfull = kmax / W * W, cfull = d / W * W;
@@ -369,8 +384,7 @@ struct Attention {
 
     for (int64_t ib = i0; ib < ie; ib += R) {
       const int64_t rows = ie - ib < R ? ie - ib : R;
-      const float* qr[R];
-      for (int r = 0; r < R; ++r) qr[r] = q + (ib + (r < rows ? r : rows - 1)) * p.qv.ss;
+      pack_q(q + ib * p.qv.ss, p.qv.ss, rows, d, scale, qt);
       for (int r = 0; r < R; ++r) {
         mrow[r] = -__builtin_inff();
         lrow[r] = 0.0f;
@@ -382,13 +396,13 @@ struct Attention {
         const int64_t jwp = round_up(jw, KW);
         for (int r = 0; r < R; r += QK_MR)
           for (int64_t kc = 0; kc < jwp; kc += KW)
-            qk_tile<QK_MR>(qr + r, kt + j0 + kc, kpad, d, sblk + r * KC + kc, KC);
+            qk_tile<QK_MR>(qt + r, kt + j0 + kc, kpad, d, sblk + r * KC + kc, KC);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = ib + r;
           int64_t vr = jw;
           if (p.causal && i + 1 - j0 < vr) vr = i + 1 - j0;
-          softmax_row(sblk + r * KC, vr, jw, mbase ? mbase + i * p.mv.ss + j0 : nullptr, scale,
-                      mrow + r, lrow + r, oblk + r * dvp, dvp);
+          softmax_row(sblk + r * KC, vr, jw, mbase ? mbase + i * p.mv.ss + j0 : nullptr, mrow + r,
+                      lrow + r, oblk + r * dvp, dvp);
         }
         pv_block(sblk, v + j0 * ldv, ldv, jw, oblk, dvp);
       }
