@@ -17,11 +17,11 @@ from pykernels.backends.reference import attention as ref_attention
 
 attention = pk.ops.attention
 
-# float32 against the float64 reference on N(0, 1) data: rounding of the
-# scores (relative eps, so it grows with the logits: scale 0.3 at D = 128),
-# the kernel's exp (2e-7 relative) and the summation order; SDPA's own
-# float32 error is of the same size (test_error_against_sdpa_at_model_shapes).
-ATOL = 5e-6
+# float32 against the float64 reference on N(0, 1) data with logits up to 4
+# (check() allows proportionally more above: rounding of a score is relative
+# to it): the kernel's exp (2e-7 relative) and its summation order. SDPA's
+# own float32 error is of the same size (test_error_against_sdpa_at_model_shapes).
+ATOL = 3e-6
 
 
 def rand(gen, *shape, scale=1.0):
@@ -59,16 +59,26 @@ def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, kv_lengths=None):
     )
 
 
-def check(q, k, v, atol=ATOL, against_sdpa=True, **kw):
+def check(q, k, v, against_sdpa=True, **kw):
+    """attention() against the float64 reference and, where SDPA takes the
+    arguments, no worse than float32 SDPA's own error.
+
+    Rounding in a score grows with its size (and the output's error with
+    it), so the bound is ATOL at logits up to 4, proportionally more above.
+    """
     got = attention(q, k, v, **kw)
-    want = reference(q, k, v, **kw)
+    want = reference(q, k, v, **kw).double()
     assert got.shape == want.shape and got.dtype == q.dtype
-    assert torch.allclose(got.double(), want.double(), atol=atol, rtol=0, equal_nan=True), (
-        (got.double() - want.double()).abs().nan_to_num(0).max()
-    )
+    scale = kw.get("scale") or 1.0 / math.sqrt(max(q.shape[-1], 1))
+    logits = (q.double() @ k.double().transpose(-1, -2) * scale).abs()
+    tol = ATOL * max(1.0, logits.nan_to_num(0).max().item() / 4 if logits.numel() else 1.0)
     if against_sdpa:
-        s = sdpa(q, k, v, **kw)
-        assert torch.allclose(got, s, atol=atol, rtol=0, equal_nan=True)
+        s = sdpa(q, k, v, **kw).double()
+        assert ((s - want).abs() <= 4 * tol).logical_or(s.isnan() & want.isnan()).all()
+        tol = max(tol, 4 * (s - want).abs().nan_to_num(0).max().item())
+    err = (got.double() - want).abs()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert err.nan_to_num(0).max().item() <= tol, (err.nan_to_num(0).max().item(), tol)
     return got
 
 

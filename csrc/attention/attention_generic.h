@@ -11,6 +11,9 @@
 // row of scores that stays in L1.
 #pragma once
 #include <cstdint>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "attention_isa.h"
 
@@ -121,25 +124,39 @@ struct Simd {
   }
 
   // 2^x for x <= 0 (what softmax needs after subtracting the max), NaN
-  // propagating, exactly 0 below 2^-126 (so masked -inf scores give 0).
-  // Cephes' exp2f polynomial on [-0.5, 0.5]: relative error <= 1.7e-7
-  // (about 2 ulp; the tests measure it).
+  // propagating, exactly 0 for -inf (masked scores) and far below (under
+  // 2^-127 here, 2^-150 with AVX-512). Cephes' exp2f polynomial on
+  // [-0.5, 0.5]: relative error <= 1.7e-7 (about 2 ulp; the tests measure it).
   static V exp2_neg(V x) {
-    const V lo = splat(-126.0f);
+#ifdef __AVX512F__
+    if constexpr (W == 16) {
+      // vscalefps forms p * 2^f in one instruction, and below -150 it gives
+      // exactly 0: max(lo, x) keeps a NaN x (the second operand wins), and
+      // -inf clamps to -160, whose 2^f underflows to 0.
+      const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);
+      const __m512 f = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return _mm512_scalef_ps(poly(V(xc) - V(f)), f);
+    }
+#endif
+    // Clamped at -127, whose exponent field (f + 127 = 0) makes 2^f exactly
+    // 0: masked -inf scores give 0 without a select. A NaN x fails the
+    // comparison and stays NaN.
+    const V lo = splat(-127.0f);
     const V xc = x < lo ? lo : x;
     const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
     const V f = (xc + magic) - magic;
-    const V r = xc - f;
+    const I e = (__builtin_convertvector(f, I) + 127) << 23;
+    return poly(xc - f) * __builtin_bit_cast(V, e);
+  }
+  // 2^r on [-0.5, 0.5] (Cephes' exp2f polynomial).
+  static V poly(V r) {
     V p = splat(1.535336188319500e-4f);
     p = p * r + 1.339887440266574e-3f;
     p = p * r + 9.618437357674640e-3f;
     p = p * r + 5.550332471162809e-2f;
     p = p * r + 2.402264791363012e-1f;
     p = p * r + 6.931472028550421e-1f;
-    p = p * r + 1.0f;
-    const I e = (__builtin_convertvector(f, I) + 127) << 23;
-    const V y = p * __builtin_bit_cast(V, e);
-    return x < lo ? V{} : y;
+    return p * r + 1.0f;
   }
   static float exp2_scalar(float x) { return exp2_neg(splat(x))[0]; }
 };
