@@ -85,15 +85,17 @@ struct Simd {
       return H::hsum(lo_half(v) + hi_half(v));
     }
   }
+  // Not memcpy: taking the address of a vector kept the row sum of the exp
+  // loop on the stack, a store-to-load chain through every iteration.
   static typename VecTypes<W / 2>::V lo_half(V v) {
-    typename VecTypes<W / 2>::V h;
-    __builtin_memcpy(&h, &v, sizeof h);
-    return h;
+    if constexpr (W == 16) return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    if constexpr (W == 8) return __builtin_shufflevector(v, v, 0, 1, 2, 3);
+    if constexpr (W == 4) return __builtin_shufflevector(v, v, 0, 1);
   }
   static typename VecTypes<W / 2>::V hi_half(V v) {
-    typename VecTypes<W / 2>::V h;
-    __builtin_memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h, sizeof h);
-    return h;
+    if constexpr (W == 16) return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    if constexpr (W == 8) return __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    if constexpr (W == 4) return __builtin_shufflevector(v, v, 2, 3);
   }
 
   // dst[c * ldd + i] = src[i * lds + c] for a W x W block: log2(W) rounds of
