@@ -1,6 +1,7 @@
 // CPU attention driver: argument checks, threads over (batch, head, query
 // chunk) tasks, per-thread scratch, the ISA table chosen per call.
 #include <algorithm>
+#include <atomic>
 
 #include "../common/checks.h"
 #include "../common/isa_pick.h"
@@ -42,11 +43,17 @@ void attention_f32_cpu(const Problem& p) {
   const int64_t tasks = pairs * chunks;
   const int64_t work = pairs * p.sq * std::max<int64_t>(p.sk, 1) * (p.d + p.dv + 8);
   const int nt = int(std::min<int64_t>(threads_for(work, int64_t(1) << 18), tasks));
-  parallel_for(0, tasks, std::max(nt, 1), [&](int64_t t) {
+  // Tasks come from a shared counter rather than fixed shares: on a busy
+  // host a thread the OS preempts then holds the call up by the task it is
+  // in, not by its whole share (each task is tens of microseconds).
+  std::atomic<int64_t> next{0};
+  parallel(std::max(nt, 1), [&](int) {
     float* s = scratch<float>(0, scratch_n);
-    const int64_t pair = t / chunks, c = t % chunks;
-    const int64_t i0 = c * rows_per, i1 = std::min(p.sq, i0 + rows_per);
-    if (i0 < i1) kern->head(p, pair / p.heads, pair % p.heads, i0, i1, s);
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t pair = t / chunks, c = t % chunks;
+      const int64_t i0 = c * rows_per, i1 = std::min(p.sq, i0 + rows_per);
+      if (i0 < i1) kern->head(p, pair / p.heads, pair % p.heads, i0, i1, s);
+    }
   });
 }
 
