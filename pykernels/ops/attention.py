@@ -33,6 +33,15 @@ Semantics, checked against SDPA (torch 2.13, CPU) in tests/test_attention.py:
   transposed view (so ``out.transpose(1, 2).reshape(B, S, H * D)`` is free),
   else it is contiguous, as SDPA's is.
 
+Speed (AMD EPYC Zen 5, one thread, CPU time, fp32, torch 2.13; the host was
+shared, so +-15%): 2.0-2.3x SDPA at MiniLM's 32 x 12 x 128 x 32 and
+BERT-base's 8 x 12 x 128 x 64 on AVX-512, with or without an all-ones
+padding mask; 1.15-1.2x on AVX2, where both are bound by the FMA rate
+(SDPA runs at about half of AVX2's fp32 peak there, so 2x is out of reach
+in fp32). Half-padded batches (kv_lengths) 2.2x (AVX2) to 3.7x (AVX-512),
+causal 1.8-2.8x: the keys a row does not see are never computed. Threads
+split the (batch, head) pairs, so two threads take about half the time.
+
 Error against float32 SDPA: the kernel's exp is a polynomial (relative error
 about 2e-7) and it sums in its own order. On N(0, 1) inputs at MiniLM's and
 BERT-base's shapes its error against a float64 evaluation is the same as
