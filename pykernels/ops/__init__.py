@@ -1,5 +1,6 @@
 """The functional API, one module per kernel family."""
 
+from .attention import attention, padding_mask_to_lengths
 from .cluster import (
     cluster_linear,
     cluster_weight,
@@ -23,6 +24,7 @@ from .svd import batched_svd, randomized_svd, svd_rank
 from .topk import topk_densify, topk_sparsify
 
 __all__ = [
+    "attention",
     "Int8PackedWeight",
     "batched_svd",
     "cluster_linear",
@@ -35,6 +37,7 @@ __all__ = [
     "kmeans_cluster",
     "pack_cluster_codes",
     "pack_int8_weight",
+    "padding_mask_to_lengths",
     "prune",
     "quantize_buckets",
     "quantize_per_row",
