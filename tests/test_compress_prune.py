@@ -344,13 +344,15 @@ def test_pruning_composes_with_the_other_steps(gen):
     m = tiny_bert(layers=1)
     x = bert_batch(gen)
     pruned, _ = pk.compress(m, "prune:0.5", x, progress=False)
-    both, report = pk.compress(m, "prune:0.5+int8", x, progress=False)
+    # fuse=False: the per-Linear int8 path (the fused EncoderBlock over a pruned
+    # layer is tests/test_encoder.py's)
+    both, report = pk.compress(m, "prune:0.5+int8:fuse=False", x, progress=False)
     layer = both.encoder.layer[0]
     assert isinstance(layer.attention.self.query, pk.nn.Int8Linear)
     assert layer.attention.self.query.out_features == 16
     assert isinstance(both.embeddings.word_embeddings, pk.nn.Int8Embedding)
     # int8 after pruning: the int8 recipe applied to the pruned model
-    again, _ = pk.compress(pruned, "int8", x, progress=False)
+    again, _ = pk.compress(pruned, "int8:fuse=False", x, progress=False)
     assert torch.equal(run(both, x).last_hidden_state, run(again, x).last_hidden_state)
     rows = {r.name: r for r in report.layers}
-    assert rows["encoder.layer.0.attention.self.query"].steps == ["prune:0.5", "int8"]
+    assert rows["encoder.layer.0.attention.self.query"].steps == ["prune:0.5", "int8:fuse=False"]

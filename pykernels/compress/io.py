@@ -78,6 +78,10 @@ def record(model: nn.Module, steps: list[Any], original: nn.Module, changes, att
     }
     for fqn, d in attrs.items():
         rec["attrs"].setdefault(fqn, {}).update(d)
+    # A later step may have replaced a module whose attributes an earlier one set
+    # (pruned heads of an attention that is now part of a fused EncoderBlock).
+    live = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    rec["attrs"] = {f: d for f, d in rec["attrs"].items() if f in live}
     # object.__setattr__: a plain attribute, never a submodule or buffer.
     object.__setattr__(model, RECORD, rec)
 

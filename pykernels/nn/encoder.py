@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops.int8 import ACTIVATIONS, apply_epilogue
 from ._module import nbytes_of
 from .int8 import Int8Linear
@@ -40,14 +40,37 @@ from .int8 import Int8Linear
 LAYOUTS = ("hf", "torch")
 
 
+_last_mask: list = [None, -1, (None, None)]  # (mask, its version, its lengths split)
+
+
+def _split_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(kv_lengths, remaining mask) for a padding mask; the layers of one forward
+    receive the same mask object, so its split is kept for the next layer."""
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1:
+        return None, mask
+    # An inference tensor has no version counter (and cannot be changed in
+    # place outside inference mode): the same object is then taken as unchanged.
+    version = -2 if mask.is_inference() else mask._version
+    if _last_mask[0] is mask and _last_mask[1] == version:
+        return _last_mask[2]
+    from ..ops.attention import padding_mask_to_lengths
+
+    split = padding_mask_to_lengths(mask)
+    _last_mask[:] = [mask, version, split]
+    return split
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """softmax(q k^T * scale + mask) v over [B, H, S, D] views: pykernels' attention
-    kernel where it is built, torch's SDPA otherwise."""
-    try:
-        from ..ops.attention import attention
-    except ImportError:  # the attention family is optional in this build
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return attention(q, k, v, attn_mask=mask, scale=scale)
+    """softmax(q k^T * scale + mask) v over [B, H, S, D] views with pykernels'
+    attention; a right-padding mask becomes key lengths, so padded keys cost
+    nothing. The output is laid out [B, S, H, D] (as q, a view of the QKV GEMM's
+    output, is), so merging the heads is free."""
+    from ..ops.attention import attention
+
+    if q.device.type != "cpu" or mask is None or not _checks.has_data(mask):
+        return attention(q, k, v, attn_mask=mask, scale=scale)
+    lengths, rest = _split_mask(mask)
+    return attention(q, k, v, attn_mask=rest, scale=scale, kv_lengths=lengths)
 
 
 class EncoderBlock(nn.Module):
