@@ -147,3 +147,41 @@ def test_fake_tensor_mode_sees_the_fused_op():
             torch.randn(3, 8), w, torch.ones(5), activation="silu", residual=torch.randn(3, 5)
         )
     assert tuple(y.shape) == (3, 5)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (50, 130, 70), (100, 96, 200)])
+def test_quantized_hand_off_equals_quantizing_the_output(cpu_isa, act, m, k, n, gen):
+    x, w, ws, b, _ = _make(m, k, n, gen)
+    packed = pk.ops.pack_int8_weight(w)
+    y = pk.ops.int8_linear(x, packed, ws, b, activation=act)
+    q0, s0 = pk.ops.quantize_per_row(y)
+    q, s = pk.ops.int8_linear_quantized_out(x, packed, ws, b, activation=act)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
+    # and the next layer from (q, s) equals it from the float activation
+    w2 = torch.randint(-127, 128, (33, n), dtype=torch.int8, generator=gen)
+    p2, ws2, r = pk.ops.pack_int8_weight(w2), torch.rand(33, generator=gen), torch.randn(m, 33)
+    want = pk.ops.int8_linear(y, p2, ws2, None, activation="silu", residual=r)
+    got = pk.ops.int8_linear_prequantized(q, s, p2, ws2, None, activation="silu", residual=r)
+    assert torch.equal(got, want)
+
+
+def test_prequantized_every_backend_and_refusals(backend, gen):
+    q = torch.randint(-127, 128, (7, 40), dtype=torch.int8, generator=gen)
+    s = torch.rand(7, generator=gen)
+    w = torch.randint(-127, 128, (9, 40), dtype=torch.int8, generator=gen)
+    ws, b = torch.rand(9, generator=gen), torch.randn(9, generator=gen)
+    packed = pk.ops.pack_int8_weight(w)
+    y = pk.ops.int8_linear_prequantized(q, s, packed, ws, b)
+    ref = (q.double() @ w.double().T) * s.double()[:, None] * ws.double() + b.double()
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    bad = q.clone()
+    bad[3, 5] = -128
+    with pytest.raises(ValueError, match=r"\[-127, 127\]"):
+        pk.ops.int8_linear_prequantized(bad, s, packed, ws, b)
+    with pytest.raises(TypeError, match="q must be an int8"):
+        pk.ops.int8_linear_prequantized(q.float(), s, packed, ws, b)
+    with pytest.raises(ValueError, match="x_scale"):
+        pk.ops.int8_linear_prequantized(q, s[:3], packed, ws, b)
+    with pytest.raises(TypeError, match="Int8PackedWeight"):
+        pk.ops.int8_linear_quantized_out(torch.randn(7, 40), w, ws, b)

@@ -73,6 +73,27 @@ void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t l
                         const float* bias, int64_t n, void* y, DType yt, int act_bits = 8,
                         const Epilogue& epilogue = Epilogue{});
 
+// The dynamic linear whose output is the next layer's quantized input: y =
+// act(x W^T + bias) (epilogue.act; no residual) is never stored. Threads take
+// chunks of rows over all of N, compute them in their own scratch and quantize
+// each row as quantize_per_row does (scale = max|y| / 127, q in [-127, 127],
+// round half to even; NaN/inf rows: scale NaN/inf, q 0) into q [M, N]
+// (row-major int8) and q_scale [M]. Equal to quantize_per_row of
+// linear_dynamic_cpu's fp32 output with the same epilogue.
+void linear_dynamic_q8out_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
+                              const int8_t* packed, const int32_t* comp, const float* w_scale,
+                              const float* bias, int64_t n, Act act, int8_t* q, float* q_scale,
+                              int act_bits = 8);
+
+// The dynamic linear of an activation already quantized per row (q: M x K
+// int8 in [-127, 127], row stride ldq; x_scale [M]), as linear_dynamic_cpu
+// computes after quantizing x itself; y (M x N of yt) with the epilogue.
+// q holding -128 is refused (std::invalid_argument).
+void linear_prequantized_cpu(const int8_t* q, const float* x_scale, int64_t m, int64_t k,
+                             int64_t ldq, const int8_t* packed, const int32_t* comp,
+                             const float* w_scale, const float* bias, int64_t n, void* y, DType yt,
+                             const Epilogue& epilogue = Epilogue{});
+
 // Weight-only W8A16 linear: y = x @ (w * w_scale[:, None]).T + bias with x in
 // float, the int8 weight row-major (N x K) and dequantized in registers.
 // Rows below which packed GEMMs leave AMX tiles for the AVX-512 VNNI

@@ -71,6 +71,56 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
                                act_bits, ep);
 }
 
+void int8_linear_q8out(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
+                       py::object bias, int act_bits, int activation, py::array q,
+                       py::array q_scale) {
+  if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
+  if (activation < 0 || activation > int(pk::int8::Act::silu))
+    throw std::invalid_argument("activation: code " + std::to_string(activation) +
+                                " is not one of 0..4");
+  int64_t m, k, ldx, qm, n, ldq;
+  const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
+  int8_t* pq = matrix<int8_t>(q, "q", &qm, &n, &ldq, true);
+  if (qm != m || ldq != n) throw std::invalid_argument("q: expected a contiguous [M, N] buffer");
+  const int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), false);
+  const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
+  const float* ps = data_of<float>(w_scale, "w_scale", n, false);
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
+  float* pqs = data_of<float>(q_scale, "q_scale", m, true);
+  py::gil_scoped_release nogil;
+  pk::int8::linear_dynamic_q8out_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n,
+                                     pk::int8::Act(activation), pq, pqs, act_bits);
+}
+
+void int8_linear_prequantized(py::array q, py::array x_scale, py::array packed, py::array comp,
+                              py::array w_scale, py::object bias, py::array y, int yt,
+                              int activation, py::object residual) {
+  if (activation < 0 || activation > int(pk::int8::Act::silu))
+    throw std::invalid_argument("activation: code " + std::to_string(activation) +
+                                " is not one of 0..4");
+  int64_t m, k, ldq, ym, n, ldy;
+  const int8_t* pq = matrix<int8_t>(q, "q", &m, &k, &ldq, false);
+  void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
+  if (ym != m || ldy != n) throw std::invalid_argument("y: expected a contiguous [M, N] buffer");
+  const float* pxs = data_of<float>(x_scale, "x_scale", m, false);
+  const int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n) * pk::int8::packed_k(k), false);
+  const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
+  const float* ps = data_of<float>(w_scale, "w_scale", n, false);
+  const float* pb = optional_data_of<float>(bias, "bias", n, false);
+  pk::int8::Epilogue ep;
+  ep.act = pk::int8::Act(activation);
+  if (!residual.is_none()) {
+    py::array r = residual.cast<py::array>();
+    int64_t rm, rn;
+    ep.residual = matrix<float>(r, "residual", &rm, &rn, &ep.ldr, false);
+    if (rm != m || rn != n) throw std::invalid_argument("residual: expected shape [M, N]");
+  }
+  py::gil_scoped_release nogil;
+  pk::int8::linear_prequantized_cpu(pq, pxs, m, k, ldq, pp, pc, ps, pb, n, py_, pk::DType(yt), ep);
+}
+
 void int8_weight_linear(py::array x, int xt, py::array w, py::array w_scale, py::object bias,
                         py::array y, int yt) {
   int64_t m, k, ldx, n, kw, ldw, ym, yn, ldy;
@@ -102,6 +152,15 @@ PK_BIND_FAMILY(int8) {
         py::arg("act_bits") = 8, py::arg("activation") = 0, py::arg("residual") = py::none(),
         "Dynamic W8A8 linear over a packed weight, with the fused epilogue y = act(y) + "
         "residual (activation codes 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu; fp32 y).");
+  m.def("int8_linear_q8out", &int8_linear_q8out, py::arg("x"), py::arg("xtype"), py::arg("packed"),
+        py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("act_bits"),
+        py::arg("activation"), py::arg("q"), py::arg("q_scale"),
+        "Dynamic W8A8 linear + activation whose output is quantized per row (int8 q [M, N], "
+        "q_scale [M]) and never stored in float.");
+  m.def("int8_linear_prequantized", &int8_linear_prequantized, py::arg("q"), py::arg("x_scale"),
+        py::arg("packed"), py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("y"),
+        py::arg("ytype"), py::arg("activation") = 0, py::arg("residual") = py::none(),
+        "Dynamic W8A8 linear of activations already quantized per row (q in [-127, 127]).");
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("xtype"), py::arg("w"),
         py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
         "Weight-only int8 linear (float activations).");

@@ -121,6 +121,10 @@ constexpr int64_t kBtMaxRows = int64_t(PK_AMX_BT_MAX_ROWS);
 // Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
 // width of one register tile) and, when there are fewer blocks than threads,
 // chunks of rows too. Each block of b is then streamed by one thread only.
+// Rows of a packed GEMM computed before their fused epilogue runs (a multiple
+// of the 6-row register tiles).
+constexpr int64_t kEpilogueRows = 48;
+
 // With a non-trivial epilogue (y fp32) each task applies it to the block it
 // has just written, while that block is still in the thread's cache.
 void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m,
@@ -160,9 +164,14 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m,
   parallel_for(0, tasks, std::max(1, int(std::min<int64_t>(nt, tasks))), [&](int64_t t) {
     const int64_t blk = t / mchunks, mc = t % mchunks;
     const int64_t m0 = mc * rows, m1 = std::min(m, m0 + rows);
-    if (m0 < m1) {
-      kern->gemm_packed(g, m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
-      post(m0, m1, blk * 4, std::min(panels, blk * 4 + 4));
+    // With an epilogue, rows go in steps whose output block (48 x 64 fp32,
+    // 12 KiB) is still in L1 when the epilogue reads it; the block of b stays
+    // in L1 across the steps either way.
+    const int64_t step = ep ? kEpilogueRows : m1 - m0;
+    for (int64_t r = m0; r < m1; r += step) {
+      const int64_t e = std::min(m1, r + step);
+      kern->gemm_packed(g, r, e, blk * 4, std::min(panels, blk * 4 + 4));
+      post(r, e, blk * 4, std::min(panels, blk * 4 + 4));
     }
   });
 }
@@ -339,6 +348,115 @@ void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t l
                      .bias = bias,
                      .yt = yt,
                      .a_zp = zp && kern->a7_zp ? zp : nullptr};
+  run_packed(kern, g, m, fused ? &epilogue : nullptr);
+}
+
+void linear_dynamic_q8out_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
+                              const int8_t* packed, const int32_t* comp, const float* w_scale,
+                              const float* bias, int64_t n, Act act, int8_t* q, float* q_scale,
+                              int act_bits) {
+  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
+  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
+  PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
+  PK_CHECK_ARG(act_bits == 8 || act_bits == 7, "act_bits must be 8 or 7, got ", act_bits);
+  PK_CHECK_ARG(int32_t(act) >= 0 && int32_t(act) <= int32_t(Act::silu), "activation code ",
+               int32_t(act), " is not one of 0..4");
+  if (m == 0 || n == 0) return;
+  PK_CHECK_ARG(x && packed && comp && w_scale && q && q_scale,
+               "x, weight, scales and q must not be null");
+  const GemmKernels* kern = kernels();
+  const int64_t kp = packed_k(k), ldq = scratch_ld(kp);
+  uint8_t* qa = scratch<uint8_t>(2, m * ldq);
+  float* xs = scratch<float>(0, m);
+  int32_t* zp = act_bits == 7 ? scratch<int32_t>(3, m) : nullptr;
+  quantize_rows(kern, x, xt, m, k, ldx, qa, ldq, xs, zp);
+  // Row chunks over all of N: a chunk's fp32 rows (kRows x N) stay in the
+  // thread's L2 from the GEMM through the activation to the quantization.
+  // AMX tiles want other calls (run_packed); they take the VNNI kernel here.
+  const GemmKernels* gk = kern;
+#ifdef PK_HAVE_AVX512
+  if (gk->tiles) gk = gemm_kernels_avx512_vnni();
+#endif
+  const auto epi = kern->epilogue ? kern->epilogue : gemm_kernels_portable()->epilogue;
+  constexpr int64_t kRows = 48;
+  const int64_t chunks = (m + kRows - 1) / kRows, panels = packed_n(n) / 16;
+  const int nt =
+      int(std::min<int64_t>(threads_for(m * n * std::max<int64_t>(k, 1), 1 << 19), chunks));
+  const Epilogue ep{.act = act};
+  parallel_for(0, chunks, std::max(nt, 1), [&](int64_t c) {
+    const int64_t r0 = c * kRows, rows = std::min(kRows, m - r0);
+    float* yc = scratch<float>(1, kRows * n);
+    const PackedGemm g{.a = qa + r0 * ldq,
+                       .lda = ldq,
+                       .b = packed,
+                       .kp = kp,
+                       .comp = comp,
+                       .n = n,
+                       .c = yc,
+                       .ldc = n,
+                       .a_scale = xs + r0,
+                       .b_scale = w_scale,
+                       .bias = bias,
+                       .yt = DType::f32,
+                       .a_zp = zp && gk->a7_zp ? zp + r0 : nullptr};
+    for (int64_t p = 0; p < panels; p += 4) {  // the activation while a block is in L1
+      gk->gemm_packed(g, 0, rows, p, std::min(panels, p + 4));
+      epi(ep, yc, n, 0, rows, p * 16, std::min(n, p * 16 + 64));
+    }
+    // The table's quantizer (quantize_per_row's arithmetic) in its own
+    // activation format, then plain int8.
+    uint8_t* qr = reinterpret_cast<uint8_t*>(q + r0 * n);
+    kern->quantize_a(yc, DType::f32, n, n, qr, n, q_scale + r0, 0, rows);
+    if (!kern->signed_a)
+      for (int64_t i = 0; i < rows * n; ++i) qr[i] ^= 0x80;
+  });
+}
+
+void linear_prequantized_cpu(const int8_t* q, const float* x_scale, int64_t m, int64_t k,
+                             int64_t ldq_in, const int8_t* packed, const int32_t* comp,
+                             const float* w_scale, const float* bias, int64_t n, void* y, DType yt,
+                             const Epilogue& epilogue) {
+  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
+  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
+  PK_CHECK_ARG(ldq_in >= k, "q: row stride ", ldq_in, " is smaller than the row length ", k);
+  const bool fused = epilogue.act != Act::none || epilogue.residual;
+  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation or residual needs fp32 y");
+  PK_CHECK_ARG(!epilogue.residual || epilogue.ldr >= n, "residual: row stride ", epilogue.ldr,
+               " is smaller than N = ", n);
+  if (m == 0 || n == 0) return;
+  PK_CHECK_ARG(q && x_scale && packed && comp && w_scale && y,
+               "q, scales, weight and y must not be null");
+  const GemmKernels* kern = kernels();
+  const int64_t kp = packed_k(k), ldq = scratch_ld(kp);
+  uint8_t* qa = scratch<uint8_t>(2, m * ldq);
+  // Into the kernel's activation format: signed as is, or biased to unsigned.
+  const uint8_t flip = kern->signed_a ? 0 : 0x80;
+  std::atomic<bool> bad{false};
+  const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * k, int64_t(1) << 16), m)));
+  parallel_for(0, m, nt, [&](int64_t i) {
+    const int8_t* src = q + i * ldq_in;
+    uint8_t* dst = qa + i * ldq;
+    uint8_t any = 0;
+    for (int64_t p = 0; p < k; ++p) {
+      any |= uint8_t(src[p] == -128);
+      dst[p] = uint8_t(src[p]) ^ flip;
+    }
+    for (int64_t p = k; p < ldq; ++p) dst[p] = flip;
+    if (any) bad.store(true, std::memory_order_relaxed);
+  });
+  PK_CHECK_ARG(!bad.load(), "q: values must lie in [-127, 127] (quantize_per_row's range)");
+  const PackedGemm g{.a = qa,
+                     .lda = ldq,
+                     .b = packed,
+                     .kp = kp,
+                     .comp = comp,
+                     .n = n,
+                     .c = y,
+                     .ldc = n,
+                     .a_scale = x_scale,
+                     .b_scale = w_scale,
+                     .bias = bias,
+                     .yt = yt};
   run_packed(kern, g, m, fused ? &epilogue : nullptr);
 }
 

@@ -707,3 +707,231 @@ def int8_weight_linear(
     )
     y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32)
     return y.view(*lead, n)
+
+
+# --- the quantized hand-off between two linears ---------------------------------
+# A linear whose only reader is another dynamic int8 linear need not store its
+# float output: int8_linear_quantized_out quantizes it per row where it is
+# computed, and int8_linear_prequantized consumes (q, scale) as int8_linear
+# would have after quantizing that output itself.
+
+
+def _q8out_native(x, packed, comp, w_scale, bias, act_bits, activation):
+    n = w_scale.shape[0]
+    q = torch.empty(x.shape[0], n, dtype=torch.int8)
+    scale = torch.empty(x.shape[0], dtype=torch.float32)
+    backends.native.C.int8_linear_q8out(
+        _fbuf(x),
+        _layout.DTYPE_CODES[x.dtype],
+        packed.numpy(),
+        comp.numpy(),
+        w_scale.numpy(),
+        None if bias is None else bias.numpy(),
+        act_bits,
+        ACTIVATIONS.index(activation),
+        q.numpy(),
+        scale.numpy(),
+    )
+    return q, scale
+
+
+def _q8out_any(x, packed, comp, w_scale, bias, act_bits, activation):
+    y = _linear_impl(x, packed, comp, w_scale, bias, act_bits, activation, None)
+    return quantize_per_row(y.float())
+
+
+def _check_q_range(q: Tensor) -> None:
+    if q.numel() and bool((q == -128).any()):
+        raise ValueError(
+            "int8_linear_prequantized: q: values must lie in [-127, 127] (quantize_per_row's range)"
+        )
+
+
+def _prequantized_native(q, x_scale, packed, comp, w_scale, bias, activation, residual, out_dtype):
+    n = w_scale.shape[0]
+    fused = activation != "none" or residual is not None
+    y = torch.empty(q.shape[0], n, dtype=torch.float32 if fused else out_dtype)
+    backends.native.C.int8_linear_prequantized(
+        q.numpy(),
+        x_scale.numpy(),
+        packed.numpy(),
+        comp.numpy(),
+        w_scale.numpy(),
+        None if bias is None else bias.numpy(),
+        _fbuf(y),
+        _layout.DTYPE_CODES[y.dtype],
+        ACTIVATIONS.index(activation),
+        None if residual is None else residual.float().contiguous().numpy(),
+    )
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _prequantized_any(q, x_scale, packed, comp, w_scale, bias, activation, residual, out_dtype):
+    _check_q_range(q)
+    w = _layout.int8_unpack_weight(packed, w_scale.shape[0], q.shape[1]).to(q.device)
+    acc = int8_gemm(q, w).double()
+    y = acc * x_scale.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return apply_epilogue(y.float(), activation, residual).to(out_dtype)
+
+
+backends.register("int8", "linear_q8out", native_cpu=_q8out_native, any=_q8out_any)
+backends.register(
+    "int8", "linear_prequantized", native_cpu=_prequantized_native, any=_prequantized_any
+)
+
+
+@torch.library.custom_op("pykernels::int8_linear_q8out", mutates_args=())
+def _q8out_op(
+    x: Tensor,
+    packed: Tensor,
+    comp: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    act_bits: int = 8,
+    activation: str = "none",
+) -> tuple[Tensor, Tensor]:
+    run = backends.impl("int8", "linear_q8out", x)
+    return run(x, packed, comp, w_scale, bias, act_bits, activation)
+
+
+@_q8out_op.register_fake
+def _(x, packed, comp, w_scale, bias, act_bits=8, activation="none"):
+    m = x.shape[0]
+    return x.new_empty(m, w_scale.shape[0], dtype=torch.int8), x.new_empty(m, dtype=torch.float32)
+
+
+@torch.library.custom_op("pykernels::int8_linear_prequantized", mutates_args=())
+def _prequantized_op(
+    q: Tensor,
+    x_scale: Tensor,
+    packed: Tensor,
+    comp: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    activation: str = "none",
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    run = backends.impl("int8", "linear_prequantized", q)
+    return run(q, x_scale, packed, comp, w_scale, bias, activation, residual, out_dtype)
+
+
+@_prequantized_op.register_fake
+def _(q, x_scale, packed, comp, w_scale, bias, activation="none", residual=None, out_dtype=None):
+    return q.new_empty(q.shape[0], w_scale.shape[0], dtype=out_dtype or torch.float32)
+
+
+torch.library.register_autograd(
+    "pykernels::int8_linear_q8out", _no_backward("int8_linear_quantized_out"), setup_context=_setup
+)
+torch.library.register_autograd(
+    "pykernels::int8_linear_prequantized",
+    _no_backward("int8_linear_prequantized"),
+    setup_context=_setup,
+)
+
+
+def int8_linear_quantized_out(
+    x: Tensor,
+    w_q: Int8PackedWeight,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act_bits: int = 8,
+    activation: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``quantize_per_row(int8_linear(x, w_q, w_scale, bias, activation=...))`` without
+    the float output: ``(q int8 [..., N], scale float32 [...])``.
+
+    For a linear whose output only feeds another dynamic int8 linear (the
+    first feed-forward GEMM of a transformer block): the native CPU kernel
+    computes a chunk of rows over all of N in per-thread scratch, applies the
+    activation and quantizes each row there, so the float activation is never
+    written to memory and read back. The integers and scales equal
+    :func:`quantize_per_row` of :func:`int8_linear`'s float32 output with the
+    same activation. ``w_q`` must be an :class:`Int8PackedWeight`. Pass the
+    result to :func:`int8_linear_prequantized`. Inference only.
+    """
+    fn = "int8_linear_quantized_out"
+    act_bits = check_act_bits(fn, act_bits)
+    activation = check_activation(fn, activation)
+    if not isinstance(w_q, Int8PackedWeight):
+        raise TypeError(f"{fn}: w_q must be an Int8PackedWeight (pack_int8_weight)")
+    _check_packed(fn, w_q)
+    n, k = int(w_q.n), int(w_q.k)
+    bias32 = _check_linear_args(fn, x, n, k, w_q.packed.device, w_scale, bias)
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(math.prod(lead), k)
+    if x2.shape[0] == 0 or n == 0 or k == 0:
+        y = int8_linear(x, w_q, w_scale, bias, act_bits=act_bits, activation=activation)
+        q, s = quantize_per_row(y.reshape(-1, n).float())
+        return q.view(*lead, n), s.view(lead)
+    if not ((k <= 1 or x2.stride(1) == 1) and (x2.shape[0] <= 1 or x2.stride(0) >= k)):
+        x2 = x2.contiguous()
+    op = _q8out_op if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear_q8out
+    q, s = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32, act_bits, activation)
+    return q.view(*lead, n), s.view(lead)
+
+
+def int8_linear_prequantized(
+    q: Tensor,
+    x_scale: Tensor,
+    w_q: Int8PackedWeight,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """:func:`int8_linear` of activations already quantized per row: ``q`` int8
+    ``[..., K]`` in [-127, 127] and ``x_scale`` float32 ``[...]`` (as
+    :func:`quantize_per_row` or :func:`int8_linear_quantized_out` return them).
+    ``act(q W^T * x_scale * w_scale + bias) + residual`` in ``out_dtype``; exact
+    int32 products as :func:`int8_linear`. Inference only.
+    """
+    fn = "int8_linear_prequantized"
+    activation = check_activation(fn, activation)
+    if not isinstance(w_q, Int8PackedWeight):
+        raise TypeError(f"{fn}: w_q must be an Int8PackedWeight (pack_int8_weight)")
+    _check_packed(fn, w_q)
+    n, k = int(w_q.n), int(w_q.k)
+    if not isinstance(q, Tensor) or q.dtype != torch.int8:
+        raise TypeError(f"{fn}: q must be an int8 tensor, got {getattr(q, 'dtype', type(q))}")
+    if q.dim() < 1 or q.shape[-1] != k:
+        raise ValueError(f"{fn}: q must have K = {k} in its last dimension, got {tuple(q.shape)}")
+    lead = tuple(q.shape[:-1])
+    if not isinstance(x_scale, Tensor) or x_scale.dtype != torch.float32:
+        raise TypeError(f"{fn}: x_scale must be a float32 tensor")
+    if tuple(x_scale.shape) != lead:
+        raise ValueError(f"{fn}: x_scale must have shape {lead}, got {tuple(x_scale.shape)}")
+    if out_dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{fn}: out_dtype must be a float dtype, got {out_dtype}")
+    bias32 = _check_linear_args(fn, x_scale.new_empty(0, k), n, k, w_q.packed.device, w_scale, bias)
+    _check_residual(fn, residual, q, n)
+    q2 = q.reshape(-1, k)
+    if q2.shape[0] == 0 or n == 0:
+        y = torch.zeros(*lead, n, dtype=out_dtype, device=q.device)
+        y = y + (0 if bias32 is None or k else bias32)
+        return apply_epilogue(y, activation, residual).to(out_dtype)
+    q2 = q2.contiguous()
+    r2 = None if residual is None else residual.reshape(q2.shape[0], n)
+    op = (
+        _prequantized_op
+        if backends.skip_dispatcher(q2)
+        else torch.ops.pykernels.int8_linear_prequantized
+    )
+    y = op(
+        q2,
+        x_scale.reshape(-1).contiguous(),
+        w_q.packed,
+        w_q.comp,
+        w_scale.contiguous(),
+        bias32,
+        activation,
+        r2,
+        out_dtype,
+    )
+    return y.view(*lead, n)
