@@ -100,3 +100,16 @@ def test_tiers_of_the_other_architecture_say_they_cannot_run_here(monkeypatch, c
     out = capsys.readouterr().out
     assert all(f"== tier {t}: skipped" in out for t in other)
     assert "no tier ran" in out
+
+
+def test_a_tier_that_fails_is_not_reported_as_one_this_cpu_cannot_run(monkeypatch, capsys):
+    """A child that crashes (as torch's oneDNN did under qemu -cpu max) is a failure."""
+    monkeypatch.setattr(tiers, "detected", lambda: ("avx2", False))
+    monkeypatch.setattr(
+        tiers.subprocess, "run", lambda cmd, env: subprocess.CompletedProcess(cmd, -4)
+    )
+    assert tiers.run(["avx2", "avx512"], ["--family", "topk"], None) == -4
+    out = capsys.readouterr().out
+    assert "== tier avx2: the bench exited with -4" in out
+    assert "avx512 cannot run on this machine" in out and "avx2 failed" in out
+    assert "avx2 cannot run" not in out
