@@ -529,3 +529,23 @@ def test_thread_count_changes_only_the_last_bits_of_the_input_gradient(pattern, 
         assert torch.equal(y, runs[0][0]) and torch.equal(dv, runs[0][1])
         # dx: the same sum in another order, so within float32 rounding of it
         torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_block_cases_run_with_or_without_torch_bsr(monkeypatch):
+    """torch without MKL (its aarch64 wheels) cannot multiply BSR on the CPU: the
+    sparse bench then measures the block layer against dense instead of failing."""
+    from pykernels.bench import sparse as bench_sparse
+
+    monkeypatch.setattr(bench_sparse, "N", 64)
+    monkeypatch.setattr(bench_sparse, "K", 64)
+    real = bench_sparse.torch_bsr_runs()
+    for runs in (False, True):
+        monkeypatch.setattr(bench_sparse, "torch_bsr_runs", lambda runs=runs: runs)
+        block = [c for c in bench_sparse.cases("cpu", quick=True) if c.name.startswith("block")]
+        assert block
+        for c in block:
+            assert ("torch.sparse_bsr" in c.impls) == runs
+            assert c.baseline == ("torch.sparse_bsr" if runs else "dense F.linear")
+            if runs == real:  # what this torch is given runs here
+                for fn in c.impls.values():
+                    fn()
