@@ -549,3 +549,25 @@ def test_bench_block_cases_run_with_or_without_torch_bsr(monkeypatch):
             if runs == real:  # what this torch is given runs here
                 for fn in c.impls.values():
                     fn()
+
+
+@pytest.mark.parametrize("mkn", [(1, 10, 9), (5, 64, 33), (33, 70, 40)])
+def test_torch_backend_block_without_torch_bsr_product(monkeypatch, mkn, gen):
+    """The torch backend where torch has no CPU BSR product (no MKL: its aarch64
+    wheels) multiplies block by block: same result, and a NaN in x reaches only
+    the rows that store its column's block."""
+    from pykernels.backends.torch import sparse as torch_sparse
+
+    monkeypatch.setattr(torch_sparse, "bsr_mm_runs", lambda device_type: False)
+    monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
+    m, k, n = mkn
+    w = random_sparse(n, k, 0.3, gen, 4)
+    sw = pk.ops.to_sparse(w, 4)
+    x = torch.randn(m, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    y = pk.ops.sparse_linear(x, sw, b)
+    torch.testing.assert_close(y, x.double().matmul(w.double().T).add(b).float())
+    x[0, k - 1] = float("nan")
+    y = pk.ops.sparse_linear(x, sw, b)
+    stores = sw._replace(values=torch.ones_like(sw.values)).to_dense()[:, k - 1] != 0
+    assert bool(y[0].isnan().eq(stores).all()) and not y[1:].isnan().any()
