@@ -29,15 +29,19 @@ def test_every_tier_caps_ours_and_every_peer_together():
     assert tiers.caps("native") == {}
 
 
+# This architecture's lowest tier and two above it (the tests fake a CPU at LOW).
+LOW, HIGH, TOP = tiers.ARM_TIERS if _native.is_arm() else tiers.X86_TIERS
+
+
 def test_a_tier_above_the_cpu_is_skipped(monkeypatch):
-    monkeypatch.setattr(tiers, "detected", lambda: ("avx2", False))
-    assert tiers.unsupported("avx2") is None and tiers.unsupported("native") is None
-    assert "cannot run here" in tiers.unsupported("avx512")
-    assert "cannot run here" in tiers.unsupported("amx")
+    monkeypatch.setattr(tiers, "detected", lambda: (LOW, False))
+    assert tiers.unsupported(LOW) is None and tiers.unsupported("native") is None
+    assert "cannot run here" in tiers.unsupported(HIGH)
+    assert "cannot run here" in tiers.unsupported(TOP)
 
 
 def test_run_gives_each_child_its_caps(monkeypatch, tmp_path):
-    monkeypatch.setattr(tiers, "detected", lambda: ("avx2", False))
+    monkeypatch.setattr(tiers, "detected", lambda: (LOW, False))
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")  # a stale cap must not leak
     seen = {}
 
@@ -51,12 +55,12 @@ def test_run_gives_each_child_its_caps(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tiers.subprocess, "run", fake_run)
     path = tmp_path / "t.json"
-    assert tiers.run(["avx2", "avx512", "native"], ["--family", "topk"], str(path)) == 0
-    assert seen["avx2"] == tiers.caps("avx2")
+    assert tiers.run([LOW, HIGH, "native"], ["--family", "topk"], str(path)) == 0
+    assert seen[LOW] == {k: tiers.caps(LOW).get(k) for k in tiers.CAP_VARS}
     assert all(v is None for v in seen["native"].values())
     data = json.loads(path.read_text())
-    assert set(data["tiers"]) == {"avx2", "native"} and "avx512" in data["skipped"]
-    assert data["tiers"]["avx2"]["meta"]["tier"] == "avx2"
+    assert set(data["tiers"]) == {LOW, "native"} and HIGH in data["skipped"]
+    assert data["tiers"][LOW]["meta"]["tier"] == LOW
 
 
 def test_the_caps_reach_torch(tmp_path):
@@ -100,3 +104,16 @@ def test_tiers_of_the_other_architecture_say_they_cannot_run_here(monkeypatch, c
     out = capsys.readouterr().out
     assert all(f"== tier {t}: skipped" in out for t in other)
     assert "no tier ran" in out
+
+
+def test_a_tier_that_fails_is_not_reported_as_one_this_cpu_cannot_run(monkeypatch, capsys):
+    """A child that crashes (as torch's oneDNN did under qemu -cpu max) is a failure."""
+    monkeypatch.setattr(tiers, "detected", lambda: (LOW, False))
+    monkeypatch.setattr(
+        tiers.subprocess, "run", lambda cmd, env: subprocess.CompletedProcess(cmd, -4)
+    )
+    assert tiers.run([LOW, HIGH], ["--family", "topk"], None) == -4
+    out = capsys.readouterr().out
+    assert f"== tier {LOW}: the bench exited with -4" in out
+    assert f"{HIGH} cannot run on this machine" in out and f"{LOW} failed" in out
+    assert f"{LOW} cannot run" not in out

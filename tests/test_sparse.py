@@ -529,3 +529,45 @@ def test_thread_count_changes_only_the_last_bits_of_the_input_gradient(pattern, 
         assert torch.equal(y, runs[0][0]) and torch.equal(dv, runs[0][1])
         # dx: the same sum in another order, so within float32 rounding of it
         torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_block_cases_run_with_or_without_torch_bsr(monkeypatch):
+    """torch without MKL (its aarch64 wheels) cannot multiply BSR on the CPU: the
+    sparse bench then measures the block layer against dense instead of failing."""
+    from pykernels.bench import sparse as bench_sparse
+
+    monkeypatch.setattr(bench_sparse, "N", 64)
+    monkeypatch.setattr(bench_sparse, "K", 64)
+    real = bench_sparse.torch_bsr_runs()
+    for runs in (False, True):
+        monkeypatch.setattr(bench_sparse, "torch_bsr_runs", lambda runs=runs: runs)
+        block = [c for c in bench_sparse.cases("cpu", quick=True) if c.name.startswith("block")]
+        assert block
+        for c in block:
+            assert ("torch.sparse_bsr" in c.impls) == runs
+            assert c.baseline == ("torch.sparse_bsr" if runs else "dense F.linear")
+            if runs == real:  # what this torch is given runs here
+                for fn in c.impls.values():
+                    fn()
+
+
+@pytest.mark.parametrize("mkn", [(1, 10, 9), (5, 64, 33), (33, 70, 40)])
+def test_torch_backend_block_without_torch_bsr_product(monkeypatch, mkn, gen):
+    """The torch backend where torch has no CPU BSR product (no MKL: its aarch64
+    wheels) multiplies block by block: same result, and a NaN in x reaches only
+    the rows that store its column's block."""
+    from pykernels.backends.torch import sparse as torch_sparse
+
+    monkeypatch.setattr(torch_sparse, "bsr_mm_runs", lambda device_type: False)
+    monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
+    m, k, n = mkn
+    w = random_sparse(n, k, 0.3, gen, 4)
+    sw = pk.ops.to_sparse(w, 4)
+    x = torch.randn(m, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    y = pk.ops.sparse_linear(x, sw, b)
+    torch.testing.assert_close(y, x.double().matmul(w.double().T).add(b).float())
+    x[0, k - 1] = float("nan")
+    y = pk.ops.sparse_linear(x, sw, b)
+    stores = sw._replace(values=torch.ones_like(sw.values)).to_dense()[:, k - 1] != 0
+    assert bool(y[0].isnan().eq(stores).all()) and not y[1:].isnan().any()

@@ -126,7 +126,7 @@ def parse(spec: list[str]) -> list[str]:
 def run(tiers: list[str], child_args: list[str], json_path: str | None) -> int:
     """Runs `python -m pykernels bench CHILD_ARGS` once per tier; collects the JSON."""
     _, vnni = detected()
-    combined: dict[str, Any] = {"tiers": {}, "skipped": {}}
+    combined: dict[str, Any] = {"tiers": {}, "skipped": {}, "failed": {}}
     status = 0
     for tier in tiers:
         why = unsupported(tier)
@@ -144,6 +144,7 @@ def run(tiers: list[str], child_args: list[str], json_path: str | None) -> int:
             rc = subprocess.run(cmd, env=env).returncode
             if rc != 0:
                 print(f"== tier {tier}: the bench exited with {rc}", flush=True)
+                combined["failed"][tier] = rc
                 status = rc
                 continue
             with open(out) as f:
@@ -151,11 +152,16 @@ def run(tiers: list[str], child_args: list[str], json_path: str | None) -> int:
         data["meta"]["tier"] = tier
         combined["tiers"][tier] = data
     if tiers and not combined["tiers"]:
-        print(
-            f"\n== no tier ran: {', '.join(tiers)} cannot run on this machine "
-            f"({platform.machine()}, best tier {detected()[0]})",
-            flush=True,
-        )
+        # A tier that started and failed is no tier "this machine cannot run".
+        why = []
+        if combined["skipped"]:
+            why.append(
+                f"{', '.join(combined['skipped'])} cannot run on this machine "
+                f"({platform.machine()}, best tier {detected()[0]})"
+            )
+        if combined["failed"]:
+            why.append(f"{', '.join(combined['failed'])} failed (exit status above)")
+        print(f"\n== no tier ran: {'; '.join(why)}", flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(combined, f, indent=2)

@@ -8,6 +8,8 @@ rows store its column, as in the native kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,28 @@ _CHECK = False
 
 def _csr(values: Tensor, col: Tensor, row_ptr: Tensor, n: int, k: int) -> Tensor:
     return torch.sparse_csr_tensor(row_ptr, col, values, size=(n, k), check_invariants=_CHECK)
+
+
+@functools.cache
+def bsr_mm_runs(device_type: str) -> bool:
+    """Whether torch multiplies BSR by dense on this device: CPU builds without MKL
+    (torch's aarch64 wheels) raise "not implemented ... without MKL"."""
+    w = torch.eye(BLOCK, device=device_type).to_sparse_bsr((BLOCK, BLOCK))
+    try:
+        w @ torch.ones(BLOCK, 1, device=device_type)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _bsr_mm_blocks(values: Tensor, col: Tensor, row_ptr: Tensor, xp: Tensor) -> Tensor:
+    """W @ xp for a BSR W without torch's BSR product: one 4x4 @ 4xM per stored
+    block, summed into its block row (only stored blocks enter a sum, as there)."""
+    nb = row_ptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(nb, device=xp.device), row_ptr.diff())
+    prod = torch.bmm(values, xp.view(-1, BLOCK, xp.shape[1])[col])
+    out = xp.new_zeros(nb, BLOCK, xp.shape[1]).index_add_(0, rows, prod)
+    return out.view(nb * BLOCK, xp.shape[1])
 
 
 def sparse_linear(
@@ -46,11 +70,14 @@ def sparse_linear(
             # native kernels: zero it, so a NaN stored there cannot leak in.
             values = values.clone()
             values[col == kb - 1, :, k % BLOCK :] = 0
-        w = torch.sparse_bsr_tensor(
-            row_ptr, col, values, size=(nb * BLOCK, kb * BLOCK), check_invariants=_CHECK
-        )
         xp = x if kb * BLOCK == k else torch.nn.functional.pad(x, (0, kb * BLOCK - k))
-        y = (w @ xp.T)[:n].T
+        if bsr_mm_runs(x.device.type):
+            w = torch.sparse_bsr_tensor(
+                row_ptr, col, values, size=(nb * BLOCK, kb * BLOCK), check_invariants=_CHECK
+            )
+            y = (w @ xp.T)[:n].T
+        else:
+            y = _bsr_mm_blocks(values, col, row_ptr, xp.T.contiguous())[:n].T
     y = y.contiguous()
     if bias is not None:
         y = y + bias
