@@ -121,6 +121,10 @@ constexpr int64_t kBtMaxRows = int64_t(PK_AMX_BT_MAX_ROWS);
 // Splits a packed GEMM over threads: blocks of 4 panels (64 columns, the
 // width of one register tile) and, when there are fewer blocks than threads,
 // chunks of rows too. Each block of b is then streamed by one thread only.
+#ifndef PK_A_CHUNK
+#define PK_A_CHUNK (256 << 10)
+#endif
+
 // Rows of a packed GEMM computed before their fused epilogue runs (a multiple
 // of the 6-row register tiles).
 constexpr int64_t kEpilogueRows = 48;
@@ -158,11 +162,18 @@ void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m,
     });
     return;
   }
-  const int64_t mchunks = std::max<int64_t>(1, std::min<int64_t>((nt + nblocks - 1) / nblocks, m));
+  // Rows in chunks whose activations (PK_A_CHUNK bytes) stay in L2 while a
+  // thread goes through the blocks of b for them; otherwise every block would
+  // stream all of a again from L3 (at 4096 x 384, a is 1.5 MiB).
+  const int64_t l2_rows =
+      std::max<int64_t>(kEpilogueRows, int64_t(PK_A_CHUNK) / std::max<int64_t>(g.lda, 1) /
+                                           kEpilogueRows * kEpilogueRows);
+  const int64_t mchunks = std::max<int64_t>(
+      1, std::min<int64_t>(std::max((nt + nblocks - 1) / nblocks, (m + l2_rows - 1) / l2_rows), m));
   const int64_t tasks = nblocks * mchunks;
   const int64_t rows = (m + mchunks - 1) / mchunks;
   parallel_for(0, tasks, std::max(1, int(std::min<int64_t>(nt, tasks))), [&](int64_t t) {
-    const int64_t blk = t / mchunks, mc = t % mchunks;
+    const int64_t mc = t / nblocks, blk = t % nblocks;
     const int64_t m0 = mc * rows, m1 = std::min(m, m0 + rows);
     // With an epilogue, rows go in steps whose output block (48 x 64 fp32,
     // 12 KiB) is still in L1 when the epilogue reads it; the block of b stays
