@@ -49,12 +49,12 @@ def test_minilm_prune_int8_is_smaller_close_and_round_trips(model_and_batch, tmp
     path, model, batch = model_and_batch
     ref = embed(model, batch)
     out, report = pk.compress(model, "prune:0.3+int8", batch, progress=False)
-    # heads and FFN neurons physically gone: 12 heads -> 8 or 9, 1536 -> ~1075 neurons
-    att = out.encoder.layer[0].attention.self
-    assert att.num_attention_heads < 12
-    assert att.query.out_features == att.num_attention_heads * att.attention_head_size
-    inter = out.encoder.layer[0].intermediate.dense
-    assert isinstance(inter, Int8Linear) and inter.out_features < 1536
+    # heads and FFN neurons physically gone: 12 heads -> 8 or 9, 1536 -> ~1075
+    # neurons; the pruned layer is then one fused int8 block
+    block = out.encoder.layer[0]
+    assert isinstance(block, pk.nn.EncoderBlock)
+    assert block.heads < 12 and block.inner == block.heads * 32
+    assert isinstance(block.ffn1, Int8Linear) and block.ffn1.out_features < 1536
     assert isinstance(out.embeddings.word_embeddings, Int8Embedding)
     assert report.total["bytes_after"] < 0.25 * report.total["bytes_before"]
     # pruning 30% without fine-tuning costs accuracy (distillation wins it
@@ -148,5 +148,5 @@ def test_the_compress_command_on_a_model_directory(tmp_path, capsys):
     assert manifest["recipe"] == "prune:0.5+int8"
     assert manifest["model_class"].endswith("BertModel")
     model = pk.load(out, transformers.AutoModel.from_pretrained(path).eval())
-    assert model.encoder.layer[0].attention.self.num_attention_heads == 6
+    assert model.encoder.layer[0].heads == 6  # a fused EncoderBlock of the pruned layer
     assert out.stat().st_size < 0.2 * 90.9e6
