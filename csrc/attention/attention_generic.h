@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../common/vec.h"
 #include "attention_isa.h"
 
 namespace pk {
@@ -24,31 +25,6 @@ namespace {
 constexpr int R = 16;    // query rows per block
 constexpr int KC = 256;  // keys per block (scores R x KC: 16 KiB)
 constexpr float kLog2e = 1.4426950408889634f;
-
-// GCC ignores vector_size on a type that depends on a template parameter,
-// so each width is spelled out.
-template <int W>
-struct VecTypes;
-template <>
-struct VecTypes<2> {
-  typedef float V __attribute__((vector_size(8)));
-  typedef int32_t I __attribute__((vector_size(8)));
-};
-template <>
-struct VecTypes<4> {
-  typedef float V __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-};
-template <>
-struct VecTypes<8> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-};
-template <>
-struct VecTypes<16> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-};
 
 template <int W>
 struct Simd {

@@ -6,6 +6,27 @@ namespace {
 
 using namespace pk::bind;  // NOLINT: the buffer checks every binding uses
 
+pk::int8::Act act_of(int activation) {
+  if (activation < 0 || activation > int(pk::int8::Act::silu))
+    throw std::invalid_argument("activation: code " + std::to_string(activation) +
+                                " is not one of 0..4");
+  return pk::int8::Act(activation);
+}
+
+// The fused epilogue of an M x N output: an activation code and an optional
+// fp32 [M, N] residual.
+pk::int8::Epilogue epilogue_of(int activation, py::object& residual, int64_t m, int64_t n) {
+  pk::int8::Epilogue ep;
+  ep.act = act_of(activation);
+  if (!residual.is_none()) {
+    py::array r = residual.cast<py::array>();
+    int64_t rm, rn;
+    ep.residual = matrix<float>(r, "residual", &rm, &rn, &ep.ldr, false);
+    if (rm != m || rn != n) throw std::invalid_argument("residual: expected shape [M, N]");
+  }
+  return ep;
+}
+
 void quantize_per_row(py::array x, py::array q, py::array scale, int bits) {
   if (bits != 8 && bits != 7) throw std::invalid_argument("bits must be 8 or 7");
   int64_t r, c, ld, qr, qc, qld;
@@ -46,9 +67,6 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
                  py::object bias, py::array y, int yt, int act_bits, int activation,
                  py::object residual) {
   if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
-  if (activation < 0 || activation > int(pk::int8::Act::silu))
-    throw std::invalid_argument("activation: code " + std::to_string(activation) +
-                                " is not one of 0..4");
   int64_t m, k, ldx, ym, n, ldy;
   const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
   void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
@@ -58,14 +76,7 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
   const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
-  pk::int8::Epilogue ep;
-  ep.act = pk::int8::Act(activation);
-  if (!residual.is_none()) {
-    py::array r = residual.cast<py::array>();
-    int64_t rm, rn;
-    ep.residual = matrix<float>(r, "residual", &rm, &rn, &ep.ldr, false);
-    if (rm != m || rn != n) throw std::invalid_argument("residual: expected shape [M, N]");
-  }
+  const pk::int8::Epilogue ep = epilogue_of(activation, residual, m, n);
   py::gil_scoped_release nogil;
   pk::int8::linear_dynamic_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, py_, pk::DType(yt),
                                act_bits, ep);
@@ -75,9 +86,6 @@ void int8_linear_q8out(py::array x, int xt, py::array packed, py::array comp, py
                        py::object bias, int act_bits, int activation, py::array q,
                        py::array q_scale) {
   if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
-  if (activation < 0 || activation > int(pk::int8::Act::silu))
-    throw std::invalid_argument("activation: code " + std::to_string(activation) +
-                                " is not one of 0..4");
   int64_t m, k, ldx, qm, n, ldq;
   const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
   int8_t* pq = matrix<int8_t>(q, "q", &qm, &n, &ldq, true);
@@ -88,17 +96,15 @@ void int8_linear_q8out(py::array x, int xt, py::array packed, py::array comp, py
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
   float* pqs = data_of<float>(q_scale, "q_scale", m, true);
+  const pk::int8::Act act = act_of(activation);
   py::gil_scoped_release nogil;
-  pk::int8::linear_dynamic_q8out_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n,
-                                     pk::int8::Act(activation), pq, pqs, act_bits);
+  pk::int8::linear_dynamic_q8out_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, act, pq, pqs,
+                                     act_bits);
 }
 
 void int8_linear_prequantized(py::array q, py::array x_scale, py::array packed, py::array comp,
                               py::array w_scale, py::object bias, py::array y, int yt,
                               int activation, py::object residual) {
-  if (activation < 0 || activation > int(pk::int8::Act::silu))
-    throw std::invalid_argument("activation: code " + std::to_string(activation) +
-                                " is not one of 0..4");
   int64_t m, k, ldq, ym, n, ldy;
   const int8_t* pq = matrix<int8_t>(q, "q", &m, &k, &ldq, false);
   void* py_ = float_matrix(y, "y", yt, &ym, &n, &ldy, true);
@@ -109,14 +115,7 @@ void int8_linear_prequantized(py::array q, py::array x_scale, py::array packed, 
   const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
-  pk::int8::Epilogue ep;
-  ep.act = pk::int8::Act(activation);
-  if (!residual.is_none()) {
-    py::array r = residual.cast<py::array>();
-    int64_t rm, rn;
-    ep.residual = matrix<float>(r, "residual", &rm, &rn, &ep.ldr, false);
-    if (rm != m || rn != n) throw std::invalid_argument("residual: expected shape [M, N]");
-  }
+  const pk::int8::Epilogue ep = epilogue_of(activation, residual, m, n);
   py::gil_scoped_release nogil;
   pk::int8::linear_prequantized_cpu(pq, pxs, m, k, ldq, pp, pc, ps, pb, n, py_, pk::DType(yt), ep);
 }

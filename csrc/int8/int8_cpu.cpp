@@ -125,6 +125,11 @@ constexpr int64_t kBtMaxRows = int64_t(PK_AMX_BT_MAX_ROWS);
 #define PK_A_CHUNK (256 << 10)
 #endif
 
+// A table's fused epilogue, the portable one where the table has none.
+auto epilogue_kernel(const GemmKernels* kern) {
+  return kern->epilogue ? kern->epilogue : gemm_kernels_portable()->epilogue;
+}
+
 // Rows of a packed GEMM computed before their fused epilogue runs (a multiple
 // of the 6-row register tiles).
 constexpr int64_t kEpilogueRows = 48;
@@ -133,9 +138,8 @@ constexpr int64_t kEpilogueRows = 48;
 // has just written, while that block is still in the thread's cache.
 void run_packed(const GemmKernels* kern, const PackedGemm& g, int64_t m,
                 const Epilogue* ep = nullptr) {
-  const GemmKernels* outer = kern;
+  const auto epi = epilogue_kernel(kern);
   kern = packed_kernels(kern, m);
-  const auto epi = outer->epilogue ? outer->epilogue : gemm_kernels_portable()->epilogue;
   auto post = [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
     if (ep) epi(*ep, static_cast<float*>(g.c), g.ldc, m0, m1, p0 * 16, std::min(g.n, p1 * 16));
   };
@@ -324,32 +328,62 @@ void gemm_s8s8s32_cpu(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, i
   });
 }
 
+namespace {
+
+// The checks every dynamic linear makes: sizes, K's int32 limit, the row
+// stride of its input (`what`: x, or q already quantized).
+void check_linear(int64_t m, int64_t n, int64_t k, int64_t ld, const char* what) {
+  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
+  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
+  PK_CHECK_ARG(ld >= k, what, ": row stride ", ld, " is smaller than the row length ", k);
+}
+
+// An epilogue's activation code and residual checked against y; whether it
+// does anything (then y must be fp32).
+bool check_epilogue(const Epilogue& e, DType yt, int64_t n) {
+  PK_CHECK_ARG(int32_t(e.act) >= 0 && int32_t(e.act) <= int32_t(Act::silu), "activation code ",
+               int32_t(e.act), " is not one of 0..4");
+  const bool fused = e.act != Act::none || e.residual;
+  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation or residual needs fp32 y");
+  PK_CHECK_ARG(!e.residual || e.ldr >= n, "residual: row stride ", e.ldr,
+               " is smaller than N = ", n);
+  return fused;
+}
+
+// x quantized per row (8 or 7 bits) into the kernel's activation format, in
+// this thread's scratch.
+struct QuantizedRows {
+  uint8_t* q;
+  int64_t ldq;
+  float* scale;
+  int32_t* zp;  // 7-bit only
+};
+QuantizedRows quantize_input(const GemmKernels* kern, const void* x, DType xt, int64_t m, int64_t k,
+                             int64_t ldx, int act_bits) {
+  const int64_t ldq = scratch_ld(packed_k(k));
+  QuantizedRows r{scratch<uint8_t>(2, m * ldq), ldq, scratch<float>(0, m),
+                  act_bits == 7 ? scratch<int32_t>(3, m) : nullptr};
+  quantize_rows(kern, x, xt, m, k, ldx, r.q, ldq, r.scale, r.zp);
+  return r;
+}
+
+}  // namespace
+
 void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
                         const int8_t* packed, const int32_t* comp, const float* w_scale,
                         const float* bias, int64_t n, void* y, DType yt, int act_bits,
                         const Epilogue& epilogue) {
-  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
-  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
-  PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
+  check_linear(m, n, k, ldx, "x");
   PK_CHECK_ARG(act_bits == 8 || act_bits == 7, "act_bits must be 8 or 7, got ", act_bits);
-  const bool fused = epilogue.act != Act::none || epilogue.residual;
-  PK_CHECK_ARG(int32_t(epilogue.act) >= 0 && int32_t(epilogue.act) <= int32_t(Act::silu),
-               "activation code ", int32_t(epilogue.act), " is not one of 0..4");
-  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation or residual needs fp32 y");
-  PK_CHECK_ARG(!epilogue.residual || epilogue.ldr >= n, "residual: row stride ", epilogue.ldr,
-               " is smaller than N = ", n);
+  const bool fused = check_epilogue(epilogue, yt, n);
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(x && packed && comp && w_scale && y, "x, weight, scales and y must not be null");
   const GemmKernels* kern = kernels();
-  const int64_t kp = packed_k(k), ldq = scratch_ld(kp);
-  uint8_t* q = scratch<uint8_t>(2, m * ldq);
-  float* xs = scratch<float>(0, m);
-  int32_t* zp = act_bits == 7 ? scratch<int32_t>(3, m) : nullptr;
-  quantize_rows(kern, x, xt, m, k, ldx, q, ldq, xs, zp);
+  const auto [q, ldq, xs, zp] = quantize_input(kern, x, xt, m, k, ldx, act_bits);
   const PackedGemm g{.a = q,
                      .lda = ldq,
                      .b = packed,
-                     .kp = kp,
+                     .kp = packed_k(k),
                      .comp = comp,
                      .n = n,
                      .c = y,
@@ -366,21 +400,16 @@ void linear_dynamic_q8out_cpu(const void* x, DType xt, int64_t m, int64_t k, int
                               const int8_t* packed, const int32_t* comp, const float* w_scale,
                               const float* bias, int64_t n, Act act, int8_t* q, float* q_scale,
                               int act_bits) {
-  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
-  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
-  PK_CHECK_ARG(ldx >= k, "x: row stride ", ldx, " is smaller than the row length ", k);
+  check_linear(m, n, k, ldx, "x");
   PK_CHECK_ARG(act_bits == 8 || act_bits == 7, "act_bits must be 8 or 7, got ", act_bits);
-  PK_CHECK_ARG(int32_t(act) >= 0 && int32_t(act) <= int32_t(Act::silu), "activation code ",
-               int32_t(act), " is not one of 0..4");
+  const Epilogue ep{.act = act};
+  check_epilogue(ep, DType::f32, n);
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(x && packed && comp && w_scale && q && q_scale,
                "x, weight, scales and q must not be null");
   const GemmKernels* kern = kernels();
-  const int64_t kp = packed_k(k), ldq = scratch_ld(kp);
-  uint8_t* qa = scratch<uint8_t>(2, m * ldq);
-  float* xs = scratch<float>(0, m);
-  int32_t* zp = act_bits == 7 ? scratch<int32_t>(3, m) : nullptr;
-  quantize_rows(kern, x, xt, m, k, ldx, qa, ldq, xs, zp);
+  const int64_t kp = packed_k(k);
+  const auto [qa, ldq, xs, zp] = quantize_input(kern, x, xt, m, k, ldx, act_bits);
   // Row chunks over all of N: a chunk's fp32 rows (kRows x N) stay in the
   // thread's L2 from the GEMM through the activation to the quantization.
   // AMX tiles want other calls (run_packed); they take the VNNI kernel here.
@@ -388,12 +417,11 @@ void linear_dynamic_q8out_cpu(const void* x, DType xt, int64_t m, int64_t k, int
 #ifdef PK_HAVE_AVX512
   if (gk->tiles) gk = gemm_kernels_avx512_vnni();
 #endif
-  const auto epi = kern->epilogue ? kern->epilogue : gemm_kernels_portable()->epilogue;
+  const auto epi = epilogue_kernel(kern);
   constexpr int64_t kRows = 48;
   const int64_t chunks = (m + kRows - 1) / kRows, panels = packed_n(n) / 16;
   const int nt =
       int(std::min<int64_t>(threads_for(m * n * std::max<int64_t>(k, 1), 1 << 19), chunks));
-  const Epilogue ep{.act = act};
   parallel_for(0, chunks, std::max(nt, 1), [&](int64_t c) {
     const int64_t r0 = c * kRows, rows = std::min(kRows, m - r0);
     float* yc = scratch<float>(1, kRows * n);
@@ -427,13 +455,8 @@ void linear_prequantized_cpu(const int8_t* q, const float* x_scale, int64_t m, i
                              int64_t ldq_in, const int8_t* packed, const int32_t* comp,
                              const float* w_scale, const float* bias, int64_t n, void* y, DType yt,
                              const Epilogue& epilogue) {
-  PK_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "negative linear size");
-  PK_CHECK_ARG(k < kMaxK, "K = ", k, " could overflow int32 accumulation (limit ", kMaxK, ")");
-  PK_CHECK_ARG(ldq_in >= k, "q: row stride ", ldq_in, " is smaller than the row length ", k);
-  const bool fused = epilogue.act != Act::none || epilogue.residual;
-  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation or residual needs fp32 y");
-  PK_CHECK_ARG(!epilogue.residual || epilogue.ldr >= n, "residual: row stride ", epilogue.ldr,
-               " is smaller than N = ", n);
+  check_linear(m, n, k, ldq_in, "q");
+  const bool fused = check_epilogue(epilogue, yt, n);
   if (m == 0 || n == 0) return;
   PK_CHECK_ARG(q && x_scale && packed && comp && w_scale && y,
                "q, scales, weight and y must not be null");

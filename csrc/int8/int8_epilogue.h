@@ -13,6 +13,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/vec.h"
 #include "int8_isa.h"
 
 namespace pk {
@@ -20,27 +21,9 @@ namespace int8 {
 namespace {
 
 template <int W>
-struct EpilogueVec;
-template <>
-struct EpilogueVec<4> {
-  typedef float V __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-};
-template <>
-struct EpilogueVec<8> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-};
-template <>
-struct EpilogueVec<16> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-};
-
-template <int W>
 struct EpilogueMath {
-  using V = typename EpilogueVec<W>::V;
-  using I = typename EpilogueVec<W>::I;
+  using V = typename VecTypes<W>::V;
+  using I = typename VecTypes<W>::I;
 
   static V splat(float x) { return V{} + x; }
   // Clamps that keep NaN (a comparison with NaN is false, so x is kept).

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import _checks
+from ..ops.attention import attention, padding_mask_to_lengths
 from ..ops.int8 import ACTIVATIONS, apply_epilogue
 from ._module import nbytes_of
 from .int8 import Int8Linear
@@ -53,8 +54,6 @@ def _split_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     version = -2 if mask.is_inference() else mask._version
     if _last_mask[0] is mask and _last_mask[1] == version:
         return _last_mask[2]
-    from ..ops.attention import padding_mask_to_lengths
-
     split = padding_mask_to_lengths(mask)
     _last_mask[:] = [mask, version, split]
     return split
@@ -65,8 +64,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
     attention; a right-padding mask becomes key lengths, so padded keys cost
     nothing. The output is laid out [B, S, H, D] (as q, a view of the QKV GEMM's
     output, is), so merging the heads is free."""
-    from ..ops.attention import attention
-
     if q.device.type != "cpu" or mask is None or not _checks.has_data(mask):
         return attention(q, k, v, attn_mask=mask, scale=scale)
     lengths, rest = _split_mask(mask)

@@ -269,7 +269,9 @@ def _linear_native(
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _linear_numba(kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra):  # noqa: ARG001
+def _linear_numba(
+    kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra, epilogue=None
+):  # noqa: ARG001
     from ..backends.numba import int8 as nb
 
     y = torch.empty(x.shape[0], w_scale.shape[0], dtype=torch.float32)
@@ -281,14 +283,21 @@ def _linear_numba(kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale,
         y.numpy(),
         *extra,
     )
-    return y.to(x.dtype)
+    return _unfused_epilogue(y.to(x.dtype), epilogue)
+
+
+def _unfused_epilogue(y: Tensor, epilogue: tuple[str, Tensor | None] | None) -> Tensor:
+    return y if epilogue is None else apply_epilogue(y, *epilogue)
 
 
 def _linear_with(mod):
     """An implementation that runs `mod`'s tensor-level function on the row-major weight."""
 
-    def run(kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra):  # noqa: ARG001
-        return getattr(mod, kind)(x, rowmajor_weight(), w_scale, bias, *extra)
+    def run(
+        kind: str, x: Tensor, native_weight, rowmajor_weight, w_scale, bias, *extra, epilogue=None
+    ):  # noqa: ARG001
+        y = getattr(mod, kind)(x, rowmajor_weight(), w_scale, bias, *extra)
+        return _unfused_epilogue(y, epilogue)
 
     return run
 
@@ -319,25 +328,14 @@ def _run_linear(
     The native kernel takes `native_weight()` (packed weight and
     compensation, or the row-major weight); the other backends take the
     row-major int8 weight. Each is built only when the backend that needs it
-    runs. The epilogue (`activation`, `residual`) is fused into the native
-    dynamic kernel and applied after the linear everywhere else.
+    runs. Every backend takes the epilogue (`activation`, `residual`): the
+    native kernel fuses it, the others apply it after the linear.
     """
     extra = (act_bits,) if kind == "int8_linear" else ()  # weight-only has no activation grid
     run = backends.impl("int8", "linear", x)
     fused = activation != "none" or residual is not None
-    if run is _linear_native and kind == "int8_linear" and fused:
-        return run(
-            kind,
-            x,
-            native_weight,
-            rowmajor_weight,
-            w_scale,
-            bias,
-            *extra,
-            epilogue=(activation, residual),
-        )
-    y = run(kind, x, native_weight, rowmajor_weight, w_scale, bias, *extra)
-    return apply_epilogue(y, activation, residual)
+    epilogue = (activation, residual) if fused else None
+    return run(kind, x, native_weight, rowmajor_weight, w_scale, bias, *extra, epilogue=epilogue)
 
 
 def _linear_impl(
