@@ -23,7 +23,7 @@ from .. import backends
 # What `bench --family` takes: every kernel family that has a module here (a
 # new family's benchmark is one file, pykernels/bench/<family>.py), then the
 # benchmarks of whole workflows.
-WORKFLOWS = ("cp", "comm", "model")
+WORKFLOWS = ("cp", "comm", "model", "llm")
 FAMILIES = (
     *(f for f in backends.FAMILIES if importlib.util.find_spec(f"pykernels.bench.{f}")),
     *WORKFLOWS,

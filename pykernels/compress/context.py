@@ -204,7 +204,8 @@ class Context:
                     self.skip(fqn, reason)
                     self.unfit.append(self.skipped[-1])
             found = fit
-        wanted = {id(m): fqn for fqn, m in found}
+        # By the model's own module: a Conv1D is offered as a Linear it does not hold.
+        wanted = {id(self.model.get_submodule(fqn) if fqn else self.model): fqn for fqn, _ in found}
         self._also = {}
         for fqn, m in self.model.named_modules(remove_duplicate=False):
             first = wanted.get(id(m))

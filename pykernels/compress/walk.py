@@ -25,10 +25,19 @@ Linears are converted, and :func:`guard_fused_paths` turns the fused path off
 for the layers holding them: torch takes the module-by-module path whenever a
 submodule has a forward hook, and ``TransformerEncoder`` honours
 ``use_nested_tensor = False``.
+
+Hugging Face's ``Conv1D`` (GPT-2, GPT, DistilGPT-2...) is a Linear with its
+weight stored transposed ([in, out]): ``x @ W + b``. A step asking for
+``nn.Linear`` is offered each plain ``Conv1D`` as the equivalent ``nn.Linear``
+(:func:`as_linear`, the same values transposed, not in the model): the step's
+replacement then takes the Conv1D's place, and the model never holds the
+intermediate Linear, whose state_dict would not match the original
+architecture's for :func:`pykernels.load`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -40,9 +49,44 @@ Accept = Callable[[nn.Module, str], bool]
 _COMPUTE = ("forward", "_conv_forward", "__call__")
 
 
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` class when transformers is loaded (a model holding one
+    has loaded it), else None: the walk never imports transformers itself."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def with_conv1d(types: tuple[type, ...]) -> tuple[type, ...]:
+    """``types`` plus transformers' ``Conv1D`` where ``types`` asks for ``nn.Linear``."""
+    conv1d = conv1d_type()
+    if conv1d is None or nn.Linear not in types or conv1d in types:
+        return types
+    return (*types, conv1d)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def as_linear(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing what a transformers ``Conv1D`` computes: its weight
+    transposed into Linear's [out, in] (values copied exactly) and its bias, on the
+    Conv1D's device and dtype, in its training mode, frozen when it was."""
+    w = conv.weight.detach()
+    nx, nf = w.shape
+    lin = nn.Linear(nx, nf, bias=conv.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        lin.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+    lin.train(conv.training)
+    return lin
+
+
 def candidates(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
     """(fqn, module) for every module of one of ``types`` (the model itself included),
     each once, outermost first; modules inside a match are not visited."""
+    types = with_conv1d(types)
     out: list[tuple[str, nn.Module]] = []
     for fqn, m in model.named_modules():
         if any(f == "" or fqn.startswith(f + ".") for f, _ in out):
@@ -55,6 +99,7 @@ def candidates(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.
 def why_not(model: nn.Module, fqn: str, module: nn.Module, types: tuple[type, ...]) -> str | None:
     """Why replacing ``module`` (at ``fqn`` of ``model``) by a layer standing for one of
     ``types`` would change what the model computes; None when it would not."""
+    types = with_conv1d(types)
     base = next(t for t in types if isinstance(module, t))
     if type(module) is not base:
         own = [n for n in _COMPUTE if getattr(type(module), n, None) is not getattr(base, n, None)]
@@ -115,7 +160,7 @@ def targets(
             continue
         reason = why_not(model, fqn, m, types)
         if reason is None:
-            ok.append((fqn, m))
+            ok.append((fqn, as_linear(m) if is_conv1d(m) and nn.Linear in types else m))
         else:
             skipped.append((fqn, reason))
     return ok, skipped

@@ -1,0 +1,191 @@
+"""Decoder language models (Llama-style and GPT-2-style causal LMs from random-weight
+configs): pk.compress converts their projections (GPT-2's transposed Conv1D
+included) and lm_head, logits stay close to fp32, ``generate`` with its KV cache
+gives exactly the compressed model's own greedy decode without a cache, and
+pk.save / pk.load give the same generations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pykernels as pk
+from pykernels.bench.llm import greedy_no_cache, tiny_decoder
+from pykernels.compress import walk
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+transformers.logging.set_verbosity_error()
+
+ARCHS = ["llama", "gpt2"]
+# Cosine of the last position's logits to fp32's that each recipe keeps on these
+# tiny random models (measured 0.9999 / 0.9995 / 0.99 here; the bound leaves room
+# for other seeds and CPU tiers).
+RECIPES = {"int8": 0.995, "int8:weight_only": 0.995, "cluster:16": 0.95}
+
+
+def _has_int4() -> bool:
+    try:
+        from pykernels.nn import Int4Linear  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if _has_int4():
+    RECIPES["int4:g32"] = 0.95
+    RECIPES["int4:g32:weight_only"] = 0.95
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def prompt(gen: torch.Generator, vocab: int, length: int = 9) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, length), generator=gen)
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def generate(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :]
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_decoder_compresses_generates_with_its_cache_and_round_trips(arch, recipe, gen, tmp_path):
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = tiny_decoder(arch)
+    vocab = model.config.vocab_size
+    ids = prompt(gen, vocab)
+    small, report = pk.compress(model, recipe, {"input_ids": ids}, progress=False)
+
+    # Every projection and lm_head changed; no Linear or Conv1D is left, and no
+    # encoder block fusion misfired on a decoder layer.
+    kinds = {type(m).__name__ for m in small.modules()}
+    assert "Linear" not in kinds and "Conv1D" not in kinds, kinds
+    assert "EncoderBlock" not in kinds
+    assert type(small.get_output_embeddings()).__module__.startswith("pykernels.nn")
+    assert report.total["bytes_after"] < report.total["bytes_before"]
+    assert not [s for s in report.skipped if "Conv1D" in s.reason or "Linear" in s.reason]
+
+    ref = logits(model, ids)[:, -1]
+    got = logits(small, ids)[:, -1]
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item()
+    assert cos > RECIPES[recipe], cos
+
+    # The KV cache path computes what a full forward per step computes.
+    n = 6
+    cached = generate(small, ids, n)
+    assert torch.equal(cached, greedy_no_cache(small, ids, n))
+
+    path = tmp_path / f"{arch}.safetensors"
+    pk.save(small, path)
+    again = pk.load(path, tiny_decoder(arch))
+    assert torch.equal(logits(again, ids), logits(small, ids))
+    assert torch.equal(generate(again, ids, n), cached)
+
+
+def test_fp32_decoders_generate_as_their_uncached_greedy(arch, gen):
+    # The property the compressed test relies on holds for the float models too.
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = tiny_decoder(arch)
+    ids = prompt(gen, model.config.vocab_size)
+    assert torch.equal(generate(model, ids, 6), greedy_no_cache(model, ids, 6))
+
+
+def test_conv1d_becomes_the_exact_linear(gen):
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(24, 16)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(16, 24, generator=gen))
+        conv.bias.copy_(torch.randn(24, generator=gen))
+    lin = walk.as_linear(conv)
+    assert type(lin) is nn.Linear and (lin.in_features, lin.out_features) == (16, 24)
+    assert torch.equal(lin.weight, conv.weight.t()) and torch.equal(lin.bias, conv.bias)
+    x = torch.randn(3, 5, 16, generator=gen)
+    torch.testing.assert_close(lin(x), conv(x), rtol=1e-6, atol=1e-6)
+    # A copy: compressing never writes into the model's Conv1D.
+    assert lin.weight.data_ptr() != conv.weight.data_ptr()
+
+
+def test_conv1d_left_alone_stays_and_round_trips(gen, tmp_path):
+    # Excluded Conv1Ds stay Conv1D (never a transposed nn.Linear the original
+    # architecture's state_dict would not fit), and the file loads.
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = tiny_decoder("gpt2")
+    ids = prompt(gen, model.config.vocab_size)
+    small, _ = pk.compress(model, "int8", {"input_ids": ids}, exclude=["re:.*mlp"], progress=False)
+    h = small.transformer.h[0]
+    assert type(h.mlp.c_fc).__name__ == "Conv1D" and type(h.attn.c_attn).__name__ == "Int8Linear"
+    pk.save(small, tmp_path / "m.safetensors")
+    again = pk.load(tmp_path / "m.safetensors", tiny_decoder("gpt2"))
+    assert torch.equal(logits(again, ids), logits(small, ids))
+
+
+def test_conv1d_subclass_with_its_own_forward_is_skipped(gen):
+    from transformers.pytorch_utils import Conv1D
+
+    class Scaled(Conv1D):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(8, 8), nn.ReLU(), Conv1D(4, 8))
+    x = torch.randn(3, 8, generator=gen)
+    small, report = pk.compress(model, "int8", x, progress=False)
+    assert type(small[0]) is Scaled and type(small[2]).__name__ == "Int8Linear"
+    assert any(s.fqn == "0" and "overrides Conv1D.forward" in s.reason for s in report.skipped)
+
+
+def test_tied_lm_head_is_compressed_and_the_tie_survives_only_in_float(gen, tmp_path):
+    # GPT-2 ties lm_head to the token embedding. int8 quantizes each its own way
+    # (an Int8Linear and a row-wise Int8Embedding); cluster leaves the embedding
+    # in float and it keeps its own copy of the table.
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = tiny_decoder("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = prompt(gen, model.config.vocab_size)
+    for recipe, emb in (("int8", "Int8Embedding"), ("cluster:16", "Embedding")):
+        small, _ = pk.compress(model, recipe, {"input_ids": ids}, progress=False)
+        assert type(small.transformer.wte).__name__ == emb
+        assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)
+        path = tmp_path / "tied.safetensors"
+        pk.save(small, path)
+        again = pk.load(path, tiny_decoder("gpt2"))
+        assert torch.equal(logits(again, ids), logits(small, ids))
+    # The original model is untouched and still tied.
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_lm_head_can_be_kept_in_float(gen):
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = tiny_decoder("llama")
+    ids = prompt(gen, model.config.vocab_size)
+    small, _ = pk.compress(model, "int8", {"input_ids": ids}, exclude=["lm_head"], progress=False)
+    assert type(small.lm_head) is nn.Linear
+    assert torch.equal(small.lm_head.weight, model.lm_head.weight)
+    assert type(small.model.layers[0].mlp.down_proj).__name__ == "Int8Linear"
+
+
+def test_greedy_no_cache_checks_its_arguments():
+    model = tiny_decoder("llama")
+    with pytest.raises(TypeError, match="input_ids"):
+        greedy_no_cache(model, [[1, 2]], 2)
+    with pytest.raises(ValueError, match="input_ids"):
+        greedy_no_cache(model, torch.ones(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_no_cache(model, torch.ones(1, 3, dtype=torch.long), -1)
