@@ -176,7 +176,8 @@ class AtenInt4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # The kernel refuses strided rows (logits_to_keep's slice of the last position).
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.packed, self.group_size, self.scales_and_zeros
         )
@@ -246,12 +247,14 @@ class _Decoder:
         self.first = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def __call__(self) -> Tensor:
-        self.cache.crop(self.length)
+        extra = self.cache.get_seq_length() - self.length
+        if extra > 0:  # transformers 5 crops by a negative count of tokens to drop
+            self.cache.crop(-extra)
         tok, pos = self.first, self.length
         for _ in range(self.steps):
             out = self.model(
                 input_ids=tok,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 cache_position=torch.tensor([pos]),
             )
