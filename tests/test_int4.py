@@ -316,3 +316,66 @@ def test_compile(gen):
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), f(x))
+
+
+# --- every compiled CPU tier --------------------------------------------------------
+
+# K = 32 (4 dwords a row: masked loads), 160 (20: one full transpose and a
+# partial one), 1024; N past 32-channel blocks and 16-channel panels; M past
+# the 6-row and 2-row tiles and the 4-row weight-only chunks.
+ISA_SHAPES = [(1, 32, 3, 32), (2, 160, 33, 32), (7, 192, 50, 64), (13, 1024, 96, 128)]
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+@pytest.mark.parametrize("shape", ISA_SHAPES)
+def test_every_isa_matches_reference(cpu_isa, mode, shape, gen):
+    m, k, n, g = shape
+    p, s, z = quantized(n, k, g, gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    b = torch.randn(n, generator=gen)
+    for bias in (b, None):
+        y = pk.ops.int4_linear(x, p, s, z, g, bias, mode)
+        assert_close(
+            y, reference(mode, x, p, s, z, g, bias), magnitude(mode, x, p, s, z, g, bias), k
+        )
+    xb = x.bfloat16()
+    y = pk.ops.int4_linear(xb, p, s, z, g, b, mode)
+    assert y.dtype == torch.bfloat16
+    assert_close(
+        y, reference(mode, xb, p, s, z, g, b), magnitude(mode, xb.float(), p, s, z, g, b), k
+    )
+
+
+def test_every_isa_dynamic_sums_are_exact(cpu_isa, gen):
+    """Extreme codes and activations (a = +-127, q - z = +-15) over many groups:
+    every group sum is an exact integer, so the result equals the reference's
+    to the last bit when every scale is 1."""
+    k, n, g = 1024, 40, 128
+    p = torch.where(torch.rand(n, k // 2, generator=gen) < 0.5, 0x00, 0xFF).to(torch.uint8)
+    z = torch.where(torch.rand(n, k // g, generator=gen) < 0.5, 0, 15).to(torch.uint8)
+    s = torch.ones(n, k // g)
+    a = torch.where(torch.rand(9, k, generator=gen) < 0.5, -127.0, 127.0)
+    y = pk.ops.int4_linear(a, p, s, z, g, None, "dynamic")
+    isum, xs = ref.group_sums(a, p, z, g)
+    assert bool((xs == 1).all())
+    assert torch.equal(y.double(), isum.sum(dim=2).double())
+
+
+def test_native_kernel_refuses_bad_zeros_itself(gen):
+    """The C++ entry point checks again (a call from C or cffi skips Python's checks)."""
+    from pykernels import _native
+
+    if _native.C is None:
+        pytest.skip("native CPU kernels not built")
+    p, s, z = quantized(4, 64, 32, gen)
+    x = torch.randn(2, 64)
+    y = torch.empty(2, 4)
+    bad = z.clone()
+    bad[1, 1] = 99
+    for fn in (_native.C.int4_weight_linear, _native.C.int4_dynamic_linear):
+        with pytest.raises(ValueError, match="zeros"):
+            fn(x.numpy(), 0, p.numpy(), s.numpy(), bad.numpy(), 32, None, y.numpy(), 0)
+        with pytest.raises(ValueError, match="group_size"):
+            fn(x.numpy(), 0, p.numpy(), s.numpy(), z.numpy(), 48, None, y.numpy(), 0)
+        with pytest.raises(ValueError, match="scales"):
+            fn(x.numpy(), 0, p.numpy(), s[:, :1].numpy(), z.numpy(), 32, None, y.numpy(), 0)
