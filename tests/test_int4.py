@@ -10,9 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 import pykernels as pk
+from pykernels import backends
 from pykernels.backends.reference import int4 as ref
 
 GROUPS = [32, 64, 128]
+IMPL_NAMES = {
+    "native": "_linear_native",
+    "numba": "_linear_numba",
+    "torch": "run",
+    "reference": "run",
+}
 # M, K, N, g: one token, M = 0, odd N, K = g (one group), N not a multiple of
 # 16 or 64 (the kernels' panels), M past a 6-row tile, several groups.
 SHAPES = [
@@ -130,6 +137,8 @@ def test_quantize_bf16_weight_and_empty(gen):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_matches_reference(backend, mode, shape, gen):
     m, k, n, g = shape
+    run = backends.impl("int4", "linear", torch.device("cpu"))
+    assert run.__name__ == IMPL_NAMES[backend]  # the forced backend's own kernels ran
     p, s, z = quantized(n, k, g, gen, symmetric=n % 2 == 0)
     x = torch.randn(m, k, generator=gen) * 2
     b = torch.randn(n, generator=gen)
@@ -330,6 +339,7 @@ ISA_SHAPES = [(1, 32, 3, 32), (2, 160, 33, 32), (7, 192, 50, 64), (13, 1024, 96,
 @pytest.mark.parametrize("shape", ISA_SHAPES)
 def test_every_isa_matches_reference(cpu_isa, mode, shape, gen):
     m, k, n, g = shape
+    assert backends.impl("int4", "linear", torch.device("cpu")).__name__ == "_linear_native"
     p, s, z = quantized(n, k, g, gen)
     x = torch.randn(m, k, generator=gen) * 3
     b = torch.randn(n, generator=gen)

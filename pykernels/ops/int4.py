@@ -209,7 +209,50 @@ def _linear_with(mod):
     return run
 
 
-backends.register("int4", "linear", reference=_linear_with(_ref), any=_linear_with(_ti))
+def _linear_native(mode, x, packed, scales, zeros, group_size, bias):
+    from .._layout import DTYPE_CODES
+
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
+    fn = "int4_weight_linear" if mode == "weight_only" else "int4_dynamic_linear"
+    getattr(backends.native.C, fn)(
+        _fbuf(x),
+        DTYPE_CODES[x.dtype],
+        packed.numpy(),
+        scales.numpy(),
+        zeros.numpy(),
+        group_size,
+        None if bias is None else bias.numpy(),
+        _fbuf(y),
+        DTYPE_CODES[y.dtype],
+    )
+    return y
+
+
+def _linear_numba(mode, x, packed, scales, zeros, group_size, bias):
+    from ..backends.numba import int4 as nb
+
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    fn = nb.linear_weight_only if mode == "weight_only" else nb.linear_dynamic
+    fn(
+        x.float().numpy(),
+        packed.numpy(),
+        scales.numpy(),
+        zeros.numpy(),
+        group_size,
+        None if bias is None else bias.numpy(),
+        y.numpy(),
+    )
+    return y.to(x.dtype)
+
+
+backends.register(
+    "int4",
+    "linear",
+    native_cpu=_linear_native,
+    numba=_linear_numba,
+    reference=_linear_with(_ref),
+    any=_linear_with(_ti),
+)
 
 
 def _linear_impl(
