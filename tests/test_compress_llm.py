@@ -20,9 +20,9 @@ transformers.logging.set_verbosity_error()
 
 ARCHS = ["llama", "gpt2"]
 # Cosine of the last position's logits to fp32's that each recipe keeps on these
-# tiny random models (measured 0.9999 / 0.9995 / 0.99 here; the bound leaves room
-# for other seeds and CPU tiers).
-RECIPES = {"int8": 0.995, "int8:weight_only": 0.995, "cluster:16": 0.95}
+# tiny random models (measured: int8 0.9999, cluster:16 0.991-0.994, int4:g32
+# 0.991-0.993; the bounds leave room for other seeds and CPU tiers).
+RECIPES = {"int8": 0.995, "int8:weight_only": 0.995, "cluster:16": 0.97}
 
 
 def _has_int4() -> bool:
@@ -34,8 +34,9 @@ def _has_int4() -> bool:
 
 
 if _has_int4():
-    RECIPES["int4:g32"] = 0.95
-    RECIPES["int4:g32:weight_only"] = 0.95
+    # hidden 64: group 32 (the default g128 needs in_features % 128 == 0)
+    RECIPES["int4:g32"] = 0.97
+    RECIPES["int4:g32:weight_only"] = 0.97
 
 
 @pytest.fixture(params=ARCHS)

@@ -243,7 +243,9 @@ class _Decoder:
         self.model, self.steps, self.length = model, steps, prompt.shape[1]
         with torch.inference_mode():
             out = _prefill(model, prompt)
-        self.cache = out.past_key_values
+        # transformers 5 names it ``cache`` (``past_key_values`` before).
+        cache = out.get("cache")
+        self.cache = cache if cache is not None else out.past_key_values
         self.first = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def __call__(self) -> Tensor:
