@@ -190,3 +190,37 @@ def test_greedy_no_cache_checks_its_arguments():
         greedy_no_cache(model, torch.ones(3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_no_cache(model, torch.ones(1, 3, dtype=torch.long), -1)
+
+
+def test_the_demo_decoder_section_runs_and_checks_itself(tmp_path, capsys, monkeypatch):
+    # The section on a smaller Llama (hidden 128: int4's default group 128 fits) so the
+    # test stays fast; `python -m pykernels demo --decoder` runs it on the 0.02 B one.
+    import argparse
+
+    from pykernels.bench import llm
+    from pykernels.compress import demo
+
+    def small(quick: bool = True, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    monkeypatch.setattr(llm, "llama", small)
+    args = argparse.Namespace(out=str(tmp_path), quiet=True)
+    assert demo.decoder_demo(args) is True
+    text = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:1].isalnum()}
+    expected = [r for r in demo.DECODER_RECIPES if not r.startswith("int4") or _has_int4()]
+    for r in ["fp32", *expected]:
+        assert rows[r][-1] == "yes", rows[r]  # generate through the cache is exact
+    assert float(rows["fp32"][5]) == pytest.approx(1.0)  # logit cosine to itself
+    assert float(rows["int8"][5]) > 0.99
+    assert float(rows["int8"][2]) < 0.35  # bytes vs fp32
+    assert "generations identical" in text
