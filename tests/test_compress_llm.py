@@ -224,3 +224,26 @@ def test_the_demo_decoder_section_runs_and_checks_itself(tmp_path, capsys, monke
     assert float(rows["int8"][5]) > 0.99
     assert float(rows["int8"][2]) < 0.35  # bytes vs fp32
     assert "generations identical" in text
+
+
+@pytest.mark.skipif(not _has_int4(), reason="needs the int4 ops")
+def test_the_aten_int4_peer_multiplies_by_pykernels_int4_weights(gen):
+    # The benchmark's peer runs torch's kernel on pykernels' own int4 codes: its
+    # output is x @ w_hat^T up to bf16 (activations, scales, zero points, output).
+    from pykernels.bench.llm import AtenInt4Linear
+
+    lin = nn.Linear(256, 96)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=gen))
+    peer = AtenInt4Linear(lin, 128)
+    w_hat = pk.ops.int4_dequantize_weight(
+        *pk.ops.int4_quantize_weight(lin.weight.detach(), group_size=128), group_size=128
+    )
+    x = torch.randn(2, 3, 256, generator=gen)
+    want = x @ w_hat.t() + lin.bias.detach()
+    got = peer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
+    err = (got.float() - want).norm() / want.norm()
+    assert err < 2e-2, err
+    # and it is not the float layer: the int4 error shows
+    assert (want - lin(x).detach()).norm() / lin(x).detach().norm() > 1e-2

@@ -146,30 +146,28 @@ def greedy_no_cache(model: nn.Module, input_ids: Tensor, max_new_tokens: int) ->
 
 
 class AtenInt4Linear(nn.Module):
-    """A Linear through torch's CPU int4 kernel: weights quantized asymmetrically per
-    group of ``group_size`` input columns (``scale = (max - min) / 15``, integer zero
-    point, as pykernels' int4 does), packed by
-    ``aten._convert_weight_to_int4pack_for_cpu``, and multiplied by
-    ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (the kernel takes no
-    other). Output in bf16. A benchmark peer, not a pykernels layer."""
+    """A Linear through torch's CPU int4 kernel, with the very codes, scales and zero
+    points :func:`pykernels.ops.int4_quantize_weight` gives (asymmetric, group
+    ``group_size``): repacked by ``aten._convert_weight_to_int4pack_for_cpu`` and
+    multiplied by ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (the kernel
+    takes no other), so a comparison with ``pk int4`` times the kernels on the same
+    weights. Output in bf16. A benchmark peer, not a pykernels layer."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 128) -> None:
         super().__init__()
+        from .. import ops
+
         n, k = linear.out_features, linear.in_features
-        if k % group_size:
-            raise ValueError(f"AtenInt4Linear: in_features {k} is no multiple of group_size")
         self.in_features, self.out_features, self.group_size = k, n, group_size
-        w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
-        lo = w.amin(-1).clamp(max=0)
-        hi = w.amax(-1).clamp(min=0)
-        scale = (hi - lo) / 15
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
-        q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 15)
-        q = q.reshape(n, k).to(torch.int32)
+        packed, scales, zeros = ops.int4_quantize_weight(
+            linear.weight.detach().float(), group_size=group_size, symmetric=False
+        )
+        # pykernels' nibbles (column 2j low, 2j+1 high) as the int32 codes aten packs.
+        q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, k).to(torch.int32)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        # The kernel's form: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale.
-        sz = torch.stack([scale, (8 - zero) * scale], dim=-1)  # [N, K/g, 2]
+        # aten's form: w = (q - 8) * scale + zero_f; pykernels' (q - zero) * scale.
+        zero_f = (8 - zeros.float()) * scales
+        sz = torch.stack([scales, zero_f], dim=-1)  # [N, K/g, 2]
         self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().bfloat16())
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().bfloat16())
