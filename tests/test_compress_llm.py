@@ -6,6 +6,8 @@ pk.save / pk.load give the same generations."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -247,3 +249,39 @@ def test_the_aten_int4_peer_multiplies_by_pykernels_int4_weights(gen):
     assert err < 2e-2, err
     # and it is not the float layer: the int4 error shows
     assert (want - lin(x).detach()).norm() / lin(x).detach().norm() > 1e-2
+
+
+def test_bench_family_llm_runs_every_row(monkeypatch):
+    # `bench --family llm` on a small Llama: every row runs, the table's baseline is
+    # bf16 and the summary gives tokens/s with the ratios to bf16 and the aten peer.
+    from pykernels import bench
+    from pykernels.bench import llm
+
+    def small(quick: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    monkeypatch.setattr(llm, "llama", small)
+    assert "llm" in bench.FAMILIES
+    cases = llm.cases("cpu", quick=True)
+    for c in cases:
+        c.reps = 1
+    results = bench.run(cases, progress=False)
+    want = ["fp32", "bf16", llm.PEER, "pk int8", "pk int8 weight_only"]
+    if _has_int4():
+        want += ["pk int4", "pk int4 weight_only"]
+    for c in cases:
+        assert [r.impl for r in results if r.case == c.name] == want
+        assert next(r for r in results if r.case == c.name and r.impl == "bf16").speedup == 1.0
+    text = llm.summary(results)
+    assert len(re.findall(r"\d tokens/s \(\d+\.\d\dx, \d+\.\d\dx\)", text)) == 2 * len(want)
+    assert "leading greedy tokens equal fp32's" in text
+    assert llm.cases("cuda") == []
