@@ -331,8 +331,14 @@ def test_compile(gen):
 
 # K = 32 (4 dwords a row: masked loads), 160 (20: one full transpose and a
 # partial one), 1024; N past 32-channel blocks and 16-channel panels; M past
-# the 6-row and 2-row tiles and the 4-row weight-only chunks.
-ISA_SHAPES = [(1, 32, 3, 32), (2, 160, 33, 32), (7, 192, 50, 64), (13, 1024, 96, 128)]
+# the 6-row and 2-row tiles and the 4-row weight-only chunks, M >= 256.
+ISA_SHAPES = [
+    (1, 32, 3, 32),
+    (2, 160, 33, 32),
+    (7, 192, 50, 64),
+    (13, 1024, 96, 128),
+    (260, 64, 35, 32),  # rows in two chunks of tasks
+]
 
 
 @pytest.mark.parametrize("mode", ["weight_only", "dynamic"])

@@ -1,6 +1,7 @@
 // int4 driver: checks, the float / int8 forms of x the kernels read, the
 // split over output columns between threads, and the table of the active ISA.
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../common/checks.h"
@@ -68,12 +69,16 @@ void linear_weight_only_cpu(const void* x, DType xt, int64_t m, int64_t k, int64
       xd[i * k + j] = load_f(x, xt, i * ldx + 2 * j);
       xd[i * k + half + j] = load_f(x, xt, i * ldx + 2 * j + 1);
     }
+  // Tasks of 64 output columns (32 KiB of weight at K = 1024 .. 256 KiB at
+  // 8192) taken in turn: a thread the OS preempts holds up one task, not
+  // half the call.
+  const int64_t tasks = (n + 63) / 64;
   const int nt =
-      std::max(1, int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 18), (n + 15) / 16)));
-  parallel_for(0, nt, nt, [&](int t) {
-    int64_t n0, n1;
-    split_range(n, nt, t, 16, &n0, &n1);
-    if (n0 < n1) kern->weight_only(xd, m, w, bias, y, yt, n0, n1);
+      std::max(1, int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 18), tasks)));
+  std::atomic<int64_t> next{0};
+  parallel_for(0, nt, nt, [&](int) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;)
+      kern->weight_only(xd, m, w, bias, y, yt, t * 64, std::min(n, t * 64 + 64));
   });
 }
 
@@ -111,11 +116,17 @@ void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t l
       std::max(1, int(std::min<int64_t>(threads_for(m * n * k, int64_t(1) << 18), blocks)));
   const int64_t per = scratch_bytes(k, group);
   uint8_t* buf = scratch<uint8_t>(1, per * nt);
+  // Tasks of a 32-column block over a chunk of rows, taken in turn (see
+  // weight-only); rows go in chunks only when there are many of them, as
+  // each task decodes its block of the weight once.
+  const int64_t rows = m >= 256 ? 128 : m, tasks = blocks * ((m + rows - 1) / rows);
+  std::atomic<int64_t> next{0};
   parallel_for(0, nt, nt, [&](int t) {
-    int64_t b0, b1;
-    split_range(blocks, nt, t, 1, &b0, &b1);
-    const int64_t n0 = b0 * 32, n1 = std::min(n, b1 * 32);
-    if (n0 < n1) kern->dynamic(a, w, bias, y, yt, 0, m, n0, n1, buf + t * per);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t r0 = (i / blocks) * rows, b = i % blocks;
+      kern->dynamic(a, w, bias, y, yt, r0, std::min(m, r0 + rows), b * 32, std::min(n, b * 32 + 32),
+                    buf + t * per);
+    }
   });
 }
 
