@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pykernels as pk
-from pykernels.bench.llm import greedy_no_cache, tiny_decoder
+from pykernels.bench.llm import greedy_consistent, greedy_no_cache, tiny_decoder
 from pykernels.compress import walk
 
 transformers = pytest.importorskip("transformers")
@@ -23,8 +23,8 @@ transformers.logging.set_verbosity_error()
 ARCHS = ["llama", "gpt2"]
 # Cosine of the last position's logits to fp32's that each recipe keeps on these
 # tiny random models (measured: int8 0.9999, cluster:16 0.991-0.994, int4:g32
-# 0.991-0.993; the bounds leave room for other seeds and CPU tiers).
-RECIPES = {"int8": 0.995, "int8:weight_only": 0.995, "cluster:16": 0.97}
+# 0.986-0.993; the bounds leave room for other seeds and CPU tiers).
+RECIPES = {"int8": 0.995, "int8:weight_only": 0.995, "cluster:16": 0.95}
 
 
 def _has_int4() -> bool:
@@ -37,8 +37,8 @@ def _has_int4() -> bool:
 
 if _has_int4():
     # hidden 64: group 32 (the default g128 needs in_features % 128 == 0)
-    RECIPES["int4:g32"] = 0.97
-    RECIPES["int4:g32:weight_only"] = 0.97
+    RECIPES["int4:g32"] = 0.95
+    RECIPES["int4:g32:weight_only"] = 0.95
 
 
 @pytest.fixture(params=ARCHS)
@@ -90,10 +90,16 @@ def test_decoder_compresses_generates_with_its_cache_and_round_trips(arch, recip
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item()
     assert cos > RECIPES[recipe], cos
 
-    # The KV cache path computes what a full forward per step computes.
+    # The KV cache path computes what a full forward per step computes: each token
+    # generate chose is the uncached model's greedy choice (to float rounding: a
+    # weight-only kernel may round a row differently in another batch of rows).
     n = 6
     cached = generate(small, ids, n)
-    assert torch.equal(cached, greedy_no_cache(small, ids, n))
+    assert greedy_consistent(small, ids, cached)
+    # ... and a wrong token would be caught.
+    wrong = cached.clone()
+    wrong[:, -1] = logits(small, torch.cat([ids, cached[:, :-1]], 1))[:, -1].argmin(-1)
+    assert not greedy_consistent(small, ids, wrong)
 
     path = tmp_path / f"{arch}.safetensors"
     pk.save(small, path)
@@ -107,7 +113,9 @@ def test_fp32_decoders_generate_as_their_uncached_greedy(arch, gen):
     torch.manual_seed(gen.initial_seed() % 2**31)
     model = tiny_decoder(arch)
     ids = prompt(gen, model.config.vocab_size)
-    assert torch.equal(generate(model, ids, 6), greedy_no_cache(model, ids, 6))
+    cached = generate(model, ids, 6)
+    assert greedy_consistent(model, ids, cached)
+    assert greedy_consistent(model, ids, greedy_no_cache(model, ids, 6))
 
 
 def test_conv1d_becomes_the_exact_linear(gen):
@@ -184,7 +192,7 @@ def test_lm_head_can_be_kept_in_float(gen):
     assert type(small.model.layers[0].mlp.down_proj).__name__ == "Int8Linear"
 
 
-def test_greedy_no_cache_checks_its_arguments():
+def test_greedy_helpers_check_their_arguments():
     model = tiny_decoder("llama")
     with pytest.raises(TypeError, match="input_ids"):
         greedy_no_cache(model, [[1, 2]], 2)
@@ -192,6 +200,10 @@ def test_greedy_no_cache_checks_its_arguments():
         greedy_no_cache(model, torch.ones(3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_no_cache(model, torch.ones(1, 3, dtype=torch.long), -1)
+    with pytest.raises(TypeError, match="new_tokens"):
+        greedy_consistent(model, torch.ones(1, 3, dtype=torch.long), [[4]])
+    with pytest.raises(ValueError, match="new_tokens"):
+        greedy_consistent(model, torch.ones(1, 3, dtype=torch.long), torch.ones(2, 1).long())
 
 
 def test_the_demo_decoder_section_runs_and_checks_itself(tmp_path, capsys, monkeypatch):

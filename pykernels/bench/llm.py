@@ -142,6 +142,32 @@ def greedy_no_cache(model: nn.Module, input_ids: Tensor, max_new_tokens: int) ->
     return ids[:, input_ids.shape[1] :]
 
 
+def greedy_consistent(
+    model: nn.Module, input_ids: Tensor, new_tokens: Tensor, atol: float = 1e-4
+) -> bool:
+    """Whether ``new_tokens`` (from ``generate`` through the KV cache) are greedy choices
+    of ``model`` run without a cache: one forward over prompt + tokens, and each token's
+    logit within ``atol`` of the largest at its position. :func:`greedy_no_cache`'s
+    test without its flakiness: a float kernel may round a row differently at another
+    batch of rows, and on a near-tie (random weights give flat logits) pick the other
+    token, after which the two sequences part for good."""
+    if not isinstance(input_ids, Tensor) or not isinstance(new_tokens, Tensor):
+        raise TypeError("greedy_consistent: input_ids and new_tokens must be Tensors")
+    if new_tokens.dim() != 2 or new_tokens.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"greedy_consistent: new_tokens must be [batch, n] with input_ids' batch, got "
+            f"{list(new_tokens.shape)} for {list(input_ids.shape)}"
+        )
+    n = new_tokens.shape[1]
+    if n == 0:
+        return True
+    seq = torch.cat([input_ids, new_tokens], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=seq, use_cache=False).logits[:, -n - 1 : -1].float()
+    chosen = logits.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+    return bool((chosen >= logits.amax(-1) - atol).all())
+
+
 # --- the peer: torch's CPU int4 kernel ---------------------------------------------
 
 
@@ -355,6 +381,7 @@ __all__ = [
     "AtenInt4Linear",
     "aten_int4",
     "cases",
+    "greedy_consistent",
     "greedy_no_cache",
     "llama",
     "rows",

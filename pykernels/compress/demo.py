@@ -600,7 +600,7 @@ def decoder_demo(args: argparse.Namespace) -> bool:
     (else int8) model saved, loaded into a fresh model and generating again. True
     when every check held."""
     from ..bench import time_call
-    from ..bench.llm import _Decoder, greedy_no_cache, llama
+    from ..bench.llm import _Decoder, greedy_consistent, llama
     from . import compress, load, recipes, save
 
     fp32 = llama(quick=True)
@@ -656,7 +656,7 @@ def decoder_demo(args: argparse.Namespace) -> bool:
                 m(input_ids=prompts).logits[:, -1].double(), ref_logits, dim=-1
             )
         lead = (gens[k] == gens["fp32"]).int().cumprod(1).sum(1).float().mean().item()
-        exact = torch.equal(greedy_no_cache(m, prompts[:1], 8), gens[k][:1, :8])
+        exact = greedy_consistent(m, prompts, gens[k])
         ok = ok and exact
         print(
             f"{k:<18} {mb:>8.1f} {mb / base_mb:>7.3f} {n / ms * 1e3:>13.1f} "
@@ -667,8 +667,8 @@ def decoder_demo(args: argparse.Namespace) -> bool:
         f"decode = {n} greedy tokens, batch 1, through the KV cache after a 16-token prompt "
         "(median of 3); logit cos = mean cosine of the last position's logits to fp32's over "
         f"4 prompts; tokens = fp32 = leading greedy tokens equal to fp32's (mean of 4 "
-        "prompts); cache exact = generate's tokens equal the model's own greedy decode "
-        "without a cache"
+        "prompts); cache exact = each token generate chose through the KV cache is the "
+        "greedy choice of the model run without a cache (to 1e-4 of the top logit)"
     )
     name = next((r for r in ("int4:weight_only", "int4", "int8") if r in models), chosen[-1])
     os.makedirs(args.out, exist_ok=True)
@@ -719,6 +719,6 @@ def add_parsers(sub: Any) -> None:
         "--decoder",
         action="store_true",
         help="also compress a small Llama-shaped decoder LM (random weights) and compare "
-        "decode speed, logits and generations (adds about a minute)",
+        "decode speed, logits and generations (adds one to two minutes)",
     )
     p.set_defaults(fn=demo)
