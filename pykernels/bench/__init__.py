@@ -42,6 +42,10 @@ class Case:
     bytes_moved: int = 0  # fewest bytes an implementation must move (floor)
     reps: int = 5
     notes: dict[str, str] = field(default_factory=dict)
+    # time the impls in alternating rounds (one call of each per round) instead of
+    # all of one impl's calls in a row: on a shared host whose speed drifts over a
+    # long case (whole models), every impl then sees the same phases
+    interleave: bool = False
 
 
 @dataclass
@@ -65,9 +69,10 @@ def inference(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def time_call(fn: Callable[[], Any], device: str, reps: int) -> float:
-    """Median milliseconds of `reps` calls after one warm-up call."""
-    fn()
+def time_call(fn: Callable[[], Any], device: str, reps: int, warmup: bool = True) -> float:
+    """Median milliseconds of `reps` calls after one warm-up call (unless not `warmup`)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         if device == "cuda":
@@ -82,6 +87,18 @@ def time_call(fn: Callable[[], Any], device: str, reps: int) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_rounds(impls: dict[str, Callable[[], Any]], device: str, reps: int) -> dict[str, float]:
+    """Median milliseconds of each impl over ``reps`` rounds, each round calling every
+    impl once (after one warm-up call of each)."""
+    for fn in impls.values():
+        fn()
+    laps: dict[str, list[float]] = {k: [] for k in impls}
+    for _ in range(reps):
+        for k, fn in impls.items():
+            laps[k].append(time_call(fn, device, 1, warmup=False))
+    return {k: statistics.median(v) for k, v in laps.items()}
 
 
 def collect_cases(families: tuple[str, ...], device: str, quick: bool) -> list[Case]:
@@ -100,7 +117,17 @@ def run(cases: list[Case], progress: bool = True) -> list[Result]:
     done = 0
     for case in cases:
         times: dict[str, float] = {}
-        for impl, fn in case.impls.items():
+        if case.interleave:
+            if progress:
+                print(
+                    f"[{done + 1}-{done + len(case.impls)}/{total}] {case.family} {case.name}: "
+                    f"{len(case.impls)} impls in {case.reps} alternating rounds ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            done += len(case.impls)
+            times = time_rounds(case.impls, case.device, case.reps)
+        for impl, fn in case.impls.items() if not case.interleave else ():
             done += 1
             if progress:
                 print(

@@ -19,12 +19,13 @@ Rows (each a whole model, greedy, batch 1):
   recipes on the fp32 model, lm_head included, as ``pk.compress`` does.
 
 Cases: ``prefill 1x128`` (one forward over a 128-token prompt, logits of the last
-position only, as ``generate`` computes them) and ``decode 1x<n> @<ctx>`` (n greedy
+position only, as ``generate`` computes them) and ``decode <n> tokens @<ctx>`` (n greedy
 steps through the KV cache after a ctx-token prompt; the cache is cropped back
-before each timed call). :func:`summary` gives tokens/s for each and the greedy
-tokens of each compressed row against fp32's (with random weights the logits are
-nearly flat, so agreement is expected to be poor: it measures nothing about a
-trained model).
+before each timed call), each timed in alternating rounds (every row once per round,
+median of 5) so that all rows see the same phases of a shared host.
+:func:`summary` gives tokens/s for each and the greedy tokens of each compressed row
+against fp32's (with random weights the logits are nearly flat, so agreement is
+expected to be poor: it measures nothing about a trained model).
 
 :func:`tiny_decoder` and :func:`greedy_no_cache` serve the tests and the demo.
 """
@@ -349,12 +350,13 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     decode = f"{shape.split(' (')[0]} decode {steps} tokens @{ctx}"
     _TOKENS[prefill], _TOKENS[decode] = prompt_len, steps
     _NOTES[prefill], _NOTES[decode] = notes, []
-    reps = 2 if quick else 3
+    reps = 3 if quick else 5
     pre = {k: inference(lambda m=m: _prefill(m, prefill_ids)) for k, m in models.items()}
     dec = {k: inference(_Decoder(m, ctx_ids, steps)) for k, m in models.items()}
+    # Alternating rounds: a case runs for minutes, over which a shared host's speed drifts.
     return [
-        Case("llm", prefill, "cpu", pre, BASELINE, reps=reps),
-        Case("llm", decode, "cpu", dec, BASELINE, reps=reps),
+        Case("llm", prefill, "cpu", pre, BASELINE, reps=reps, interleave=True),
+        Case("llm", decode, "cpu", dec, BASELINE, reps=reps, interleave=True),
     ]
 
 
