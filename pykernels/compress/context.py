@@ -218,6 +218,12 @@ class Context:
         :class:`pykernels.nn.EncoderBlock`."""
         return walk.encoder_blocks(self.model, self.accept)
 
+    def gated_mlps(self) -> list[tuple[str, nn.Module]]:
+        """(fqn, module) for each gated-MLP-shaped module whose Linears this step may
+        all replace (:func:`walk.gated_mlps`): the candidates for a fused
+        :class:`pykernels.nn.Int8GatedMLP`."""
+        return walk.gated_mlps(self.model, self.accept)
+
     def progress(self, items: Iterable, desc: str, total: int | None = None) -> Iterator:
         return progress(items, desc, self.show_progress, total)
 

@@ -23,6 +23,7 @@ from ..nn import (
     CPConv2d,
     EncoderBlock,
     Int8Embedding,
+    Int8GatedMLP,
     Int8Linear,
     LowRankLinear,
     QATLinear,
@@ -400,6 +401,12 @@ register_kind(
         sum(_int8_linear_params(getattr(m, n)) for n in ("qkv", "out", "ffn1", "ffn2"))
         + sum(p.numel() for p in (*m.norm1.parameters(), *m.norm2.parameters()))
     ),
+)
+register_kind(
+    Int8GatedMLP,
+    lambda m: m.config(),
+    lambda c: Int8GatedMLP(**c),
+    params=lambda m: m.gate_up_weight.numel() + _int8_linear_params(m.down),
 )
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())
 register_kind(QATLinear, _qat_describe, _qat_build)

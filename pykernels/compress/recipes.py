@@ -255,7 +255,10 @@ class Int8(Step):
     ``nn.TransformerEncoderLayer``) becomes one :class:`pykernels.nn.EncoderBlock`
     (fused QKV, pykernels' attention, activation and residual adds in the int8
     GEMMs' epilogues) when a float copy of the fused block reproduces the
-    layer; ``fuse=False`` keeps the per-Linear path everywhere.
+    layer, and each gated MLP (Llama-style ``down(act(gate(x)) * up(x))``, found
+    by structure and checked on a probe) becomes one
+    :class:`pykernels.nn.Int8GatedMLP` (gate and up in one GEMM, the product in
+    its epilogue); ``fuse=False`` keeps the per-Linear path everywhere.
 
     ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``, ``"int8:fuse=False"``."""
 
@@ -281,10 +284,15 @@ class Int8(Step):
     def apply(self, ctx: Context) -> None:
         from ..nn import Int8Embedding, Int8Linear
         from ..nn.encoder import fuse_encoder_block
+        from ..nn.mlp import fuse_gated_mlp
 
         if self.fuse and self.mode == "dynamic":
             for fqn, layer in ctx.progress(ctx.blocks(), "int8 blocks"):
                 fused = fuse_encoder_block(layer, act_bits=self.act_bits)
+                if not isinstance(fused, str):
+                    ctx.replace(fqn, fused)
+            for fqn, mlp in ctx.progress(ctx.gated_mlps(), "int8 gated MLPs"):
+                fused = fuse_gated_mlp(mlp, act_bits=self.act_bits)
                 if not isinstance(fused, str):
                     ctx.replace(fqn, fused)
         types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)

@@ -6,6 +6,7 @@ from .cp import CPConv2d
 from .embedding import Int8Embedding
 from .encoder import EncoderBlock, fuse_encoder_block
 from .int8 import Int8Linear, quantize_int8
+from .mlp import Int8GatedMLP, fuse_gated_mlp
 from .qat import QATLinear
 from .sparse import SparseLinear, sparsify
 from .svd import LowRankLinear, TuckerConv2d, factorize
@@ -15,6 +16,7 @@ __all__ = [
     "ClusteredLinear",
     "EncoderBlock",
     "Int8Embedding",
+    "Int8GatedMLP",
     "Int8Linear",
     "LowRankLinear",
     "QATLinear",
@@ -22,6 +24,7 @@ __all__ = [
     "TuckerConv2d",
     "factorize",
     "fuse_encoder_block",
+    "fuse_gated_mlp",
     "nbytes_of",
     "quantize_int8",
     "sparsify",

@@ -134,11 +134,18 @@ class EncoderBlock(nn.Module):
     # --- computation --------------------------------------------------------
 
     def _linear(
-        self, layer: nn.Module, x: Tensor, residual: Tensor | None = None, act: str = "none"
+        self,
+        layer: nn.Module,
+        x: Tensor,
+        residual: Tensor | None = None,
+        act: str = "none",
+        norm: nn.Module | None = None,
     ) -> Tensor:
         if isinstance(layer, Int8Linear):
-            return layer(x, residual)  # its activation is its own (fused)
-        return apply_epilogue(layer(x), act, residual)
+            # Its activation is its own; residual and the block's LayerNorm fused.
+            return layer(x, residual, norm)
+        y = apply_epilogue(layer(x), act, residual)
+        return y if norm is None else norm(y)
 
     def _attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
         b, s, _ = x.shape
@@ -149,21 +156,22 @@ class EncoderBlock(nn.Module):
         a = _attend(q, k, v, mask, 1.0 / math.sqrt(d))
         return a.transpose(1, 2).reshape(b, s, self.inner)
 
-    def _ffn(self, x: Tensor, residual: Tensor) -> Tensor:
+    def _ffn(self, x: Tensor, residual: Tensor, norm: nn.Module | None = None) -> Tensor:
         """ffn2(act(ffn1(x))) + residual, the activation and the residual in the
         GEMMs' epilogues. (Handing the activation over quantized, with
         ops.int8_linear_quantized_out, was measured 5-8% slower here: its row
         chunks reread the weight from L2 more than this writes and reads the
         float activation; see benchmarks/RESULTS.md.)"""
         f = self._linear(self.ffn1, x, act=self.activation)
-        return self._linear(self.ffn2, f, residual=residual)
+        return self._linear(self.ffn2, f, residual=residual, norm=norm)
 
     def _block(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if self.norm_first:
             h = self._linear(self.out, self._attention(self.norm1(x), mask), residual=x)
             return self._ffn(self.norm2(h), h)
-        h = self.norm1(self._linear(self.out, self._attention(x, mask), residual=x))
-        return self.norm2(self._ffn(h, h))
+        # Post-norm (BERT): each LayerNorm ends its GEMM's epilogue.
+        h = self._linear(self.out, self._attention(x, mask), residual=x, norm=self.norm1)
+        return self._ffn(h, h, norm=self.norm2)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.layout == "hf":
