@@ -5,6 +5,7 @@ from .cluster import ClusteredLinear
 from .cp import CPConv2d
 from .embedding import Int8Embedding
 from .encoder import EncoderBlock, fuse_encoder_block
+from .int4 import Int4Linear
 from .int8 import Int8Linear, quantize_int8
 from .mlp import Int8GatedMLP, fuse_gated_mlp
 from .qat import QATLinear
@@ -15,6 +16,7 @@ __all__ = [
     "CPConv2d",
     "ClusteredLinear",
     "EncoderBlock",
+    "Int4Linear",
     "Int8Embedding",
     "Int8GatedMLP",
     "Int8Linear",
