@@ -186,7 +186,15 @@ struct EpilogueMath {
       if (e.norm == Norm::layer) mean = row_sum(yr, n, [](V v) { return v; }) * inv_n;
       const float var = row_sum(yr, n, [mean](V v) { return (v - mean) * (v - mean); }) * inv_n;
       const float rstd = 1.0f / __builtin_sqrtf(var + e.eps);
-      for (int64_t c = 0; c < n; ++c) {
+      const bool beta = e.beta && e.norm == Norm::layer;
+      int64_t c = 0;
+      for (; c + W <= n; c += W) {
+        V v = (load(yr + c) - mean) * rstd;
+        if (e.gamma) v *= load(e.gamma + c);
+        if (beta) v += load(e.beta + c);
+        store(yr + c, v);
+      }
+      for (; c < n; ++c) {
         float v = (yr[c] - mean) * rstd;
         if (e.gamma) v *= e.gamma[c];
         if (e.beta && e.norm == Norm::layer) v += e.beta[c];
