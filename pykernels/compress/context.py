@@ -166,6 +166,12 @@ class Context:
         self.attrs: dict[str, dict[str, Any]] = {}
         self.step = ""
         self._also: dict[str, list[str]] = {}  # other names of a shared module, by targets()
+        # Calibrated steps (GPTQ, AWQ, SmoothQuant): the ``calibration=`` batches, the
+        # steps still to come (AWQ searches for the quantizer after it), and what plain
+        # round-to-nearest would have made of each module they replace (for the report).
+        self.calibration: list[Any] | None = None
+        self.remaining: list[Any] = []
+        self.baselines: dict[str, nn.Module] = {}
 
     def call(self, model: nn.Module | None = None) -> Any:
         return call_model(self.model if model is None else model, self.example_inputs)
