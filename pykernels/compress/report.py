@@ -238,11 +238,15 @@ def _layer_errors(
             x = args[0]
             if ch.in_keep is not None:
                 x = x.index_select(ch.feature_dim % x.dim(), ch.in_keep.to(x.device))
+            if ch.in_scale is not None and modules is None:
+                x = x * ch.in_scale.to(x)
             try:
                 y = new(x, *args[1:], **kwargs)
             except Exception:  # noqa: BLE001 - a module that cannot be fed alone is reported NaN
                 failed.add(fqn)
                 return
+            if ch.out_scale is not None and modules is None:
+                y = y * ch.out_scale.to(y)
             if ch.out_keep is not None:
                 y = _expand(y, ch.out_keep, out.shape[ch.feature_dim], ch.feature_dim)
             d = (y.double() - out.double()).pow(2).sum()

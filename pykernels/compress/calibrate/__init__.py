@@ -165,13 +165,14 @@ def int8_gptq(ctx: Context, step: Any) -> None:
             )
             setattr(fused, name, new)
         ctx.replace(fqn, fused)
-        ctx.baselines[fqn] = rtn
+        ctx.baselines.setdefault(fqn, rtn)
     for fqn, m in ctx.progress(ctx.targets(types, step.unfit), "int8"):
         if isinstance(m, nn.Linear):
             q, s = codes(m)
             new = Int8Linear.from_quantized(q, s, m.bias, mode=step.mode, act_bits=step.act_bits)
             ctx.replace(fqn, new)
-            ctx.baselines[fqn] = Int8Linear.from_linear(m, mode=step.mode, act_bits=step.act_bits)
+            rtn = Int8Linear.from_linear(m, mode=step.mode, act_bits=step.act_bits)
+            ctx.baselines.setdefault(fqn, rtn)
         else:
             ctx.replace(fqn, Int8Embedding.from_embedding(m))
 
@@ -200,7 +201,7 @@ def cluster_gptq(ctx: Context, step: Any) -> None:
         with torch.no_grad():
             new.codes.copy_(ops.pack_cluster_codes(res[id(m)][0].codes, new.bits))
         ctx.replace(fqn, new)
-        ctx.baselines[fqn] = base
+        ctx.baselines.setdefault(fqn, base)
 
 
 __all__ = [

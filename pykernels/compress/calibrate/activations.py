@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..context import call_model, progress
 
-STATS = ("hessian", "absmean", "absmax")
+STATS = ("hessian", "absmean", "absmax", "sample")
 
 
 @dataclass
@@ -27,7 +27,9 @@ class InputStats:
 
     ``xtx``: float64 ``[K, K]`` sum of ``x^T x`` (None unless asked for);
     ``abs_sum`` / ``abs_max``: float64 ``[K]`` sum and max of ``|x|`` per input
-    channel; ``rows``: how many rows were summed.
+    channel; ``sample``: float32 rows drawn evenly from each batch (at most
+    ``sample_per_batch`` of each), for searches that need the activations
+    themselves; ``rows``: how many rows were summed.
     """
 
     in_features: int
@@ -35,7 +37,9 @@ class InputStats:
     xtx: Tensor | None = None
     abs_sum: Tensor | None = None
     abs_max: Tensor | None = None
+    sample: Tensor | None = None
     wanted: tuple[str, ...] = field(default=STATS)
+    sample_per_batch: int = 0
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features)
@@ -60,6 +64,10 @@ class InputStats:
         if "absmax" in self.wanted:
             m = a.amax(0)
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
+        if "sample" in self.wanted and self.sample_per_batch:
+            step = max(1, x.shape[0] // self.sample_per_batch)
+            part = x[::step][: self.sample_per_batch].float().clone()
+            self.sample = part if self.sample is None else torch.cat([self.sample, part])
 
     def hessian(self) -> Tensor:
         """GPTQ's ``H = 2 X^T X / rows`` (float64 ``[K, K]``)."""
@@ -114,9 +122,12 @@ def collect(
     stats: Iterable[str] = STATS,
     show_progress: bool = False,
     desc: str = "calibrating",
+    sample_rows: int = 2048,
 ) -> dict[str, InputStats]:
     """Runs ``model`` on every batch with hooks on ``layers`` (fqn -> module with an
-    ``in_features``) and returns each one's :class:`InputStats`.
+    ``in_features``) and returns each one's :class:`InputStats` (``stats``: which of
+    ``"hessian"``, ``"absmean"``, ``"absmax"``, ``"sample"``; about ``sample_rows``
+    rows in all are sampled over the batches).
 
     A layer the batches never reach comes back with ``rows == 0``. A batch the
     model cannot run on raises ValueError naming it."""
@@ -124,7 +135,11 @@ def collect(
     bad = [s for s in wanted if s not in STATS]
     if bad:
         raise ValueError(f"collect: unknown statistics {bad}; choose from {STATS}")
-    out = {fqn: InputStats(int(m.in_features), wanted=wanted) for fqn, m in layers.items()}
+    per = max(1, sample_rows // max(1, len(batches)))
+    out = {
+        fqn: InputStats(int(m.in_features), wanted=wanted, sample_per_batch=per)
+        for fqn, m in layers.items()
+    }
     hooks = []
     for fqn, m in layers.items():
 
@@ -138,14 +153,9 @@ def collect(
             for i, b in enumerate(progress(batches, desc, show_progress)):
                 try:
                     call_model(model, b)
-                except ValueError as e:
+                except Exception as e:
                     if str(e).startswith("calibration:"):
                         raise
-                    raise ValueError(
-                        f"calibration: the model does not run on calibration batch {i}: "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
-                except Exception as e:
                     raise ValueError(
                         f"calibration: the model does not run on calibration batch {i}: "
                         f"{type(e).__name__}: {e}"
