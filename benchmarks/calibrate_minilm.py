@@ -189,8 +189,7 @@ def main() -> None:
     res["recipes"] = rows
 
     # --- SmoothQuant: W8A8 error per tensor and per token on held-out activations ----------
-    sq_model = copy.deepcopy(model)
-    stq = collect(sq_model, calib, {str(id(m)): m for m in lins}, ("absmax", "sample"))
+    stq = collect(model, calib, {str(id(m)): m for m in lins}, ("absmax", "sample"))
     pt, pk_, pt_sq, pk_sq, alphas = [], [], [], [], []
     for m in lins:
         x = xh[id(m)]

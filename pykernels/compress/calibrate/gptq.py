@@ -154,18 +154,20 @@ def check_gptq_options(damp: object, block_size: object, act_order: object) -> N
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, in float64;
-    a Hessian too ill-conditioned for that damping gets ten times more, up to 1."""
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` in float32, as
+    the reference computes it; a Hessian too ill-conditioned for that damping gets ten
+    times more, up to 1."""
     k = h.shape[0]
     mean = float(torch.diag(h).mean()) or 1.0
-    eye = torch.eye(k, dtype=h.dtype)
+    eye = torch.eye(k, dtype=torch.float32)
+    h32 = h.float()
     d = damp
     while True:
-        low, info = torch.linalg.cholesky_ex(h + (d * mean) * eye)
+        low, info = torch.linalg.cholesky_ex(h32 + (d * mean) * eye)
         if int(info) == 0:
             inv = torch.cholesky_inverse(low)
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
                 return u
         if d >= 1.0:
             raise ValueError("gptq: the calibration Hessian is not positive definite even damped")
@@ -216,34 +218,39 @@ def gptq(
             grid.prepare(w)
         w = w[:, perm]
         h = h[perm][:, perm]
-    hinv = _inverse_cholesky(h, float(damp)).float()
-    q_all = torch.zeros_like(w)
-    codes = torch.zeros(n, k, dtype=torch.long)
-    loss = torch.zeros(n, dtype=torch.float64)
+    hinv = _inverse_cholesky(h, float(damp))
+    # Columns as rows ([K, N]): each column's update then touches contiguous memory.
+    wt = w.T.contiguous()
+    q_all = torch.zeros_like(wt)
+    codes = torch.zeros(k, n, dtype=torch.long)
+    loss = torch.zeros(())
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             col = int(perm[j]) if perm is not None else j
             if g and perm is None and j % g == 0:
-                grid.set_group(j, w1[:, i : i + g])
-            wc = w1[:, i]
+                grid.set_group(j, w1[i : i + g].T)
+            wc = w1[i]
             qc, cc = grid.quantize(wc, col)
-            q_all[:, j] = qc
-            codes[:, j] = cc
+            q_all[j] = qc
+            codes[j] = cc
             d = hinv1[i, i]
             e = (wc - qc) / d
-            loss += ((wc - qc) ** 2 / d**2 / 2).double()
+            loss += e.pow(2).sum() / 2
             # Spread this column's error over the block's later columns.
-            w1[:, i:].sub_(e[:, None] * hinv1[i, i:][None, :])
-            err1[:, i] = e
+            w1[i + 1 :].sub_(hinv1[i, i + 1 :, None] * e[None, :])
+            err1[i] = e
         # The lazy batch update: the whole block's errors on every later column at once.
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
+        if i2 < k:
+            wt[i2:].sub_(hinv[i1:i2, i2:].T @ err1)
+    q_all, codes = q_all.T, codes.T
     if perm is not None:
         inv = torch.argsort(perm)
         q_all, codes = q_all[:, inv], codes[:, inv]
+    q_all, codes = q_all.contiguous(), codes.contiguous()
     dev = weight.device
-    return GPTQResult(q_all.to(dev), codes.to(dev), float(loss.sum()))
+    return GPTQResult(q_all.to(dev), codes.to(dev), float(loss))

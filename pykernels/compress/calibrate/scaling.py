@@ -41,8 +41,9 @@ from ..kinds import module_kind_named, module_kind_of, register_kind
 from .activations import InputStats, collect
 from .gptq import int4_group_params, int4_quantize_group
 
-GRID = [i / 20 for i in range(21)]  # alpha in 0, 0.05, ..., 1
-SAMPLE_ROWS = 2048  # calibration rows kept per layer for SmoothQuant's search
+SQ_GRID = [i / 10 for i in range(1, 10)]  # SmoothQuant's search: alpha in 0.1 ... 0.9
+AWQ_GRID = [i / 10 for i in range(11)]  # AWQ's search: each point costs a K x K product
+SAMPLE_ROWS = 512  # calibration rows kept per layer for SmoothQuant's search
 
 
 class InputScaled(nn.Module):
@@ -277,7 +278,7 @@ def awq_scales(
     mean = st.abs_mean().float()
     best = (torch.ones_like(mean), 0.0, math.inf)
     first = math.nan
-    for a in GRID:
+    for a in AWQ_GRID:
         s = _normalize(mean.pow(a)) if a else torch.ones_like(mean)
         num = 0.0
         for w in ws:
@@ -307,7 +308,7 @@ def smoothquant_scales(
     x = st.sample.float()
     w = torch.cat([m.weight.detach().float() for m in linears])
     best = (torch.ones_like(xmax), 0.0, w8a8_error(x, w, torch.ones_like(xmax)))
-    for a in GRID[1:-1]:
+    for a in SQ_GRID:
         s = make(a)
         err = w8a8_error(x, w, s)
         if err < best[2]:

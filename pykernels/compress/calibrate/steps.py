@@ -16,7 +16,7 @@ from ..recipes import Step, register_step, weight_unfit
 class AWQ(Step):
     """Activation-aware per-input-channel scales for the weight quantization after it
     (``"awq+int4"``, ``"awq+int8"``): ``s = mean|x|^alpha`` with ``alpha`` searched
-    over 0, 0.05, ..., 1 for the least output error of each layer (group of layers
+    over 0, 0.1, ..., 1 for the least output error of each layer (group of layers
     sharing an input) after that step's round to nearest, on the ``calibration=``
     batches; ``1 / s`` folded into the op in front where one can take it, else kept
     as an explicit input scale (:class:`pykernels.compress.calibrate.scaling.InputScaled`).
@@ -38,7 +38,7 @@ class AWQ(Step):
 class SmoothQuant(Step):
     """SmoothQuant's migration of activation outliers into the weights, for W8A8
     (``"smoothquant+int8"``): ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` per input
-    channel, ``alpha`` given (``"smoothquant:0.5"``) or searched over 0.05 ... 0.95 for
+    channel, ``alpha`` given (``"smoothquant:0.5"``) or searched over 0.1, 0.2, ..., 0.9 for
     the least W8A8 output error on a sample of the ``calibration=`` rows; folded like
     :class:`AWQ`'s scales. The float model computes what it did."""
 
