@@ -22,6 +22,7 @@ from ..nn import (
     ClusteredLinear,
     CPConv2d,
     EncoderBlock,
+    Int4Linear,
     Int8Embedding,
     Int8Linear,
     LowRankLinear,
@@ -215,6 +216,23 @@ def _int8_linear_params(m: Int8Linear) -> int:
     return m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
 
 
+def _int4_linear_describe(m: Int4Linear) -> dict[str, Any]:
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "group_size": m.group_size,
+        "symmetric": m.symmetric,
+        "mode": m.mode,
+    }
+
+
+def _int4_linear_build(c: dict[str, Any]) -> nn.Module:
+    return Int4Linear(
+        c["in_features"], c["out_features"], c["bias"], c["group_size"], c["symmetric"], c["mode"]
+    )
+
+
 def _int8_emb_describe(m: Int8Embedding) -> dict[str, Any]:
     return {
         "num_embeddings": m.num_embeddings,
@@ -401,6 +419,7 @@ register_kind(
         + sum(p.numel() for p in (*m.norm1.parameters(), *m.norm2.parameters()))
     ),
 )
+register_kind(Int4Linear, _int4_linear_describe, _int4_linear_build, params=_int8_linear_params)
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())
 register_kind(QATLinear, _qat_describe, _qat_build)
 register_kind(SparseLinear, _sparse_describe, _sparse_build)

@@ -12,6 +12,7 @@ is what the saved manifest records, and :meth:`Step.from_spec` reads it back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -337,6 +338,133 @@ class Int8(Step):
     def unfit(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
             return "max_norm renormalizes rows at lookup; kept in float"
+        return weight_unfit(module)
+
+
+# Calibrated int4 quantizers by option name (the ``:gptq`` option of the int4
+# step): calibration code registers itself here with register_int4_quantizer.
+Int4Quantizer = Callable[["Int4", Context, list[tuple[str, nn.Linear]]], Iterable[tuple[str, Any]]]
+_INT4_QUANTIZERS: dict[str, Int4Quantizer] = {}
+
+
+def register_int4_quantizer(option: str, fn: Int4Quantizer) -> None:
+    """Lets a calibrated method (``"gptq"``) produce the codes of the ``int4`` step.
+
+    ``fn(step, ctx, targets)`` gets the step (its ``group_size``,
+    ``symmetric``, ``mode``), the compression context (``ctx.model``, the
+    example inputs, and whatever calibration data the caller passed) and the
+    ``(fqn, nn.Linear)`` pairs the step will replace, in model order; it
+    yields ``(fqn, (packed, scales, zeros))`` for each layer it quantized, in
+    the format of :mod:`pykernels.ops.int4` (a layer it leaves out falls back
+    to round-to-nearest). The step builds each layer with
+    :meth:`pykernels.nn.Int4Linear.from_quantized`.
+    """
+    if option != "gptq":
+        raise ValueError(f"register_int4_quantizer: option must be 'gptq', got {option!r}")
+    if not callable(fn):
+        raise TypeError("register_int4_quantizer: fn must be callable")
+    _INT4_QUANTIZERS[option] = fn
+
+
+@register_step
+@dataclass
+class Int4(Step):
+    """Linear layers -> :class:`pykernels.nn.Int4Linear`: group-wise 4-bit weights
+    (``group_size`` 32, 64 or 128; ``symmetric`` or not; ``mode`` ``"dynamic"``
+    W4A8 or ``"weight_only"`` W4A16), round-to-nearest, or calibrated by GPTQ with
+    ``gptq=True`` (the ``:gptq`` option, available once the GPTQ code has
+    registered itself with :func:`register_int4_quantizer`). Layers whose
+    in_features is no multiple of ``group_size`` stay float (listed as skipped).
+
+    ``"int4"`` (= ``"int4:g128"``), ``"int4:g64:sym"``, ``"int4:g128:weight_only"``,
+    ``"int4:g128:gptq"``."""
+
+    group_size: int = 128
+    symmetric: bool = False
+    mode: str = "dynamic"
+    gptq: bool = False
+    name: ClassVar[str] = "int4"
+
+    def __post_init__(self) -> None:
+        from ..ops.int4 import check_group_size, check_mode
+
+        try:
+            self.group_size = check_group_size("int4", self.group_size)
+            check_mode("int4", self.mode)
+        except (TypeError, ValueError) as e:  # a recipe's errors are ValueErrors
+            raise ValueError(str(e).removeprefix("int4: ")) from None
+        for f in ("symmetric", "gptq"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be a bool, got {getattr(self, f)!r}")
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        # Bare options: g<size>, sym / asym, dynamic / weight_only, gptq.
+        named: list[str] = []
+        for a in args:
+            low = a.lower()
+            if low.startswith("g") and low[1:].isdigit():
+                named.append(f"group_size={low[1:]}")
+            elif low in ("sym", "asym"):
+                named.append(f"symmetric={low == 'sym'}")
+            elif low in ("dynamic", "weight_only"):
+                named.append(f"mode={low}")
+            elif low == "gptq":
+                named.append("gptq=True")
+            elif "=" in a:
+                named.append(a)
+            else:
+                raise ValueError(
+                    f"recipe step {text!r}: unknown option {a!r}; int4 takes g32 / g64 / g128, "
+                    "sym / asym, dynamic / weight_only, gptq (or key=value)"
+                )
+        return super().from_args(named, text)
+
+    def __str__(self) -> str:
+        parts = ["int4", f"g{self.group_size}"]
+        if self.symmetric:
+            parts.append("sym")
+        if self.mode != "dynamic":
+            parts.append(self.mode)
+        if self.gptq:
+            parts.append("gptq")
+        return ":".join(parts)
+
+    def quantizer(self) -> Int4Quantizer | None:
+        """The calibrated quantizer this step uses (None: round-to-nearest);
+        NotImplementedError when ``gptq`` is asked for and none is registered."""
+        if not self.gptq:
+            return None
+        fn = _INT4_QUANTIZERS.get("gptq")
+        if fn is None:
+            raise NotImplementedError(
+                "int4:gptq: no GPTQ quantizer is registered in this build "
+                "(pykernels.compress.recipes.register_int4_quantizer('gptq', fn)); use "
+                "round-to-nearest ('int4') instead"
+            )
+        return fn
+
+    def apply(self, ctx: Context) -> None:
+        from ..nn import Int4Linear
+
+        fn = self.quantizer()
+        targets = ctx.targets((nn.Linear,), self.unfit)
+        done = dict(fn(self, ctx, targets)) if fn is not None and targets else {}
+        for fqn, m in ctx.progress(targets, "int4"):
+            b = None if m.bias is None else m.bias.detach()
+            if fqn in done:
+                packed, scales, zeros = done[fqn]
+                layer = Int4Linear.from_quantized(
+                    packed, scales, zeros, self.group_size, bias=b, mode=self.mode
+                )
+            else:
+                layer = Int4Linear.from_linear(m, self.group_size, self.symmetric, self.mode)
+            ctx.replace(fqn, layer)
+
+    def unfit(self, module: nn.Module) -> str | None:
+        k = module.in_features
+        if k % self.group_size:
+            return f"in_features = {k} is no multiple of group_size {self.group_size}"
         return weight_unfit(module)
 
 
@@ -683,6 +811,7 @@ def _conv_unfit(module: nn.Module, padding: bool) -> str | None:
 __all__ = [
     "CP",
     "Cluster",
+    "Int4",
     "Int8",
     "LowRank",
     "PruneStructured",
@@ -691,6 +820,7 @@ __all__ = [
     "Tucker",
     "from_specs",
     "parse",
+    "register_int4_quantizer",
     "register_step",
     "step_names",
 ]

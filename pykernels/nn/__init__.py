@@ -5,6 +5,7 @@ from .cluster import ClusteredLinear
 from .cp import CPConv2d
 from .embedding import Int8Embedding
 from .encoder import EncoderBlock, fuse_encoder_block
+from .int4 import Int4Linear
 from .int8 import Int8Linear, quantize_int8
 from .qat import QATLinear
 from .sparse import SparseLinear, sparsify
@@ -14,6 +15,7 @@ __all__ = [
     "CPConv2d",
     "ClusteredLinear",
     "EncoderBlock",
+    "Int4Linear",
     "Int8Embedding",
     "Int8Linear",
     "LowRankLinear",

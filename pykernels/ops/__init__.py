@@ -8,6 +8,7 @@ from .cluster import (
     pack_cluster_codes,
     unpack_cluster_codes,
 )
+from .int4 import int4_dequantize_weight, int4_linear, int4_quantize_weight
 from .int8 import (
     Int8PackedWeight,
     int8_gemm,
@@ -33,6 +34,9 @@ __all__ = [
     "cluster_weight",
     "fake_quantize_per_row",
     "dequantize_buckets",
+    "int4_dequantize_weight",
+    "int4_linear",
+    "int4_quantize_weight",
     "int8_gemm",
     "int8_linear",
     "int8_linear_prequantized",

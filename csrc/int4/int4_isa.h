@@ -1,0 +1,57 @@
+// Per-ISA int4 kernels, compiled once per instruction set and chosen at run
+// time (int4_cpu.cpp).
+#pragma once
+#include <cstdint>
+
+#include "int4.h"
+
+namespace pk {
+namespace int4 {
+
+// The weight as the caller passes it (format in int4.h).
+struct Weight {
+  const uint8_t* packed;
+  const float* scales;
+  const uint8_t* zeros;
+  int64_t n, k, group;
+};
+
+// W4A8 activations, prepared once per call by the driver: each row of x
+// quantized to int8 (a_scale), its codes reordered within every 8 columns as
+// 0, 2, 4, 6, 1, 3, 5, 7 (so the 4 low nibbles of 4 bytes of a weight row meet
+// their 4 activations in one dword, the 4 high nibbles the next), and asum,
+// the sum of each group of each row's codes (for the zero points:
+// sum a (q - z) = sum a q - z * asum, all in int32).
+struct Act {
+  const int8_t* q;  // M x K, row stride k
+  const float* scale;
+  const int32_t* asum;  // M x (K / group)
+};
+
+struct Kernels {
+  // Weight-only, output columns [n0, n1) of every row: xd is x in float32
+  // with each row split into its even columns, then its odd ones (row
+  // stride k).
+  void (*weight_only)(const float* xd, int64_t m, const Weight& w, const float* bias, void* y,
+                      DType yt, int64_t n0, int64_t n1);
+  // W4A8, rows [m0, m1) x output columns [n0, n1) (n0 a multiple of 32);
+  // scratch: scratch_bytes(k, group) bytes of this thread's.
+  void (*dynamic)(const Act& a, const Weight& w, const float* bias, void* y, DType yt, int64_t m0,
+                  int64_t m1, int64_t n0, int64_t n1, uint8_t* scratch);
+  // The reorder and group sums of Act for rows [r0, r1) of q (row stride k).
+  void (*prepare)(const int8_t* q, int64_t k, int64_t group, int8_t* out, int32_t* asum, int64_t r0,
+                  int64_t r1);
+};
+
+// Bytes of a thread's W4A8 scratch: two 16-channel panels of the weight, the
+// codes of each transposed to 16 x 4-byte lanes, and their scales.
+inline int64_t scratch_bytes(int64_t k, int64_t group) {
+  return 2 * (k / 2 * 16 + 2 * (k / group) * 16 * 4) + 64;
+}
+
+const Kernels* kernels_portable();
+const Kernels* kernels_avx2();
+const Kernels* kernels_avx512_vnni();
+
+}  // namespace int4
+}  // namespace pk
