@@ -96,17 +96,23 @@ def run_gptq(
     layers: list[nn.Linear],
     make_grid: Callable[[nn.Linear], Grid],
     desc: str,
+    act_order: bool | None = None,
+    damp: float | None = None,
 ) -> dict[int, tuple[GPTQResult, Grid]]:
     """GPTQ of each Linear onto ``make_grid(linear)``, keyed by ``id(linear)``. A Linear
     the calibration batches never reach is rounded to nearest (identity Hessian)."""
     stats = hessians(ctx, step, layers, f"{desc}: calibration")
+    if act_order is None:
+        act_order = step.act_order
+    if damp is None:
+        damp = step.damp
     out: dict[int, tuple[GPTQResult, Grid]] = {}
     for m in ctx.progress(list({id(m): m for m in layers}.values()), desc):
         st = stats[id(m)]
         w = m.weight.detach().float()
         h = st.hessian() if st.rows else torch.eye(m.in_features, dtype=torch.float64)
         grid = make_grid(m)
-        out[id(m)] = (gptq(w, h, grid, damp=step.damp, act_order=step.act_order), grid)
+        out[id(m)] = (gptq(w, h, grid, damp=damp, act_order=act_order), grid)
     return out
 
 
@@ -203,6 +209,42 @@ def cluster_gptq(ctx: Context, step: Any) -> None:
         ctx.replace(fqn, new)
         ctx.baselines.setdefault(fqn, base)
 
+
+def int4_gptq(step: Any, ctx: Context, targets: list[tuple[str, nn.Linear]]):
+    """The ``int4:g128:gptq`` quantizer (registered with the int4 step): each group's
+    scale and zero point chosen from the error-compensated weights as GPTQ reaches
+    the group (as the reference's ``groupsize``; under ``act_order`` from the
+    original weights first), the codes by GPTQ. Yields ``(fqn, (packed, scales,
+    zeros))`` in :mod:`pykernels.ops.int4`'s format, and keeps round to nearest's
+    layer for the report."""
+    from ...nn import Int4Linear
+
+    g, sym = int(step.group_size), bool(step.symmetric)
+    res = run_gptq(
+        ctx,
+        step,
+        [m for _, m in targets],
+        lambda m: Int4Grid(m.out_features, m.in_features, g, sym),
+        "int4 gptq",
+        act_order=bool(getattr(step, "act_order", False)),
+        damp=float(getattr(step, "damp", 0.01)),
+    )
+    for fqn, m in targets:
+        r, grid = res[id(m)]
+        q = r.codes.to(torch.uint8)
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+        ctx.baselines.setdefault(fqn, Int4Linear.from_linear(m, g, sym, step.mode))
+        yield fqn, (packed, grid.scales.float(), grid.zeros.to(torch.uint8))
+
+
+def _register() -> None:
+    from .. import recipes
+
+    if hasattr(recipes, "register_int4_quantizer"):  # the int4 step is there
+        recipes.register_int4_quantizer("gptq", int4_gptq)
+
+
+_register()
 
 __all__ = [
     "ClusterGrid",
