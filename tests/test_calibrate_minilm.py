@@ -53,6 +53,19 @@ def test_calibrated_minilm_keeps_held_out_embeddings(setup, recipe):
         assert {r.name for r in calibrated} >= {f"encoder.layer.{i}" for i in range(6)}
 
 
+def test_int4_gptq_minilm_beats_round_to_nearest_on_held_out_text(setup):
+    model, cal, held = setup
+    ref = embed(model, held)
+    out, rep = pk.compress(model, "int4:g128:gptq", held, calibration=cal, progress=False)
+    assert isinstance(out.encoder.layer[0].attention.self.query, pk.nn.Int4Linear)
+    cos = float((embed(out, held) * ref).sum(-1).mean())
+    assert cos > 0.96
+    enc = [r for r in rep.layers if r.name.startswith("encoder.")]
+    assert len(enc) == 36 and all(r.rtn_error is not None for r in enc)
+    ratios = sorted(r.rel_error / r.rtn_error for r in enc)
+    assert ratios[len(ratios) // 2] < 0.8  # the median layer: GPTQ well under RTN
+
+
 def test_gptq_int4_grid_on_minilm_beats_round_to_nearest(setup):
     """The int4 g128 GPTQ math on MiniLM's real Linears, judged on held-out inputs."""
     from torch import nn

@@ -59,8 +59,8 @@ class Int8Grid(Grid):
         self._div = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
 
     def quantize(self, w: Tensor, col: int) -> tuple[Tensor, Tensor]:
+        # A zero-scale row is all zeros and stays so (its errors are zero): q = 0 there.
         q = torch.round(w / self._div).clamp_(-127, 127)
-        q = torch.where(self.scale > 0, q, torch.zeros_like(q))
         return q * self.scale, q.long()
 
 
