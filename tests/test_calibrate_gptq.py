@@ -129,6 +129,16 @@ def test_hessian_of_several_batches_equals_one_big_batch(gen):
     torch.testing.assert_close(three.xtx, whole.xtx, rtol=0, atol=tol)
 
 
+def test_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse(gen):
+    from pykernels.compress.calibrate.gptq import _inverse_cholesky
+
+    h = hess(correlated(gen, 256, 96))
+    u = _inverse_cholesky(h, 0.01).double()
+    damped = h + 0.01 * h.diag().mean() * torch.eye(96, dtype=torch.float64)
+    assert torch.equal(u, torch.triu(u)) and bool((u.diag() > 0).all())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+
+
 def test_gptq_refuses_bad_arguments(gen):
     w = torch.randn(8, 16, generator=gen)
     s = rtn_int8(w)[1]

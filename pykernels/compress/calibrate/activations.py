@@ -45,29 +45,38 @@ class InputStats:
         x = x.detach().reshape(-1, self.in_features)
         if not x.shape[0]:
             return
-        if not bool(torch.isfinite(x).all()):
+        # Finiteness is read off the per-channel sums below (a NaN or inf input makes
+        # its channel's sum of squares or of |x| non-finite): no pass over x for it.
+        sums = []
+        if "hessian" in self.wanted:
+            # One float32 product per batch (fast), summed in float64 so that many
+            # batches lose nothing to rounding.
+            xf = x.float()
+            part = (xf.T @ xf).double()
+            sums.append(part.diagonal())
+        a = x.abs().double() if ("absmean" in self.wanted or "absmax" in self.wanted) else None
+        if a is not None:
+            col = a.sum(0)
+            sums.append(col)
+        if "sample" in self.wanted and self.sample_per_batch:
+            step = max(1, x.shape[0] // self.sample_per_batch)
+            part_s = x[::step][: self.sample_per_batch].float().clone()
+            sums.append(part_s.sum(0))
+        if not all(bool(torch.isfinite(t).all()) for t in sums):
             raise ValueError(
                 "calibration: an input to a Linear holds NaN or inf; the calibration batches "
                 "must be inputs the model computes finite values on"
             )
         self.rows += x.shape[0]
         if "hessian" in self.wanted:
-            # One float32 product per batch (fast), summed in float64 so that many
-            # batches lose nothing to rounding.
-            xf = x.float()
-            part = (xf.T @ xf).double()
             self.xtx = part if self.xtx is None else self.xtx.add_(part)
-        a = x.abs().double()
         if "absmean" in self.wanted:
-            s = a.sum(0)
-            self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
+            self.abs_sum = col if self.abs_sum is None else self.abs_sum.add_(col)
         if "absmax" in self.wanted:
             m = a.amax(0)
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         if "sample" in self.wanted and self.sample_per_batch:
-            step = max(1, x.shape[0] // self.sample_per_batch)
-            part = x[::step][: self.sample_per_batch].float().clone()
-            self.sample = part if self.sample is None else torch.cat([self.sample, part])
+            self.sample = part_s if self.sample is None else torch.cat([self.sample, part_s])
 
     def hessian(self) -> Tensor:
         """GPTQ's ``H = 2 X^T X / rows`` (float64 ``[K, K]``)."""
