@@ -224,3 +224,25 @@ def test_cluster_gptq_step(gen):
     assert not torch.equal(out[0].codes, plain[0].codes)
     r0 = next(r for r in rep.layers if r.name == "0")
     assert r0.rel_error < r0.rtn_error
+
+
+def test_int8_from_quantized_computes_with_the_given_codes_and_refuses_bad_ones(gen):
+    q = torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8)
+    s = torch.rand(24, generator=gen) + 0.01
+    b = torch.randn(24, generator=gen)
+    x = torch.randn(5, 40, generator=gen)
+    for mode in ("dynamic", "weight_only"):
+        layer = Int8Linear.from_quantized(q, s, b, mode=mode)
+        assert torch.equal(layer.weight_int8(), q) and torch.equal(layer.weight_scale, s)
+        ref = x @ (q.float() * s[:, None]).T + b
+        assert float((layer(x) - ref).norm() / ref.norm()) < 2e-2  # W8A8 rounds x
+    with pytest.raises(TypeError, match="w_q"):
+        Int8Linear.from_quantized(q.float(), s)
+    with pytest.raises(ValueError, match="w_scale"):
+        Int8Linear.from_quantized(q, s[:3])
+    with pytest.raises(ValueError, match="w_scale"):
+        Int8Linear.from_quantized(q, s * float("inf"))
+    with pytest.raises(ValueError, match="-128"):
+        Int8Linear.from_quantized(torch.full((2, 4), -128, dtype=torch.int8), torch.ones(2))
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear.from_quantized(q, s, torch.ones(3))
