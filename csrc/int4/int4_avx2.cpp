@@ -5,7 +5,7 @@
 // nibble codes as its unsigned bytes against the signed int8 activations
 // cannot saturate (|pair| <= 2 * 15 * 127, and the low and high nibbles'
 // pairs summed <= 4 * 15 * 127 < 2^15), vpmaddwd widens to int32, each
-// group's sum starting at -zero * sum(a).
+// group's sum less zero * sum(a) (exact in float).
 #include <immintrin.h>
 
 #include "int4_generic.h"
@@ -123,12 +123,8 @@ struct Avx2 {
     alignas(32) float f[R * 32] = {};
     for (int64_t g = 0; g < groups; ++g) {
       __m256i acc[R][4];
-      for (int r = 0; r < R; ++r) {
-        const __m256i as = _mm256_set1_epi32(a.asum[(i0 + r) * groups + g]);
-        for (int v = 0; v < 4; ++v)
-          acc[r][v] =
-              _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(b.nz + g * 32 + 8 * v)), as);
-      }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_si256();
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const uint8_t* bp = b.codes + c * 128;
         __m256i lo[4], hi[4];
@@ -149,13 +145,16 @@ struct Avx2 {
           }
         }
       }
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        const __m256 as = _mm256_set1_ps(float(a.asum[(i0 + r) * groups + g]));
         for (int v = 0; v < 4; ++v) {
           float* fp = f + r * 32 + 8 * v;
+          const __m256 isum = _mm256_fmadd_ps(_mm256_loadu_ps(b.nz + g * 32 + 8 * v), as,
+                                              _mm256_cvtepi32_ps(acc[r][v]));  // exact
           _mm256_store_ps(
-              fp, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]),
-                                  _mm256_loadu_ps(b.s + g * 32 + 8 * v), _mm256_load_ps(fp)));
+              fp, _mm256_fmadd_ps(isum, _mm256_loadu_ps(b.s + g * 32 + 8 * v), _mm256_load_ps(fp)));
         }
+      }
     }
     store_tile(a, f, R, i0, bias, y, yt, n, nb, nv);
   }

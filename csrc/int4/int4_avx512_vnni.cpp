@@ -3,8 +3,8 @@
 // bits of each index) a 16-entry table of the group's dequantized values
 // (q - zero) * scale, exactly the reference's w_hat, against x's even and odd
 // columns. W4A8: vpdpbusd with the nibble codes (0..15) as its unsigned bytes
-// against the signed int8 activations, exact, each group's int32 sum
-// starting at -zero * sum(a), then times the group's scale in float.
+// against the signed int8 activations, exact, each group's sum less
+// zero * sum(a) (exact in float), then times the group's scale.
 #include <immintrin.h>
 
 #include "int4_generic.h"
@@ -142,14 +142,8 @@ struct Avx512 {
     __m512 f[R][2];
     for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const __m512i nz0 = _mm512_loadu_si512(b.nz + g * 32);
-      const __m512i nz1 = _mm512_loadu_si512(b.nz + g * 32 + 16);
       __m512i acc[R][2];
-      for (int r = 0; r < R; ++r) {
-        const __m512i as = _mm512_set1_epi32(a.asum[(i0 + r) * groups + g]);
-        acc[r][0] = _mm512_mullo_epi32(nz0, as);
-        acc[r][1] = _mm512_mullo_epi32(nz1, as);
-      }
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const uint8_t* bp = b.codes + c * 128;
         const __m512i v0 = _mm512_load_si512(bp), v1 = _mm512_load_si512(bp + 64);
@@ -172,9 +166,13 @@ struct Avx512 {
         }
       }
       const __m512 s0 = _mm512_loadu_ps(b.s + g * 32), s1 = _mm512_loadu_ps(b.s + g * 32 + 16);
+      const __m512 z0 = _mm512_loadu_ps(b.nz + g * 32), z1 = _mm512_loadu_ps(b.nz + g * 32 + 16);
       for (int r = 0; r < R; ++r) {
-        f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), s0, f[r][0]);
-        f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), s1, f[r][1]);
+        const __m512 as = _mm512_set1_ps(float(a.asum[(i0 + r) * groups + g]));
+        const __m512 i0f = _mm512_fmadd_ps(z0, as, _mm512_cvtepi32_ps(acc[r][0]));  // exact
+        const __m512 i1f = _mm512_fmadd_ps(z1, as, _mm512_cvtepi32_ps(acc[r][1]));
+        f[r][0] = _mm512_fmadd_ps(i0f, s0, f[r][0]);
+        f[r][1] = _mm512_fmadd_ps(i1f, s1, f[r][1]);
       }
     }
     alignas(64) float out[R * 32];

@@ -107,12 +107,14 @@ inline void store_f(void* p, DType t, int64_t i, float v) {
 // chunk, each block of 32 output channels is decoded once into the thread's
 // scratch (Isa::decode: codes transposed so that a 64-byte vector holds 16
 // channels x 4 bytes, i.e. 8 codes of each; the block's scales and negated
-// zero points as [group][32]) and every row tile of the chunk runs over it
-// (Isa::tile), which starts each group's int32 sum at -zero * asum.
+// zero points as [group][32] floats) and every row tile of the chunk runs
+// over it (Isa::tile). A tile's group sum is float(sum a q) - zero * asum
+// in one fused multiply-add, exact: both terms and the result are integers
+// of magnitude below 15 * 127 * 128 < 2^24.
 struct Block {
   const uint8_t* codes;  // [K / 8][2 panels][64 bytes]
   const float* s;        // [groups][32]
-  const int32_t* nz;     // [groups][32]
+  const float* nz;       // [groups][32]
   int64_t k, group;
 };
 
@@ -126,7 +128,7 @@ void dynamic_blocked(const Act& a, const Weight& w, const float* bias, void* y, 
   const int64_t k = w.k, groups = k / w.group;
   uint8_t* codes = align64(scratch);
   float* s = reinterpret_cast<float*>(codes + k * 16);
-  int32_t* nz = reinterpret_cast<int32_t*>(s + groups * 32);
+  float* nz = s + groups * 32;
   const Block blk{codes, s, nz, k, w.group};
   int64_t chunk = (int64_t(256) << 10) / (k > 0 ? k : 1);
   chunk = chunk < Isa::MR ? Isa::MR : chunk / Isa::MR * Isa::MR;
@@ -139,7 +141,7 @@ void dynamic_blocked(const Act& a, const Weight& w, const float* bias, void* y, 
         for (int j = 0; j < 32; ++j) {
           const bool in = j < nv;
           s[g * 32 + j] = in ? w.scales[(nb + j) * groups + g] : 0.0f;
-          nz[g * 32 + j] = in ? -int32_t(w.zeros[(nb + j) * groups + g]) : 0;
+          nz[g * 32 + j] = in ? -float(w.zeros[(nb + j) * groups + g]) : 0.0f;
         }
       int64_t i = r0;
       for (; i + Isa::MR <= r1; i += Isa::MR)

@@ -240,6 +240,21 @@ def from_specs(specs: list[dict[str, Any]]) -> list[Step]:
     return out
 
 
+def _drop_gptq(spec: dict[str, Any]) -> dict[str, Any]:
+    """A step's spec without its GPTQ options while they are the defaults, so the
+    manifests of uncalibrated steps stay as they were before GPTQ existed."""
+    for key, default in (("gptq", False), ("act_order", False), ("damp", 0.01)):
+        if spec.get(key) == default:
+            del spec[key]
+    return spec
+
+
+def _gptq_str(step: Any) -> str:
+    s = ":gptq" if step.gptq else ""
+    s += ":act_order" if step.act_order else ""
+    return s + (f":damp={_num(step.damp)}" if step.damp != 0.01 else "")
+
+
 # --- the steps -----------------------------------------------------------------
 
 
@@ -267,8 +282,26 @@ class Int8(Step):
     embeddings: bool = True
     act_bits: int = 8
     fuse: bool = True
+    gptq: bool = False
+    act_order: bool = False
+    damp: float = 0.01
     name: ClassVar[str] = "int8"
     positional: ClassVar[tuple[str, ...]] = ("mode",)
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        from .calibrate import gptq_args
+
+        return super().from_args(gptq_args(args), text)
+
+    def spec(self) -> dict[str, Any]:
+        return _drop_gptq(super().spec())
+
+    def __str__(self) -> str:
+        s = super().__str__()
+        for opt in ("gptq=True", "act_order=True", f"damp={_num(self.damp)}"):
+            s = s.replace(":" + opt, "")
+        return s + _gptq_str(self)
 
     def __post_init__(self) -> None:
         from ..nn.int8 import check_int8_options
@@ -281,12 +314,19 @@ class Int8(Step):
             raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
         if not isinstance(self.fuse, bool):
             raise ValueError(f"fuse must be a bool, got {self.fuse!r}")
+        from .calibrate import gptq_options
+
+        gptq_options(self)
 
     def apply(self, ctx: Context) -> None:
         from ..nn import Int8Embedding, Int8Linear
         from ..nn.encoder import fuse_encoder_block
         from ..nn.mlp import fuse_gated_mlp
 
+        if self.gptq:
+            from .calibrate import int8_gptq
+
+            return int8_gptq(ctx, self)
         if self.fuse and self.mode == "dynamic":
             for fqn, layer in ctx.progress(ctx.blocks(), "int8 blocks"):
                 fused = fuse_encoder_block(layer, act_bits=self.act_bits)
@@ -630,8 +670,20 @@ class Cluster(Step):
     n_clusters: int = 16
     per: str = "row"
     mode: str = "dynamic"
+    gptq: bool = False
+    act_order: bool = False
+    damp: float = 0.01
     name: ClassVar[str] = "cluster"
     positional: ClassVar[tuple[str, ...]] = ("n_clusters", "per")
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        from .calibrate import gptq_args
+
+        return super().from_args(gptq_args(args), text)
+
+    def spec(self) -> dict[str, Any]:
+        return _drop_gptq(super().spec())
 
     def __post_init__(self) -> None:
         from ..nn.cluster import MAX_CLUSTERS, MIN_CLUSTERS
@@ -645,14 +697,22 @@ class Cluster(Step):
             raise ValueError(f"per must be 'row' or 'layer', got {self.per!r}")
         if self.mode not in ("dynamic", "weight_only"):
             raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {self.mode!r}")
+        from .calibrate import gptq_options
+
+        gptq_options(self)
 
     def __str__(self) -> str:
         s = f"cluster:{self.n_clusters}" + (":layer" if self.per == "layer" else "")
-        return s + (":mode=weight_only" if self.mode == "weight_only" else "")
+        s += ":mode=weight_only" if self.mode == "weight_only" else ""
+        return s + _gptq_str(self)
 
     def apply(self, ctx: Context) -> None:
         from ..nn import ClusteredLinear
 
+        if self.gptq:
+            from .calibrate import cluster_gptq
+
+            return cluster_gptq(ctx, self)
         for fqn, m in ctx.progress(ctx.targets((nn.Linear,), self.unfit), "cluster"):
             new = ClusteredLinear.from_linear(m, self.n_clusters, self.per, mode=self.mode)
             ctx.replace(fqn, new)

@@ -207,6 +207,46 @@ class Int8Linear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    @classmethod
+    def from_quantized(
+        cls,
+        w_q: Tensor,
+        w_scale: Tensor,
+        bias: Tensor | None = None,
+        mode: str = "dynamic",
+        act_bits: int = 8,
+        activation: str | None = None,
+    ) -> Int8Linear:
+        """A layer holding codes chosen elsewhere (GPTQ): ``w_q`` int8 ``[N, K]`` in
+        [-127, 127], ``w_scale`` float ``[N]``, computing ``x @ (w_q * w_scale).T + bias``."""
+        fn = "Int8Linear.from_quantized"
+        if not isinstance(w_q, Tensor) or w_q.dtype != torch.int8 or w_q.dim() != 2:
+            raise TypeError(f"{fn}: w_q must be a 2-D int8 tensor")
+        n, k = w_q.shape
+        if not isinstance(w_scale, Tensor) or tuple(w_scale.shape) != (n,):
+            raise ValueError(f"{fn}: w_scale must be a float tensor of shape [{n}]")
+        if not w_scale.is_floating_point() or not bool(torch.isfinite(w_scale).all()):
+            raise ValueError(f"{fn}: w_scale must be finite floats")
+        if w_q.numel() and int(w_q.min()) < -127:
+            raise ValueError(f"{fn}: w_q must be in [-127, 127] (-128 is not symmetric)")
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"{fn}: bias must be None or a tensor of shape [{n}]")
+        layer = cls(
+            k,
+            n,
+            bias=bias is not None,
+            mode=mode,
+            device=w_q.device,
+            act_bits=act_bits,
+            activation=activation,
+        )
+        with torch.no_grad():
+            layer._set_weight(w_q.contiguous())
+            layer.weight_scale.copy_(w_scale.float())
+            if bias is not None:
+                layer.bias.copy_(bias.detach().float())
+        return layer
+
     # --- forward ----------------------------------------------------------
 
     def forward(
