@@ -49,6 +49,10 @@ def _bench(args: argparse.Namespace) -> int:
     )
     families = tuple(args.family) if args.family else bench.FAMILIES
     cases = [c for d in devices for c in bench.collect_cases(families, d, args.quick)]
+    if args.case:
+        cases = [c for c in cases if any(s in c.name for s in args.case)]
+        if not cases:
+            raise UsageError(f"no {'/'.join(families)} case name contains any of {args.case}")
     results = bench.run(cases)
     print(bench.table(results, {c.name: c.baseline for c in cases}))
     import importlib
@@ -89,6 +93,8 @@ def _bench_tiers(args: argparse.Namespace) -> int:
     child: list[str] = []
     for fam in args.family or []:
         child += ["--family", fam]
+    for sub in args.case or []:
+        child += ["--case", sub]
     if args.quick:
         child.append("--quick")
     if args.threads:
@@ -287,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         choices=list(_bench_families()),
         help="repeatable",
+    )
+    p_bench.add_argument(
+        "--case",
+        action="append",
+        metavar="TEXT",
+        help="only the cases whose name contains TEXT (repeatable), e.g. 'gated'",
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")

@@ -232,3 +232,77 @@ def test_bad_calls_and_arguments():
     with pytest.raises(ValueError, match="activation"):
         EncoderBlock(64, 4, 32, activation="tanh")
     assert "int8" in repr(block) and "post-norm" in repr(block)
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+@pytest.mark.parametrize("recipe", ["int8", "int8:act_bits=7"])
+def test_native_layer_call_equals_the_python_path(kind, recipe, gen, monkeypatch):
+    from pykernels import backends
+
+    model = _hf(kind, "gelu" if recipe == "int8" else "relu")
+    inputs = _inputs(kind, gen)  # right-padded rows: key lengths
+    out, _ = pk.compress(copy.deepcopy(model), recipe, inputs, progress=False)
+    calls = []
+    native = backends.native.C.encoder_post_norm
+
+    def counting(*args):
+        calls.append(args[2:4])
+        return native(*args)
+
+    monkeypatch.setattr(backends.native.C, "encoder_post_norm", counting)
+    with torch.inference_mode():
+        fast = _out(out, inputs)
+    assert len(calls) == sum(isinstance(m, EncoderBlock) for m in out.modules()) >= 1
+    with monkeypatch.context() as m:
+        m.setattr(EncoderBlock, "_native_block", lambda self, x, mask: None)
+        with torch.inference_mode():
+            slow = _out(out, inputs)
+    assert torch.equal(fast, slow)  # the same kernels in the same order
+    # Watched calls take the per-op path, so the profiler sees each op.
+    calls.clear()
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        _out(out, inputs)
+    assert not calls
+    assert any("pykernels::int8_linear" in e.key for e in prof.key_averages())
+    # A mask that is not right padding, and bf16 inputs, take the Python path too.
+    block = next(m for m in out.modules() if isinstance(m, EncoderBlock))
+    x = torch.randn(2, 5, 64, generator=gen)
+    extra = torch.randn(2, 1, 5, 5, generator=gen)
+    calls.clear()
+    with torch.inference_mode():
+        got = block._block(x, extra)
+        assert not calls
+        assert block._block(x.bfloat16(), None).dtype == torch.bfloat16 and not calls
+        y0 = block._block(x, None)
+        assert len(calls) == 1
+    with monkeypatch.context() as m, torch.inference_mode():
+        m.setattr(EncoderBlock, "_native_block", lambda self, x, mask: None)
+        assert torch.equal(y0, block._block(x, None))
+    assert torch.isfinite(got).all()
+
+
+def test_native_layer_call_refuses_bad_buffers(gen):
+    from pykernels import backends
+
+    model = _hf("bert")
+    out, _ = pk.compress(copy.deepcopy(model), "int8", _inputs("bert", gen), progress=False)
+    block = next(m for m in out.modules() if isinstance(m, EncoderBlock))
+    args = block._native_args()
+    x = torch.randn(6, 64, generator=gen)
+    y = torch.empty_like(x)
+    C = backends.native.C
+    with pytest.raises(ValueError, match="batch \\* seq"):
+        C.encoder_post_norm(x.numpy(), y.numpy(), 2, 4, None, *args)
+    with pytest.raises(ValueError, match="hidden"):
+        C.encoder_post_norm(x[:, :32].contiguous().numpy(), y.numpy(), 2, 3, None, *args)
+    with pytest.raises(ValueError, match="qkv"):
+        C.encoder_post_norm(x.numpy(), y.numpy(), 2, 3, None, args[0][:3], *args[1:])
+    with pytest.raises(ValueError, match="kv_len"):
+        C.encoder_post_norm(x.numpy(), y.numpy(), 2, 3, torch.ones(3).numpy(), *args)
+    bad = list(args)
+    bad[1] = args[2]  # ffn1's weight where the output projection's belongs
+    with pytest.raises(ValueError, match="out: expected"):
+        C.encoder_post_norm(x.numpy(), y.numpy(), 2, 3, None, *bad)
+    # and a reload of the weights rebuilds the cached arguments
+    block.norm1.weight = nn.Parameter(block.norm1.weight.detach() * 2)
+    assert block._native_args()[4] is not args[4]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import pykernels as pk
+import pykernels._reference  # noqa: F401 - pk._reference below, whatever ran first
 
 
 def linear(k, n, gen, bias=True):

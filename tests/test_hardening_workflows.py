@@ -326,6 +326,20 @@ class FakeQuantLinear(nn.Module):
         return F.linear(xq, self.weight.float(), b).to(x.dtype)
 
 
+class GatedTwin(nn.Module):
+    """down(act(gate(x)) * up(x)) in float: what an Int8GatedMLP computes."""
+
+    def __init__(self, gate, up, down, act):
+        super().__init__()
+        self.gate, self.up, self.down, self.act = gate, up, down, act
+
+    def forward(self, x):
+        from pykernels.ops.int8 import apply_epilogue
+
+        h = apply_epilogue(self.gate(x).float(), self.act, None) * self.up(x).float()
+        return self.down(h.to(x.dtype))
+
+
 def effective(new):
     """(weight the layer computes with, whether it quantizes activations per token) or
     None when this oracle does not apply (pruned shapes, dynamic cluster codebooks)."""
@@ -380,6 +394,23 @@ def twin_of(original, compressed):
                 bias = None if lin.bias is None else lin.bias.detach().clone()
                 setattr(block, name, FakeQuantLinear(lin.dequantized_weight(), bias))
             twin.set_submodule(fqn, block)
+            continue
+        if isinstance(new, pk.nn.Int8GatedMLP):
+            # A fused gated MLP: gate, up and down as fake-quantized float Linears.
+            w = new.dequantized_weight()
+            b = None if new.gate_up_bias is None else new.gate_up_bias.detach().clone()
+            n = new.inner
+            down = new.down
+            dbias = None if down.bias is None else down.bias.detach().clone()
+            twin.set_submodule(
+                fqn,
+                GatedTwin(
+                    FakeQuantLinear(w[:n], None if b is None else b[:n]),
+                    FakeQuantLinear(w[n:], None if b is None else b[n:]),
+                    FakeQuantLinear(down.dequantized_weight(), dbias),
+                    new.activation,
+                ),
+            )
             continue
         eff = effective(new)
         if eff is None:

@@ -193,6 +193,10 @@ def test_compress_save_load(recipe, gen, tmp_path):
 def test_gptq_refuses_until_registered_then_uses_the_hook(gen, monkeypatch):
     m = model(gen)
     x = torch.randn(2, 128, generator=gen)
+    # pykernels.compress.calibrate registers the real GPTQ, which needs calibration=
+    with pytest.raises(ValueError, match="needs calibration data"):
+        pk.compress(m, "int4:g32:gptq", x)
+    monkeypatch.delitem(recipes._INT4_QUANTIZERS, "gptq", raising=False)
     with pytest.raises(NotImplementedError, match="GPTQ"):
         pk.compress(m, "int4:g32:gptq", x)
     seen = []

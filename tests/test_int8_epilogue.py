@@ -185,3 +185,174 @@ def test_prequantized_every_backend_and_refusals(backend, gen):
         pk.ops.int8_linear_prequantized(q, s[:3], packed, ws, b)
     with pytest.raises(TypeError, match="Int8PackedWeight"):
         pk.ops.int8_linear_quantized_out(torch.randn(7, 40), w, ws, b)
+
+
+# --- LayerNorm / RMSNorm ending the epilogue -------------------------------------
+
+
+def _norm64(y, norm, w, b, eps):
+    y = y.double()
+    if norm == "layer":
+        mu = y.mean(-1, keepdim=True)
+        y = (y - mu) / torch.sqrt(((y - mu) ** 2).mean(-1, keepdim=True) + eps)
+    else:
+        y = y / torch.sqrt((y**2).mean(-1, keepdim=True) + eps)
+    y = y if w is None else y * w.double()
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_norm_epilogue_every_tier(cpu_isa, norm, m, k, n, gen):
+    x, w, ws, b, r = _make(m, k, n, gen)
+    g, beta = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    packed = pk.ops.pack_int8_weight(w)
+    base = pk.ops.int8_linear(x, packed, ws, b)
+    for nw, nb, act, res in (
+        (g, beta, "none", r),
+        (None, None, "gelu", None),
+        (g, None, "silu", r),
+    ):
+        nb = nb if norm == "layer" else None
+        y = pk.ops.int8_linear(
+            x,
+            packed,
+            ws,
+            b,
+            activation=act,
+            residual=res,
+            norm=norm,
+            norm_weight=nw,
+            norm_bias=nb,
+            eps=1e-6,
+        )
+        want = apply_epilogue(base, act, res, norm, nw, nb, 1e-6)
+        assert float((y - want).abs().max()) <= 2e-5 * (1 + float(want.abs().max()))
+        pre = _ref64(_reference.int8_linear(x, w, ws, b), act)
+        ref = _norm64(pre + (0 if res is None else res.double()), norm, nw, nb, 1e-6)
+        assert float((y.double() - ref).abs().max()) <= 1e-4 * (1 + float(ref.abs().max()))
+
+
+def test_norm_epilogue_every_backend_and_dtype(backend, gen):
+    x, w, ws, b, r = _make(9, 40, 70, gen)
+    g, beta = torch.randn(70, generator=gen), torch.randn(70, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        y = pk.ops.int8_linear(
+            xd, w, ws, b, residual=r, norm="layer", norm_weight=g, norm_bias=beta
+        )
+        assert y.dtype == dtype
+        base = pk.ops.int8_linear(xd.float(), w, ws, b)
+        want = torch.nn.functional.layer_norm(base + r, (70,), g, beta, 1e-5)
+        assert float((y.float() - want).abs().max()) <= (
+            2e-2 if dtype != torch.float32 else 2e-5
+        ) * (1 + float(want.abs().max()))
+
+
+def test_norm_epilogue_refusals(gen):
+    x, w, ws, b, _ = _make(3, 8, 5, gen)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        pk.ops.int8_linear(x, w, ws, norm="batch")
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        pk.ops.int8_linear(x, w, ws, norm="layer", norm_weight=torch.ones(4))
+    with pytest.raises(TypeError, match="norm_bias must be a float"):
+        pk.ops.int8_linear(x, w, ws, norm="layer", norm_bias=torch.ones(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="RMSNorm has no bias"):
+        pk.ops.int8_linear(x, w, ws, norm="rms", norm_bias=torch.ones(5))
+    with pytest.raises(ValueError, match="norm_weight given but norm is None"):
+        pk.ops.int8_linear(x, w, ws, norm_weight=torch.ones(5))
+    with pytest.raises(ValueError, match="eps must be finite"):
+        pk.ops.int8_linear(x, w, ws, norm="layer", eps=float("nan"))
+    with pytest.raises(TypeError, match="eps must be a float"):
+        pk.ops.int8_linear(x, w, ws, norm="layer", eps="1e-5")
+    layer = pk.nn.Int8Linear.from_linear(torch.nn.Linear(8, 5))
+    with pytest.raises(TypeError, match="norm must be an nn.LayerNorm"):
+        layer(x, norm=torch.nn.BatchNorm1d(5))
+    with pytest.raises(ValueError, match="normalize the 5 output features"):
+        layer(x, norm=torch.nn.LayerNorm(4))
+
+
+def test_layer_norm_module_fused(gen):
+    lin = torch.nn.Linear(48, 64)
+    layer = pk.nn.Int8Linear.from_linear(lin)
+    x, r = torch.randn(6, 48, generator=gen), torch.randn(6, 64, generator=gen)
+    for norm in (torch.nn.LayerNorm(64), torch.nn.RMSNorm(64), torch.nn.RMSNorm(64, eps=1e-3)):
+        with torch.no_grad():
+            norm.weight.normal_(generator=gen)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.normal_(generator=gen)
+            want = norm(layer(x) + r)
+        assert float((layer(x, r, norm) - want).abs().max()) <= 1e-5 * (1 + float(want.abs().max()))
+
+
+# --- the gated linear (Llama-style MLPs) --------------------------------------------
+
+GATED_SHAPES = [(1, 64, 32), (5, 70, 45), (37, 96, 200), (130, 40, 64)]
+
+
+def _gated_ref(x, w, ws, b, n, act):
+    y = _reference.int8_linear(x, w, ws, b).double()
+    return _ref64(y[:, :n], act) * y[:, n:]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "none"])
+@pytest.mark.parametrize("m,k,n", GATED_SHAPES)
+def test_gated_every_tier(cpu_isa, act, m, k, n, gen):
+    x, w, ws, b, _ = _make(m, k, 2 * n, gen)
+    for bias in (b, None):
+        gw = pk.ops.pack_int8_gated_weight(w, ws, bias)
+        y = pk.ops.int8_linear_gated(x, gw, activation=act)
+        g = pk.ops.int8_linear(x, w[:n], ws[:n], None if bias is None else bias[:n])
+        u = pk.ops.int8_linear(x, w[n:], ws[n:], None if bias is None else bias[n:])
+        want = apply_epilogue(g, act, None) * u
+        assert float((y - want).abs().max()) <= 2e-6 * (1 + float(want.abs().max()))
+        ref = _gated_ref(x, w, ws, bias, n, act)
+        assert float((y.double() - ref).abs().max()) <= 1e-5 * (1 + float(ref.abs().max()))
+
+
+def test_gated_every_backend(backend, gen):
+    n = 45
+    x, w, ws, b, _ = _make(11, 70, 2 * n, gen)
+    gw = pk.ops.pack_int8_gated_weight(w, ws, b)
+    for dtype in (torch.float32, torch.bfloat16):
+        y = pk.ops.int8_linear_gated(x.to(dtype), gw)
+        assert y.dtype == dtype and y.shape == (11, n)
+        ref = _gated_ref(x.to(dtype).float(), w, ws, b, n, "silu")
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert float((y.double() - ref).abs().max()) <= tol * (1 + float(ref.abs().max()))
+    # leading dims, empty and one-row inputs
+    x3 = torch.randn(2, 3, 70, generator=gen)
+    assert torch.allclose(
+        pk.ops.int8_linear_gated(x3, gw).reshape(6, n),
+        pk.ops.int8_linear_gated(x3.reshape(6, 70), gw),
+    )
+    assert pk.ops.int8_linear_gated(torch.randn(0, 70), gw).shape == (0, n)
+
+
+def test_gated_refusals_and_fake(gen):
+    x, w, ws, b, _ = _make(3, 8, 10, gen)
+    gw = pk.ops.pack_int8_gated_weight(w, ws, b)
+    with pytest.raises(ValueError, match=r"stack gate and up rows"):
+        pk.ops.pack_int8_gated_weight(w[:9], ws[:9])
+    with pytest.raises(ValueError, match="w_scale must have shape"):
+        pk.ops.pack_int8_gated_weight(w, ws[:4])
+    with pytest.raises(TypeError, match="w_q must be int8"):
+        pk.ops.pack_int8_gated_weight(w.float(), ws)
+    with pytest.raises(TypeError, match="Int8GatedWeight"):
+        pk.ops.int8_linear_gated(x, w)
+    with pytest.raises(ValueError, match="activation"):
+        pk.ops.int8_linear_gated(x, gw, activation="tanh")
+    with pytest.raises(ValueError, match="K = 8"):
+        pk.ops.int8_linear_gated(torch.randn(3, 9), gw)
+    bad = gw._replace(packed=gw.packed.clone())
+    bad.packed[-1] = 1  # a byte the compensation does not account for
+    with pytest.raises(ValueError, match=r"w\.comp does not match"):
+        pk.ops.int8_linear_gated(x, bad)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert tuple(pk.ops.int8_linear_gated(torch.randn(4, 8), gw).shape) == (4, 5)
+    torch.library.opcheck(
+        torch.ops.pykernels.int8_linear_gated,
+        (x, gw.packed, gw.comp, gw.w_scale, gw.bias, 5, 8, "silu"),
+    )

@@ -55,11 +55,31 @@ void pack_weight_cpu(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int8_t*
 // after the scales and the bias: y = act(y) + residual. The codes are the
 // Python API's (ops/int8.py ACTIVATIONS).
 enum class Act : int32_t { none = 0, relu = 1, gelu = 2, gelu_tanh = 3, silu = 4 };
+// Where a transformer block ends, after act and residual, each whole row of y
+// is normalized: LayerNorm (y - mean) / sqrt(var + eps) * gamma + beta, or
+// RMSNorm y / sqrt(mean(y^2) + eps) * gamma (beta unused). Statistics in fp32,
+// two passes (mean, then the centred squares), as torch's CPU kernels.
+enum class Norm : int32_t { none = 0, layer = 1, rms = 2 };
 struct Epilogue {
   Act act = Act::none;
   const float* residual = nullptr;  // M x N fp32 with row stride ldr, or null
   int64_t ldr = 0;
+  Norm norm = Norm::none;
+  const float* gamma = nullptr;  // [N]; null means ones
+  const float* beta = nullptr;   // [N]; null means zeros
+  float eps = 1e-5f;
+  // Gated output (Llama's act(x W_g) * (x W_u)); set only by
+  // linear_dynamic_gated_cpu: y's columns come in blocks of 64, 32 gate
+  // outputs then the 32 up outputs of the same columns, and the epilogue
+  // writes gated[r, j] = act(gate) * up for the block's 32 columns j < gated_n.
+  float* gated = nullptr;
+  int64_t ldg = 0;
+  int64_t gated_n = 0;
 };
+
+// Rows of the gated weight for n_out gated columns: blocks of 32 columns, each
+// stored as 32 gate rows then 32 up rows (zero rows past n_out).
+inline int64_t gated_rows(int64_t n_out) { return (n_out + 31) / 32 * 64; }
 
 // Dynamic W8A8 linear: y[m, n] = sum_k q(x)[m, k] * w[n, k] * x_scale[m] *
 // w_scale[n] + bias[n], with x quantized per row as quantize_per_row does.
@@ -93,6 +113,18 @@ void linear_prequantized_cpu(const int8_t* q, const float* x_scale, int64_t m, i
                              int64_t ldq, const int8_t* packed, const int32_t* comp,
                              const float* w_scale, const float* bias, int64_t n, void* y, DType yt,
                              const Epilogue& epilogue = Epilogue{});
+
+// Gated dynamic W8A8 linear, the first half of a Llama-style MLP: out[m, j]
+// = act(x W_g^T + b_g)[m, j] * (x W_u^T + b_u)[m, j] (j < n_out), fp32 out
+// with row stride ldo. The weight is packed with gate and up rows interleaved
+// (gated_rows(n_out) rows; see Epilogue::gated), as are w_scale and bias, so
+// that every 64-column block a thread computes holds both halves of its 32
+// outputs: the product is formed while the block is in L1 and the 2 x N
+// float intermediate is never written to memory whole (rows go in chunks).
+void linear_dynamic_gated_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
+                              const int8_t* packed, const int32_t* comp, const float* w_scale,
+                              const float* bias, int64_t n_out, Act act, float* out, int64_t ldo,
+                              int act_bits = 8);
 
 // Weight-only W8A16 linear: y = x @ (w * w_scale[:, None]).T + bias with x in
 // float, the int8 weight row-major (N x K) and dequantized in registers.

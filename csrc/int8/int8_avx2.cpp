@@ -550,7 +550,8 @@ const GemmKernels* gemm_kernels_avx2() {
                                  .signed_a = true,
                                  .quantize_a7 = &quantize_u7,
                                  .a7_zp = true,
-                                 .epilogue = &EpilogueMath<8>::apply};
+                                 .epilogue = &EpilogueMath<8>::apply,
+                                 .norm_rows = &EpilogueMath<8>::norm_rows};
   return &table;
 }
 

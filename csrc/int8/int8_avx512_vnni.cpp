@@ -381,7 +381,8 @@ const GemmKernels* gemm_kernels_avx512_vnni() {
                                  .signed_a = false,
                                  .quantize_a7 = &quantize_u8_a7,
                                  .a7_zp = false,
-                                 .epilogue = &EpilogueMath<16>::apply};
+                                 .epilogue = &EpilogueMath<16>::apply,
+                                 .norm_rows = &EpilogueMath<16>::norm_rows};
   return &table;
 }
 

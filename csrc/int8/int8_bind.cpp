@@ -13,9 +13,12 @@ pk::int8::Act act_of(int activation) {
   return pk::int8::Act(activation);
 }
 
-// The fused epilogue of an M x N output: an activation code and an optional
-// fp32 [M, N] residual.
-pk::int8::Epilogue epilogue_of(int activation, py::object& residual, int64_t m, int64_t n) {
+// The fused epilogue of an M x N output: an activation code, an optional
+// fp32 [M, N] residual, and the row norm (code, fp32 [N] gamma and beta or
+// None, eps).
+pk::int8::Epilogue epilogue_of(int activation, py::object& residual, int64_t m, int64_t n,
+                               int norm = 0, py::object gamma = py::none(),
+                               py::object beta = py::none(), float eps = 1e-5f) {
   pk::int8::Epilogue ep;
   ep.act = act_of(activation);
   if (!residual.is_none()) {
@@ -24,6 +27,12 @@ pk::int8::Epilogue epilogue_of(int activation, py::object& residual, int64_t m, 
     ep.residual = matrix<float>(r, "residual", &rm, &rn, &ep.ldr, false);
     if (rm != m || rn != n) throw std::invalid_argument("residual: expected shape [M, N]");
   }
+  if (norm < 0 || norm > int(pk::int8::Norm::rms))
+    throw std::invalid_argument("norm: code " + std::to_string(norm) + " is not one of 0..2");
+  ep.norm = pk::int8::Norm(norm);
+  ep.gamma = optional_data_of<float>(gamma, "norm_weight", n, false);
+  ep.beta = optional_data_of<float>(beta, "norm_bias", n, false);
+  ep.eps = eps;
   return ep;
 }
 
@@ -65,7 +74,8 @@ void int8_pack_weight(py::array w, py::array packed, py::array comp) {
 
 void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
                  py::object bias, py::array y, int yt, int act_bits, int activation,
-                 py::object residual) {
+                 py::object residual, int norm, py::object norm_weight, py::object norm_bias,
+                 float eps) {
   if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
   int64_t m, k, ldx, ym, n, ldy;
   const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
@@ -76,10 +86,30 @@ void int8_linear(py::array x, int xt, py::array packed, py::array comp, py::arra
   const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n), false);
   const float* ps = data_of<float>(w_scale, "w_scale", n, false);
   const float* pb = optional_data_of<float>(bias, "bias", n, false);
-  const pk::int8::Epilogue ep = epilogue_of(activation, residual, m, n);
+  const pk::int8::Epilogue ep =
+      epilogue_of(activation, residual, m, n, norm, norm_weight, norm_bias, eps);
   py::gil_scoped_release nogil;
   pk::int8::linear_dynamic_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, py_, pk::DType(yt),
                                act_bits, ep);
+}
+
+void int8_linear_gated(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
+                       py::object bias, py::array out, int act_bits, int activation) {
+  if (act_bits != 8 && act_bits != 7) throw std::invalid_argument("act_bits must be 8 or 7");
+  int64_t m, k, ldx, om, n, ldo;
+  const void* px = float_matrix(x, "x", xt, &m, &k, &ldx, false);
+  float* po = matrix<float>(out, "out", &om, &n, &ldo, true);
+  if (om != m) throw std::invalid_argument("out: expected [M, N] rows");
+  const int64_t n2 = pk::int8::gated_rows(n);
+  const int8_t* pp =
+      data_of<int8_t>(packed, "packed", pk::int8::packed_n(n2) * pk::int8::packed_k(k), false);
+  const int32_t* pc = data_of<int32_t>(comp, "comp", pk::int8::packed_n(n2), false);
+  const float* ps = data_of<float>(w_scale, "w_scale", n2, false);
+  const float* pb = optional_data_of<float>(bias, "bias", n2, false);
+  const pk::int8::Act act = act_of(activation);
+  py::gil_scoped_release nogil;
+  pk::int8::linear_dynamic_gated_cpu(px, pk::DType(xt), m, k, ldx, pp, pc, ps, pb, n, act, po, ldo,
+                                     act_bits);
 }
 
 void int8_linear_q8out(py::array x, int xt, py::array packed, py::array comp, py::array w_scale,
@@ -149,8 +179,16 @@ PK_BIND_FAMILY(int8) {
   m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("xtype"), py::arg("packed"),
         py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("y"), py::arg("ytype"),
         py::arg("act_bits") = 8, py::arg("activation") = 0, py::arg("residual") = py::none(),
-        "Dynamic W8A8 linear over a packed weight, with the fused epilogue y = act(y) + "
-        "residual (activation codes 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu; fp32 y).");
+        py::arg("norm") = 0, py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(),
+        py::arg("eps") = 1e-5f,
+        "Dynamic W8A8 linear over a packed weight, with the fused epilogue y = norm(act(y) + "
+        "residual) (activation codes 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu; norm codes "
+        "0 none, 1 LayerNorm, 2 RMSNorm; fp32 y).");
+  m.def("int8_linear_gated", &int8_linear_gated, py::arg("x"), py::arg("xtype"), py::arg("packed"),
+        py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("out"),
+        py::arg("act_bits") = 8, py::arg("activation") = 4,
+        "Gated dynamic W8A8 linear: out = act(x W_g^T + b_g) * (x W_u^T + b_u) over a weight "
+        "packed with gate and up rows interleaved in blocks of 32 (fp32 out [M, N]).");
   m.def("int8_linear_q8out", &int8_linear_q8out, py::arg("x"), py::arg("xtype"), py::arg("packed"),
         py::arg("comp"), py::arg("w_scale"), py::arg("bias"), py::arg("act_bits"),
         py::arg("activation"), py::arg("q"), py::arg("q_scale"),

@@ -130,6 +130,20 @@ auto epilogue_kernel(const GemmKernels* kern) {
   return kern->epilogue ? kern->epilogue : gemm_kernels_portable()->epilogue;
 }
 
+// Epilogue::norm over the whole rows of y (M x N, row stride n) after the
+// GEMM and its block epilogue: rows are complete only once every block of
+// theirs is done, so this is a pass of its own, over rows in L2/L3.
+void norm_pass(const GemmKernels* kern, const Epilogue& e, float* y, int64_t m, int64_t n) {
+  if (e.norm == Norm::none) return;
+  const auto nr = kern->norm_rows ? kern->norm_rows : gemm_kernels_portable()->norm_rows;
+  const int nt = std::max(1, int(std::min<int64_t>(threads_for(m * n, int64_t(1) << 15), m)));
+  parallel_for(0, nt, nt, [&](int t) {
+    int64_t r0, r1;
+    split_range(m, nt, t, 1, &r0, &r1);
+    if (r0 < r1) nr(e, y, n, r0, r1, n);
+  });
+}
+
 // Rows of a packed GEMM computed before their fused epilogue runs (a multiple
 // of the 6-row register tiles).
 constexpr int64_t kEpilogueRows = 48;
@@ -343,8 +357,13 @@ void check_linear(int64_t m, int64_t n, int64_t k, int64_t ld, const char* what)
 bool check_epilogue(const Epilogue& e, DType yt, int64_t n) {
   PK_CHECK_ARG(int32_t(e.act) >= 0 && int32_t(e.act) <= int32_t(Act::silu), "activation code ",
                int32_t(e.act), " is not one of 0..4");
-  const bool fused = e.act != Act::none || e.residual;
-  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation or residual needs fp32 y");
+  PK_CHECK_ARG(int32_t(e.norm) >= 0 && int32_t(e.norm) <= int32_t(Norm::rms), "norm code ",
+               int32_t(e.norm), " is not one of 0..2");
+  PK_CHECK_ARG(e.norm == Norm::none || (e.eps >= 0.0f && e.eps < INFINITY),
+               "eps must be finite and >= 0, got ", e.eps);
+  PK_CHECK_ARG(!e.gated, "a gated output is linear_dynamic_gated_cpu's");
+  const bool fused = e.act != Act::none || e.residual || e.norm != Norm::none;
+  PK_CHECK_ARG(!fused || yt == DType::f32, "a fused activation, residual or norm needs fp32 y");
   PK_CHECK_ARG(!e.residual || e.ldr >= n, "residual: row stride ", e.ldr,
                " is smaller than N = ", n);
   return fused;
@@ -394,6 +413,46 @@ void linear_dynamic_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t l
                      .yt = yt,
                      .a_zp = zp && kern->a7_zp ? zp : nullptr};
   run_packed(kern, g, m, fused ? &epilogue : nullptr);
+  if (fused) norm_pass(kern, epilogue, static_cast<float*>(y), m, n);
+}
+
+void linear_dynamic_gated_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
+                              const int8_t* packed, const int32_t* comp, const float* w_scale,
+                              const float* bias, int64_t n_out, Act act, float* out, int64_t ldo,
+                              int act_bits) {
+  check_linear(m, n_out, k, ldx, "x");
+  PK_CHECK_ARG(act_bits == 8 || act_bits == 7, "act_bits must be 8 or 7, got ", act_bits);
+  check_epilogue(Epilogue{.act = act}, DType::f32, n_out);
+  PK_CHECK_ARG(ldo >= n_out, "out: row stride ", ldo, " is smaller than N = ", n_out);
+  if (m == 0 || n_out == 0) return;
+  PK_CHECK_ARG(x && packed && comp && w_scale && out, "x, weight, scales and out must not be null");
+  const GemmKernels* kern = kernels();
+  const int64_t n2 = gated_rows(n_out);
+  const auto [q, ldq, xs, zp] = quantize_input(kern, x, xt, m, k, ldx, act_bits);
+  // The 2 x N intermediate for a chunk of rows only (about 8 MiB): each
+  // block of it is consumed by the epilogue while still in L1, so only its
+  // footprint matters, not its traffic.
+  const int64_t rows = std::max<int64_t>(
+      kEpilogueRows, (int64_t(8) << 20) / (n2 * 4) / kEpilogueRows * kEpilogueRows);
+  float* yc = scratch<float>(1, std::min(rows, m) * n2);
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t mr = std::min(rows, m - r0);
+    const PackedGemm g{.a = q + r0 * ldq,
+                       .lda = ldq,
+                       .b = packed,
+                       .kp = packed_k(k),
+                       .comp = comp,
+                       .n = n2,
+                       .c = yc,
+                       .ldc = n2,
+                       .a_scale = xs + r0,
+                       .b_scale = w_scale,
+                       .bias = bias,
+                       .yt = DType::f32,
+                       .a_zp = zp && kern->a7_zp ? zp + r0 : nullptr};
+    const Epilogue ep{.act = act, .gated = out + r0 * ldo, .ldg = ldo, .gated_n = n_out};
+    run_packed(kern, g, mr, &ep);
+  }
 }
 
 void linear_dynamic_q8out_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,
@@ -492,6 +551,7 @@ void linear_prequantized_cpu(const int8_t* q, const float* x_scale, int64_t m, i
                      .bias = bias,
                      .yt = yt};
   run_packed(kern, g, m, fused ? &epilogue : nullptr);
+  if (fused) norm_pass(kern, epilogue, static_cast<float*>(y), m, n);
 }
 
 void linear_weight_only_cpu(const void* x, DType xt, int64_t m, int64_t k, int64_t ldx,

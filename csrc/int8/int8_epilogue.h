@@ -94,9 +94,41 @@ struct EpilogueMath {
     }
   }
 
+  static V load(const float* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+
+  // Gated: y[r, c0 .. c1) is whole 64-column blocks (32 gate, 32 up; see
+  // Epilogue::gated); their products go to e.gated.
+  static void apply_gated(const Epilogue& e, const float* y, int64_t ldy, int64_t m0, int64_t m1,
+                          int64_t c0, int64_t c1) {
+    static_assert(32 % W == 0, "a half block is whole vectors");
+    for (int64_t r = m0; r < m1; ++r) {
+      const float* yr = y + r * ldy;
+      float* gr = e.gated + r * e.ldg;
+      for (int64_t cb = c0; cb < c1; cb += 64) {
+        const int64_t j0 = cb / 2, cnt = e.gated_n - j0 < 32 ? e.gated_n - j0 : 32;
+        for (int64_t j = 0; j < cnt; j += W) {
+          const V v = act(load(yr + cb + j), e.act) * load(yr + cb + 32 + j);
+          if (j + W <= cnt) {
+            store(gr + j0 + j, v);
+          } else {
+            float buf[W];
+            store(buf, v);
+            for (int64_t i = 0; j + i < cnt; ++i) gr[j0 + j + i] = buf[i];
+          }
+        }
+      }
+    }
+  }
+
   // y[r, c0 .. c1) for rows [m0, m1): act, then + residual (if any).
   static void apply(const Epilogue& e, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t c0,
                     int64_t c1) {
+    if (e.gated) return apply_gated(e, y, ldy, m0, m1, c0, c1);
     if (e.act == Act::none && !e.residual) return;
     for (int64_t r = m0; r < m1; ++r) {
       float* yr = y + r * ldy;
@@ -121,6 +153,52 @@ struct EpilogueMath {
         v = act(v, e.act);
         __builtin_memcpy(buf, &v, sizeof v);
         for (int64_t i = 0; c + i < c1; ++i) yr[c + i] = buf[i] + (rr ? rr[c + i] : 0.0f);
+      }
+    }
+  }
+
+  // The sum of a row's n values (tail through a zero-padded vector).
+  template <class F>
+  static float row_sum(const float* y, int64_t n, F f) {
+    V acc{};
+    int64_t c = 0;
+    for (; c + W <= n; c += W) acc += f(load(y + c));
+    if (c < n) {
+      float buf[W] = {};
+      for (int64_t i = 0; c + i < n; ++i) buf[i] = y[c + i];
+      V t = f(load(buf));
+      for (int64_t i = n - c; i < W; ++i) t[i] = 0.0f;  // f(0) need not be 0
+      acc += t;
+    }
+    float s = 0.0f;
+    for (int i = 0; i < W; ++i) s += acc[i];
+    return s;
+  }
+
+  // Rows [m0, m1) of y (n columns) normalized in place by e.norm.
+  static void norm_rows(const Epilogue& e, float* y, int64_t ldy, int64_t m0, int64_t m1,
+                        int64_t n) {
+    if (e.norm == Norm::none || n == 0) return;
+    const float inv_n = 1.0f / float(n);
+    for (int64_t r = m0; r < m1; ++r) {
+      float* yr = y + r * ldy;
+      float mean = 0.0f;
+      if (e.norm == Norm::layer) mean = row_sum(yr, n, [](V v) { return v; }) * inv_n;
+      const float var = row_sum(yr, n, [mean](V v) { return (v - mean) * (v - mean); }) * inv_n;
+      const float rstd = 1.0f / __builtin_sqrtf(var + e.eps);
+      const bool beta = e.beta && e.norm == Norm::layer;
+      int64_t c = 0;
+      for (; c + W <= n; c += W) {
+        V v = (load(yr + c) - mean) * rstd;
+        if (e.gamma) v *= load(e.gamma + c);
+        if (beta) v += load(e.beta + c);
+        store(yr + c, v);
+      }
+      for (; c < n; ++c) {
+        float v = (yr[c] - mean) * rstd;
+        if (e.gamma) v *= e.gamma[c];
+        if (e.beta && e.norm == Norm::layer) v += e.beta[c];
+        yr[c] = v;
       }
     }
   }

@@ -229,7 +229,8 @@ const GemmKernels* gemm_kernels_i8mm() {
                                  .signed_a = true,
                                  .quantize_a7 = &quantize_s7,
                                  .a7_zp = false,
-                                 .epilogue = &EpilogueMath<4>::apply};
+                                 .epilogue = &EpilogueMath<4>::apply,
+                                 .norm_rows = &EpilogueMath<4>::norm_rows};
   return &table;
 }
 

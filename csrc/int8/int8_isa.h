@@ -102,6 +102,10 @@ struct GemmKernels {
   // null in a table means the portable one's.
   void (*epilogue)(const Epilogue& e, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t c0,
                    int64_t c1) = nullptr;
+  // Epilogue::norm over whole rows [m0, m1) of y (n columns) in place; null
+  // means the portable one's.
+  void (*norm_rows)(const Epilogue& e, float* y, int64_t ldy, int64_t m0, int64_t m1,
+                    int64_t n) = nullptr;
 };
 
 const GemmKernels* gemm_kernels_portable();

@@ -15,7 +15,8 @@ const GemmKernels* gemm_kernels_portable() {
                                  .signed_a = false,
                                  .quantize_a7 = &quantize7_generic<false>,
                                  .a7_zp = false,
-                                 .epilogue = &EpilogueMath<4>::apply};
+                                 .epilogue = &EpilogueMath<4>::apply,
+                                 .norm_rows = &EpilogueMath<4>::norm_rows};
   return &table;
 }
 

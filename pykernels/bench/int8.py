@@ -10,6 +10,13 @@
   everywhere.
 * ``linear cold``: the same with several weight copies rotated per call (as
   a model's many layers are), so no weight is still in cache.
+* ``gated mlp``: a Llama-style MLP ``down(silu(gate(x)) * up(x))`` (M x hidden
+  x inner): :class:`pykernels.nn.Int8GatedMLP` (gate and up in one GEMM, the
+  product in its epilogue) against the same three Int8Linears unfused, the
+  MLP through quantize_dynamic, and bf16 / fp32.
+* ``linear+norm``: a post-norm block's end ``LayerNorm(x W^T + b + r)``:
+  ``Int8Linear(x, r, norm)`` (LayerNorm in the epilogue) against Int8Linear
+  then ``F.layer_norm``, quantize_dynamic + add + LayerNorm, and fp32.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..nn import Int8Linear
+from ..nn import Int8GatedMLP, Int8Linear
 from . import Case, inference
 
 SHAPES = [
@@ -34,6 +41,12 @@ SHAPES = [
     (2048, 768, 3072),
 ]
 ENGINES = ("x86", "fbgemm", "onednn")
+# M x hidden x inner: Llama-style MLPs (the 1B-class decoder of issue 21; M = 1
+# and 16 decode, 128 prefill) and a smaller one.
+GATED_SHAPES = [(1, 2048, 5632), (16, 2048, 5632), (128, 2048, 5632), (512, 1024, 2816)]
+# M x K x N of a block's last GEMM + residual + LayerNorm: MiniLM's and BERT-base's FFN2
+# at 32 x 128 and 8 x 128 tokens.
+NORM_SHAPES = [(4096, 1536, 384), (1024, 3072, 768)]
 COLD_COPIES = 4  # 4 x 16 MiB of int8 weights (64 MiB fp32 each) > the 32 MiB L3 here
 
 
@@ -125,6 +138,69 @@ def _linear_case(m: int, k: int, n: int, copies: int, reps: int, gen) -> Case:
     )
 
 
+class _MLP(torch.nn.Module):
+    def __init__(self, hidden: int, inner: int, gen) -> None:
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inner, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inner, bias=False)
+        self.down_proj = torch.nn.Linear(inner, hidden, bias=False)
+        with torch.no_grad():
+            for lin in (self.gate_proj, self.up_proj, self.down_proj):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _gated_case(m: int, hidden: int, inner: int, reps: int, gen) -> Case:
+    mlp = _MLP(hidden, inner, gen).eval()
+    x = torch.randn(m, hidden, generator=gen)
+    impls = {"fp32": lambda: mlp(x)}
+    mlp16 = copy.deepcopy(mlp).bfloat16()
+    xb = x.bfloat16()
+    impls["bf16"] = lambda: mlp16(xb)
+    for engine in engines():
+        qs = [quantize_dynamic_layer(lin, engine) for lin in mlp.children()]
+        impls[f"quantize_dynamic {engine}"] = lambda qs=qs: qs[2](F.silu(qs[0](x)) * qs[1](x))
+    g, u, d = (Int8Linear.from_linear(lin) for lin in mlp.children())
+    impls["pk Int8Linear x3 unfused"] = lambda: d(F.silu(g(x)) * u(x))
+    fused = Int8GatedMLP.from_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    impls["pk Int8GatedMLP"] = lambda: fused(x)
+    return Case(
+        family="int8",
+        name=f"gated mlp {m}x{hidden}x{inner}",
+        device="cpu",
+        impls={name: inference(fn) for name, fn in impls.items()},
+        baseline=tuple(f"quantize_dynamic {e}" for e in engines()),
+        bytes_moved=3 * hidden * inner + 2 * m * hidden * 4,
+        reps=reps,
+    )
+
+
+def _norm_case(m: int, k: int, n: int, reps: int, gen) -> Case:
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+    ln = torch.nn.LayerNorm(n)
+    x, r = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
+    impls = {"fp32": lambda: ln(lin(x) + r)}
+    for engine in engines():
+        q = quantize_dynamic_layer(lin, engine)
+        impls[f"quantize_dynamic {engine}"] = lambda q=q: ln(q(x) + r)
+    il = Int8Linear.from_linear(lin)
+    impls["pk Int8Linear + F.layer_norm"] = lambda: ln(il(x, r))
+    impls["pk Int8Linear norm fused"] = lambda: il(x, r, ln)
+    return Case(
+        family="int8",
+        name=f"linear+norm {m}x{k}x{n}",
+        device="cpu",
+        impls={name: inference(fn) for name, fn in impls.items()},
+        baseline=tuple(f"quantize_dynamic {e}" for e in engines()),
+        bytes_moved=m * k * 4 + n * k + 2 * m * n * 4,
+        reps=reps,
+    )
+
+
 def cases(device: str, quick: bool = False) -> list[Case]:
     if device != "cpu":
         return []  # no CUDA int8 kernels yet
@@ -155,4 +231,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     if not quick:
         for m, k, n in SHAPES[:2]:  # where the weight, not the arithmetic, is the cost
             out.append(_linear_case(m, k, n, COLD_COPIES, reps, gen))
+    for m, h, i in GATED_SHAPES[1:3] if quick else GATED_SHAPES:
+        out.append(_gated_case(m, h, i, reps, gen))
+    for m, k, n in NORM_SHAPES[:1] if quick else NORM_SHAPES:
+        out.append(_norm_case(m, k, n, reps, gen))
     return out

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import io, recipes
+from .calibrate.activations import check_calibration
 from .context import (
     Context,
     FilterFn,
@@ -73,6 +74,7 @@ def compress(
     exclude: list[str] | None = None,
     inplace: bool = False,
     progress: bool = True,
+    calibration: Any = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compresses ``model`` by ``recipe`` and measures what that cost.
 
@@ -92,6 +94,12 @@ def compress(
         inplace: compress ``model`` itself; otherwise a deep copy, and ``model``
             is never changed.
         progress: tqdm progress bars on anything that takes more than a second.
+        calibration: batches of inputs (each as ``example_inputs`` is given: a
+            tensor, a tuple or a dict; a list, a DataLoader or any iterable of
+            them, read once; one tensor or dict is one batch) for the steps that
+            read activations: ``int8:gptq``, ``int4:gptq``, ``cluster:16:gptq``,
+            ``awq``, ``smoothquant``. Those steps refuse to run without it. See
+            :mod:`pykernels.compress.calibrate`.
 
     Returns:
         ``(compressed_model, report)``: the model with each submodule in the
@@ -103,6 +111,7 @@ def compress(
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
     steps = recipes.parse(recipe)
     check_example_inputs(example_inputs)
+    batches = check_calibration(calibration)
     # Every step and the report read values: a model without any (built on the
     # meta device) is refused here rather than by whichever step meets it first.
     meta = next(
@@ -131,7 +140,9 @@ def compress(
         reference = copy.deepcopy(model) if inplace else model
         work = model if inplace else copy.deepcopy(model)
         ctx = Context(work, example_inputs, selector, progress)
-        for step in steps:
+        ctx.calibration = batches
+        for i, step in enumerate(steps):
+            ctx.remaining = steps[i + 1 :]
             run_steps(ctx, [step])
             ctx.model.eval()  # the next step's forwards and the report run in eval mode
         work = ctx.model

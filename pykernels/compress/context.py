@@ -34,6 +34,10 @@ class Change:
     in_keep: Tensor | None = None
     out_keep: Tensor | None = None
     feature_dim: int = -1
+    # AWQ / SmoothQuant moved a per-channel factor into the module: the report feeds it
+    # its original input times ``in_scale`` and multiplies its output by ``out_scale``.
+    in_scale: Tensor | None = None
+    out_scale: Tensor | None = None
 
 
 @dataclass
@@ -166,6 +170,12 @@ class Context:
         self.attrs: dict[str, dict[str, Any]] = {}
         self.step = ""
         self._also: dict[str, list[str]] = {}  # other names of a shared module, by targets()
+        # Calibrated steps (GPTQ, AWQ, SmoothQuant): the ``calibration=`` batches, the
+        # steps still to come (AWQ searches for the quantizer after it), and what plain
+        # round-to-nearest would have made of each module they replace (for the report).
+        self.calibration: list[Any] | None = None
+        self.remaining: list[Any] = []
+        self.baselines: dict[str, nn.Module] = {}
 
     def call(self, model: nn.Module | None = None) -> Any:
         return call_model(self.model if model is None else model, self.example_inputs)
@@ -219,10 +229,22 @@ class Context:
         :class:`pykernels.nn.EncoderBlock`."""
         return walk.encoder_blocks(self.model, self.accept)
 
+    def gated_mlps(self) -> list[tuple[str, nn.Module]]:
+        """(fqn, module) for each gated-MLP-shaped module whose Linears this step may
+        all replace (:func:`walk.gated_mlps`): the candidates for a fused
+        :class:`pykernels.nn.Int8GatedMLP`."""
+        return walk.gated_mlps(self.model, self.accept)
+
     def progress(self, items: Iterable, desc: str, total: int | None = None) -> Iterator:
         return progress(items, desc, self.show_progress, total)
 
     def _change(self, fqn: str) -> Change:
+        # A module inside a transparent wrapper (AWQ's InputScaled) is one layer with it.
+        parts = fqn.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            owner = ".".join(parts[:i])
+            if getattr(self.model.get_submodule(owner), "pk_transparent", False):
+                fqn = owner
         if fqn not in self.changes:
             self.changes[fqn] = Change(fqn)
         ch = self.changes[fqn]
@@ -263,6 +285,18 @@ class Context:
             ch.in_keep = in_keep if ch.in_keep is None else ch.in_keep[in_keep]
         if out_keep is not None:
             ch.out_keep = out_keep if ch.out_keep is None else ch.out_keep[out_keep]
+
+    def scaled(
+        self, fqn: str, in_scale: Tensor | None = None, out_scale: Tensor | None = None
+    ) -> None:
+        """Records that the module at ``fqn`` now takes its input times ``in_scale`` and
+        gives its output divided by ``out_scale`` (per channel), its function otherwise
+        the same: what AWQ and SmoothQuant fold in."""
+        ch = self._change(fqn)
+        if in_scale is not None:
+            ch.in_scale = in_scale if ch.in_scale is None else ch.in_scale * in_scale
+        if out_scale is not None:
+            ch.out_scale = out_scale if ch.out_scale is None else ch.out_scale * out_scale
 
     def set_attr(self, fqn: str, name: str, value: int) -> None:
         """Sets an int attribute (a head count) that :func:`pykernels.load` must restore."""

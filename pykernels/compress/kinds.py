@@ -24,6 +24,7 @@ from ..nn import (
     EncoderBlock,
     Int4Linear,
     Int8Embedding,
+    Int8GatedMLP,
     Int8Linear,
     LowRankLinear,
     QATLinear,
@@ -418,6 +419,12 @@ register_kind(
         sum(_int8_linear_params(getattr(m, n)) for n in ("qkv", "out", "ffn1", "ffn2"))
         + sum(p.numel() for p in (*m.norm1.parameters(), *m.norm2.parameters()))
     ),
+)
+register_kind(
+    Int8GatedMLP,
+    lambda m: m.config(),
+    lambda c: Int8GatedMLP(**c),
+    params=lambda m: m.gate_up_weight.numel() + _int8_linear_params(m.down),
 )
 register_kind(Int4Linear, _int4_linear_describe, _int4_linear_build, params=_int8_linear_params)
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())

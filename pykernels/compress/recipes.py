@@ -240,6 +240,21 @@ def from_specs(specs: list[dict[str, Any]]) -> list[Step]:
     return out
 
 
+def _drop_gptq(spec: dict[str, Any]) -> dict[str, Any]:
+    """A step's spec without its GPTQ options while they are the defaults, so the
+    manifests of uncalibrated steps stay as they were before GPTQ existed."""
+    for key, default in (("gptq", False), ("act_order", False), ("damp", 0.01)):
+        if spec.get(key) == default:
+            del spec[key]
+    return spec
+
+
+def _gptq_str(step: Any) -> str:
+    s = ":gptq" if step.gptq else ""
+    s += ":act_order" if step.act_order else ""
+    return s + (f":damp={_num(step.damp)}" if step.damp != 0.01 else "")
+
+
 # --- the steps -----------------------------------------------------------------
 
 
@@ -256,7 +271,10 @@ class Int8(Step):
     ``nn.TransformerEncoderLayer``) becomes one :class:`pykernels.nn.EncoderBlock`
     (fused QKV, pykernels' attention, activation and residual adds in the int8
     GEMMs' epilogues) when a float copy of the fused block reproduces the
-    layer; ``fuse=False`` keeps the per-Linear path everywhere.
+    layer, and each gated MLP (Llama-style ``down(act(gate(x)) * up(x))``, found
+    by structure and checked on a probe) becomes one
+    :class:`pykernels.nn.Int8GatedMLP` (gate and up in one GEMM, the product in
+    its epilogue); ``fuse=False`` keeps the per-Linear path everywhere.
 
     ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``, ``"int8:fuse=False"``."""
 
@@ -264,8 +282,26 @@ class Int8(Step):
     embeddings: bool = True
     act_bits: int = 8
     fuse: bool = True
+    gptq: bool = False
+    act_order: bool = False
+    damp: float = 0.01
     name: ClassVar[str] = "int8"
     positional: ClassVar[tuple[str, ...]] = ("mode",)
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        from .calibrate import gptq_args
+
+        return super().from_args(gptq_args(args), text)
+
+    def spec(self) -> dict[str, Any]:
+        return _drop_gptq(super().spec())
+
+    def __str__(self) -> str:
+        s = super().__str__()
+        for opt in ("gptq=True", "act_order=True", f"damp={_num(self.damp)}"):
+            s = s.replace(":" + opt, "")
+        return s + _gptq_str(self)
 
     def __post_init__(self) -> None:
         from ..nn.int8 import check_int8_options
@@ -278,14 +314,26 @@ class Int8(Step):
             raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
         if not isinstance(self.fuse, bool):
             raise ValueError(f"fuse must be a bool, got {self.fuse!r}")
+        from .calibrate import gptq_options
+
+        gptq_options(self)
 
     def apply(self, ctx: Context) -> None:
         from ..nn import Int8Embedding, Int8Linear
         from ..nn.encoder import fuse_encoder_block
+        from ..nn.mlp import fuse_gated_mlp
 
+        if self.gptq:
+            from .calibrate import int8_gptq
+
+            return int8_gptq(ctx, self)
         if self.fuse and self.mode == "dynamic":
             for fqn, layer in ctx.progress(ctx.blocks(), "int8 blocks"):
                 fused = fuse_encoder_block(layer, act_bits=self.act_bits)
+                if not isinstance(fused, str):
+                    ctx.replace(fqn, fused)
+            for fqn, mlp in ctx.progress(ctx.gated_mlps(), "int8 gated MLPs"):
+                fused = fuse_gated_mlp(mlp, act_bits=self.act_bits)
                 if not isinstance(fused, str):
                     ctx.replace(fqn, fused)
         types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)
@@ -622,8 +670,20 @@ class Cluster(Step):
     n_clusters: int = 16
     per: str = "row"
     mode: str = "dynamic"
+    gptq: bool = False
+    act_order: bool = False
+    damp: float = 0.01
     name: ClassVar[str] = "cluster"
     positional: ClassVar[tuple[str, ...]] = ("n_clusters", "per")
+
+    @classmethod
+    def from_args(cls, args: list[str], text: str) -> Step:
+        from .calibrate import gptq_args
+
+        return super().from_args(gptq_args(args), text)
+
+    def spec(self) -> dict[str, Any]:
+        return _drop_gptq(super().spec())
 
     def __post_init__(self) -> None:
         from ..nn.cluster import MAX_CLUSTERS, MIN_CLUSTERS
@@ -637,14 +697,22 @@ class Cluster(Step):
             raise ValueError(f"per must be 'row' or 'layer', got {self.per!r}")
         if self.mode not in ("dynamic", "weight_only"):
             raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {self.mode!r}")
+        from .calibrate import gptq_options
+
+        gptq_options(self)
 
     def __str__(self) -> str:
         s = f"cluster:{self.n_clusters}" + (":layer" if self.per == "layer" else "")
-        return s + (":mode=weight_only" if self.mode == "weight_only" else "")
+        s += ":mode=weight_only" if self.mode == "weight_only" else ""
+        return s + _gptq_str(self)
 
     def apply(self, ctx: Context) -> None:
         from ..nn import ClusteredLinear
 
+        if self.gptq:
+            from .calibrate import cluster_gptq
+
+            return cluster_gptq(ctx, self)
         for fqn, m in ctx.progress(ctx.targets((nn.Linear,), self.unfit), "cluster"):
             new = ClusteredLinear.from_linear(m, self.n_clusters, self.per, mode=self.mode)
             ctx.replace(fqn, new)

@@ -34,6 +34,9 @@ class LayerRow:
     bytes_after: int
     rel_error: float  # ||y_new - y|| / ||y|| of this module on its original input
     steps: list[str] = field(default_factory=list)
+    # The same error for what round-to-nearest makes of the module, where a
+    # calibrated step (GPTQ, AWQ, SmoothQuant) replaced it; None elsewhere.
+    rtn_error: float | None = None
 
 
 @dataclass
@@ -45,6 +48,9 @@ class CompressionReport:
     original module received in the original model on ``example_inputs``
     (the kept features of it, after pruning) and its output, with removed
     features counted as zeros, is compared with the original module's.
+    Modules a calibrated step made (``int8:gptq``, ``awq+int4``, ...) also
+    carry ``rtn_error``: the same error of the module the uncalibrated step
+    (round to nearest) would have made, measured alike.
     ``skipped``: what a step left alone, and why. ``total``: ``params_*``
     (stored weight values), ``bytes_*`` (parameters and buffers held),
     ``latency_ms_*`` (median of timed forwards on ``example_inputs``, the two
@@ -68,6 +74,7 @@ class CompressionReport:
         }
 
     def __str__(self) -> str:
+        rtn = any(r.rtn_error is not None for r in self.layers)
         rows = [
             (
                 r.name,
@@ -78,9 +85,10 @@ class CompressionReport:
                 f"{_mb(r.bytes_before)} -> {_mb(r.bytes_after)}",
                 f"{r.rel_error:.2e}",
             )
+            + ((_vs_rtn(r),) if rtn else ())
             for r in self.layers
         ]
-        head = ("layer", "module", "params", "MB", "rel err")
+        head = ("layer", "module", "params", "MB", "rel err") + (("vs RTN",) if rtn else ())
         widths = [
             max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
         ]
@@ -156,6 +164,15 @@ class CompressionReport:
         plt.close(fig)
 
 
+def _vs_rtn(r: LayerRow) -> str:
+    """The error of a calibrated layer against round-to-nearest's, as a ratio."""
+    if r.rtn_error is None:
+        return ""
+    if r.rtn_error > 0:
+        return f"{r.rel_error / r.rtn_error:.2f}x of {r.rtn_error:.2e}"
+    return f"RTN {r.rtn_error:.2e}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.3g}"
 
@@ -195,17 +212,24 @@ def _expand(y: Tensor, keep: Tensor, size: int, dim: int) -> Tensor:
 
 
 def _layer_errors(
-    reference: nn.Module, compressed: nn.Module, changes: dict[str, Change], example_inputs: Any
+    reference: nn.Module,
+    compressed: nn.Module,
+    changes: dict[str, Change],
+    example_inputs: Any,
+    modules: dict[str, nn.Module] | None = None,
 ) -> tuple[dict[str, float], Any]:
     """Each changed module's own error, in one forward of the reference model (whose output is
-    returned too)."""
+    returned too); ``modules`` (by fqn) stand in for ``compressed``'s modules."""
     sums: dict[str, list[float]] = {fqn: [0.0, 0.0] for fqn in changes}
     failed: set[str] = set()
     hooks = []
 
     for fqn, ch in changes.items():
         old = reference.get_submodule(fqn) if fqn else reference
-        new = compressed.get_submodule(fqn) if fqn else compressed
+        if modules is not None and fqn in modules:
+            new = modules[fqn]
+        else:
+            new = compressed.get_submodule(fqn) if fqn else compressed
 
         def hook(mod, args, kwargs, out, fqn=fqn, ch=ch, new=new):
             if fqn in failed or not isinstance(out, Tensor) or not args:
@@ -214,11 +238,15 @@ def _layer_errors(
             x = args[0]
             if ch.in_keep is not None:
                 x = x.index_select(ch.feature_dim % x.dim(), ch.in_keep.to(x.device))
+            if ch.in_scale is not None and modules is None:
+                x = x * ch.in_scale.to(x)
             try:
                 y = new(x, *args[1:], **kwargs)
             except Exception:  # noqa: BLE001 - a module that cannot be fed alone is reported NaN
                 failed.add(fqn)
                 return
+            if ch.out_scale is not None and modules is None:
+                y = y * ch.out_scale.to(y)
             if ch.out_keep is not None:
                 y = _expand(y, ch.out_keep, out.shape[ch.feature_dim], ch.feature_dim)
             d = (y.double() - out.double()).pow(2).sum()
@@ -271,6 +299,11 @@ def measure(
         order.insert(0, "")
     changes = {fqn: ctx.changes[fqn] for fqn in order}
     errors, out_ref = _layer_errors(reference, compressed, changes, ctx.example_inputs)
+    base = {f: m.eval() for f, m in ctx.baselines.items() if f in changes}
+    rtn: dict[str, float] = {}
+    if base:
+        sub = {f: changes[f] for f in base}
+        rtn, _ = _layer_errors(reference, compressed, sub, ctx.example_inputs, base)
     with torch.no_grad():
         out_new = call_model(compressed, ctx.example_inputs)
     y_ref, y_new = output_tensor(out_ref), output_tensor(out_new)
@@ -289,6 +322,7 @@ def measure(
                 bytes_after=nbytes_of(new),
                 rel_error=errors[fqn],
                 steps=list(ch.steps),
+                rtn_error=rtn.get(fqn),
             )
         )
     lat_before, lat_after, reps = _latency(reference, compressed, ctx.example_inputs)

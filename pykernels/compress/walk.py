@@ -206,6 +206,31 @@ def encoder_blocks(model: nn.Module, accept: Accept) -> list[tuple[str, nn.Modul
     return out
 
 
+def gated_mlps(model: nn.Module, accept: Accept) -> list[tuple[str, nn.Module]]:
+    """(fqn, module) of the modules shaped like a gated MLP
+    (:func:`pykernels.nn.mlp.gated_mlp_linears`: three plain Linears and
+    parameter-free activations) that :func:`pykernels.nn.mlp.fuse_gated_mlp` may
+    fuse: no hooks, and each Linear accepted by ``accept`` and replaceable by
+    :func:`why_not`'s rules. Whether one really computes ``down(act(gate(x)) *
+    up(x))`` is the fuser's probe to decide."""
+    from ..nn.mlp import gated_mlp_linears
+
+    out: list[tuple[str, nn.Module]] = []
+    for fqn, m in model.named_modules():
+        lins = gated_mlp_linears(m)
+        if isinstance(lins, str) or _hooks(m) or not fqn:
+            continue
+        names = {id(sub): fqn + "." + n for n, sub in m.named_children()}
+        if all(
+            accept(lin, names[id(lin)])
+            and not why_not(model, names[id(lin)], lin, (nn.Linear,))
+            and not _hooks(lin)
+            for lin in lins
+        ):
+            out.append((fqn, m))
+    return out
+
+
 def _unfused(module, args):  # noqa: ARG001
     """A forward pre-hook that does nothing: its presence keeps torch's fused
     transformer path, which reads dense weights, off (see the module docstring)."""

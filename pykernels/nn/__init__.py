@@ -7,6 +7,7 @@ from .embedding import Int8Embedding
 from .encoder import EncoderBlock, fuse_encoder_block
 from .int4 import Int4Linear
 from .int8 import Int8Linear, quantize_int8
+from .mlp import Int8GatedMLP, fuse_gated_mlp
 from .qat import QATLinear
 from .sparse import SparseLinear, sparsify
 from .svd import LowRankLinear, TuckerConv2d, factorize
@@ -17,6 +18,7 @@ __all__ = [
     "EncoderBlock",
     "Int4Linear",
     "Int8Embedding",
+    "Int8GatedMLP",
     "Int8Linear",
     "LowRankLinear",
     "QATLinear",
@@ -24,6 +26,7 @@ __all__ = [
     "TuckerConv2d",
     "factorize",
     "fuse_encoder_block",
+    "fuse_gated_mlp",
     "nbytes_of",
     "quantize_int8",
     "sparsify",

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import backends
 from ..ops import _checks
 from ..ops.attention import attention, padding_mask_to_lengths
 from ..ops.int8 import ACTIVATIONS, apply_epilogue
@@ -134,11 +135,18 @@ class EncoderBlock(nn.Module):
     # --- computation --------------------------------------------------------
 
     def _linear(
-        self, layer: nn.Module, x: Tensor, residual: Tensor | None = None, act: str = "none"
+        self,
+        layer: nn.Module,
+        x: Tensor,
+        residual: Tensor | None = None,
+        act: str = "none",
+        norm: nn.Module | None = None,
     ) -> Tensor:
         if isinstance(layer, Int8Linear):
-            return layer(x, residual)  # its activation is its own (fused)
-        return apply_epilogue(layer(x), act, residual)
+            # Its activation is its own; residual and the block's LayerNorm fused.
+            return layer(x, residual, norm)
+        y = apply_epilogue(layer(x), act, residual)
+        return y if norm is None else norm(y)
 
     def _attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
         b, s, _ = x.shape
@@ -149,21 +157,113 @@ class EncoderBlock(nn.Module):
         a = _attend(q, k, v, mask, 1.0 / math.sqrt(d))
         return a.transpose(1, 2).reshape(b, s, self.inner)
 
-    def _ffn(self, x: Tensor, residual: Tensor) -> Tensor:
+    def _ffn(self, x: Tensor, residual: Tensor, norm: nn.Module | None = None) -> Tensor:
         """ffn2(act(ffn1(x))) + residual, the activation and the residual in the
         GEMMs' epilogues. (Handing the activation over quantized, with
         ops.int8_linear_quantized_out, was measured 5-8% slower here: its row
         chunks reread the weight from L2 more than this writes and reads the
         float activation; see benchmarks/RESULTS.md.)"""
         f = self._linear(self.ffn1, x, act=self.activation)
-        return self._linear(self.ffn2, f, residual=residual)
+        return self._linear(self.ffn2, f, residual=residual, norm=norm)
+
+    def _native_args(self) -> tuple | None:
+        """The native layer call's weight arguments (csrc/encoder), or None where
+        this block cannot take it: not int8 with packed weights, pre-norm, or mixed
+        activation grids. Kept while the weights stay the same tensors."""
+        lins = [self.qkv, self.out, self.ffn1, self.ffn2]
+        key = tuple(id(t) for lin in lins for t in lin._buffers.values() if t is not None)
+        key += tuple(id(t) for n in (self.norm1, self.norm2) for t in n.parameters())
+        key += tuple(getattr(n, "eps", None) for n in (self.norm1, self.norm2))
+        cached = self.__dict__.get("_native_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        args = None
+        if (
+            self.quantized
+            and not self.norm_first
+            and all(
+                isinstance(lin, Int8Linear)
+                and "weight_packed" in lin._buffers
+                and lin.act_bits == self.act_bits
+                and lin.activation == (self.activation if lin is self.ffn1 else "none")
+                for lin in lins
+            )
+            and all(
+                isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (self.hidden,)
+                for n in (self.norm1, self.norm2)
+            )
+        ):
+
+            def f32(t: Tensor | None):
+                return None if t is None else t.detach().float().contiguous().numpy()
+
+            def lin(m: Int8Linear) -> tuple:
+                return (
+                    m.weight_packed.numpy(),
+                    m.weight_comp.numpy(),
+                    m.weight_scale.numpy(),
+                    f32(m.bias),
+                    m.out_features,
+                    m.in_features,
+                )
+
+            args = (
+                *(lin(m) for m in lins),
+                f32(self.norm1.weight),
+                f32(self.norm1.bias),
+                float(self.norm1.eps),
+                f32(self.norm2.weight),
+                f32(self.norm2.bias),
+                float(self.norm2.eps),
+                self.heads,
+                ACTIVATIONS.index(self.activation),
+                self.act_bits,
+            )
+        self.__dict__["_native_cache"] = (key, args)
+        return args
+
+    def _native_block(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
+        """The whole layer in one native call (csrc/encoder: the same kernels in
+        the same order as the Python path below, so the same result, without the
+        Python between them), or None where it does not apply: a tensor something
+        is watching (profiler, modes, tracing: they must see each op), not fp32 on
+        the CPU, a mask that is more than right padding, or other backends chosen."""
+        if (
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or not backends.skip_dispatcher(x, mask)
+            or backends.choose("int8", x.device).name != "native-cpu"
+            or backends.choose("attention", x.device).name != "native-cpu"
+            or (mask is not None and x.shape[1] == 0)
+        ):
+            return None
+        lengths = None
+        if mask is not None:
+            lengths, rest = _split_mask(mask)
+            if rest is not None:
+                return None
+            lengths = lengths.to(torch.int64).contiguous()
+        args = self._native_args()
+        if args is None:
+            return None
+        b, s, h = x.shape
+        x2 = x.reshape(b * s, h).contiguous()
+        y = torch.empty_like(x2)
+        backends.native.C.encoder_post_norm(
+            x2.numpy(), y.numpy(), b, s, None if lengths is None else lengths.numpy(), *args
+        )
+        return y.view(b, s, h)
 
     def _block(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        fast = self._native_block(x, mask)
+        if fast is not None:
+            return fast
         if self.norm_first:
             h = self._linear(self.out, self._attention(self.norm1(x), mask), residual=x)
             return self._ffn(self.norm2(h), h)
-        h = self.norm1(self._linear(self.out, self._attention(x, mask), residual=x))
-        return self.norm2(self._ffn(h, h))
+        # Post-norm (BERT): each LayerNorm ends its GEMM's epilogue.
+        h = self._linear(self.out, self._attention(x, mask), residual=x, norm=self.norm1)
+        return self._ffn(h, h, norm=self.norm2)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.layout == "hf":

@@ -16,6 +16,30 @@ from ._module import nbytes_of
 MODES = ("dynamic", "weight_only")
 
 
+def norm_spec(fn: str, norm: nn.Module | None, n: int) -> tuple:
+    """``(kind, weight, bias, eps)`` of a row norm module for the fused epilogue:
+    an ``nn.LayerNorm`` or ``nn.RMSNorm`` over the last ``n`` features (or None)."""
+    if norm is None:
+        return ("none", None, None, 1e-5)
+    if isinstance(norm, nn.LayerNorm):
+        kind, eps = "layer", norm.eps
+    elif isinstance(norm, nn.RMSNorm):
+        kind = "rms"
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    else:
+        raise TypeError(
+            f"{fn}: norm must be an nn.LayerNorm, an nn.RMSNorm or None, got {type(norm).__name__}"
+        )
+    if tuple(norm.normalized_shape) != (n,):
+        raise ValueError(
+            f"{fn}: norm must normalize the {n} output features, got normalized_shape "
+            f"{tuple(norm.normalized_shape)}"
+        )
+    w = norm.weight.detach() if norm.weight is not None else None
+    b = getattr(norm, "bias", None)
+    return (kind, w, None if b is None else b.detach(), float(eps))
+
+
 def check_int8_options(fn: str, mode: object, act_bits: object) -> int:
     """The ``mode`` / ``act_bits`` pair an Int8Linear takes, checked under ``fn``'s name
     (ValueError / TypeError); returns ``act_bits`` as an int."""
@@ -183,12 +207,58 @@ class Int8Linear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    @classmethod
+    def from_quantized(
+        cls,
+        w_q: Tensor,
+        w_scale: Tensor,
+        bias: Tensor | None = None,
+        mode: str = "dynamic",
+        act_bits: int = 8,
+        activation: str | None = None,
+    ) -> Int8Linear:
+        """A layer holding codes chosen elsewhere (GPTQ): ``w_q`` int8 ``[N, K]`` in
+        [-127, 127], ``w_scale`` float ``[N]``, computing ``x @ (w_q * w_scale).T + bias``."""
+        fn = "Int8Linear.from_quantized"
+        if not isinstance(w_q, Tensor) or w_q.dtype != torch.int8 or w_q.dim() != 2:
+            raise TypeError(f"{fn}: w_q must be a 2-D int8 tensor")
+        n, k = w_q.shape
+        if not isinstance(w_scale, Tensor) or tuple(w_scale.shape) != (n,):
+            raise ValueError(f"{fn}: w_scale must be a float tensor of shape [{n}]")
+        if not w_scale.is_floating_point() or not bool(torch.isfinite(w_scale).all()):
+            raise ValueError(f"{fn}: w_scale must be finite floats")
+        if w_q.numel() and int(w_q.min()) < -127:
+            raise ValueError(f"{fn}: w_q must be in [-127, 127] (-128 is not symmetric)")
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"{fn}: bias must be None or a tensor of shape [{n}]")
+        layer = cls(
+            k,
+            n,
+            bias=bias is not None,
+            mode=mode,
+            device=w_q.device,
+            act_bits=act_bits,
+            activation=activation,
+        )
+        with torch.no_grad():
+            layer._set_weight(w_q.contiguous())
+            layer.weight_scale.copy_(w_scale.float())
+            if bias is not None:
+                layer.bias.copy_(bias.detach().float())
+        return layer
+
     # --- forward ----------------------------------------------------------
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, norm: nn.Module | None = None
+    ) -> Tensor:
+        """``norm(act(x W^T + b) + residual)``; ``norm`` (an ``nn.LayerNorm`` or
+        ``nn.RMSNorm`` over the output features, or None) is fused into the
+        epilogue in dynamic mode (where a transformer block ends)."""
+        nrm = norm_spec("Int8Linear", norm, self.out_features)
         if self.mode == "weight_only":
             y = ops.int8_weight_linear(x, self.weight, self.weight_scale, self.bias)
-            return apply_epilogue(y, self.activation, residual)
+            return apply_epilogue(y, self.activation, residual, *nrm)
         w = self._packed() if "weight_packed" in self._buffers else self.weight
         return ops.int8_linear(
             x,
@@ -198,6 +268,10 @@ class Int8Linear(nn.Module):
             act_bits=self.act_bits,
             activation=self.activation,
             residual=residual,
+            norm=nrm[0],
+            norm_weight=nrm[1],
+            norm_bias=nrm[2],
+            eps=nrm[3],
         )
 
     # --- module protocol ---------------------------------------------------

@@ -10,12 +10,15 @@ from .cluster import (
 )
 from .int4 import int4_dequantize_weight, int4_linear, int4_quantize_weight
 from .int8 import (
+    Int8GatedWeight,
     Int8PackedWeight,
     int8_gemm,
     int8_linear,
+    int8_linear_gated,
     int8_linear_prequantized,
     int8_linear_quantized_out,
     int8_weight_linear,
+    pack_int8_gated_weight,
     pack_int8_weight,
     quantize_per_row,
     unpack_int8_weight,
@@ -28,6 +31,7 @@ from .topk import topk_densify, topk_sparsify
 
 __all__ = [
     "attention",
+    "Int8GatedWeight",
     "Int8PackedWeight",
     "batched_svd",
     "cluster_linear",
@@ -39,11 +43,13 @@ __all__ = [
     "int4_quantize_weight",
     "int8_gemm",
     "int8_linear",
+    "int8_linear_gated",
     "int8_linear_prequantized",
     "int8_linear_quantized_out",
     "int8_weight_linear",
     "kmeans_cluster",
     "pack_cluster_codes",
+    "pack_int8_gated_weight",
     "pack_int8_weight",
     "padding_mask_to_lengths",
     "prune",

@@ -28,6 +28,9 @@ MAX_K = 131072  # 128 * 128 * K >= 2^31 from here on: int32 could overflow
 # The fused epilogue's activations, in the order of the native codes
 # (csrc/int8/int8.h, Act): y = act(x W^T + b) + residual.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# The row norms that may end the epilogue, in the order of the native codes
+# (int8.h, Norm): y = norm(act(x W^T + b) + residual).
+NORMS = ("none", "layer", "rms")
 
 
 def check_activation(fn: str, activation: object, name: str = "activation") -> str:
@@ -39,10 +42,56 @@ def check_activation(fn: str, activation: object, name: str = "activation") -> s
     return activation
 
 
-def apply_epilogue(y: Tensor, activation: str, residual: Tensor | None) -> Tensor:
-    """The unfused epilogue, in float32: ``act(y) + residual`` (what every backend
-    but the native CPU one runs after its linear, and what the tests compare with)."""
-    if activation == "none" and residual is None:
+def check_norm(
+    fn: str,
+    norm: object,
+    norm_weight: object,
+    norm_bias: object,
+    eps: object,
+    n: int,
+    device: torch.device,
+) -> str:
+    """``norm`` as one of :data:`NORMS` (None means ``"none"``), with its weight,
+    bias (``[n]`` float tensors on ``device`` or None; RMSNorm has no bias) and eps."""
+    if norm is None:
+        norm = "none"
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise ValueError(f"{fn}: norm must be one of {NORMS} or None, got {norm!r}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is None:
+            continue
+        if norm == "none":
+            raise ValueError(f"{fn}: {name} given but norm is None")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be a float tensor, got {t.dtype}")
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{fn}: {name} must have shape ({n},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {device}")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError(f"{fn}: norm_bias is for norm='layer'; RMSNorm has no bias")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{fn}: eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps}")
+    return norm
+
+
+def apply_epilogue(
+    y: Tensor,
+    activation: str,
+    residual: Tensor | None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """The unfused epilogue, in float32: ``norm(act(y) + residual)`` (what every
+    backend but the native CPU one runs after its linear, and what the tests
+    compare with)."""
+    if activation == "none" and residual is None and norm == "none":
         return y
     out = y.float()
     if activation == "relu":
@@ -55,6 +104,13 @@ def apply_epilogue(y: Tensor, activation: str, residual: Tensor | None) -> Tenso
         out = torch.nn.functional.silu(out)
     if residual is not None:
         out = out + residual.float()
+    w = None if norm_weight is None else norm_weight.float()
+    if norm == "layer":
+        b = None if norm_bias is None else norm_bias.float()
+        out = torch.nn.functional.layer_norm(out, out.shape[-1:], w, b, eps)
+    elif norm == "rms":
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+        out = out if w is None else out * w
     return out.to(y.dtype)
 
 
@@ -248,10 +304,14 @@ def _linear_native(
     if epilogue is not None:
         # The fused epilogue works on fp32 y (int8.h); other dtypes are
         # converted once at the end, as the unfused path's last op would.
-        activation, residual = epilogue
+        activation, residual, *nrm = epilogue
         y = torch.empty(x.shape[0], w_scale.shape[0], dtype=torch.float32)
         res = None if residual is None else residual.float().contiguous().numpy()
         fused = (ACTIVATIONS.index(activation), res)
+        if nrm and nrm[0] != "none":
+            norm, nw, nb, eps = nrm
+            f32 = [None if t is None else t.float().contiguous().numpy() for t in (nw, nb)]
+            fused += (NORMS.index(norm), *f32, float(eps))
     else:
         y = torch.empty(x.shape[0], w_scale.shape[0], dtype=x.dtype)
         fused = ()
@@ -286,7 +346,7 @@ def _linear_numba(
     return _unfused_epilogue(y.to(x.dtype), epilogue)
 
 
-def _unfused_epilogue(y: Tensor, epilogue: tuple[str, Tensor | None] | None) -> Tensor:
+def _unfused_epilogue(y: Tensor, epilogue: tuple | None) -> Tensor:
     return y if epilogue is None else apply_epilogue(y, *epilogue)
 
 
@@ -322,6 +382,7 @@ def _run_linear(
     act_bits: int = 8,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: tuple = ("none", None, None, 1e-5),
 ) -> Tensor:
     """int8_linear or int8_weight_linear (`kind`) on the chosen backend.
 
@@ -333,8 +394,8 @@ def _run_linear(
     """
     extra = (act_bits,) if kind == "int8_linear" else ()  # weight-only has no activation grid
     run = backends.impl("int8", "linear", x)
-    fused = activation != "none" or residual is not None
-    epilogue = (activation, residual) if fused else None
+    fused = activation != "none" or residual is not None or norm[0] != "none"
+    epilogue = (activation, residual, *norm) if fused else None
     return run(kind, x, native_weight, rowmajor_weight, w_scale, bias, *extra, epilogue=epilogue)
 
 
@@ -347,11 +408,16 @@ def _linear_impl(
     act_bits: int,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
     fn = "pykernels::int8_linear"  # called directly too
     act_bits = check_act_bits(fn, act_bits)
     activation = check_activation(fn, activation)
     _check_residual(fn, residual, x, w_scale.shape[0])
+    norm = check_norm(fn, norm, norm_weight, norm_bias, eps, w_scale.shape[0], x.device)
 
     def unpack() -> Tensor:
         return _layout.int8_unpack_weight(packed, w_scale.shape[0], x.shape[1])
@@ -366,6 +432,7 @@ def _linear_impl(
         act_bits,
         activation,
         residual,
+        (norm, norm_weight, norm_bias, eps),
     )
 
 
@@ -379,8 +446,25 @@ def _linear_op(
     act_bits: int = 8,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
-    return _linear_impl(x, packed, comp, w_scale, bias, act_bits, activation, residual)
+    return _linear_impl(
+        x,
+        packed,
+        comp,
+        w_scale,
+        bias,
+        act_bits,
+        activation,
+        residual,
+        norm,
+        norm_weight,
+        norm_bias,
+        eps,
+    )
 
 
 @_linear_op.register_fake
@@ -393,6 +477,10 @@ def _(
     act_bits: int = 8,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
     return x.new_empty(x.shape[0], w_scale.shape[0])
 
@@ -405,17 +493,31 @@ def _linear_rowmajor_impl(
     act_bits: int,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
     fn = "pykernels::int8_linear_rowmajor"
     act_bits = check_act_bits(fn, act_bits)
     activation = check_activation(fn, activation)
     _check_residual(fn, residual, x, w_scale.shape[0])
+    norm = check_norm(fn, norm, norm_weight, norm_bias, eps, w_scale.shape[0], x.device)
 
     def pack() -> tuple[Tensor, Tensor]:
         return _pack_op(w)
 
     return _run_linear(
-        "int8_linear", x, pack, lambda: w, w_scale, bias, act_bits, activation, residual
+        "int8_linear",
+        x,
+        pack,
+        lambda: w,
+        w_scale,
+        bias,
+        act_bits,
+        activation,
+        residual,
+        (norm, norm_weight, norm_bias, eps),
     )
 
 
@@ -428,8 +530,14 @@ def _linear_rowmajor_op(
     act_bits: int = 8,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
-    return _linear_rowmajor_impl(x, w, w_scale, bias, act_bits, activation, residual)
+    return _linear_rowmajor_impl(
+        x, w, w_scale, bias, act_bits, activation, residual, norm, norm_weight, norm_bias, eps
+    )
 
 
 @_linear_rowmajor_op.register_fake
@@ -441,6 +549,10 @@ def _(
     act_bits: int = 8,
     activation: str = "none",
     residual: Tensor | None = None,
+    norm: str = "none",
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -624,8 +736,12 @@ def int8_linear(
     act_bits: int = 8,
     activation: str | None = None,
     residual: Tensor | None = None,
+    norm: str | None = None,
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-5,
 ) -> Tensor:
-    """Dynamic W8A8 linear: ``act(x @ (w_q * w_scale[:, None]).T + bias) + residual``
+    """Dynamic W8A8 linear: ``norm(act(x @ (w_q * w_scale[:, None]).T + bias) + residual)``
     with x quantized.
 
     Each row (token) of x is quantized as :func:`quantize_per_row` does, the
@@ -651,6 +767,14 @@ def int8_linear(
     up to float rounding (GELU's erf to about 4e-7); other backends run the
     unfused epilogue. Either way it is computed in float32 and rounded once to
     x's dtype.
+
+    ``norm`` (``"layer"`` or ``"rms"``, with ``norm_weight``, ``norm_bias``
+    (LayerNorm only) and ``eps``) ends the epilogue where a transformer block
+    ends: ``LayerNorm(x W^T + b + residual)`` of a BERT block's output
+    projection in one call. The native kernel normalizes each row in a pass
+    right after the GEMM (a row is complete only when all its blocks are), in
+    float32 with two-pass statistics, equal to ``torch.nn.functional.layer_norm``
+    / RMSNorm of the unfused result up to float rounding.
     """
     fn = "int8_linear"
     act_bits = check_act_bits(fn, act_bits)
@@ -664,19 +788,23 @@ def int8_linear(
         device = w_q.device
     bias32 = _check_linear_args(fn, x, n, k, device, w_scale, bias)
     _check_residual(fn, residual, x, n)
+    norm = check_norm(fn, norm, norm_weight, norm_bias, eps, n, x.device)
+    nrm = (norm, norm_weight, norm_bias, float(eps))
     x2, lead, done = _rows(x, n, k, bias32)
     if done is not None:
-        return apply_epilogue(done, activation, residual)
+        return apply_epilogue(done, activation, residual, *nrm)
     r2 = None if residual is None else residual.reshape(x2.shape[0], n)
     skip = backends.skip_dispatcher(x2)
     if isinstance(w_q, Int8PackedWeight):
         op = _linear_impl if skip else torch.ops.pykernels.int8_linear
-        y = op(x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32, act_bits, activation, r2)
+        y = op(
+            x2, w_q.packed, w_q.comp, w_scale.contiguous(), bias32, act_bits, activation, r2, *nrm
+        )
     else:
         # Packed inside, and only for the native CPU kernel: other backends
         # (torch ops on a GPU) read the row-major weight as it is.
         op = _linear_rowmajor_impl if skip else torch.ops.pykernels.int8_linear_rowmajor
-        y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32, act_bits, activation, r2)
+        y = op(x2, w_q.contiguous(), w_scale.contiguous(), bias32, act_bits, activation, r2, *nrm)
     return y.view(*lead, n)
 
 
@@ -932,4 +1060,167 @@ def int8_linear_prequantized(
         r2,
         out_dtype,
     )
+    return y.view(*lead, n)
+
+
+# --- the gated linear of Llama-style MLPs ---------------------------------------
+# act(x W_g^T + b_g) * (x W_u^T + b_u): one GEMM over gate and up rows
+# interleaved in blocks of 32 (gated_rows(N) rows, zero rows past N), so that
+# each 64-column block of its output holds both halves of 32 outputs and the
+# native kernel forms the product while the block is in L1 (int8.h,
+# linear_dynamic_gated_cpu).
+
+GATE_BLOCK = 32
+
+
+def gated_rows(n: int) -> int:
+    """Rows of the interleaved gate/up weight for ``n`` gated outputs."""
+    return (n + GATE_BLOCK - 1) // GATE_BLOCK * 2 * GATE_BLOCK
+
+
+def _gated_order(n: int) -> Tensor:
+    """For each interleaved row, the row of ``cat([W_g, W_u])`` it holds (-1: zero row)."""
+    r = torch.arange(gated_rows(n))
+    blk, j = r // (2 * GATE_BLOCK), r % (2 * GATE_BLOCK)
+    col = blk * GATE_BLOCK + j % GATE_BLOCK
+    src = torch.where(j < GATE_BLOCK, col, n + col)
+    return torch.where(col < n, src, torch.full_like(src, -1))
+
+
+class Int8GatedWeight(NamedTuple):
+    """Gate and up int8 weights (``[N, K]`` each) interleaved and packed for
+    :func:`int8_linear_gated`, with their scales and biases in the same order.
+    Build it with :func:`pack_int8_gated_weight`."""
+
+    packed: Tensor
+    comp: Tensor
+    w_scale: Tensor  # float32 [gated_rows(N)]
+    bias: Tensor | None  # float32 [gated_rows(N)] or None
+    n: int
+    k: int
+
+
+def pack_int8_gated_weight(
+    w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Int8GatedWeight:
+    """Packs ``w_q = cat([W_g, W_u])`` (int8 ``[2N, K]``, gate rows first), its
+    per-row ``w_scale`` (float32 ``[2N]``) and ``bias`` (``[2N]`` or None) for
+    :func:`int8_linear_gated`."""
+    fn = "pack_int8_gated_weight"
+    _check_weight(fn, w_q)
+    rows, k = w_q.shape
+    if rows % 2:
+        raise ValueError(f"{fn}: w_q must stack gate and up rows ([2N, K]), got {rows} rows")
+    bias32 = _check_linear_args(fn, w_q.new_empty(0, k).float(), rows, k, w_q.device, w_scale, bias)
+    n = rows // 2
+    order = _gated_order(n).to(w_q.device)
+    keep = order >= 0
+    w_i = torch.zeros(gated_rows(n), k, dtype=torch.int8, device=w_q.device)
+    s_i = torch.zeros(gated_rows(n), dtype=torch.float32, device=w_q.device)
+    w_i[keep] = w_q[order[keep]]
+    s_i[keep] = w_scale[order[keep]]
+    b_i = None
+    if bias32 is not None:
+        b_i = torch.zeros(gated_rows(n), dtype=torch.float32, device=w_q.device)
+        b_i[keep] = bias32[order[keep]]
+    p = pack_int8_weight(w_i)
+    return Int8GatedWeight(p.packed, p.comp, s_i, b_i, n, k)
+
+
+def _gated_native(x, packed, comp, w_scale, bias, n, act_bits, activation):
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    backends.native.C.int8_linear_gated(
+        _fbuf(x),
+        _layout.DTYPE_CODES[x.dtype],
+        packed.numpy(),
+        comp.numpy(),
+        w_scale.numpy(),
+        None if bias is None else bias.numpy(),
+        out.numpy(),
+        act_bits,
+        ACTIVATIONS.index(activation),
+    )
+    return out
+
+
+def _gated_any(x, packed, comp, w_scale, bias, n, act_bits, activation):
+    """The unfused gated linear: the interleaved linear on the chosen linear backend,
+    then gate and up split apart, the activation and the product in float32."""
+    rows, k = w_scale.shape[0], x.shape[1]
+
+    def unpack() -> Tensor:
+        return _layout.int8_unpack_weight(packed, rows, k)
+
+    y = _run_linear("int8_linear", x, lambda: (packed, comp), unpack, w_scale, bias, act_bits)
+    y = y.float().view(x.shape[0], -1, 2, GATE_BLOCK)
+    gate = y[:, :, 0].reshape(x.shape[0], -1)[:, :n]
+    up = y[:, :, 1].reshape(x.shape[0], -1)[:, :n]
+    return apply_epilogue(gate, activation, None) * up
+
+
+backends.register("int8", "linear_gated", native_cpu=_gated_native, any=_gated_any)
+
+
+@torch.library.custom_op("pykernels::int8_linear_gated", mutates_args=())
+def _gated_op(
+    x: Tensor,
+    packed: Tensor,
+    comp: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    n: int,
+    act_bits: int = 8,
+    activation: str = "silu",
+) -> Tensor:
+    run = backends.impl("int8", "linear_gated", x)
+    y = run(x, packed, comp, w_scale, bias, n, act_bits, activation)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+@_gated_op.register_fake
+def _(x, packed, comp, w_scale, bias, n, act_bits=8, activation="silu"):
+    return x.new_empty(x.shape[0], n)
+
+
+torch.library.register_autograd(
+    "pykernels::int8_linear_gated", _no_backward("int8_linear_gated"), setup_context=_setup
+)
+
+
+def int8_linear_gated(
+    x: Tensor, w: Int8GatedWeight, *, activation: str = "silu", act_bits: int = 8
+) -> Tensor:
+    """The gated first half of a Llama-style MLP in one dynamic W8A8 GEMM:
+    ``act(x W_g^T + b_g) * (x W_u^T + b_u)``, ``[..., N]`` in x's dtype.
+
+    ``w`` comes from :func:`pack_int8_gated_weight`. x is quantized per row
+    once for both halves (as :func:`int8_linear` would quantize it for
+    each); the native CPU kernel forms the product in the GEMM's epilogue,
+    so the two ``[M, N]`` float intermediates of the unfused path are never
+    written. Equal to ``act(int8_linear(x, W_g)) * int8_linear(x, W_u)`` up to
+    float rounding (the activation as :func:`apply_epilogue` computes it).
+    Inference only.
+    """
+    fn = "int8_linear_gated"
+    act_bits = check_act_bits(fn, act_bits)
+    activation = check_activation(fn, activation)
+    if not isinstance(w, Int8GatedWeight):
+        raise TypeError(
+            f"{fn}: w must be an Int8GatedWeight (pack_int8_gated_weight), got {type(w).__name__}"
+        )
+    n = _checks.check_int(fn, "w.n", w.n, 0)
+    k = _checks.check_int(fn, "w.k", w.k, 0, MAX_K - 1)
+    rows = gated_rows(n)
+    _check_packed(fn, Int8PackedWeight(w.packed, w.comp, rows, k), "w")
+    bias32 = _check_linear_args(fn, x, rows, k, w.packed.device, w.w_scale, w.bias)
+    x2, lead, done = _rows(x, rows, k, bias32)
+    if done is not None:
+        if k == 0 and x2.shape[0]:  # an empty sum: the biases alone
+            y = done.reshape(-1, rows).float().view(-1, rows // (2 * GATE_BLOCK), 2, GATE_BLOCK)
+            g = y[:, :, 0].reshape(y.shape[0], -1)[:, :n]
+            u = y[:, :, 1].reshape(y.shape[0], -1)[:, :n]
+            return (apply_epilogue(g, activation, None) * u).to(x.dtype).view(*lead, n)
+        return x.new_zeros(*lead, n)
+    op = _gated_op if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear_gated
+    y = op(x2, w.packed, w.comp, w.w_scale, bias32, n, act_bits, activation)
     return y.view(*lead, n)
