@@ -94,6 +94,7 @@ inline void transpose8(__m256i r[8]) {
 
 struct Avx2 {
   static constexpr int MR = 2;
+  static constexpr int64_t kCodeBytes = 16;  // [K / 8][2 panels][64 bytes]
 
   static void decode(const Weight& w, int64_t nb, uint8_t* codes) {
     const int64_t half = w.k / 2, chunks = w.k / 8;
