@@ -94,7 +94,9 @@ inline void transpose8(__m256i r[8]) {
 
 struct Avx2 {
   static constexpr int MR = 2;
-  static constexpr int64_t kCodeBytes = 16;  // [K / 8][2 panels][64 bytes]
+  // codes[K / 8][low nibbles 128 bytes, high 128]: each 128 bytes the 4
+  // groups of 8 channels x 4 codes of 2 panels (see Avx512 for why).
+  static constexpr int64_t kCodeBytes = 32;
 
   static void decode(const Weight& w, int64_t nb, uint8_t* codes) {
     const int64_t half = w.k / 2, chunks = w.k / 8;
@@ -111,8 +113,13 @@ struct Avx2 {
                            : _mm256_setzero_si256();
           }
           transpose8(r);
-          for (int64_t c = 0; c < rem; ++c)
-            _mm256_store_si256((__m256i*)(codes + ((c0 + c) * 2 + p) * 64 + 32 * h), r[c]);
+          const __m256i m0f = _mm256_set1_epi8(0x0f);
+          for (int64_t c = 0; c < rem; ++c) {
+            uint8_t* o = codes + (c0 + c) * 256 + 32 * (2 * p + h);
+            _mm256_store_si256((__m256i*)o, _mm256_and_si256(r[c], m0f));
+            _mm256_store_si256((__m256i*)(o + 128),
+                               _mm256_and_si256(_mm256_srli_epi16(r[c], 4), m0f));
+          }
         }
   }
 
@@ -120,19 +127,18 @@ struct Avx2 {
   static void tile(const Act& a, const Block& b, int64_t i0, const float* bias, void* y, DType yt,
                    int64_t n, int64_t nb, int64_t nv) {
     const int64_t k = b.k, groups = k / b.group, cpg = b.group / 8;
-    const __m256i m0f = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     alignas(32) float f[R * 32] = {};
     for (int64_t g = 0; g < groups; ++g) {
       __m256i acc[R][4];
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_si256();
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-        const uint8_t* bp = b.codes + c * 128;
+        const uint8_t* bp = b.codes + c * 256;
         __m256i lo[4], hi[4];
         for (int v = 0; v < 4; ++v) {
-          const __m256i x = _mm256_load_si256((const __m256i*)(bp + 32 * v));
-          lo[v] = _mm256_and_si256(x, m0f);
-          hi[v] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m0f);
+          lo[v] = _mm256_load_si256((const __m256i*)(bp + 32 * v));
+          hi[v] = _mm256_load_si256((const __m256i*)(bp + 128 + 32 * v));
         }
         for (int r = 0; r < R; ++r) {
           int32_t l, h;
