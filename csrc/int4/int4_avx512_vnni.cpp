@@ -23,6 +23,18 @@ inline void dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 // ---- weight-only -------------------------------------------------------
 // Two weight rows at a time (independent FMA chains, x loaded once for both)
 // and MR rows of x.
+#ifndef PK_INT4_AHEAD_ROWS
+#define PK_INT4_AHEAD_ROWS 8
+#endif
+constexpr int64_t kAheadRows = PK_INT4_AHEAD_ROWS;
+
+// The address `off` bytes from p, for prefetches: it may lie past the end of
+// the weight (a prefetch never faults), where pointer arithmetic would be
+// undefined, so it is done on the integer.
+inline const char* byte_at(const void* p, int64_t off) {
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(off));
+}
+
 template <int MR>
 void weight_only_rows(const float* xd, int64_t i0, const Weight& w, const float* bias, void* y,
                       DType yt, int64_t n0, int64_t n1) {
@@ -42,6 +54,13 @@ void weight_only_rows(const float* xd, int64_t i0, const Weight& w, const float*
       const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(w.zeros[c1]))),
                                       _mm512_set1_ps(w.scales[c1]));
       for (int64_t j = g * gb; j < (g + 1) * gb; j += 16) {
+        // The rows 8 ahead (16 KiB at K = 4096) into L2: one core's demand
+        // misses and the hardware prefetcher alone reach about half the
+        // read rate a plain streaming sum does.
+        if ((j & 63) == 0) {
+          _mm_prefetch(byte_at(r0, j + kAheadRows * half), _MM_HINT_T1);
+          _mm_prefetch(byte_at(r1, j + kAheadRows * half), _MM_HINT_T1);
+        }
         const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r0 + j)));
         const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r1 + j)));
         const __m512 l0 = _mm512_permutexvar_ps(v0, t0);
@@ -114,7 +133,10 @@ inline void transpose16(__m512i r[16]) {
 }
 
 struct Avx512 {
-  static constexpr int MR = 6;
+  // Four rows: with the low and high nibbles summed apart, each of the 16
+  // accumulators takes one vpdpbusd per step (no chain of two dependent
+  // ones), and the 8 float accumulators stay in registers too.
+  static constexpr int MR = 4;
   // codes[K / 8][2 panels][low nibbles 64 bytes, high nibbles 64 bytes]: the
   // tile's inner loop then has nothing to do but broadcasts and vpdpbusd
   // (nibble masks and shifts there would compete with vpdpbusd for the
@@ -151,8 +173,9 @@ struct Avx512 {
     __m512 f[R][2];
     for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      __m512i acc[R][2];
-      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+      __m512i acc[R][4];  // panel 0 low, panel 1 low, panel 0 high, panel 1 high
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const uint8_t* bp = b.codes + c * 256;
         const __m512i l0 = _mm512_load_si512(bp), l1 = _mm512_load_si512(bp + 128);
@@ -168,16 +191,18 @@ struct Avx512 {
           int32_t hi;
           std::memcpy(&hi, a.q + (i0 + r) * k + 8 * c + 4, 4);
           const __m512i ah = _mm512_set1_epi32(hi);
-          dpbusd(acc[r][0], h0, ah);
-          dpbusd(acc[r][1], h1, ah);
+          dpbusd(acc[r][2], h0, ah);
+          dpbusd(acc[r][3], h1, ah);
         }
       }
       const __m512 s0 = _mm512_loadu_ps(b.s + g * 32), s1 = _mm512_loadu_ps(b.s + g * 32 + 16);
       const __m512 z0 = _mm512_loadu_ps(b.nz + g * 32), z1 = _mm512_loadu_ps(b.nz + g * 32 + 16);
       for (int r = 0; r < R; ++r) {
         const __m512 as = _mm512_set1_ps(float(a.asum[(i0 + r) * groups + g]));
-        const __m512 i0f = _mm512_fmadd_ps(z0, as, _mm512_cvtepi32_ps(acc[r][0]));  // exact
-        const __m512 i1f = _mm512_fmadd_ps(z1, as, _mm512_cvtepi32_ps(acc[r][1]));
+        const __m512i d0 = _mm512_add_epi32(acc[r][0], acc[r][2]);
+        const __m512i d1 = _mm512_add_epi32(acc[r][1], acc[r][3]);
+        const __m512 i0f = _mm512_fmadd_ps(z0, as, _mm512_cvtepi32_ps(d0));  // exact
+        const __m512 i1f = _mm512_fmadd_ps(z1, as, _mm512_cvtepi32_ps(d1));
         f[r][0] = _mm512_fmadd_ps(i0f, s0, f[r][0]);
         f[r][1] = _mm512_fmadd_ps(i1f, s1, f[r][1]);
       }
