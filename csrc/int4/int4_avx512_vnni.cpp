@@ -133,10 +133,7 @@ inline void transpose16(__m512i r[16]) {
 }
 
 struct Avx512 {
-  // Four rows: with the low and high nibbles summed apart, each of the 16
-  // accumulators takes one vpdpbusd per step (no chain of two dependent
-  // ones), and the 8 float accumulators stay in registers too.
-  static constexpr int MR = 4;
+  static constexpr int MR = 6;
   // codes[K / 8][2 panels][low nibbles 64 bytes, high nibbles 64 bytes]: the
   // tile's inner loop then has nothing to do but broadcasts and vpdpbusd
   // (nibble masks and shifts there would compete with vpdpbusd for the
@@ -153,6 +150,9 @@ struct Avx512 {
         __m512i r[16];
         for (int j = 0; j < 16; ++j) {
           const int64_t n = nb + 16 * p + j;
+          // 16 rows read side by side are more streams than the hardware
+          // prefetcher follows: each row's next 512 bytes, ahead.
+          if (n < w.n) _mm_prefetch(byte_at(w.packed + n * half, 4 * c0 + 512), _MM_HINT_T0);
           r[j] = n < w.n ? _mm512_maskz_loadu_epi32(mask, w.packed + n * half + 4 * c0)
                          : _mm512_setzero_si512();
         }
@@ -173,9 +173,8 @@ struct Avx512 {
     __m512 f[R][2];
     for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      __m512i acc[R][4];  // panel 0 low, panel 1 low, panel 0 high, panel 1 high
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+      __m512i acc[R][2];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const uint8_t* bp = b.codes + c * 256;
         const __m512i l0 = _mm512_load_si512(bp), l1 = _mm512_load_si512(bp + 128);
@@ -191,18 +190,16 @@ struct Avx512 {
           int32_t hi;
           std::memcpy(&hi, a.q + (i0 + r) * k + 8 * c + 4, 4);
           const __m512i ah = _mm512_set1_epi32(hi);
-          dpbusd(acc[r][2], h0, ah);
-          dpbusd(acc[r][3], h1, ah);
+          dpbusd(acc[r][0], h0, ah);
+          dpbusd(acc[r][1], h1, ah);
         }
       }
       const __m512 s0 = _mm512_loadu_ps(b.s + g * 32), s1 = _mm512_loadu_ps(b.s + g * 32 + 16);
       const __m512 z0 = _mm512_loadu_ps(b.nz + g * 32), z1 = _mm512_loadu_ps(b.nz + g * 32 + 16);
       for (int r = 0; r < R; ++r) {
         const __m512 as = _mm512_set1_ps(float(a.asum[(i0 + r) * groups + g]));
-        const __m512i d0 = _mm512_add_epi32(acc[r][0], acc[r][2]);
-        const __m512i d1 = _mm512_add_epi32(acc[r][1], acc[r][3]);
-        const __m512 i0f = _mm512_fmadd_ps(z0, as, _mm512_cvtepi32_ps(d0));  // exact
-        const __m512 i1f = _mm512_fmadd_ps(z1, as, _mm512_cvtepi32_ps(d1));
+        const __m512 i0f = _mm512_fmadd_ps(z0, as, _mm512_cvtepi32_ps(acc[r][0]));  // exact
+        const __m512 i1f = _mm512_fmadd_ps(z1, as, _mm512_cvtepi32_ps(acc[r][1]));
         f[r][0] = _mm512_fmadd_ps(i0f, s0, f[r][0]);
         f[r][1] = _mm512_fmadd_ps(i1f, s1, f[r][1]);
       }
