@@ -112,7 +112,7 @@ inline void store_f(void* p, DType t, int64_t i, float v) {
 // in one fused multiply-add, exact: both terms and the result are integers
 // of magnitude below 15 * 127 * 128 < 2^24.
 struct Block {
-  const uint8_t* codes;  // [K / 8][2 panels][64 bytes]
+  const uint8_t* codes;  // k * Isa::kCodeBytes bytes, in the ISA's order
   const float* s;        // [groups][32]
   const float* nz;       // [groups][32]
   int64_t k, group;
@@ -127,7 +127,7 @@ void dynamic_blocked(const Act& a, const Weight& w, const float* bias, void* y, 
                      int64_t m0, int64_t m1, int64_t n0, int64_t n1, uint8_t* scratch) {
   const int64_t k = w.k, groups = k / w.group;
   uint8_t* codes = align64(scratch);
-  float* s = reinterpret_cast<float*>(codes + k * 16);
+  float* s = reinterpret_cast<float*>(codes + k * Isa::kCodeBytes);
   float* nz = s + groups * 32;
   const Block blk{codes, s, nz, k, w.group};
   int64_t chunk = (int64_t(256) << 10) / (k > 0 ? k : 1);

@@ -43,10 +43,11 @@ struct Kernels {
                   int64_t r1);
 };
 
-// Bytes of a thread's W4A8 scratch: two 16-channel panels of the weight, the
-// codes of each transposed to 16 x 4-byte lanes, and their scales.
+// Bytes of a thread's W4A8 scratch: a block of 32 output channels of the
+// weight decoded (at most a byte per code: k * 32), and its scales and zero
+// points as floats.
 inline int64_t scratch_bytes(int64_t k, int64_t group) {
-  return 2 * (k / 2 * 16 + 2 * (k / group) * 16 * 4) + 64;
+  return k * 32 + 2 * (k / group) * 32 * 4 + 64;
 }
 
 const Kernels* kernels_portable();
