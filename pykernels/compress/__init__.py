@@ -17,12 +17,15 @@ place, :mod:`pykernels.compress.walk`.
 
 from . import recipes
 from .api import compress
+from .auto import AutoReport, Budget
 from .io import load, read_manifest, save
 from .kinds import ModuleKind, count_params, register_kind
 from .recipes import Step, register_step
 from .report import CompressionReport, LayerRow
 
 __all__ = [
+    "AutoReport",
+    "Budget",
     "CompressionReport",
     "LayerRow",
     "ModuleKind",

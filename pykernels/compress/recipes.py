@@ -377,6 +377,18 @@ class _Narrowed:
 
 @register_step
 @dataclass
+class Keep(Step):
+    """Changes nothing: the recipe of a model kept as it is (what ``"auto"`` writes
+    when no step pays within its budget). ``"keep"``."""
+
+    name: ClassVar[str] = "keep"
+
+    def apply(self, ctx: Context) -> None:
+        return None
+
+
+@register_step
+@dataclass
 class Int8(Step):
     """Linear layers -> :class:`pykernels.nn.Int8Linear` (``mode``: ``"dynamic"`` W8A8
     or ``"weight_only"`` W8A16; ``act_bits=7``: the opt-in 7-bit activations,
@@ -757,6 +769,7 @@ __all__ = [
     "CP",
     "Cluster",
     "Int8",
+    "Keep",
     "LowRank",
     "PruneStructured",
     "Scoped",
