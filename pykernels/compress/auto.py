@@ -242,6 +242,9 @@ PRUNE_RATIOS = (0.25, 0.5)
 # Single-unit changes tried after the bisection (each one whole-model build and
 # held-out check).
 REFINE_TRIES = 8
+# Structured pruning ratios tried with recovery (Budget.recover_minutes), in order;
+# the first whose recovered model meets the budget is kept.
+RECOVER_RATIOS = (0.3,)
 
 Candidates = dict[Any, tuple[Any, ...]]
 
@@ -625,7 +628,7 @@ def compress_auto(
                         seed,
                         progress_bars,
                     )
-                recovered = base
+                recovered = base if prefix else None
                 selector = Selector(base, filter_fn, exclude)
             model_ = copy.deepcopy(base).eval()
             out = _search(
@@ -950,8 +953,8 @@ def _prune_and_recover(model, example_inputs, calib, held, ref_held, budget, see
     from .api import compress
 
     minutes = budget.recover_minutes
-    best = (model, "", None)
-    for ratio in (0.3,):
+    hist: dict[str, Any] = {}
+    for ratio in RECOVER_RATIOS:
         text = f"prune:{ratio:g}"
         pruned, _ = compress(model, text, example_inputs, progress=False)
         student, hist = recover(
@@ -964,8 +967,9 @@ def _prune_and_recover(model, example_inputs, calib, held, ref_held, budget, see
             return_history=True,
         )
         q = measure_quality(student.eval(), held, ref_held, budget)
+        hist["ratio"] = ratio
         hist["holdout_after"] = q
         if budget.meets(q):
-            best = (student, text, hist)
-            break
-    return best
+            return student, text, hist
+    # Not even the recovered model meets the budget: the search runs on the original.
+    return model, "", hist
