@@ -312,3 +312,22 @@ def test_auto_decoder_lm_from_config():
         m for m in out.modules() if isinstance(m, (Int8Linear, Int8Embedding, ClusteredLinear))
     ]
     assert changed
+
+
+def test_cli_compress_auto(tmp_path, capsys):
+    from pykernels.__main__ import main
+
+    path = tmp_path / "mlp.pt"
+    torch.save(_mlp(), path)
+    out = tmp_path / "auto.safetensors"
+    argv = ["compress", str(path), "--recipe", "auto", "--input-shape", "64,16"]
+    argv += ["--trust-pickle", "--out", str(out), "--quiet"]
+    assert main([*argv, "--budget", "cosine=0.99", "--minimize", "bytes"]) == 0
+    printed = capsys.readouterr().out
+    assert "auto: Budget(cosine>=0.99, minimize=bytes)" in printed
+    assert out.stat().st_size > 0
+    assert main([*argv, "--budget", "accuracy=0.9"]) == 2
+    assert "--budget" in capsys.readouterr().err
+    assert main(["compress", str(path), "--recipe", "int8", "--budget", "cosine=0.9",
+                 "--input-shape", "4,16", "--trust-pickle", "--out", str(out)]) == 2  # fmt: skip
+    assert "--budget is for --recipe auto" in capsys.readouterr().err
