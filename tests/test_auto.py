@@ -7,6 +7,7 @@ config."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -165,6 +166,9 @@ def test_auto_mlp_on_digits_latency_and_bytes(tmp_path):
         )
         _check(model, out, rep, example, held, 0.995)
         assert "search" in str(rep) and "AutoReport(" in repr(rep)
+        d = rep.to_dict()
+        assert d["recipe"] == rep.recipe and len(d["trials"]) == len(rep.trials)
+        json.dumps(d)
     # bytes: never larger than uniform int8 when that meets the budget as well
     int8, _ = pk.compress(model, "int8", example, progress=False)
     assert rep.total["bytes_after"] <= pk.nn.nbytes_of(int8)

@@ -351,6 +351,22 @@ class AutoReport(CompressionReport):
             f"trials={len(self.trials)}, search_seconds={self.search_seconds:.1f})"
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the report's fields plus the choices, candidates and trials (the
+        recovered model itself is left out)."""
+        from dataclasses import asdict
+
+        out = super().to_dict()
+        out["choices"] = [asdict(c) for c in self.choices]
+        out["candidates"] = [asdict(c) for c in self.candidates]
+        out["trials"] = [asdict(t) for t in self.trials]
+        out["holdout"] = dict(self.holdout)
+        out["budget"] = str(self.budget)
+        out["search_seconds"] = self.search_seconds
+        out["recipe_after_recovery"] = self.recipe_after_recovery
+        out["recovery"] = self.recovery
+        return out
+
     def pareto(self) -> list[Trial]:
         """The trials no other trial beats on both estimated cost and held-out error."""
         key = _trial_cost_key(self.budget)
