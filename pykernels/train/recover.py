@@ -118,7 +118,7 @@ def recover(
         holdout: batches the student's output cosine to the teacher is
             measured on, for early stopping and the best checkpoint (else the
             student at the end of the budget is returned).
-        lr: AdamW's peak learning rate; default 2e-4 for models over a million
+        lr: AdamW's peak learning rate; default 3e-4 for models over a million
             parameters, 1e-3 below.
         layerwise: match every hidden state too (default: when the two models'
             hidden states line up).
@@ -168,7 +168,7 @@ def recover(
     if not params:
         raise ValueError("recover: the student has no trainable parameters")
     if lr is None:
-        lr = 2e-4 if sum(p.numel() for p in params) > 1_000_000 else 1e-3
+        lr = 3e-4 if sum(p.numel() for p in params) > 1_000_000 else 1e-3
     first = iter(data)
     try:
         batch0 = next(first)
