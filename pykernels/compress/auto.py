@@ -242,6 +242,9 @@ PRUNE_RATIOS = (0.25, 0.5)
 # Single-unit changes tried after the bisection (each one whole-model build and
 # held-out check).
 REFINE_TRIES = 8
+# With minimize="latency", bytes (relative to the model's) count this much against
+# relative latency: a tie-breaker, not a trade.
+LATENCY_TIE_BYTES = 0.05
 # Structured pruning ratios tried with recovery (Budget.recover_minutes), in order;
 # the first whose recovered model meets the budget is kept.
 RECOVER_RATIOS = (0.3,)
@@ -821,6 +824,10 @@ def _search(
         pass
 
     w = budget.weights()
+    if w == {"latency": 1.0}:
+        # Bytes break ties: an int8 embedding table is as fast as a float one but a
+        # quarter of the size, and timing noise must not decide between them.
+        w["bytes"] = LATENCY_TIE_BYTES
     keep = {fqn: table[fqn][0] for fqn in order}
     lat0 = sum(fin(c.latency_ms) for c in keep.values()) or 1.0
     bytes0 = nbytes_of(model) or 1
