@@ -13,7 +13,7 @@ from . import backends, comm, distill, nn, ops, qat, schedules
 # `pk.compress` is the function; the package stays importable by name
 # (`from pykernels.compress import ...`), and the function carries the package's
 # public names (`pk.compress.read_manifest`).
-from .compress import CompressionReport, compress, load, recipes, save
+from .compress import Budget, CompressionReport, compress, load, recipes, save
 from .info import info, version
 from .nn import factorize, quantize_int8, sparsify
 from .ops.sparse import prune
@@ -48,6 +48,7 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "Budget",
     "CompressionReport",
     "backends",
     "comm",

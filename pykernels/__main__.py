@@ -115,11 +115,30 @@ def _require(module: str, extra: str, what: str) -> Any:
 def _check_compress_args(args: argparse.Namespace) -> None:
     """Every check that needs no model, so that a typo costs no model load."""
     from .compress import recipes
+    from .compress.auto import Budget
 
-    try:
-        recipes.parse(args.recipe)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--recipe: {one_line(e)}") from None
+    if args.recipe.strip().lower() == "auto":
+        try:
+            budget = Budget.parse(args.budget or "cosine=0.99")
+            minimize = args.minimize
+            if minimize not in ("latency", "bytes"):
+                weights = dict(kv.split("=") for kv in minimize.split(","))
+                minimize = {k.strip(): float(v) for k, v in weights.items()}
+            args.budget = Budget(
+                cosine=budget.cosine,
+                rel_error=budget.rel_error,
+                minimize=minimize,
+                recover_minutes=budget.recover_minutes,
+            )
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--budget/--minimize: {one_line(e)}") from None
+    else:
+        if args.budget is not None:
+            raise UsageError("--budget is for --recipe auto")
+        try:
+            recipes.parse(args.recipe)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--recipe: {one_line(e)}") from None
     if os.path.isdir(args.path):
         if not os.path.isfile(os.path.join(args.path, "config.json")):
             raise UsageError(f"{args.path} has no config.json: not a Hugging Face model directory")
@@ -211,17 +230,38 @@ def _given_example(args: argparse.Namespace) -> Any:
     return None
 
 
-def _tokenized_example(tokenizer: Any) -> Any:
+def _tokenized_example(tokenizer: Any, n: int = 8, skip: int = 0) -> Any:
     if tokenizer is None:
         raise UsageError(
             "give --example FILE (a torch.save'd tensor, tuple or dict) or --input-shape"
         )
     from .compress.demo import corpus, passages
 
-    texts = passages(corpus(), tokenizer, 8, 128)
+    texts = passages(corpus(), tokenizer, skip + n, 128)[skip:]
     return dict(
         tokenizer(texts, truncation=True, padding=True, max_length=128, return_tensors="pt")
     )
+
+
+def _auto_batches(args: argparse.Namespace, tokenizer: Any, example: Any) -> tuple[list, list]:
+    """Calibration and held-out batches for --recipe auto: other passages of the demo's
+    English sentences for a tokenizer's model, else random inputs shaped like the
+    example (a tensor, or a tuple/dict of tensors)."""
+    import torch
+
+    if tokenizer is not None and args.example is None and args.input_shape is None:
+        texts = _tokenized_example(tokenizer, 16, 8)
+        half = {k: v[:8] for k, v in texts.items()}
+        rest = {k: v[8:] for k, v in texts.items()}
+        return [half], [rest]
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        raise UsageError(
+            "--recipe auto on a non-text model needs a float tensor example (--input-shape or "
+            "--example): its calibration and held-out batches are random inputs of that shape"
+        )
+    g = torch.Generator().manual_seed(0)
+    make = lambda: torch.randn(example.shape, generator=g, dtype=example.dtype)  # noqa: E731
+    return [make(), make()], [make(), make()]
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -237,8 +277,12 @@ def _compress(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args)
     if example is None:
         example = _tokenized_example(tokenizer)
+    kwargs: dict[str, Any] = {}
+    if args.recipe.strip().lower() == "auto":
+        calibration, holdout = _auto_batches(args, tokenizer, example)
+        kwargs = {"budget": args.budget, "calibration": calibration, "holdout": holdout}
     try:
-        model_c, report = compress(model, args.recipe, example, progress=not args.quiet)
+        model_c, report = compress(model, args.recipe, example, progress=not args.quiet, **kwargs)
     except ValueError as e:  # pk.compress's errors about what it was given
         raise UsageError(one_line(e)) from None
     print(report)
@@ -256,7 +300,21 @@ def _add_compress_parser(sub: Any) -> None:
         "path",
         help="a Hugging Face model directory, or a torch.save'd nn.Module (needs --trust-pickle)",
     )
-    p.add_argument("--recipe", required=True, help="e.g. 'int8' or 'prune:0.3+int8'")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        help="e.g. 'int8', 'prune:0.3+int8', 'int8@encoder.layer.0', or 'auto' (with --budget)",
+    )
+    p.add_argument(
+        "--budget",
+        help="for --recipe auto: cosine=0.99 and/or rel_error=X, recover_minutes=M "
+        "(default cosine=0.99), checked on held-out passages",
+    )
+    p.add_argument(
+        "--minimize",
+        default="latency",
+        help="for --recipe auto: latency, bytes, or weights like latency=1,bytes=0.5",
+    )
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--example", help="a torch.save'd example input (tensor, tuple or dict)")

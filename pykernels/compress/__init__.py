@@ -17,6 +17,7 @@ place, :mod:`pykernels.compress.walk`.
 
 from . import recipes
 from .api import compress
+from .auto import AutoReport, Budget
 from .calibrate import steps as _calibrate_steps  # noqa: F401 - registers awq, smoothquant
 from .io import load, read_manifest, save
 from .kinds import ModuleKind, count_params, register_kind
@@ -24,6 +25,8 @@ from .recipes import Step, register_step
 from .report import CompressionReport, LayerRow
 
 __all__ = [
+    "AutoReport",
+    "Budget",
     "CompressionReport",
     "LayerRow",
     "ModuleKind",

@@ -74,7 +74,9 @@ def compress(
     exclude: list[str] | None = None,
     inplace: bool = False,
     progress: bool = True,
+    budget: Any = None,
     calibration: Any = None,
+    holdout: Any = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compresses ``model`` by ``recipe`` and measures what that cost.
 
@@ -94,12 +96,21 @@ def compress(
         inplace: compress ``model`` itself; otherwise a deep copy, and ``model``
             is never changed.
         progress: tqdm progress bars on anything that takes more than a second.
+        budget: for ``recipe="auto"`` only: a :class:`pykernels.Budget` (a floor on
+            output fidelity on the held-out batches, and what to minimize); the
+            auto recipe picks a step per layer to meet it
+            (:mod:`pykernels.compress.auto`) and returns an
+            :class:`~pykernels.compress.auto.AutoReport`.
         calibration: batches of inputs (each as ``example_inputs`` is given: a
             tensor, a tuple or a dict; a list, a DataLoader or any iterable of
             them, read once; one tensor or dict is one batch) for the steps that
             read activations: ``int8:gptq``, ``int4:gptq``, ``cluster:16:gptq``,
-            ``awq``, ``smoothquant``. Those steps refuse to run without it. See
-            :mod:`pykernels.compress.calibrate`.
+            ``awq``, ``smoothquant`` (they refuse to run without it; see
+            :mod:`pykernels.compress.calibrate`), and for ``auto``, which
+            measures each layer's sensitivity on them.
+        holdout: an iterable of batches shaped like ``example_inputs`` that
+            ``auto`` checks the budget on (default: the second half of
+            ``calibration``).
 
     Returns:
         ``(compressed_model, report)``: the model with each submodule in the
@@ -109,6 +120,31 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(recipe, str) and recipe.strip().lower() == "auto":
+        from .auto import compress_auto
+
+        if budget is None:
+            raise ValueError(
+                'compress: recipe "auto" needs budget=pk.Budget(cosine=..., rel_error=... or '
+                "metric=(fn, floor))"
+            )
+        if inplace:
+            raise ValueError('compress: recipe "auto" does not compress in place')
+        if not isinstance(progress, bool):
+            raise TypeError("compress: inplace and progress must be bool")
+        check_example_inputs(example_inputs)
+        return compress_auto(
+            model,
+            example_inputs,
+            budget=budget,
+            calibration=calibration,
+            holdout=holdout,
+            filter_fn=filter_fn,
+            exclude=exclude,
+            progress_bars=progress,
+        )
+    if budget is not None or holdout is not None:
+        raise ValueError('compress: budget= and holdout= are for recipe "auto"')
     steps = recipes.parse(recipe)
     check_example_inputs(example_inputs)
     batches = check_calibration(calibration)

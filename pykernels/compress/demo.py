@@ -37,7 +37,10 @@ DEMO_RECIPES = (
     "prune:0.3+int8",
     "prune:0.3:taylor+int8",
     "sparse:0.5",
+    "auto",
 )
+# "auto": pk.compress(model, "auto", ...) to pk.Budget(cosine=--budget) on held-out
+# passages (pykernels.compress.auto), the row a user who knows no recipe gets.
 
 # The decoder section (--decoder): the recipes a decoder LM is compressed with;
 # those whose step this build lacks (int4 before its branch lands) are left out.
@@ -374,6 +377,8 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 
     chosen = list(args.recipe or DEMO_RECIPES)
     for recipe in chosen:
+        if recipe == "auto":
+            continue
         try:
             recipe_parser.parse(recipe)
         except (ValueError, TypeError) as e:
@@ -413,7 +418,8 @@ def demo(args: argparse.Namespace) -> int:
     fp32 = transformers.AutoModel.from_pretrained(path).eval()
 
     sentences = corpus()
-    texts = passages(sentences, tok, 32 + args.calib, args.tokens)
+    auto = "auto" in chosen
+    texts = passages(sentences, tok, 32 + args.calib + (8 if auto else 0), args.tokens)
 
     def encode(t: list[str], length: int | None = None) -> dict[str, Tensor]:
         pad = "max_length" if length else True
@@ -422,7 +428,11 @@ def demo(args: argparse.Namespace) -> int:
         )
 
     timing_batch = encode(texts[:32], args.tokens)
-    calib = encode(texts[32:], args.tokens)
+    calib = encode(texts[32 : 32 + args.calib], args.tokens)
+    # auto: 2 calibration and 2 held-out batches of 2 passages, none of them timed
+    extra = texts[32 + args.calib :]
+    auto_cal = [encode(extra[i : i + 2], args.tokens) for i in (0, 2)]
+    auto_held = [encode(extra[i : i + 2], args.tokens) for i in (4, 6)]
     step = max(1, len(sentences) // args.sentences)
     quality = sorted(sentences[::step][: args.sentences], key=len)
     qbatches = [encode(quality[i : i + 32]) for i in range(0, len(quality), 32)]
@@ -456,7 +466,17 @@ def demo(args: argparse.Namespace) -> int:
         for recipe in chosen:
             b.set_postfix_str(recipe)
             t0 = time.perf_counter()
-            models[recipe], reports[recipe] = compress(fp32, recipe, calib, progress=not args.quiet)
+            kw: dict[str, Any] = {}
+            if recipe == "auto":
+                from .auto import Budget
+
+                budget = Budget(cosine=args.budget)
+                kw = {"budget": budget, "calibration": auto_cal, "holdout": auto_held}
+            models[recipe], reports[recipe] = compress(
+                fp32, recipe, calib, progress=not args.quiet, **kw
+            )
+            if recipe == "auto":
+                b.write(f"  auto chose {reports[recipe].recipe}", file=sys.stdout)
             b.write(f"  compressed {recipe} in {time.perf_counter() - t0:.1f} s", file=sys.stdout)
             b.update()
 
@@ -706,6 +726,12 @@ def add_parsers(sub: Any) -> None:
         "--sentences", type=positive_int, default=96, help="sentences for the quality metrics"
     )
     p.add_argument("--calib", type=positive_int, default=4, help="passages given to compress")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.99,
+        help="the auto row's floor on token-level output cosine on held-out passages",
+    )
     p.add_argument("--report", metavar="RECIPE", help="also print this recipe's full report")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")

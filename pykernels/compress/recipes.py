@@ -1,17 +1,32 @@
-"""Recipe steps for :func:`pykernels.compress`, and the string shortcuts for them.
+r"""Recipe steps for :func:`pykernels.compress`, and the string shortcuts for them.
 
 A recipe is a list of steps applied in order, or the same steps as one string
 joined by ``+``: ``"prune:0.3+int8"``. Each step is a :class:`Step` subclass
 registered under a short name with :func:`register_step`; its string form is
 ``name[:arg[:arg...]]``, each argument positional or ``key=value``
-(``"prune:0.3:importance=taylor:round_to=16"``). A module outside this one
-adds a step by subclassing :class:`Step` and registering it; :meth:`Step.spec`
-is what the saved manifest records, and :meth:`Step.from_spec` reads it back.
+(``"prune:0.3:importance=taylor:round_to=16"``).
+
+A step may be limited to some layers by a selector after ``@``:
+``step@item[,item...]`` applies the step only to the modules an item names,
+``step@!item[,item...]`` to every module but those. An item is a fully
+qualified module name (the module and everything under it, as ``exclude``
+takes it) or ``re:<regex>`` (matched from the start of the name, as
+``exclude``'s patterns). The selector runs to the next ``+``, so a regex in a
+recipe string cannot hold ``+`` (write ``{1,}``) or ``,``. Selectors narrow
+what the caller's ``filter_fn`` / ``exclude`` accept, never widen it:
+``"int8@encoder.layer.0,encoder.layer.1+sparse:0.9@re:encoder\.layer\.[2-5]\.output"``.
+This is how :func:`pykernels.compress` with ``"auto"`` writes its per-layer
+choices (``report.recipe``).
+
+A module outside this one adds a step by subclassing :class:`Step` and
+registering it; :meth:`Step.spec` is what the saved manifest records, and
+:meth:`Step.from_spec` reads it back.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -38,6 +53,7 @@ def register_step(cls: type[Step]) -> type[Step]:
 
 
 def step_names() -> list[str]:
+    """The registered step names (``"int8"``, ``"sparse"``, ...), sorted."""
     return sorted(_STEPS)
 
 
@@ -188,7 +204,7 @@ def parse(recipe: Any) -> list[Step]:
     if isinstance(recipe, str):
         if not recipe.strip():
             raise ValueError(f"recipe is empty; valid steps: {', '.join(step_names())}")
-        return [_parse_one(part.strip(), recipe) for part in recipe.split("+")]
+        return [_parse_scoped(part.strip(), recipe) for part in recipe.split("+")]
     if isinstance(recipe, (list, tuple)):
         if not recipe:
             raise ValueError(f"recipe is empty; valid steps: {', '.join(step_names())}")
@@ -210,6 +226,22 @@ def parse(recipe: Any) -> list[Step]:
     )
 
 
+def _parse_scoped(text: str, whole: str) -> Step:
+    """One ``+``-separated part: a step, with its ``@`` selector when it has one."""
+    text, at, select = text.partition("@")
+    step = _parse_one(text.strip(), whole)
+    if not at:
+        return step
+    negate = select.startswith("!")
+    items = [i.strip() for i in select.removeprefix("!").split(",")]
+    if not all(items):
+        raise ValueError(
+            f"recipe step {text + at + select!r}: the selector after '@' has an empty item "
+            "(write step@name[,name...], step@!name or step@re:<regex>)"
+        )
+    return Scoped(step, tuple(items), negate)
+
+
 def _parse_one(text: str, whole: str) -> Step:
     if not text:
         raise ValueError(
@@ -229,8 +261,16 @@ def _parse_one(text: str, whole: str) -> Step:
 
 def from_specs(specs: list[dict[str, Any]]) -> list[Step]:
     """The steps a saved manifest recorded (unknown names raise ValueError)."""
-    out = []
+    out: list[Step] = []
     for spec in specs:
+        if isinstance(spec, dict) and "select" in spec:
+            rest = {k: v for k, v in spec.items() if k not in ("select", "negate")}
+            select = spec["select"]
+            if not isinstance(select, list) or not all(isinstance(i, str) for i in select):
+                raise ValueError(f"recipe step {spec!r}: select must be a list of names")
+            inner = from_specs([rest])[0]
+            out.append(Scoped(inner, tuple(select), bool(spec.get("negate", False))))
+            continue
         cls = _STEPS.get(spec.get("step")) if isinstance(spec, dict) else None
         if cls is None:
             raise ValueError(
@@ -255,7 +295,112 @@ def _gptq_str(step: Any) -> str:
     return s + (f":damp={_num(step.damp)}" if step.damp != 0.01 else "")
 
 
+class Scoped(Step):
+    """``step@selector``: ``step`` applied only to the modules ``select`` names (or, with
+    ``negate``, to all but those). ``select`` items are fully qualified names (the
+    module and everything under it) or ``"re:<regex>"`` patterns matched from the
+    start of a name. Built by :func:`parse` from ``"int8@encoder.layer.0"``; it
+    narrows, never widens, the caller's ``filter_fn`` / ``exclude``."""
+
+    def __init__(self, step: Step, select: tuple[str, ...], negate: bool = False) -> None:
+        if not isinstance(step, Step) or isinstance(step, Scoped):
+            raise TypeError(f"Scoped: step must be a (non-scoped) Step, got {step!r}")
+        if (
+            isinstance(select, str)
+            or not select
+            or not all(isinstance(i, str) and i for i in select)
+        ):
+            raise ValueError(
+                f"Scoped: select must be non-empty names or 're:' patterns, got {select!r}"
+            )
+        self.step, self.select, self.negate = step, tuple(select), bool(negate)
+        self.patterns = []
+        for item in self.select:
+            if item.startswith("re:"):
+                try:
+                    self.patterns.append(re.compile(item[3:]))
+                except re.error as e:
+                    raise ValueError(f"selector {item!r} is not a regex: {e}") from None
+        self.names = tuple(i for i in self.select if not i.startswith("re:"))
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.step.name
+
+    def matches(self, fqn: str) -> bool:
+        """Whether the selector names ``fqn`` (before ``negate``)."""
+        if any(fqn == n or fqn.startswith(n + ".") for n in self.names):
+            return True
+        return any(p.match(fqn) for p in self.patterns)
+
+    def apply(self, ctx: Context) -> None:
+        known = {fqn for fqn, _ in ctx.model.named_modules()}
+        missing = [n for n in self.names if n not in known]
+        if missing:
+            raise ValueError(
+                f"recipe step {str(self)!r}: {missing[0]!r} is no module of the model "
+                "(use 're:' for a pattern)"
+            )
+        base = ctx.accept
+        ctx.accept = _Narrowed(base, self)
+        try:
+            self.step.apply(ctx)
+        finally:
+            ctx.accept = base
+
+    def unfit(self, module: nn.Module) -> str | None:
+        return self.step.unfit(module)
+
+    def spec(self) -> dict[str, Any]:
+        out = {**self.step.spec(), "select": list(self.select)}
+        if self.negate:
+            out["negate"] = True
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.step}@{'!' if self.negate else ''}{','.join(self.select)}"
+
+    def __repr__(self) -> str:
+        return f"Scoped({self.step!r}, select={self.select!r}, negate={self.negate})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scoped) and (self.step, self.select, self.negate) == (
+            other.step,
+            other.select,
+            other.negate,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Narrowed:
+    """The caller's selector, further limited to what a :class:`Scoped` step names."""
+
+    def __init__(self, base: Any, scoped: Scoped) -> None:
+        self.base, self.scoped = base, scoped
+
+    def excluded(self, fqn: str) -> bool:
+        return self.base.excluded(fqn) or self.scoped.matches(fqn) == self.scoped.negate
+
+    def __call__(self, module: nn.Module, fqn: str) -> bool:
+        if self.scoped.matches(fqn) == self.scoped.negate:
+            return False
+        return self.base(module, fqn)
+
+
 # --- the steps -----------------------------------------------------------------
+
+
+@register_step
+@dataclass
+class Keep(Step):
+    """Changes nothing: the recipe of a model kept as it is (what ``"auto"`` writes
+    when no step pays within its budget). ``"keep"``."""
+
+    name: ClassVar[str] = "keep"
+
+    def apply(self, ctx: Context) -> None:
+        return None
 
 
 @register_step
@@ -821,8 +966,10 @@ __all__ = [
     "Cluster",
     "Int4",
     "Int8",
+    "Keep",
     "LowRank",
     "PruneStructured",
+    "Scoped",
     "Sparse",
     "Step",
     "Tucker",

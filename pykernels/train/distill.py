@@ -307,3 +307,10 @@ def fit(
         restore_training_flags(student, student_flags)
         restore_training_flags(teacher, teacher_flags)
     return history
+
+
+# pk.distill.recover: time-budgeted recovery (layer-wise matching, early stop on a
+# held-out set). Imported last: it builds on this module's batch helpers.
+from .recover import recover  # noqa: E402
+
+__all__ += ["recover"]
