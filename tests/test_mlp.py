@@ -81,7 +81,7 @@ def test_state_dict_save_load_and_move(tmp_path, gen):
     assert torch.equal(back(x), fused(x))
     model = nn.Sequential(GatedMLP(bias=True)).eval()
     model[0].load_state_dict(mlp.state_dict())
-    mc, _ = pk.compress(model, "int8", (x,), progress=False)
+    mc, _ = pk.compress(model, "int8:gated=True", (x,), progress=False)
     assert isinstance(mc[0], pk.nn.Int8GatedMLP)
     pk.save(mc, tmp_path / "m")
     loaded = pk.load(tmp_path / "m", nn.Sequential(GatedMLP(bias=True)))
@@ -106,7 +106,7 @@ def test_compress_llama_fuses_and_generates(tmp_path):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 300, (2, 12))
-    mc, _ = pk.compress(model, "int8", (ids,), progress=False)
+    mc, _ = pk.compress(model, "int8:gated=True", (ids,), progress=False)
     assert all(isinstance(layer.mlp, pk.nn.Int8GatedMLP) for layer in mc.model.layers)
     with torch.no_grad():
         assert _cos(mc(ids).logits, model(ids).logits) > 0.999
@@ -122,5 +122,6 @@ def test_compress_llama_fuses_and_generates(tmp_path):
     back = pk.load(tmp_path / "llama", transformers.LlamaForCausalLM(cfg).eval())
     with torch.no_grad():
         assert torch.equal(back(ids).logits, mc(ids).logits)
-    unfused, _ = pk.compress(model, "int8:fuse=False", (ids,), progress=False)
-    assert isinstance(unfused.model.layers[0].mlp.gate_proj, pk.nn.Int8Linear)
+    for recipe in ("int8", "int8:gated=True:fuse=False"):  # the default keeps per-Linear
+        unfused, _ = pk.compress(model, recipe, (ids,), progress=False)
+        assert isinstance(unfused.model.layers[0].mlp.gate_proj, pk.nn.Int8Linear)

@@ -416,17 +416,21 @@ class Int8(Step):
     ``nn.TransformerEncoderLayer``) becomes one :class:`pykernels.nn.EncoderBlock`
     (fused QKV, pykernels' attention, activation and residual adds in the int8
     GEMMs' epilogues) when a float copy of the fused block reproduces the
-    layer, and each gated MLP (Llama-style ``down(act(gate(x)) * up(x))``, found
-    by structure and checked on a probe) becomes one
+    layer; ``fuse=False`` keeps the per-Linear path everywhere. ``gated=True``
+    (opt-in) also makes each gated MLP (Llama-style ``down(act(gate(x)) *
+    up(x))``, found by structure and checked on a probe) one
     :class:`pykernels.nn.Int8GatedMLP` (gate and up in one GEMM, the product in
-    its epilogue); ``fuse=False`` keeps the per-Linear path everywhere.
+    its epilogue): measured 0.88-1.04x the three separate Int8Linears on Zen 5
+    (slower at decode sizes), so not the default (benchmarks/RESULTS.md).
 
-    ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``, ``"int8:fuse=False"``."""
+    ``"int8"``, ``"int8:weight_only"``, ``"int8:act_bits=7"``, ``"int8:fuse=False"``,
+    ``"int8:gated=True"``."""
 
     mode: str = "dynamic"
     embeddings: bool = True
     act_bits: int = 8
     fuse: bool = True
+    gated: bool = False
     gptq: bool = False
     act_order: bool = False
     damp: float = 0.01
@@ -440,7 +444,10 @@ class Int8(Step):
         return super().from_args(gptq_args(args), text)
 
     def spec(self) -> dict[str, Any]:
-        return _drop_gptq(super().spec())
+        out = _drop_gptq(super().spec())
+        if not out.get("gated"):  # manifests from before the option stay as they were
+            out.pop("gated", None)
+        return out
 
     def __str__(self) -> str:
         s = super().__str__()
@@ -459,6 +466,8 @@ class Int8(Step):
             raise ValueError(f"embeddings must be a bool, got {self.embeddings!r}")
         if not isinstance(self.fuse, bool):
             raise ValueError(f"fuse must be a bool, got {self.fuse!r}")
+        if not isinstance(self.gated, bool):
+            raise ValueError(f"gated must be a bool, got {self.gated!r}")
         from .calibrate import gptq_options
 
         gptq_options(self)
@@ -477,7 +486,8 @@ class Int8(Step):
                 fused = fuse_encoder_block(layer, act_bits=self.act_bits)
                 if not isinstance(fused, str):
                     ctx.replace(fqn, fused)
-            for fqn, mlp in ctx.progress(ctx.gated_mlps(), "int8 gated MLPs"):
+            gated = ctx.gated_mlps() if self.gated else []
+            for fqn, mlp in ctx.progress(gated, "int8 gated MLPs"):
                 fused = fuse_gated_mlp(mlp, act_bits=self.act_bits)
                 if not isinstance(fused, str):
                     ctx.replace(fqn, fused)
