@@ -431,8 +431,8 @@ def demo(args: argparse.Namespace) -> int:
     calib = encode(texts[32 : 32 + args.calib], args.tokens)
     # auto: 2 calibration and 2 held-out batches of 2 passages, none of them timed
     extra = texts[32 + args.calib :]
-    auto_cal = [encode(extra[i : i + 2], args.tokens) for i in (0, 2)]
-    auto_held = [encode(extra[i : i + 2], args.tokens) for i in (4, 6)]
+    auto_cal = [encode(extra[i : i + 2], args.tokens) for i in (0, 2)] if auto else []
+    auto_held = [encode(extra[i : i + 2], args.tokens) for i in (4, 6)] if auto else []
     step = max(1, len(sentences) // args.sentences)
     quality = sorted(sentences[::step][: args.sentences], key=len)
     qbatches = [encode(quality[i : i + 32]) for i in range(0, len(quality), 32)]
