@@ -1143,6 +1143,15 @@ def _gated_native(x, packed, comp, w_scale, bias, n, act_bits, activation):
     return out
 
 
+def _gated_product(y: Tensor, n: int, activation: str) -> Tensor:
+    """``act(gate) * up`` in float32 from the interleaved linear's ``[M, gated_rows(n)]``
+    output (blocks of 32 gate columns, then the 32 up columns of the same outputs)."""
+    y = y.float().view(y.shape[0], -1, 2, GATE_BLOCK)
+    gate = y[:, :, 0].reshape(y.shape[0], -1)[:, :n]
+    up = y[:, :, 1].reshape(y.shape[0], -1)[:, :n]
+    return apply_epilogue(gate, activation, None) * up
+
+
 def _gated_any(x, packed, comp, w_scale, bias, n, act_bits, activation):
     """The unfused gated linear: the interleaved linear on the chosen linear backend,
     then gate and up split apart, the activation and the product in float32."""
@@ -1152,10 +1161,7 @@ def _gated_any(x, packed, comp, w_scale, bias, n, act_bits, activation):
         return _layout.int8_unpack_weight(packed, rows, k)
 
     y = _run_linear("int8_linear", x, lambda: (packed, comp), unpack, w_scale, bias, act_bits)
-    y = y.float().view(x.shape[0], -1, 2, GATE_BLOCK)
-    gate = y[:, :, 0].reshape(x.shape[0], -1)[:, :n]
-    up = y[:, :, 1].reshape(x.shape[0], -1)[:, :n]
-    return apply_epilogue(gate, activation, None) * up
+    return _gated_product(y, n, activation)
 
 
 backends.register("int8", "linear_gated", native_cpu=_gated_native, any=_gated_any)
@@ -1216,10 +1222,8 @@ def int8_linear_gated(
     x2, lead, done = _rows(x, rows, k, bias32)
     if done is not None:
         if k == 0 and x2.shape[0]:  # an empty sum: the biases alone
-            y = done.reshape(-1, rows).float().view(-1, rows // (2 * GATE_BLOCK), 2, GATE_BLOCK)
-            g = y[:, :, 0].reshape(y.shape[0], -1)[:, :n]
-            u = y[:, :, 1].reshape(y.shape[0], -1)[:, :n]
-            return (apply_epilogue(g, activation, None) * u).to(x.dtype).view(*lead, n)
+            y = _gated_product(done.reshape(-1, rows), n, activation)
+            return y.to(x.dtype).view(*lead, n)
         return x.new_zeros(*lead, n)
     op = _gated_op if backends.skip_dispatcher(x2) else torch.ops.pykernels.int8_linear_gated
     y = op(x2, w.packed, w.comp, w.w_scale, bias32, n, act_bits, activation)
