@@ -151,7 +151,11 @@ def greedy_consistent(
     logit within ``atol`` of the largest at its position. :func:`greedy_no_cache`'s
     test without its flakiness: a float kernel may round a row differently at another
     batch of rows, and on a near-tie (random weights give flat logits) pick the other
-    token, after which the two sequences part for good."""
+    token, after which the two sequences part for good.
+
+    The model's end-of-sequence token is left out of the comparison: every
+    caller here generates with ``min_new_tokens=n``, under which ``generate``
+    never picks it (on random weights it is now and then the raw argmax)."""
     if not isinstance(input_ids, Tensor) or not isinstance(new_tokens, Tensor):
         raise TypeError("greedy_consistent: input_ids and new_tokens must be Tensors")
     if new_tokens.dim() != 2 or new_tokens.shape[0] != input_ids.shape[0]:
@@ -165,6 +169,9 @@ def greedy_consistent(
     seq = torch.cat([input_ids, new_tokens], dim=1)
     with torch.no_grad():
         logits = model(input_ids=seq, use_cache=False).logits[:, -n - 1 : -1].float()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for t in [] if eos is None else [eos] if isinstance(eos, int) else eos:
+        logits[..., t] = -torch.inf
     chosen = logits.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
     return bool((chosen >= logits.amax(-1) - atol).all())
 
