@@ -291,7 +291,7 @@ def test_opcheck(gen):
     torch.library.opcheck(ops.int4_quantize_weight.default, (torch.randn(5, 64), 32, False))
     torch.library.opcheck(ops.int4_quantize_weight.default, (torch.randn(5, 64), 64, True))
     torch.library.opcheck(ops.int4_dequantize_weight.default, (p, s, z, 32))
-    for mode in ("weight_only", "dynamic"):
+    for mode in ("weight_only", "dynamic", "auto"):
         torch.library.opcheck(ops.int4_linear.default, (x, p, s, z, 32, b, mode))
     xg = x.clone().requires_grad_()
     torch.library.opcheck(ops.int4_linear.default, (xg, p, s, z, 32, b, "weight_only"))
@@ -375,6 +375,31 @@ def test_every_isa_dynamic_sums_are_exact(cpu_isa, gen):
     isum, xs = ref.group_sums(a, p, z, g)
     assert bool((xs == 1).all())
     assert torch.equal(y.double(), isum.sum(dim=2).double())
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 40])
+def test_auto_mode_runs_weight_only_at_decode_sizes(backend, m, gen):
+    """mode="auto" gives exactly the numerics of weight-only up to
+    AUTO_WEIGHT_ONLY_ROWS rows of x (leading dimensions together) and of W4A8
+    above, on every backend; backward refuses (it is W4A8 at larger batches)."""
+    from pykernels.ops.int4 import AUTO_WEIGHT_ONLY_ROWS, resolve_mode
+
+    k, n, g = 256, 37, 64
+    p, s, z = quantized(n, k, g, gen)
+    x = torch.randn(m, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    want = "weight_only" if m <= AUTO_WEIGHT_ONLY_ROWS else "dynamic"
+    assert resolve_mode("auto", m) == want and resolve_mode("dynamic", 1) == "dynamic"
+    y = pk.ops.int4_linear(x.view(1, m, k), p, s, z, g, b, "auto")
+    assert torch.equal(y.view(m, n), pk.ops.int4_linear(x, p, s, z, g, b, want))
+    assert_close(
+        y.view(m, n), reference(want, x, p, s, z, g, b), magnitude(want, x, p, s, z, g, b), k
+    )
+    with pytest.raises(RuntimeError, match="inference-only"):
+        xg = x.clone().requires_grad_()
+        pk.ops.int4_linear(xg, p, s, z, g, b, "auto").sum().backward()
+    with pytest.raises(ValueError, match="mode"):
+        pk.ops.int4_linear(x, p, s, z, g, b, "fast")
 
 
 def test_native_kernel_refuses_bad_zeros_itself(gen):

@@ -11,8 +11,9 @@ from torch import nn
 import pykernels as pk
 from pykernels.backends.reference import int4 as ref
 from pykernels.compress import recipes
+from pykernels.ops.int4 import resolve_mode
 
-MODES = ["dynamic", "weight_only"]
+MODES = ["dynamic", "weight_only", "auto"]
 
 
 def linear(k, n, gen, bias=True):
@@ -43,7 +44,8 @@ def test_from_linear(mode, symmetric, g, gen):
     assert torch.equal(q.packed, torch.from_numpy(p)) and torch.equal(q.scales, torch.from_numpy(s))
     assert torch.equal(q.zeros, torch.from_numpy(z))
     b = None if lin.bias is None else lin.bias.detach()
-    f = ref.linear_weight_only if mode == "weight_only" else ref.linear_dynamic
+    # auto: 15 rows run W4A8 (more than AUTO_WEIGHT_ONLY_ROWS)
+    f = ref.linear_weight_only if resolve_mode(mode, 15) == "weight_only" else ref.linear_dynamic
     torch.testing.assert_close(
         y,
         f(x.reshape(15, 256), q.packed, q.scales, q.zeros, g, b).view(3, 5, 70),
@@ -140,11 +142,12 @@ def test_weight_only_layer_trains_an_adapter(gen):
 @pytest.mark.parametrize(
     "text, fields, again",
     [
-        ("int4", (128, False, "dynamic", False), "int4:g128"),
-        ("int4:g128", (128, False, "dynamic", False), "int4:g128"),
-        ("int4:g64:sym", (64, True, "dynamic", False), "int4:g64:sym"),
+        ("int4", (128, False, "auto", False), "int4:g128"),
+        ("int4:g128", (128, False, "auto", False), "int4:g128"),
+        ("int4:g128:dynamic", (128, False, "dynamic", False), "int4:g128:dynamic"),
+        ("int4:g64:sym", (64, True, "auto", False), "int4:g64:sym"),
         ("int4:g128:weight_only", (128, False, "weight_only", False), "int4:g128:weight_only"),
-        ("int4:g32:asym:gptq", (32, False, "dynamic", True), "int4:g32:gptq"),
+        ("int4:g32:asym:gptq", (32, False, "auto", True), "int4:g32:gptq"),
         ("int4:group_size=64:mode=weight_only", (64, False, "weight_only", False), None),
     ],
 )

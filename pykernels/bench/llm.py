@@ -15,7 +15,8 @@ Rows (each a whole model, greedy, batch 1):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on bf16 activations, group 128,
   asymmetric: :class:`AtenInt4Linear`, the peer a torch user has without torchao;
 - ``pk int8`` (dynamic W8A8), ``pk int8 weight_only`` (W8A16) and, where the
-  ``int4`` step exists, ``pk int4`` and ``pk int4 weight_only`` (g128): ``pk``'s
+  ``int4`` step exists, ``pk int4`` (mode ``auto``: weight-only at decode, W4A8 at prefill)
+  and ``pk int4 weight_only`` (g128): ``pk``'s
   recipes on the fp32 model, lm_head included, as ``pk.compress`` does.
 
 Cases: ``prefill 1x128`` (one forward over a 128-token prompt, logits of the last

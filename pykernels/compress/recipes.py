@@ -533,8 +533,10 @@ def register_int4_quantizer(option: str, fn: Int4Quantizer) -> None:
 @dataclass
 class Int4(Step):
     """Linear layers -> :class:`pykernels.nn.Int4Linear`: group-wise 4-bit weights
-    (``group_size`` 32, 64 or 128; ``symmetric`` or not; ``mode`` ``"dynamic"``
-    W4A8 or ``"weight_only"`` W4A16), round-to-nearest, or calibrated by GPTQ with
+    (``group_size`` 32, 64 or 128; ``symmetric`` or not; ``mode`` ``"auto"``
+    (the default: weight-only at decode sizes, W4A8 above; see
+    :func:`pykernels.ops.int4_linear`), ``"dynamic"`` W4A8 or ``"weight_only"``
+    W4A16), round-to-nearest, or calibrated by GPTQ with
     ``gptq=True`` (the ``:gptq`` option, available once the GPTQ code has
     registered itself with :func:`register_int4_quantizer`). Layers whose
     in_features is no multiple of ``group_size`` stay float (listed as skipped).
@@ -544,7 +546,7 @@ class Int4(Step):
 
     group_size: int = 128
     symmetric: bool = False
-    mode: str = "dynamic"
+    mode: str = "auto"
     gptq: bool = False
     name: ClassVar[str] = "int4"
 
@@ -570,7 +572,7 @@ class Int4(Step):
                 named.append(f"group_size={low[1:]}")
             elif low in ("sym", "asym"):
                 named.append(f"symmetric={low == 'sym'}")
-            elif low in ("dynamic", "weight_only"):
+            elif low in ("auto", "dynamic", "weight_only"):
                 named.append(f"mode={low}")
             elif low == "gptq":
                 named.append("gptq=True")
@@ -579,7 +581,7 @@ class Int4(Step):
             else:
                 raise ValueError(
                     f"recipe step {text!r}: unknown option {a!r}; int4 takes g32 / g64 / g128, "
-                    "sym / asym, dynamic / weight_only, gptq (or key=value)"
+                    "sym / asym, auto / dynamic / weight_only, gptq (or key=value)"
                 )
         return super().from_args(named, text)
 
@@ -587,7 +589,7 @@ class Int4(Step):
         parts = ["int4", f"g{self.group_size}"]
         if self.symmetric:
             parts.append("sym")
-        if self.mode != "dynamic":
+        if self.mode != "auto":
             parts.append(self.mode)
         if self.gptq:
             parts.append("gptq")

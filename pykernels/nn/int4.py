@@ -19,7 +19,11 @@ class Int4Linear(nn.Module):
     Every ``group_size`` (32, 64 or 128) consecutive input columns of an output
     row share one float32 scale and one integer zero point in 0..15:
     ``W[n, k] ~ (q[n, k] - zeros[n, k // g]) * scales[n, k // g]`` (format in
-    :mod:`pykernels.ops.int4`). ``mode="dynamic"`` (W4A8) quantizes each row
+    :mod:`pykernels.ops.int4`). ``mode="auto"`` (the default) runs the
+    weight-only kernel for calls of at most
+    :data:`pykernels.ops.int4.AUTO_WEIGHT_ONLY_ROWS` rows (decode) and W4A8
+    above (prefill, batches), each call with the numerics of the mode it ran.
+    ``mode="dynamic"`` (W4A8) quantizes each row
     of x to int8 on the fly and sums each group exactly in int32 (the faster
     mode from a few rows up); ``mode="weight_only"`` (W4A16) keeps x in float
     and dequantizes the weight in registers (the decode case: one to a few
@@ -41,7 +45,7 @@ class Int4Linear(nn.Module):
         bias: bool = True,
         group_size: int = 128,
         symmetric: bool = False,
-        mode: str = "dynamic",
+        mode: str = "auto",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -74,7 +78,7 @@ class Int4Linear(nn.Module):
         linear: nn.Linear,
         group_size: int = 128,
         symmetric: bool = False,
-        mode: str = "dynamic",
+        mode: str = "auto",
     ) -> Int4Linear:
         """Round-to-nearest int4 of ``linear``'s weight
         (:func:`pykernels.ops.int4_quantize_weight`); the bias is kept in float32.
@@ -107,7 +111,7 @@ class Int4Linear(nn.Module):
         zeros: Tensor,
         group_size: int,
         bias: Tensor | None = None,
-        mode: str = "dynamic",
+        mode: str = "auto",
     ) -> Int4Linear:
         """A layer over an int4 weight already in the format (calibrated codes
         from GPTQ or another tool). The tensors are copied; ``symmetric`` is

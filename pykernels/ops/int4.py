@@ -17,7 +17,13 @@ registers; the decode case of one to a few rows) and dynamic W4A8
 (``mode="dynamic"``: each row of x is quantized to int8 as
 :func:`pykernels.ops.quantize_per_row` does, the sums over each group are
 exact in int32, then scaled by the group's scale: llama.cpp's Q4_0 x Q8_0
-arithmetic with per-token activation scales).
+arithmetic with per-token activation scales). ``mode="auto"`` picks one of the
+two per call by the number of rows of x: weight-only up to
+:data:`AUTO_WEIGHT_ONLY_ROWS` rows (decode: the weight's bytes are the time,
+and the float activations are the more accurate mode), W4A8 above (prefill and
+batches: the int8 dot products are the time). A call in ``auto`` has exactly
+the numerics of the mode it ran, so its error bound is W4A8's, the looser of
+the two.
 
 Every function here is a ``torch.library`` custom op with a fake
 implementation; arguments are checked in one place (here) whatever backend
@@ -38,7 +44,21 @@ from ..backends.torch import int4 as _ti
 from . import _checks
 
 GROUP_SIZES = (32, 64, 128)
-MODES = ("dynamic", "weight_only")
+MODES = ("auto", "dynamic", "weight_only")
+#: ``mode="auto"`` runs weight-only for calls of at most this many rows of x and
+#: W4A8 above. Measured on Zen 5 (AVX-512) and the AVX2 tier
+#: (benchmarks/RESULTS.md, "int4 ... second pass"): weight-only is the faster
+#: mode at one to a few rows, W4A8 from 16 rows up.
+AUTO_WEIGHT_ONLY_ROWS = 8
+
+
+def resolve_mode(mode: str, rows: int) -> str:
+    """The mode a call over ``rows`` rows of x runs: ``mode`` itself, or for
+    ``"auto"`` ``"weight_only"`` up to :data:`AUTO_WEIGHT_ONLY_ROWS` rows and
+    ``"dynamic"`` above."""
+    if mode != "auto":
+        return mode
+    return "weight_only" if rows <= AUTO_WEIGHT_ONLY_ROWS else "dynamic"
 
 
 # --- argument checks: the one validation path of every backend ------------------
@@ -264,7 +284,7 @@ def _linear_impl(
     bias: Tensor | None,
     mode: str,
 ) -> Tensor:
-    mode = check_mode("pykernels::int4_linear", mode)  # called directly too
+    mode = resolve_mode(check_mode("pykernels::int4_linear", mode), int(x.shape[0]))
     return backends.impl("int4", "linear", x)(mode, x, packed, scales, zeros, group_size, bias)
 
 
@@ -298,8 +318,10 @@ def _setup(ctx, inputs, output) -> None:  # noqa: ARG001
 def _backward(ctx, grad):
     if ctx.mode != "weight_only":
         raise RuntimeError(
-            "pykernels.ops.int4_linear with mode='dynamic' is inference-only: the int8 "
-            "rounding of x has no useful gradient. Use mode='weight_only' (differentiable in "
+            f"pykernels.ops.int4_linear with mode={ctx.mode!r} is inference-only: the int8 "
+            "rounding of x (which 'auto' uses from "
+            f"{AUTO_WEIGHT_ONLY_ROWS + 1} rows up) has no useful gradient. Use "
+            "mode='weight_only' (differentiable in "
             "x and bias, e.g. for adapters trained over a frozen int4 weight), or call it "
             "under torch.no_grad()."
         )
@@ -344,7 +366,11 @@ def int4_linear(
     :func:`pykernels.ops.quantize_per_row` does (``a, x_scale``), each group's
     ``sum_k a[m, k] * (q[n, k] - zeros[n, g])`` is computed exactly in int32,
     and ``y = x_scale[m] * sum_g scales[n, g] * isum[m, n, g] + bias`` in
-    float32; inference only (backward raises). A row of x holding NaN or inf
+    float32; inference only (backward raises). ``mode="auto"``: weight-only
+    for at most :data:`AUTO_WEIGHT_ONLY_ROWS` rows of x (all leading dimensions
+    together), dynamic above, each call with exactly the numerics of the mode it
+    ran (so a row's result can depend on how many rows share the call, within
+    W4A8's error); inference only, as dynamic. A row of x holding NaN or inf
     gives NaN in that row only (dynamic) or wherever float arithmetic puts it
     (weight-only).
     """
