@@ -362,6 +362,22 @@ def test_every_isa_matches_reference(cpu_isa, mode, shape, gen):
     )
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 8, 9, 16])
+@pytest.mark.parametrize("kg", [(96, 32), (320, 64), (384, 128)])
+def test_every_isa_weight_only_row_tiles(cpu_isa, m, kg, gen):
+    """Every row tile of the weight-only kernels (1..8 rows of x, 8 + a tail,
+    16), weight rows past the tile's 1..4 in flight (N = 13), and K ending in a
+    32-, 64- or 96-column chunk, in f32 and bf16."""
+    k, g = kg
+    p, s, z = quantized(13, k, g, gen)
+    x = torch.randn(m, k, generator=gen)
+    b = torch.randn(13, generator=gen)
+    for xx in (x, x.bfloat16()):
+        y = pk.ops.int4_linear(xx, p, s, z, g, b, "weight_only")
+        want = reference("weight_only", xx, p, s, z, g, b)
+        assert_close(y, want, magnitude("weight_only", xx.float(), p, s, z, g, b), k)
+
+
 def test_every_isa_dynamic_sums_are_exact(cpu_isa, gen):
     """Extreme codes and activations (a = +-127, q - z = +-15) over many groups:
     every group sum is an exact integer, so the result equals the reference's

@@ -1,11 +1,12 @@
-// AVX-512 VNNI int4 kernels. Weight-only: 16 bytes of a weight row widen to
-// 16 dwords whose low and high nibbles index (vpermps reads only the low 4
-// bits of each index) a 16-entry table of the group's dequantized values
-// (q - zero) * scale, exactly the reference's w_hat, against x's even and odd
-// columns. W4A8: vpdpbusd with the nibble codes (0..15) as its unsigned bytes
-// against the signed int8 activations, exact, each group's sum less
-// zero * sum(a) (exact in float), then times the group's scale.
+// AVX-512 VNNI int4 kernels. Weight-only: each nibble of 64 bytes of a
+// weight row, minus its group's zero, as an exact float against x's
+// matching columns, the group's sums times its scale (below). W4A8:
+// vpdpbusd with the nibble codes (0..15) as its unsigned bytes against the
+// signed int8 activations, exact, each group's sum less zero * sum(a)
+// (exact in float), then times the group's scale.
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "int4_generic.h"
 
@@ -21,8 +22,19 @@ inline void dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 }
 
 // ---- weight-only -------------------------------------------------------
-// Two weight rows at a time (independent FMA chains, x loaded once for both)
-// and MR rows of x.
+// A weight row is read 64 bytes (128 codes, one chunk of x's nibble_chunks
+// layout) at a time; nibble p of each of its 16 dwords becomes a float by
+// the AVX2 kernel's exact trick (2^23 + q as float bits, minus 2^23 + the
+// zero point of the dword's group) with a shift and one vpternlogd, and
+// meets x's columns 8d + p, which the driver put at unit stride. No
+// shuffles: the table lookups (vpermps) of the first version and the
+// widening loads shared two vector ports and capped one core near 16 GB/s.
+// Each decoded vector serves MR rows of x (decoded once for all of them,
+// not once per 4 rows), NR weight rows are in flight together (independent
+// FMA chains to cover the FMA latency at M = 1), and a chunk's sums are
+// exact integers times x in float32, times the group's scale when the
+// chunk ends (every chunk ends a group or several: g divides 128 or
+// equals it).
 #ifndef PK_INT4_AHEAD_ROWS
 #define PK_INT4_AHEAD_ROWS 8
 #endif
@@ -35,72 +47,140 @@ inline const char* byte_at(const void* p, int64_t off) {
   return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(off));
 }
 
-template <int MR>
-void weight_only_rows(const float* xd, int64_t i0, const Weight& w, const float* bias, void* y,
-                      DType yt, int64_t n0, int64_t n1) {
-  const int64_t k = w.k, half = k / 2, groups = k / w.group, gb = w.group / 2;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t n = n0; n < n1; n += 2) {
-    const bool two = n + 1 < n1;
-    const uint8_t* r0 = w.packed + n * half;
-    const uint8_t* r1 = two ? r0 + half : r0;  // a lone last row is computed twice
-    __m512 acc[2][MR][2];
-    for (int t = 0; t < 2; ++t)
-      for (int r = 0; r < MR; ++r) acc[t][r][0] = acc[t][r][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c0 = n * groups + g, c1 = two ? c0 + groups : c0;
-      const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(w.zeros[c0]))),
-                                      _mm512_set1_ps(w.scales[c0]));
-      const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(w.zeros[c1]))),
-                                      _mm512_set1_ps(w.scales[c1]));
-      for (int64_t j = g * gb; j < (g + 1) * gb; j += 16) {
-        // The rows 8 ahead (16 KiB at K = 4096) into L2: one core's demand
-        // misses and the hardware prefetcher alone reach about half the
-        // read rate a plain streaming sum does.
-        if ((j & 63) == 0) {
-          _mm_prefetch(byte_at(r0, j + kAheadRows * half), _MM_HINT_T1);
-          _mm_prefetch(byte_at(r1, j + kAheadRows * half), _MM_HINT_T1);
+// The chunk's per-dword 2^23 + zero point and scale (the group of dword d is
+// d * 8 / group within the chunk).
+// gshift: log2 of the group size (no division in the loop: an idiv per
+// chunk and weight row cost more than the chunk's arithmetic).
+inline void chunk_params(const Weight& w, int64_t n, int64_t c0, int gshift, __mmask16 dmask,
+                         __m512i gidx, __m512& zf, __m512& sc) {
+  const int64_t groups = w.k >> gshift, cell = n * groups + (c0 >> gshift);
+  if (gshift == 7) {
+    zf = _mm512_set1_ps(8388608.0f + float(w.zeros[cell]));
+    sc = _mm512_set1_ps(w.scales[cell]);
+    return;
+  }
+  const int64_t cnt = std::min<int64_t>(128, w.k - c0) >> gshift;  // groups in this chunk
+  const __mmask16 gm = __mmask16((1u << cnt) - 1);
+  const __m512 z =
+      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(gm, w.zeros + cell)));
+  const __m512 zz = _mm512_add_ps(z, _mm512_set1_ps(8388608.0f));
+  // Past the chunk's dwords: 2^23 (zero 0), so masked-off codes decode to 0.
+  zf = _mm512_mask_permutexvar_ps(_mm512_set1_ps(8388608.0f), dmask, gidx, zz);
+  sc = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gm, w.scales + cell));
+}
+
+// Rows [i0, i0 + MR) of x: the MR rows of one tile of the layout from tile
+// row t0 (mt rows in that tile), i.e. rows i0 - t0 .. of it.
+template <int MR, int NR>
+void weight_only_tile(const float* xd, int64_t i0, int64_t t0, int64_t mt, const Weight& w,
+                      const float* bias, void* y, DType yt, int64_t n0, int64_t n1) {
+  const int64_t k = w.k, half = k / 2;
+  const __m512i m15 = _mm512_set1_epi32(15), magic = _mm512_set1_epi32(0x4B000000);
+  const int gshift = w.group == 32 ? 5 : w.group == 64 ? 6 : 7;
+  const __m512i gidx = _mm512_srli_epi32(
+      _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), gshift);
+  // Columns of x per pass: the MR rows' share of them (24 KiB) stays in L1
+  // while a block of weight rows goes by. Unblocked, every weight row read
+  // all MR rows of x from L2 again (128 KiB a row at M = 8, K = 4096), and
+  // M = 8 ran 10x slower than M = 1.
+  constexpr int64_t kb = std::max<int64_t>(128, (int64_t(24) << 10) / (4 * MR) / 128 * 128);
+  constexpr int64_t kRows = 64;  // weight rows a pass's partial sums cover
+  float part[kRows][MR];
+  for (int64_t nb = n0; nb < n1; nb += kRows) {
+    const int64_t nb1 = std::min(n1, nb + kRows);
+    for (int64_t b0 = 0; b0 < k; b0 += kb) {
+      const int64_t b1 = std::min(k, b0 + kb);
+      for (int64_t n = nb; n < nb1; n += NR) {
+        const uint8_t* row[NR];
+        int64_t rn[NR];
+        for (int r = 0; r < NR; ++r) {
+          // Past nb1 the last row is computed again and not kept.
+          rn[r] = n + r < nb1 ? n + r : nb1 - 1;
+          row[r] = w.packed + rn[r] * half;
         }
-        const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r0 + j)));
-        const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r1 + j)));
-        const __m512 l0 = _mm512_permutexvar_ps(v0, t0);
-        const __m512 h0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t0);
-        const __m512 l1 = _mm512_permutexvar_ps(v1, t1);
-        const __m512 h1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t1);
-        for (int r = 0; r < MR; ++r) {
-          const float* xr = xd + (i0 + r) * k;
-          const __m512 xe = _mm512_loadu_ps(xr + j), xo = _mm512_loadu_ps(xr + half + j);
-          acc[0][r][0] = _mm512_fmadd_ps(l0, xe, acc[0][r][0]);
-          acc[0][r][1] = _mm512_fmadd_ps(h0, xo, acc[0][r][1]);
-          acc[1][r][0] = _mm512_fmadd_ps(l1, xe, acc[1][r][0]);
-          acc[1][r][1] = _mm512_fmadd_ps(h1, xo, acc[1][r][1]);
+        __m512 tot[NR][MR];
+        for (int r = 0; r < NR; ++r)
+          for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+        for (int64_t c0 = b0; c0 < b1; c0 += 128) {
+          const int64_t d = std::min<int64_t>(128, k - c0) / 8;  // dwords of the chunk
+          const __mmask16 dmask = __mmask16((1u << d) - 1);
+          __m512i v[NR];
+          __m512 zf[NR], sc[NR];
+          for (int r = 0; r < NR; ++r) {
+            _mm_prefetch(byte_at(row[r], c0 / 2 + kAheadRows * half), _MM_HINT_T1);
+            v[r] = d == 16 ? _mm512_loadu_si512(row[r] + c0 / 2)
+                           : _mm512_maskz_loadu_epi32(dmask, row[r] + c0 / 2);
+            chunk_params(w, rn[r], c0, gshift, dmask, gidx, zf[r], sc[r]);
+          }
+          // this chunk of the tile's row i0 - t0; its rows 8 * d floats apart
+          const float* xc = xd + t0 * k + c0 * mt + (i0 - t0) * 8 * d;
+          __m512 acc[NR][MR];
+#pragma GCC unroll 8
+          for (int p = 0; p < 8; ++p) {
+            __m512 xp[MR];
+            for (int m = 0; m < MR; ++m)
+              xp[m] = d == 16 ? _mm512_loadu_ps(xc + m * 128 + p * 16)
+                              : _mm512_maskz_loadu_ps(dmask, xc + m * 8 * d + p * d);
+            for (int r = 0; r < NR; ++r) {
+              const __m512i sh = p ? _mm512_srli_epi32(v[r], 4 * p) : v[r];
+              // (sh & 15) | magic in one instruction
+              const __m512i bits = _mm512_ternarylogic_epi32(sh, m15, magic, 0xEA);
+              const __m512 wq = _mm512_sub_ps(_mm512_castsi512_ps(bits), zf[r]);  // exact
+              for (int m = 0; m < MR; ++m)
+                acc[r][m] = p ? _mm512_fmadd_ps(wq, xp[m], acc[r][m]) : _mm512_mul_ps(wq, xp[m]);
+            }
+          }
+          for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sc[r], tot[r][m]);
         }
+        for (int r = 0; r < NR && n + r < nb1; ++r)
+          for (int m = 0; m < MR; ++m) {
+            const float v = _mm512_reduce_add_ps(tot[r][m]);
+            part[n + r - nb][m] = b0 ? part[n + r - nb][m] + v : v;
+          }
       }
     }
-    for (int t = 0; t < (two ? 2 : 1); ++t)
-      for (int r = 0; r < MR; ++r) {
-        const float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][r][0], acc[t][r][1]));
-        store_f(y, yt, (i0 + r) * w.n + n + t, bias ? v + bias[n + t] : v);
+    for (int64_t n = nb; n < nb1; ++n)
+      for (int m = 0; m < MR; ++m) {
+        const float v = part[n - nb][m];
+        store_f(y, yt, (i0 + m) * w.n + n, bias ? v + bias[n] : v);
       }
   }
 }
 
+// Rows of x in the layout's tiles of 8 (one weight row in flight: 8 x 2
+// accumulators); the last tile's rows in one call with as many weight rows
+// as the registers hold.
 void weight_only(const float* xd, int64_t m, const Weight& w, const float* bias, void* y, DType yt,
                  int64_t n0, int64_t n1) {
-  for (int64_t i = 0; i < m; i += 4) {
-    switch (m - i < 4 ? m - i : 4) {
-      case 4:
-        weight_only_rows<4>(xd, i, w, bias, y, yt, n0, n1);
-        break;
-      case 3:
-        weight_only_rows<3>(xd, i, w, bias, y, yt, n0, n1);
-        break;
-      case 2:
-        weight_only_rows<2>(xd, i, w, bias, y, yt, n0, n1);
-        break;
-      default:
-        weight_only_rows<1>(xd, i, w, bias, y, yt, n0, n1);
-    }
+  static_assert(kXTile == 8, "the tiles below are the layout's");
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8) weight_only_tile<8, 1>(xd, i, i, 8, w, bias, y, yt, n0, n1);
+  const int64_t mt = m - i;
+  switch (mt) {
+    case 7:
+      weight_only_tile<7, 1>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    case 6:
+      weight_only_tile<6, 1>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    case 5:
+      weight_only_tile<5, 1>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    case 4:
+      weight_only_tile<4, 2>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    case 3:
+      weight_only_tile<3, 2>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    case 2:
+      weight_only_tile<2, 3>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    case 1:
+      weight_only_tile<1, 4>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      break;
+    default:
+      break;
   }
 }
 
@@ -221,8 +301,10 @@ void dynamic(const Act& a, const Weight& w, const float* bias, void* y, DType yt
 }  // namespace
 
 const Kernels* kernels_avx512_vnni() {
-  static const Kernels table{
-      .weight_only = &weight_only, .dynamic = &dynamic, .prepare = &prepare_generic};
+  static const Kernels table{.weight_only = &weight_only,
+                             .dynamic = &dynamic,
+                             .prepare = &prepare_generic,
+                             .x_layout = XLayout::nibble_chunks};
   return &table;
 }
 

@@ -60,15 +60,28 @@ void linear_weight_only_cpu(const void* x, DType xt, int64_t m, int64_t k, int64
   const Weight w = check(m, k, ldx, x, packed, scales, zeros, group, n, y);
   if (m == 0 || n == 0) return;
   const Kernels* kern = kernels();
-  // Each row of x in float32, its even columns then its odd ones: the low
-  // and high nibbles of the weight's bytes meet them at unit stride.
+  // Each row of x in float32, ordered so that the nibbles of the weight's
+  // bytes, as the ISA's kernel unpacks them, meet their columns at unit
+  // stride (XLayout).
   float* xd = scratch<float>(0, m * k);
   const int64_t half = k / 2;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < half; ++j) {
-      xd[i * k + j] = load_f(x, xt, i * ldx + 2 * j);
-      xd[i * k + half + j] = load_f(x, xt, i * ldx + 2 * j + 1);
+  if (kern->x_layout == XLayout::nibble_chunks) {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t t0 = i / kXTile * kXTile, mt = std::min(kXTile, m - t0);
+      for (int64_t c0 = 0; c0 < k; c0 += 128) {
+        const int64_t w = std::min<int64_t>(128, k - c0), d = w / 8;
+        float* o = xd + t0 * k + c0 * mt + (i - t0) * w;
+        for (int64_t dw = 0; dw < d; ++dw)
+          for (int64_t p = 0; p < 8; ++p) o[p * d + dw] = load_f(x, xt, i * ldx + c0 + 8 * dw + p);
+      }
     }
+  } else {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < half; ++j) {
+        xd[i * k + j] = load_f(x, xt, i * ldx + 2 * j);
+        xd[i * k + half + j] = load_f(x, xt, i * ldx + 2 * j + 1);
+      }
+  }
   // Tasks of 64 output columns (32 KiB of weight at K = 1024 .. 256 KiB at
   // 8192) taken in turn: a thread the OS preempts holds up one task, not
   // half the call.

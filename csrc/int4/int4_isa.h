@@ -28,10 +28,26 @@ struct Act {
   const int32_t* asum;  // M x (K / group)
 };
 
+// How the driver lays out x in float32 for a table's weight-only kernel
+// (row stride k either way).
+enum class XLayout {
+  // each row's even columns, then its odd ones
+  even_odd,
+  // rows in tiles of kXTile (the last tile holds the rest, mt rows), each
+  // tile's kXTile * k floats from tile * kXTile * k; in a tile, chunk by
+  // chunk of 128 columns (the last one may hold 32, 64 or 96: w columns,
+  // D = w / 8 dwords of a weight row), the chunk from c0 * mt, row by row
+  // (w floats each), the chunk's column 8d + p at p * D + d: nibble p of
+  // dword d of the weight row's 64 bytes. A tile's rows of a chunk then sit
+  // at fixed offsets from one pointer.
+  nibble_chunks,
+};
+
+constexpr int64_t kXTile = 8;
+
 struct Kernels {
   // Weight-only, output columns [n0, n1) of every row: xd is x in float32
-  // with each row split into its even columns, then its odd ones (row
-  // stride k).
+  // laid out as x_layout says.
   void (*weight_only)(const float* xd, int64_t m, const Weight& w, const float* bias, void* y,
                       DType yt, int64_t n0, int64_t n1);
   // W4A8, rows [m0, m1) x output columns [n0, n1) (n0 a multiple of 32);
@@ -41,6 +57,7 @@ struct Kernels {
   // The reorder and group sums of Act for rows [r0, r1) of q (row stride k).
   void (*prepare)(const int8_t* q, int64_t k, int64_t group, int8_t* out, int32_t* asum, int64_t r0,
                   int64_t r1);
+  XLayout x_layout = XLayout::even_odd;
 };
 
 // Bytes of a thread's W4A8 scratch: a block of 32 output channels of the

@@ -153,6 +153,14 @@ int main(int argc, char** argv) {
     check(r, 13, 256, 70, 64, false);
     check(r, 9, 512, 40, 128, true);
     if (!pk_test::quick()) check(r, 20, 1024, 100, 128, false);
+    // Every weight-only row tile (1..8 rows, 8 + tails, 16) and weight rows
+    // past a multiple of the tile's 1..4; K ending in a 32-, 64- or 96-column
+    // chunk; every group size.
+    for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 16}) {
+      check(r, m, 96, 5, 32, false);
+      check(r, m, 320, 7, 64, false);
+      check(r, m, 384, 6, 128, false);
+    }
     check_refusals();
   });
   return pk_test::verdict("int4_isa_test");
