@@ -71,7 +71,15 @@ inline void chunk_params(const Weight& w, int64_t n, int64_t c0, int gshift, __m
 
 // Rows [i0, i0 + MR) of x: the MR rows of one tile of the layout from tile
 // row t0 (mt rows in that tile), i.e. rows i0 - t0 .. of it.
-template <int MR, int NR>
+// kPre: the decoded vectors times the chunk's scales (w_hat itself, one
+// rounding, as int4.h states) go straight into the totals, one multiply
+// more per vector but no per-chunk accumulators: with MR of 4 or more rows
+// sharing each vector, the registers saved hold more weight rows in flight
+// (the 8-row tile with its accumulators spilled and ran at a third of the
+// FMA rate). Without it (one to three rows), the exact integer sums of a
+// chunk are scaled once at its end: fewer instructions per code, which is
+// what bounds M = 1.
+template <int MR, int NR, bool kPre>
 void weight_only_tile(const float* xd, int64_t i0, int64_t t0, int64_t mt, const Weight& w,
                       const float* bias, void* y, DType yt, int64_t n0, int64_t n1) {
   const int64_t k = w.k, half = k / 2;
@@ -126,12 +134,18 @@ void weight_only_tile(const float* xd, int64_t i0, int64_t t0, int64_t mt, const
               // (sh & 15) | magic in one instruction
               const __m512i bits = _mm512_ternarylogic_epi32(sh, m15, magic, 0xEA);
               const __m512 wq = _mm512_sub_ps(_mm512_castsi512_ps(bits), zf[r]);  // exact
-              for (int m = 0; m < MR; ++m)
-                acc[r][m] = p ? _mm512_fmadd_ps(wq, xp[m], acc[r][m]) : _mm512_mul_ps(wq, xp[m]);
+              if constexpr (kPre) {
+                const __m512 wh = _mm512_mul_ps(wq, sc[r]);
+                for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(wh, xp[m], tot[r][m]);
+              } else {
+                for (int m = 0; m < MR; ++m)
+                  acc[r][m] = p ? _mm512_fmadd_ps(wq, xp[m], acc[r][m]) : _mm512_mul_ps(wq, xp[m]);
+              }
             }
           }
-          for (int r = 0; r < NR; ++r)
-            for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sc[r], tot[r][m]);
+          if constexpr (!kPre)
+            for (int r = 0; r < NR; ++r)
+              for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sc[r], tot[r][m]);
         }
         for (int r = 0; r < NR && n + r < nb1; ++r)
           for (int m = 0; m < MR; ++m) {
@@ -148,36 +162,35 @@ void weight_only_tile(const float* xd, int64_t i0, int64_t t0, int64_t mt, const
   }
 }
 
-// Rows of x in the layout's tiles of 8 (one weight row in flight: 8 x 2
-// accumulators); the last tile's rows in one call with as many weight rows
-// as the registers hold.
+// Rows of x in the layout's tiles of 8; the last tile's rows in one call,
+// with as many weight rows in flight as the registers hold.
 void weight_only(const float* xd, int64_t m, const Weight& w, const float* bias, void* y, DType yt,
                  int64_t n0, int64_t n1) {
   static_assert(kXTile == 8, "the tiles below are the layout's");
   int64_t i = 0;
-  for (; i + 8 <= m; i += 8) weight_only_tile<8, 1>(xd, i, i, 8, w, bias, y, yt, n0, n1);
+  for (; i + 8 <= m; i += 8) weight_only_tile<8, 2, true>(xd, i, i, 8, w, bias, y, yt, n0, n1);
   const int64_t mt = m - i;
   switch (mt) {
     case 7:
-      weight_only_tile<7, 1>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<7, 2, true>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     case 6:
-      weight_only_tile<6, 1>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<6, 2, true>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     case 5:
-      weight_only_tile<5, 1>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<5, 2, true>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     case 4:
-      weight_only_tile<4, 2>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<4, 3, true>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     case 3:
-      weight_only_tile<3, 2>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<3, 2, false>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     case 2:
-      weight_only_tile<2, 3>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<2, 3, false>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     case 1:
-      weight_only_tile<1, 4>(xd, i, i, mt, w, bias, y, yt, n0, n1);
+      weight_only_tile<1, 4, false>(xd, i, i, mt, w, bias, y, yt, n0, n1);
       break;
     default:
       break;
