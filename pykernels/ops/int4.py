@@ -46,10 +46,11 @@ from . import _checks
 GROUP_SIZES = (32, 64, 128)
 MODES = ("auto", "dynamic", "weight_only")
 #: ``mode="auto"`` runs weight-only for calls of at most this many rows of x and
-#: W4A8 above. Measured on Zen 5 (AVX-512) and the AVX2 tier
-#: (benchmarks/RESULTS.md, "int4 ... second pass"): weight-only is the faster
-#: mode at one to a few rows, W4A8 from 16 rows up.
-AUTO_WEIGHT_ONLY_ROWS = 8
+#: W4A8 above. Measured on Zen 5, AVX-512, 1 thread (benchmarks/RESULTS.md,
+#: "int4 ... second pass"): at one row from DRAM weight-only is 1.4x W4A8
+#: (4096x4096) and decodes a 0.54 B Llama 1.7x faster; at two rows the two
+#: tie; from three rows W4A8 is 1.7x and more (4096x1024, in cache).
+AUTO_WEIGHT_ONLY_ROWS = 2
 
 
 def resolve_mode(mode: str, rows: int) -> str:
