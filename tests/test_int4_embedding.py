@@ -251,3 +251,11 @@ def by_hand_exact(layer: Int4Embedding) -> torch.Tensor:
     z = layer.zeros.float().repeat_interleave(layer.group_size, 1)
     s = layer.scales.repeat_interleave(layer.group_size, 1)
     return (q - z) * s
+
+
+def test_auto_tries_four_bit_tables_when_bytes_count():
+    from pykernels.compress.auto import default_candidates
+
+    assert "int4:g32:emb" in default_candidates("bytes")[nn.Embedding]
+    assert "int4:g32:emb" in default_candidates({"latency": 1.0, "bytes": 0.5})[nn.Embedding]
+    assert "int4:g32:emb" not in default_candidates("latency")[nn.Embedding]
