@@ -258,7 +258,7 @@ def default_candidates(minimize: str | dict[str, float] = "latency") -> Candidat
     tried on each prunable group. ``int4`` is added when a registered step of
     that name exists, ``int8:act_bits=7`` where :func:`pykernels.info` says it
     pays on this CPU; when bytes count, ``cluster:16``, ``sparse:0.8`` and
-    ``lowrank:0.8`` too."""
+    ``lowrank:0.8`` too, and 4-bit embedding tables (``int4:g32:emb``)."""
     from ..info import info
 
     wants_bytes = minimize == "bytes" or (isinstance(minimize, dict) and "bytes" in minimize)
@@ -274,9 +274,13 @@ def default_candidates(minimize: str | dict[str, float] = "latency") -> Candidat
         pays = False
     if pays:
         linear.insert(1, "int8:act_bits=7")
+    embedding = list(_EMBEDDING)
+    if wants_bytes and "int4" in names:
+        # Tables are most of a small encoder's bytes once its Linears are int8.
+        embedding.append("int4:g32:emb")
     return {
         nn.Linear: tuple(linear),
-        nn.Embedding: _EMBEDDING,
+        nn.Embedding: tuple(embedding),
         nn.Conv2d: _CONV,
         "prune": PRUNE_RATIOS,
     }

@@ -22,6 +22,7 @@ from ..nn import (
     ClusteredLinear,
     CPConv2d,
     EncoderBlock,
+    Int4Embedding,
     Int4Linear,
     Int8Embedding,
     Int8GatedMLP,
@@ -249,6 +250,21 @@ def _int8_emb_build(c: dict[str, Any]) -> nn.Module:
     )
 
 
+def _int4_emb_describe(m: Int4Embedding) -> dict[str, Any]:
+    return {**_int8_emb_describe(m), "group_size": m.group_size, "symmetric": m.symmetric}
+
+
+def _int4_emb_build(c: dict[str, Any]) -> nn.Module:
+    return Int4Embedding(
+        c["num_embeddings"],
+        c["embedding_dim"],
+        c["padding_idx"],
+        group_size=c["group_size"],
+        symmetric=c["symmetric"],
+        dtype=dtype_of(c["dtype"]),
+    )
+
+
 def _qat_describe(m: QATLinear) -> dict[str, Any]:
     return {
         "in_features": m.in_features,
@@ -428,6 +444,12 @@ register_kind(
 )
 register_kind(Int4Linear, _int4_linear_describe, _int4_linear_build, params=_int8_linear_params)
 register_kind(Int8Embedding, _int8_emb_describe, _int8_emb_build, params=lambda m: m.weight.numel())
+register_kind(
+    Int4Embedding,
+    _int4_emb_describe,
+    _int4_emb_build,
+    params=lambda m: m.num_embeddings * m.embedding_dim,
+)
 register_kind(QATLinear, _qat_describe, _qat_build)
 register_kind(SparseLinear, _sparse_describe, _sparse_build)
 register_kind(LowRankLinear, _lowrank_describe, _lowrank_build)

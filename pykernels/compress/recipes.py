@@ -541,13 +541,19 @@ class Int4(Step):
     registered itself with :func:`register_int4_quantizer`). Layers whose
     in_features is no multiple of ``group_size`` stay float (listed as skipped).
 
+    ``emb`` (``embeddings=True``, off by default as torchao's int4 configs
+    leave tables alone) also makes embedding tables
+    :class:`pykernels.nn.Int4Embedding` with the same group size (round to
+    nearest; GPTQ calibrates Linears only).
+
     ``"int4"`` (= ``"int4:g128"``), ``"int4:g64:sym"``, ``"int4:g128:weight_only"``,
-    ``"int4:g128:gptq"``."""
+    ``"int4:g128:gptq"``, ``"int4:g32:emb"``."""
 
     group_size: int = 128
     symmetric: bool = False
     mode: str = "auto"
     gptq: bool = False
+    embeddings: bool = False
     name: ClassVar[str] = "int4"
 
     def __post_init__(self) -> None:
@@ -558,7 +564,7 @@ class Int4(Step):
             check_mode("int4", self.mode)
         except (TypeError, ValueError) as e:  # a recipe's errors are ValueErrors
             raise ValueError(str(e).removeprefix("int4: ")) from None
-        for f in ("symmetric", "gptq"):
+        for f in ("symmetric", "gptq", "embeddings"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f} must be a bool, got {getattr(self, f)!r}")
 
@@ -576,14 +582,22 @@ class Int4(Step):
                 named.append(f"mode={low}")
             elif low == "gptq":
                 named.append("gptq=True")
+            elif low in ("emb", "embeddings"):
+                named.append("embeddings=True")
             elif "=" in a:
                 named.append(a)
             else:
                 raise ValueError(
                     f"recipe step {text!r}: unknown option {a!r}; int4 takes g32 / g64 / g128, "
-                    "sym / asym, auto / dynamic / weight_only, gptq (or key=value)"
+                    "sym / asym, auto / dynamic / weight_only, gptq, emb (or key=value)"
                 )
         return super().from_args(named, text)
+
+    def spec(self) -> dict[str, Any]:
+        out = super().spec()
+        if not out.get("embeddings"):  # manifests from before the option stay as they were
+            out.pop("embeddings", None)
+        return out
 
     def __str__(self) -> str:
         parts = ["int4", f"g{self.group_size}"]
@@ -593,6 +607,8 @@ class Int4(Step):
             parts.append(self.mode)
         if self.gptq:
             parts.append("gptq")
+        if self.embeddings:
+            parts.append("emb")
         return ":".join(parts)
 
     def quantizer(self) -> Int4Quantizer | None:
@@ -610,12 +626,18 @@ class Int4(Step):
         return fn
 
     def apply(self, ctx: Context) -> None:
-        from ..nn import Int4Linear
+        from ..nn import Int4Embedding, Int4Linear
 
         fn = self.quantizer()
-        targets = ctx.targets((nn.Linear,), self.unfit)
-        done = dict(fn(self, ctx, targets)) if fn is not None and targets else {}
+        types: tuple[type, ...] = (nn.Linear, nn.Embedding) if self.embeddings else (nn.Linear,)
+        targets = ctx.targets(types, self.unfit)
+        linears = [(fqn, m) for fqn, m in targets if isinstance(m, nn.Linear)]
+        done = dict(fn(self, ctx, linears)) if fn is not None and linears else {}
         for fqn, m in ctx.progress(targets, "int4"):
+            if isinstance(m, nn.Embedding):
+                emb = Int4Embedding.from_embedding(m, self.group_size, self.symmetric)
+                ctx.replace(fqn, emb)
+                continue
             b = None if m.bias is None else m.bias.detach()
             if fqn in done:
                 packed, scales, zeros = done[fqn]
@@ -627,6 +649,13 @@ class Int4(Step):
             ctx.replace(fqn, layer)
 
     def unfit(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Embedding):
+            if module.max_norm is not None:
+                return "max_norm renormalizes rows at lookup; kept in float"
+            d = module.embedding_dim
+            if d % self.group_size:
+                return f"embedding_dim = {d} is no multiple of group_size {self.group_size}"
+            return weight_unfit(module)
         k = module.in_features
         if k % self.group_size:
             return f"in_features = {k} is no multiple of group_size {self.group_size}"

@@ -3,7 +3,7 @@
 from ._module import nbytes_of
 from .cluster import ClusteredLinear
 from .cp import CPConv2d
-from .embedding import Int8Embedding
+from .embedding import Int4Embedding, Int8Embedding
 from .encoder import EncoderBlock, fuse_encoder_block
 from .int4 import Int4Linear
 from .int8 import Int8Linear, quantize_int8
@@ -16,6 +16,7 @@ __all__ = [
     "CPConv2d",
     "ClusteredLinear",
     "EncoderBlock",
+    "Int4Embedding",
     "Int4Linear",
     "Int8Embedding",
     "Int8GatedMLP",

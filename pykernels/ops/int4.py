@@ -197,8 +197,10 @@ def int4_quantize_weight(
     Each group of ``group_size`` consecutive columns of a row gets one scale,
     computed in float32. ``symmetric=True``: ``scale = max|w| / 7``, ``zero =
     8``, ``q = clamp(round(w / scale), -8, 7) + 8`` (codes 1..15 used).
-    ``symmetric=False``: ``scale = (max - min) / 15``, ``zero = clamp(round(-min
-    / scale), 0, 15)``, ``q = clamp(round(w / scale) + zero, 0, 15)``. A group
+    ``symmetric=False``: ``scale = (max - min) / 15`` over the group's range
+    widened to include 0 (``min <= 0 <= max``, as GPTQ's quantizer does, so the
+    integer zero point always reaches the group), ``zero = clamp(round(-min /
+    scale), 0, 15)``, ``q = clamp(round(w / scale) + zero, 0, 15)``. A group
     of zeros gets scale 1 and codes equal to its zero; a constant group ``c``
     (``max == min``) gets ``scale = |c| / 15``, which holds it exactly.
     Rounding is half to even. ``K % group_size != 0`` raises ValueError naming

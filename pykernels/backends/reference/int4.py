@@ -29,12 +29,13 @@ def quantize_weight(
             zero = np.full(scale.shape, 8, dtype=np.float32)
             q = np.clip(np.rint(groups / scale[..., None]), -8, 7) + 8
         else:
-            lo, hi = groups.min(axis=2), groups.max(axis=2)
+            # The range always includes 0 (as GPTQ's quantizer does): the zero
+            # point is an integer in 0..15, so a group entirely above or below 0
+            # could not be reached from it otherwise. A constant group c is then
+            # exact (15 steps of |c| / 15); a group of zeros gets scale 1.
+            lo = np.minimum(groups.min(axis=2), np.float32(0))
+            hi = np.maximum(groups.max(axis=2), np.float32(0))
             scale = ((hi - lo) / np.float32(15)).astype(np.float32)
-            # A constant group: its range widened to include 0 represents it
-            # exactly (15 steps of |c| / 15); a group of zeros gets scale 1.
-            flat = scale == 0
-            scale = np.where(flat, np.abs(hi) / np.float32(15), scale).astype(np.float32)
             scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
             zero = np.clip(np.rint(-lo / scale), 0, 15).astype(np.float32)
             q = np.clip(np.rint(groups / scale[..., None]) + zero[..., None], 0, 15)

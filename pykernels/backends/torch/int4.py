@@ -28,10 +28,9 @@ def quantize_weight(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor
         zero = torch.full_like(scale, 8.0)
         q = torch.round(groups / scale[..., None]).clamp(-8, 7) + 8
     else:
-        lo, hi = groups.amin(dim=2), groups.amax(dim=2)
-        d15 = groups.new_full((), 15.0)
-        scale = (hi - lo) / d15
-        scale = torch.where(scale == 0, hi.abs() / d15, scale)  # constant group: see reference
+        # The range includes 0: see the reference.
+        lo, hi = groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)
+        scale = (hi - lo) / groups.new_full((), 15.0)
         scale = torch.where(scale > 0, scale, one)
         zero = torch.round(-lo / scale).clamp(0, 15)
         q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15)
