@@ -77,15 +77,19 @@ class Bench:
         method: str,
         qmodel: nn.Module,
         seconds: float,
-        w_hat: Callable[[str], torch.Tensor] | None,
+        w_hat: Callable[[str], torch.Tensor | None] | None,
         **extra,
     ) -> dict:
         """Scores one quantized model: per-layer ratio to RTN (when ``w_hat``), cosine, time."""
         out: dict = {"method": method, "seconds": round(seconds, 2)}
         if w_hat is not None:
-            ratios = {}
+            ratios, left_float = {}, []
             for n, m in self.lins.items():
-                w = w_hat(n).detach().float()
+                w = w_hat(n)
+                if w is None:  # the anchor kept this Linear in float: no ratio to take
+                    left_float.append(n)
+                    continue
+                w = w.detach().float()
                 if w.shape != m.weight.shape:
                     raise ValueError(f"{method}: {n} weight {tuple(w.shape)}")
                 ratios[n] = cm.layer_err(self.x[n], m, w) / self.rtn_err[n]
@@ -96,7 +100,10 @@ class Bench:
                 "worst_layer": max(ratios, key=ratios.get),
                 "encoder_ratio_median": statistics.median(enc),
                 "encoder_ratio_worst": max(enc),
+                "layers": len(ratios),
             }
+            if left_float:
+                out["left_float"] = left_float
         qmodel = qmodel.float() if w_hat is None else qmodel
         out["cosine"] = cm.cosine(qmodel, self.ref, self.held)
         return out | extra
@@ -207,9 +214,14 @@ def run_inc(b: Bench, which: set[str]) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - an anchor's failure is a result
             rows.append(failed(f"INC {name}", e))
             continue
-        get = None if name == "awq" else (lambda n, o=out: o.get_submodule(n).recover())
+        get = None if name == "awq" else (lambda n, o=out: inc_weight(o.get_submodule(n)))
         rows.append(b.row(f"INC {name}", out, t, get))
     return rows
+
+
+def inc_weight(mod: nn.Module) -> torch.Tensor | None:
+    """INC's dequantized weight; None where it left the Linear in float."""
+    return mod.recover() if hasattr(mod, "recover") else None
 
 
 def run_inc_smoothquant(b: Bench) -> dict:
