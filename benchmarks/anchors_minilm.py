@@ -104,7 +104,6 @@ class Bench:
             }
             if left_float:
                 out["left_float"] = left_float
-        qmodel = qmodel.float() if w_hat is None else qmodel
         out["cosine"] = cm.cosine(qmodel, self.ref, self.held)
         return out | extra
 
