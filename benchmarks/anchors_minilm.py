@@ -16,9 +16,10 @@ sentences, and are judged on the same 96 held-out sentences as
 * the model: mean cosine of the held-out sentence embeddings to fp32's;
 * wall time of the whole quantization call, at 2 threads.
 
-The anchors are not pykernels dependencies: install them with
-``pip install .[anchors]`` (see pyproject.toml for why they are not in
-``bench``). An anchor that is not installed, or fails, gets a row with its error.
+The anchors are not pykernels dependencies: INC, NNCF and torchao come with
+``pip install .[bench]``; llm-compressor with ``.[anchors]``, in an environment of
+its own (its pins would move transformers; see pyproject.toml). An anchor that is
+not installed, or fails, gets a row with its error.
 
     HF_HUB_OFFLINE=1 flock /tmp/pk-bench.lock python benchmarks/anchors_minilm.py \\
         --anchors pk,inc --json benchmarks/anchors_minilm_2026-12-07.json
