@@ -147,6 +147,9 @@ def test_auto_with_recovery():
     assert cos >= 0.97
     assert rep.recovered is not None and rep.recipe.startswith("prune:0.3")
     assert rep.recovery["holdout_after"]["cosine"] >= 0.97
-    # the rest of the recipe reproduces the model on the recovered weights
-    again, _ = pk.compress(rep.recovered, rep.recipe_after_recovery, xtr[:128], progress=False)
+    # the rest of the recipe reproduces the model on the recovered weights (with the
+    # calibration batches: pruned groups are re-fitted on them)
+    again, _ = pk.compress(
+        rep.recovered, rep.recipe_after_recovery, xtr[:128], calibration=calib, progress=False
+    )
     assert torch.equal(again(held[0]), out(held[0]))

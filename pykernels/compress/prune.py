@@ -27,6 +27,7 @@ Groups are found two ways:
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -781,6 +782,250 @@ def _importance(ctx: Context, groups: list[Group], importance: str) -> dict[int,
     return {k: (v / len(losses)).sqrt() for k, v in acc.items()}
 
 
+# --- calibration-aware choice and reconstruction ------------------------------------
+
+# Ridge damping of the kept channels' covariance, relative to its mean diagonal (as
+# GPTQ's): keeps the solve stable where calibration rows are few or channels are
+# nearly collinear, at a negligible bias.
+RECONSTRUCT_DAMP = 0.01
+# Rounds of the greedy OBS choice of single neurons (see _obs_keep).
+OBS_ROUNDS = 32
+
+
+def _consumers(g: Group) -> list[Member] | None:
+    """The Linear layers reading the group's units (one feature per unit channel), or
+    None when some consumer is not such a Linear (a conv, a flattened input): those
+    groups are pruned without reconstruction."""
+    ins = [m for m in g.members if m.role == "in"]
+    if not ins or any(not isinstance(m.module, nn.Linear) or m.mult != 1 for m in ins):
+        return None
+    return ins
+
+
+@dataclass
+class _Moments:
+    rows: int = 0
+    total: Tensor | None = None  # float64 [K]: sum of x
+    xtx: Tensor | None = None  # float64 [K, K]: sum of x^T x
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not x.shape[0]:
+            return
+        # One float32 product per batch (fast), accumulated in float64.
+        part, col = (x.T @ x).double(), x.sum(0).double()
+        if not (bool(torch.isfinite(col).all()) and bool(torch.isfinite(part.diagonal()).all())):
+            raise ValueError(
+                "prune: calibration drives an input of a pruned layer to NaN or inf; the "
+                "calibration batches must be inputs the model computes finite values on"
+            )
+        self.rows += x.shape[0]
+        self.total = col if self.total is None else self.total.add_(col)
+        self.xtx = part if self.xtx is None else self.xtx.add_(part)
+
+    def stats(self, centered: bool) -> tuple[Tensor, Tensor]:
+        """The mean and the (centered, or raw second-moment) covariance, float64."""
+        assert self.total is not None and self.xtx is not None
+        mu = self.total / self.rows
+        c = self.xtx / self.rows
+        if centered:
+            c = c - torch.outer(mu, mu)
+        return mu, c
+
+
+class _Enough(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by the statistics hooks to stop a forward once every consumer fired."""
+
+
+def _moments(ctx: Context, batches: list[Any], layers: list[nn.Linear]) -> dict[int, _Moments]:
+    """The inputs' first and second moments of ``layers`` over the calibration batches,
+    on the model as it is now (earlier groups already pruned and reconstructed)."""
+    from .auto import output_rows
+    from .context import call_model
+
+    out = {id(m): _Moments() for m in layers}
+    seen: set[int] = set()
+    current: list[Any] = [None]
+    hooks = []
+    for m in layers:
+        key = id(m)
+
+        def hook(mod, args, st=out[key], key=key):
+            if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+                # Padding tokens' rows left out: what the model computes there is never
+                # read, and fitting it would spend the re-fit on noise.
+                st.add(output_rows(args[0], current[0]))
+            seen.add(key)
+            if len(seen) == len(out):
+                # Every consumer has its input: the rest of the forward is not needed
+                # (a layer's group then costs the model up to that layer, not all of it).
+                raise _Enough
+
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                seen.clear()
+                current[0] = b
+                try:
+                    call_model(ctx.model, b)
+                except _Enough:
+                    pass
+                except ValueError:
+                    raise
+                except Exception as e:
+                    raise ValueError(
+                        f"prune: the model does not run on calibration batch {i} "
+                        f"({type(e).__name__}: {e}); calibration batches must be inputs "
+                        "shaped like example_inputs"
+                    ) from e
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def _act_scores(g: Group, consumers: list[Member], mom: dict[int, _Moments]) -> Tensor:
+    """Per unit, the mean square of what removing it (alone) takes from the consumers'
+    outputs once its mean is folded into their bias: ``tr(W_S C_SS W_S^T)`` over the
+    unit's features S, with C the centered input covariance (FLAP's fluctuation
+    metric for one channel: ``var(x_j) ||W[:, j]||^2``)."""
+    total = torch.zeros(g.size, dtype=torch.float64)
+    w_ = g.width
+    for m in consumers:
+        _, c = mom[id(m.module)].stats(centered=m.module.bias is not None)
+        w = m.module.weight.detach().double().cpu()
+        if w_ == 1:
+            total += (w * w).sum(0) * c.diagonal()
+        else:
+            k = g.size
+            blocks_w = w.reshape(w.shape[0], k, w_).permute(1, 0, 2)  # [units, N, width]
+            blocks_c = c.reshape(k, w_, k, w_).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            # tr(W_S C_SS W_S^T) per unit
+            total += torch.einsum("unw,uwv,unv->u", blocks_w, blocks_c, blocks_w)
+    return total
+
+
+def _obs_keep(g: Group, consumers: list[Member], mom: dict[int, _Moments], keep: int) -> Tensor:
+    """The units to keep, chosen greedily as structured OBS (Optimal Brain Surgeon)
+    does: each time, the unit whose removal raises the consumers' output error the
+    least *after* the remaining inputs are re-fitted to compensate (with ``H`` the
+    inverse of the damped input covariance, ``tr(W_S (H_SS)^-1 W_S^T)`` over the
+    unit's features S), then the compensation applied and ``H`` downdated. Cheap in
+    closed form, and it accounts for the least-squares re-fit that follows, which
+    the per-unit contribution alone (:func:`_act_scores`) cannot: a unit its
+    neighbours can stand in for goes before a loud unit nobody else can replace."""
+    w_ = g.width
+    states = []
+    for m in consumers:
+        mu, c = mom[id(m.module)].stats(centered=m.module.bias is not None)
+        lam = RECONSTRUCT_DAMP * float(c.diagonal().mean().clamp_min(1e-12))
+        a = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
+        h = torch.cholesky_inverse(torch.linalg.cholesky(a))
+        states.append([m.module.weight.detach().double().cpu().clone(), h])
+    alive = torch.ones(g.size, dtype=torch.bool)
+    eye = torch.eye(w_, dtype=torch.float64)
+    # Single features (FFN neurons) go in OBS_ROUNDS rounds of the cheapest few, each
+    # round one block downdate (one at a time would cost hundreds of K x K updates);
+    # heads one at a time.
+    per = 1 if w_ > 1 else max(1, math.ceil((g.size - keep) / OBS_ROUNDS))
+    while int(alive.sum()) > keep:
+        err = torch.zeros(g.size, dtype=torch.float64)
+        for w, h in states:
+            if w_ == 1:
+                err += (w * w).sum(0) / h.diagonal().clamp_min(1e-300)
+            else:
+                k = g.size
+                hb = h.reshape(k, w_, k, w_).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+                wb = w.reshape(w.shape[0], k, w_).permute(1, 0, 2)  # [units, N, width]
+                inv = torch.linalg.inv(hb + 1e-12 * eye)  # removed units: identity-ish
+                err += torch.einsum("unw,uwv,unv->u", wb, inv, wb)
+        err[~alive] = math.inf
+        take = torch.argsort(err, stable=True)[: min(per, int(alive.sum()) - keep)]
+        alive[take] = False
+        s = _features(torch.sort(take).values, w_)
+        for st in states:
+            w, h = st
+            h_ss_inv = torch.linalg.inv(h[s][:, s])
+            # OBS: the other inputs absorb what the removed ones carried
+            w -= (w[:, s] @ h_ss_inv) @ h[s, :]
+            h -= h[:, s] @ h_ss_inv @ h[s, :]
+            w[:, s] = 0
+            h[s, :] = 0
+            h[:, s] = 0
+            h[s, s] = 1.0  # a placeholder on the removed features' diagonal
+    return alive.nonzero().flatten()
+
+
+def reconstruct_linear(
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: Tensor,
+    mean: Tensor,
+    cov: Tensor,
+    damp: float = RECONSTRUCT_DAMP,
+) -> tuple[Tensor, Tensor | None]:
+    """The weights over input features ``keep`` that best reproduce ``x -> W x + b``
+    (least squares over the calibration rows), and the matching bias.
+
+    ``mean`` and ``cov`` are the input's mean and covariance (centered when there is
+    a bias to absorb the dropped features' mean, else the raw second moment with
+    ``mean`` zero). With D the dropped features: ``W_K' = W_K + W_D C_DK (C_KK +
+    lambda I)^-1`` and ``b' = b + W_D mu_D - (W_K' - W_K) mu_K``, the closed form of
+    the regression of the dropped part on the kept one. Written as a correction to
+    ``W_K``, it is exactly ``W_K`` (and ``b``) when the dropped features are zero on
+    the calibration data, whatever the damping."""
+    k_in = weight.shape[1]
+    drop_mask = torch.ones(k_in, dtype=torch.bool)
+    drop_mask[keep.cpu()] = False
+    drop = drop_mask.nonzero().flatten()
+    keep = keep.cpu()
+    w = weight.detach().double().cpu()
+    w_k, w_d = w[:, keep], w[:, drop]
+    c_kk, c_dk = cov[keep][:, keep], cov[drop][:, keep]
+    lam = damp * float(c_kk.diagonal().mean().clamp_min(1e-12))
+    a = c_kk + lam * torch.eye(len(keep), dtype=c_kk.dtype)
+    rhs = (w_d @ c_dk).T  # [K, N]
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        delta = torch.cholesky_solve(rhs, chol).T
+    else:  # numerically singular even with damping: least squares instead
+        delta = torch.linalg.lstsq(a, rhs).solution.T
+    new_w = (w_k + delta).to(weight.dtype)
+    new_b = None
+    if bias is not None:
+        mu = mean.cpu()
+        b = bias.detach().double().cpu() + w_d @ mu[drop] - delta @ mu[keep]
+        new_b = b.to(bias.dtype)
+    return new_w, new_b
+
+
+def _reconstruct(
+    g: Group, consumers: list[Member], mom: dict[int, _Moments], keep_units: Tensor
+) -> list[tuple[nn.Linear, Tensor, Tensor | None]]:
+    """New (weight, bias) of each consumer for the units kept; applied after slicing."""
+    feats = _features(keep_units, g.width)
+    out = []
+    for m in consumers:
+        lin = m.module
+        st = mom[id(lin)]
+        if not st.rows:
+            continue
+        mu, c = st.stats(centered=lin.bias is not None)
+        if lin.bias is None:
+            mu = torch.zeros_like(mu)
+        w, b = reconstruct_linear(lin.weight, lin.bias, feats, mu, c)
+        out.append((lin, w, b))
+    return out
+
+
+def _set_linear(lin: nn.Linear, w: Tensor, b: Tensor | None) -> None:
+    with torch.no_grad():
+        lin.weight.copy_(w.to(lin.weight.device))
+        if b is not None and lin.bias is not None:
+            lin.bias.copy_(b.to(lin.bias.device))
+
+
 def prune_structured(ctx: Context, step: Any) -> None:
     """Applies :class:`pykernels.recipes.PruneStructured` to ``ctx.model``."""
     bert, bert_reasons = _bert_groups(ctx, step.heads)
@@ -821,11 +1066,59 @@ def prune_structured(ctx: Context, step: Any) -> None:
         for g in usable
     ]
     plan = [(g, k) for g, k in plan if k < g.size]
+    batches = getattr(ctx, "calibration", None)
+    reconstruct = step.reconstruct
+    if reconstruct is None:
+        reconstruct = bool(batches)
+    if reconstruct and not batches:
+        raise ValueError(
+            f"recipe step {str(step)!r} reconstructs from calibration data: call "
+            "pk.compress(model, recipe, example_inputs, calibration=batches) with batches "
+            "of inputs like example_inputs"
+        )
+    importance = step.importance or ("act" if batches else "l2")
+    if importance == "act" and not batches:
+        raise ValueError(
+            f"recipe step {str(step)!r}: importance='act' weighs each unit by its "
+            "activations on calibration data: pass calibration=batches to pk.compress"
+        )
     if plan:
-        scores = _importance(ctx, [g for g, _ in plan], step.importance)
+        scores = {}
+        if importance != "act":
+            scores = _importance(ctx, [g for g, _ in plan], importance)
         for g, keep in ctx.progress(plan, "prune"):
-            order = torch.argsort(scores[id(g)], descending=True, stable=True)[:keep]
-            _apply_group(ctx, g, torch.sort(order).values)
+            consumers = _consumers(g) if (reconstruct or importance == "act") else None
+            mom = None
+            if consumers is not None:
+                # Each group's statistics on the model as pruned so far, so that a
+                # later group's reconstruction sees what the earlier ones left.
+                mom = _moments(ctx, batches, [m.module for m in consumers])
+                if any(not mom[id(m.module)].rows for m in consumers):
+                    mom = None
+            s = None
+            if importance == "act" and not (reconstruct and mom is not None):
+                # A consumer the calibration never reaches (or one that is not a
+                # plain Linear): its unit's weights decide, as without calibration.
+                s = _act_scores(g, consumers, mom) if mom is not None else None
+                if s is None:
+                    w2 = {
+                        id(m.module.weight): m.module.weight.detach().float().pow(2)
+                        for m in g.members
+                    }
+                    s = _unit_scores(g, w2).sqrt()
+            elif importance != "act":
+                s = scores[id(g)]
+            if importance == "act" and reconstruct and mom is not None:
+                keep_units = _obs_keep(g, consumers, mom, keep)
+            else:
+                order = torch.argsort(s, descending=True, stable=True)[:keep]
+                keep_units = torch.sort(order).values
+            updates = []
+            if reconstruct and mom is not None:
+                updates = _reconstruct(g, consumers, mom, keep_units)
+            _apply_group(ctx, g, keep_units)
+            for lin, w, b in updates:
+                _set_linear(lin, w, b)
 
     # Every layer whose output width stays, and why (inputs may still have been pruned).
     narrowed = {m.fqn for g, _ in plan for m in g.members if m.role == "out"}
