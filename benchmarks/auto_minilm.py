@@ -205,12 +205,13 @@ def prune_only(args) -> dict:
     tok, teacher = load()
     _, _, calib, hold_b = recover_data(args, tok)
     rows = []
-    for label, recipe, cal in (
-        ("magnitude (l2, no calibration)", args.recipe, None),
-        ("act importance, no re-fit", f"{args.recipe}:act:reconstruct=False", calib),
-        ("l2 importance + re-fit", f"{args.recipe}:l2:reconstruct=True", calib),
-        ("act importance + re-fit (default with calibration)", args.recipe, calib),
-    ):
+    variants = {
+        "magnitude": ("magnitude (l2, no calibration)", args.recipe, None),
+        "act": ("act importance, no re-fit", f"{args.recipe}:act:reconstruct=False", calib),
+        "l2fit": ("l2 importance + re-fit", f"{args.recipe}:l2:reconstruct=True", calib),
+        "default": ("act importance + re-fit (default with calibration)", args.recipe, calib),
+    }
+    for label, recipe, cal in (variants[v] for v in args.variants.split(",")):
         t0 = time.perf_counter()
         student, _ = pk.compress(teacher, recipe, calib[0], calibration=cal, progress=False)
         sec = time.perf_counter() - t0
@@ -290,6 +291,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="prune:0.3")
     ap.add_argument("--calib-passages", type=int, default=32, help="128-token passages")
     ap.add_argument("--no-reconstruct", action="store_true", help="magnitude pruning")
+    ap.add_argument("--variants", default="magnitude,act,l2fit,default")
     ap.add_argument("--calib-kind", choices=("passages", "sentences"), default="passages")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet", action="store_true")

@@ -27,6 +27,7 @@ Groups are found two ways:
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import warnings
@@ -807,11 +808,22 @@ class _Moments:
     rows: int = 0
     total: Tensor | None = None  # float64 [K]: sum of x
     xtx: Tensor | None = None  # float64 [K, K]: sum of x^T x
+    ysum: Tensor | None = None  # float64 [N]: sum of the target outputs y
+    ytx: Tensor | None = None  # float64 [N, K]: sum of y^T x
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, y: Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not x.shape[0]:
             return
+        if y is not None:
+            y = y.detach().reshape(-1, y.shape[-1]).float()
+            if y.shape[0] != x.shape[0]:
+                y = None  # rows that do not pair up: fall back to the layer's own output
+        if y is not None:
+            yx, ys = (y.T @ x).double(), y.sum(0).double()
+            self.ytx = yx if self.ytx is None else self.ytx.add_(yx)
+            self.ysum = ys if self.ysum is None else self.ysum.add_(ys)
+            self.paired = getattr(self, "paired", 0) + x.shape[0]
         # One float32 product per batch (fast), accumulated in float64.
         part, col = (x.T @ x).double(), x.sum(0).double()
         if not (bool(torch.isfinite(col).all()) and bool(torch.isfinite(part.diagonal()).all())):
@@ -837,52 +849,91 @@ class _Enough(Exception):  # noqa: N818 - a signal, not an error
     """Raised by the statistics hooks to stop a forward once every consumer fired."""
 
 
-def _moments(ctx: Context, batches: list[Any], layers: list[nn.Linear]) -> dict[int, _Moments]:
-    """The inputs' first and second moments of ``layers`` over the calibration batches,
-    on the model as it is now (earlier groups already pruned and reconstructed)."""
+def _moments(
+    ctx: Context,
+    batches: list[Any],
+    layers: list[tuple[str, nn.Linear]],
+    reference: nn.Module | None = None,
+) -> dict[int, _Moments]:
+    """The inputs' first and second moments of ``layers`` (fqn, module) over the
+    calibration batches, on the model as it is now (earlier groups already pruned and
+    re-fitted). With ``reference`` (the model before pruning), the same-named layer's
+    output there on the same batch is paired with each input row: the target the
+    re-fit matches, so that it also corrects what earlier groups' pruning changed
+    upstream (sequential reconstruction, as layer-wise post-training pruning does)."""
     from .auto import output_rows
+
+    out = {id(m): _Moments() for _, m in layers}
+    targets: dict[int, Tensor] = {}
+    current: list[Any] = [None]
+
+    def run(model: nn.Module, mods: list[tuple[int, nn.Module]], pre: bool, i: int, b) -> None:
+        seen: set[int] = set()
+        hooks = []
+        for key, m in mods:
+            if pre:
+
+                def hook(mod, args, st=out[key], key=key):
+                    if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+                        # Padding tokens' rows left out: what the model computes there is
+                        # never read, and fitting it would spend the re-fit on noise.
+                        st.add(output_rows(args[0], current[0]), targets.pop(key, None))
+                    seen.add(key)
+                    if len(seen) == len(mods):
+                        # Every consumer has its input: the rest of the forward is not
+                        # needed (a layer's group costs the model up to that layer).
+                        raise _Enough
+
+                hooks.append(m.register_forward_pre_hook(hook))
+            else:
+
+                def fhook(mod, args, y, key=key):
+                    if isinstance(y, Tensor) and y.is_floating_point():
+                        targets[key] = output_rows(y, current[0])
+                    seen.add(key)
+                    if len(seen) == len(mods):
+                        raise _Enough
+
+                hooks.append(m.register_forward_hook(fhook))
+        try:
+            _call_calibration(model, b, i)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    ref_mods = []
+    if reference is not None:
+        for fqn, m in layers:
+            try:
+                ref_mods.append((id(m), reference.get_submodule(fqn)))
+            except AttributeError:
+                ref_mods = []
+                break
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            current[0] = b
+            targets.clear()
+            if ref_mods:
+                run(reference, ref_mods, False, i, b)
+            run(ctx.model, [(id(m), m) for _, m in layers], True, i, b)
+    return out
+
+
+def _call_calibration(model: nn.Module, b: Any, i: int) -> None:
     from .context import call_model
 
-    out = {id(m): _Moments() for m in layers}
-    seen: set[int] = set()
-    current: list[Any] = [None]
-    hooks = []
-    for m in layers:
-        key = id(m)
-
-        def hook(mod, args, st=out[key], key=key):
-            if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
-                # Padding tokens' rows left out: what the model computes there is never
-                # read, and fitting it would spend the re-fit on noise.
-                st.add(output_rows(args[0], current[0]))
-            seen.add(key)
-            if len(seen) == len(out):
-                # Every consumer has its input: the rest of the forward is not needed
-                # (a layer's group then costs the model up to that layer, not all of it).
-                raise _Enough
-
-        hooks.append(m.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
-            for i, b in enumerate(batches):
-                seen.clear()
-                current[0] = b
-                try:
-                    call_model(ctx.model, b)
-                except _Enough:
-                    pass
-                except ValueError:
-                    raise
-                except Exception as e:
-                    raise ValueError(
-                        f"prune: the model does not run on calibration batch {i} "
-                        f"({type(e).__name__}: {e}); calibration batches must be inputs "
-                        "shaped like example_inputs"
-                    ) from e
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
+        call_model(model, b)
+    except _Enough:
+        pass
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"prune: the model does not run on calibration batch {i} "
+            f"({type(e).__name__}: {e}); calibration batches must be inputs "
+            "shaped like example_inputs"
+        ) from e
 
 
 def _act_scores(g: Group, consumers: list[Member], mom: dict[int, _Moments]) -> Tensor:
@@ -964,6 +1015,7 @@ def reconstruct_linear(
     mean: Tensor,
     cov: Tensor,
     damp: float = RECONSTRUCT_DAMP,
+    target: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The weights over input features ``keep`` that best reproduce ``x -> W x + b``
     (least squares over the calibration rows), and the matching bias.
@@ -974,7 +1026,12 @@ def reconstruct_linear(
     lambda I)^-1`` and ``b' = b + W_D mu_D - (W_K' - W_K) mu_K``, the closed form of
     the regression of the dropped part on the kept one. Written as a correction to
     ``W_K``, it is exactly ``W_K`` (and ``b``) when the dropped features are zero on
-    the calibration data, whatever the damping."""
+    the calibration data, whatever the damping.
+
+    ``target``: ``(mu_y, C_yx)``, the mean of another output to match (the
+    unpruned model's, where the inputs have drifted) and its covariance with the
+    inputs; then ``W_K' = W_K + (C_yK - W_K C_KK) (C_KK + lambda I)^-1`` (ridge
+    regression toward ``W_K``) and ``b' = mu_y - W_K' mu_K``."""
     k_in = weight.shape[1]
     drop_mask = torch.ones(k_in, dtype=torch.bool)
     drop_mask[keep.cpu()] = False
@@ -985,7 +1042,10 @@ def reconstruct_linear(
     c_kk, c_dk = cov[keep][:, keep], cov[drop][:, keep]
     lam = damp * float(c_kk.diagonal().mean().clamp_min(1e-12))
     a = c_kk + lam * torch.eye(len(keep), dtype=c_kk.dtype)
-    rhs = (w_d @ c_dk).T  # [K, N]
+    if target is None:
+        rhs = (w_d @ c_dk).T  # [K, N]
+    else:
+        rhs = (target[1][:, keep] - w_k @ c_kk).T
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         delta = torch.cholesky_solve(rhs, chol).T
@@ -995,7 +1055,10 @@ def reconstruct_linear(
     new_b = None
     if bias is not None:
         mu = mean.cpu()
-        b = bias.detach().double().cpu() + w_d @ mu[drop] - delta @ mu[keep]
+        if target is None:
+            b = bias.detach().double().cpu() + w_d @ mu[drop] - delta @ mu[keep]
+        else:
+            b = target[0] - (w_k + delta) @ mu[keep]
         new_b = b.to(bias.dtype)
     return new_w, new_b
 
@@ -1011,10 +1074,21 @@ def _reconstruct(
         st = mom[id(lin)]
         if not st.rows:
             continue
-        mu, c = st.stats(centered=lin.bias is not None)
-        if lin.bias is None:
+        centered = lin.bias is not None
+        mu, c = st.stats(centered=centered)
+        if not centered:
             mu = torch.zeros_like(mu)
-        w, b = reconstruct_linear(lin.weight, lin.bias, feats, mu, c)
+        target = None
+        if st.ytx is not None and getattr(st, "paired", 0) == st.rows:
+            # E[(y - mu_y) x^T] (or E[y x^T] without a bias), y the reference's output
+            mu_y = st.ysum / st.rows
+            cyx = st.ytx / st.rows
+            if centered:
+                cyx = cyx - torch.outer(mu_y, st.total / st.rows)
+            else:
+                mu_y = torch.zeros_like(mu_y)
+            target = (mu_y, cyx)
+        w, b = reconstruct_linear(lin.weight, lin.bias, feats, mu, c, target=target)
         out.append((lin, w, b))
     return out
 
@@ -1083,6 +1157,8 @@ def prune_structured(ctx: Context, step: Any) -> None:
             "activations on calibration data: pass calibration=batches to pk.compress"
         )
     if plan:
+        # The model before pruning: each re-fit matches its consumer's output there.
+        reference = copy.deepcopy(ctx.model) if reconstruct else None
         scores = {}
         if importance != "act":
             scores = _importance(ctx, [g for g, _ in plan], importance)
@@ -1092,7 +1168,9 @@ def prune_structured(ctx: Context, step: Any) -> None:
             if consumers is not None:
                 # Each group's statistics on the model as pruned so far, so that a
                 # later group's reconstruction sees what the earlier ones left.
-                mom = _moments(ctx, batches, [m.module for m in consumers])
+                mom = _moments(
+                    ctx, batches, [(m.fqn, m.module) for m in consumers], reference
+                )
                 if any(not mom[id(m.module)].rows for m in consumers):
                     mom = None
             s = None
