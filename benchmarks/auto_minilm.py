@@ -3,7 +3,8 @@ uniform recipes, on English sentences from the standard library's docstrings.
 
     python benchmarks/auto_minilm.py search --budget 0.99 --json benchmarks/auto_minilm.json
     python benchmarks/auto_minilm.py recover --minutes 10 --json benchmarks/recover_minilm.json
-    python benchmarks/auto_minilm.py search --budget 0.97 --recover-minutes 10
+    python benchmarks/auto_minilm.py search --budget 0.97 --recover-minutes 10 --batches 4
+    python benchmarks/auto_minilm.py prune --calib-kind sentences --json prune.json
 
 search: pk.compress(model, "auto", timing batch, budget=pk.Budget(cosine=B), calibration,
 holdout), then every model (fp32, the uniform recipes, auto) timed in alternating
@@ -12,9 +13,13 @@ that neither the search's calibration nor its holdout saw: the token-level cosin
 budget is stated in (last_hidden_state rows of real tokens) and the sentence-embedding
 cosine (mean pooling, as sentence-transformers).
 
-recover: prune:0.3, then pk.distill.recover for --minutes on training sentences,
-held-out sentences (every 10th, never trained on) measured as
+recover: prune:0.3 (calibration-aware on --calib-kind batches of training sentences or
+passages, unless --no-reconstruct), then pk.distill.recover for --minutes on training
+sentences, held-out sentences (every 10th, never trained on) measured as
 benchmarks/distill_minilm.py does (sentence-embedding cosine to fp32).
+
+prune: the held-out cosines right after pruning, magnitude against calibration-aware
+(--variants magnitude,act,l2fit,default).
 """
 
 from __future__ import annotations
@@ -130,7 +135,8 @@ def search(args) -> dict:
     print(report, flush=True)
     models = {"fp32": fp32}
     for r in UNIFORM:
-        models[r], _ = pk.compress(fp32, r, calib[0], progress=False)
+        # with the calibration batches: prune is calibration-aware, the others ignore them
+        models[r], _ = pk.compress(fp32, r, calib[0], calibration=calib, progress=False)
     models["auto"] = auto
     times = rounds(models, timing, args.reps)
     ref_test = [fp32(**b).last_hidden_state.detach() for b in test]
