@@ -1168,9 +1168,7 @@ def prune_structured(ctx: Context, step: Any) -> None:
             if consumers is not None:
                 # Each group's statistics on the model as pruned so far, so that a
                 # later group's reconstruction sees what the earlier ones left.
-                mom = _moments(
-                    ctx, batches, [(m.fqn, m.module) for m in consumers], reference
-                )
+                mom = _moments(ctx, batches, [(m.fqn, m.module) for m in consumers], reference)
                 if any(not mom[id(m.module)].rows for m in consumers):
                     mom = None
             s = None
