@@ -3,7 +3,8 @@ uniform recipes, on English sentences from the standard library's docstrings.
 
     python benchmarks/auto_minilm.py search --budget 0.99 --json benchmarks/auto_minilm.json
     python benchmarks/auto_minilm.py recover --minutes 10 --json benchmarks/recover_minilm.json
-    python benchmarks/auto_minilm.py search --budget 0.97 --recover-minutes 10
+    python benchmarks/auto_minilm.py search --budget 0.97 --recover-minutes 10 --batches 4
+    python benchmarks/auto_minilm.py prune --calib-kind sentences --json prune.json
 
 search: pk.compress(model, "auto", timing batch, budget=pk.Budget(cosine=B), calibration,
 holdout), then every model (fp32, the uniform recipes, auto) timed in alternating
@@ -12,15 +13,20 @@ that neither the search's calibration nor its holdout saw: the token-level cosin
 budget is stated in (last_hidden_state rows of real tokens) and the sentence-embedding
 cosine (mean pooling, as sentence-transformers).
 
-recover: prune:0.3, then pk.distill.recover for --minutes on training sentences,
-held-out sentences (every 10th, never trained on) measured as
+recover: prune:0.3 (calibration-aware on --calib-kind batches of training sentences or
+passages, unless --no-reconstruct), then pk.distill.recover for --minutes on training
+sentences, held-out sentences (every 10th, never trained on) measured as
 benchmarks/distill_minilm.py does (sentence-embedding cosine to fp32).
+
+prune: the held-out cosines right after pruning, magnitude against calibration-aware
+(--variants magnitude,act,l2fit,default).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -129,7 +135,8 @@ def search(args) -> dict:
     print(report, flush=True)
     models = {"fp32": fp32}
     for r in UNIFORM:
-        models[r], _ = pk.compress(fp32, r, calib[0], progress=False)
+        # with the calibration batches: prune is calibration-aware, the others ignore them
+        models[r], _ = pk.compress(fp32, r, calib[0], calibration=calib, progress=False)
     models["auto"] = auto
     times = rounds(models, timing, args.reps)
     ref_test = [fp32(**b).last_hidden_state.detach() for b in test]
@@ -180,15 +187,71 @@ def search(args) -> dict:
     }
 
 
-def recover(args) -> dict:
-    tok, teacher = load()
+def recover_data(args, tok):
+    """Held-out sentences (every 10th), training sentences (the rest, shuffled), and
+    calibration batches: packed 128-token passages of training sentences (no padding
+    rows in the pruned layers' statistics)."""
     sents = stdlib_sentences()
     held = sents[::10][:400]
     train = [s for i, s in enumerate(sents) if i % 10 != 0]
     random.Random(0).shuffle(train)
-    calib = enc(tok, passages(train, tok, 8, 128))
-    student, _ = pk.compress(teacher, args.recipe, calib, progress=False)
+    if args.calib_kind == "passages":
+        texts = passages(train, tok, args.calib_passages, 128)
+        calib = [enc(tok, texts[i : i + 8], 128) for i in range(0, len(texts), 8)]
+    else:  # training sentences as the model will see them (padding rows left out)
+        n = args.calib_passages * 8
+        calib = [enc(tok, train[i : i + 64]) for i in range(0, n, 64)]
     hold_b = [enc(tok, held[i : i + 64]) for i in range(0, len(held), 64)]
+    return held, train, calib, hold_b
+
+
+def prune_only(args) -> dict:
+    """Held-out sentence cosine right after pruning, with and without calibration-aware
+    choice and reconstruction."""
+    tok, teacher = load()
+    _, _, calib, hold_b = recover_data(args, tok)
+    rows = []
+    variants = {
+        "magnitude": ("magnitude (l2, no calibration)", args.recipe, None),
+        "act": ("act importance, no re-fit", f"{args.recipe}:act:reconstruct=False", calib),
+        "l2fit": ("l2 importance + re-fit", f"{args.recipe}:l2:reconstruct=True", calib),
+        "default": ("act importance + re-fit (default with calibration)", args.recipe, calib),
+    }
+    for label, recipe, cal in (variants[v] for v in args.variants.split(",")):
+        t0 = time.perf_counter()
+        student, _ = pk.compress(teacher, recipe, calib[0], calibration=cal, progress=False)
+        sec = time.perf_counter() - t0
+        c = sentence_cosine(student, teacher, hold_b)
+        q = measure_quality(
+            student,
+            hold_b,
+            [teacher(**b).last_hidden_state.detach() for b in hold_b],
+            pk.Budget(cosine=0.0),
+        )
+        print(f"{label:<52} sent cos {c:.4f} tok cos {q['cosine']:.4f} ({sec:.1f} s)", flush=True)
+        rows.append(
+            {
+                "variant": label,
+                "recipe": recipe,
+                "calibration": cal is not None,
+                "sentence_cosine": c,
+                "token_cosine": q["cosine"],
+                "seconds": sec,
+            }
+        )
+    return {
+        "recipe": args.recipe,
+        "calib_passages": args.calib_passages,
+        "calib_kind": args.calib_kind,
+        "rows": rows,
+    }
+
+
+def recover(args) -> dict:
+    tok, teacher = load()
+    held, train, calib, hold_b = recover_data(args, tok)
+    cal = None if args.no_reconstruct else calib
+    student, _ = pk.compress(teacher, args.recipe, calib[0], calibration=cal, progress=False)
     batches = [enc(tok, train[i : i + args.batch]) for i in range(0, len(train), args.batch)]
     before = sentence_cosine(student, teacher, hold_b)
     print(f"{args.recipe}: held-out sentence cosine before {before:.4f}", flush=True)
@@ -208,12 +271,21 @@ def recover(args) -> dict:
         f"after {hist['seconds'] / 60:.1f} min ({hist['steps']} steps, layerwise "
         f"{hist['layerwise']}): held-out sentence cosine {after:.4f}"
     )
-    return {"recipe": args.recipe, "before": before, "after": after, "history": hist}
+    return {
+        "recipe": args.recipe,
+        "reconstruct": cal is not None,
+        "calib_passages": args.calib_passages,
+        "calib_kind": args.calib_kind,
+        "batch": args.batch,
+        "before": before,
+        "after": after,
+        "history": hist,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("search", "recover"))
+    ap.add_argument("mode", choices=("search", "recover", "prune"))
     ap.add_argument("--budget", type=float, default=0.99)
     ap.add_argument("--minimize", default="latency")
     ap.add_argument("--recover-minutes", type=float)
@@ -223,6 +295,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--recipe", default="prune:0.3")
+    ap.add_argument("--calib-passages", type=int, default=32, help="128-token passages")
+    ap.add_argument("--no-reconstruct", action="store_true", help="magnitude pruning")
+    ap.add_argument("--variants", default="magnitude,act,l2fit,default")
+    ap.add_argument("--calib-kind", choices=("passages", "sentences"), default="passages")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--json")
@@ -230,7 +306,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pk.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = search(args) if args.mode == "search" else recover(args)
+    load_before = os.getloadavg()
+    out = {"search": search, "recover": recover, "prune": prune_only}[args.mode](args)
+    out["load_before"], out["load_after"] = load_before, os.getloadavg()
     out["threads"] = args.threads
     out["info"] = {k: v for k, v in pk.info().items() if not isinstance(v, dict)}
     if args.json:

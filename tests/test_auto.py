@@ -134,16 +134,17 @@ def _cosine(a, b):
     return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
 
 
-def _check(model, out, report, example, held, floor):
+def _check(model, out, report, example, held, floor, calib=None):
     """The budget holds on the held-out batches by a measure of our own, and the
-    recipe string reproduces the model exactly."""
+    recipe string reproduces the model exactly (given the search's calibration
+    batches, which calibration-aware pruning reads)."""
     assert isinstance(report, AutoReport)
     with torch.no_grad():
         got = torch.cat([out(h) for h in held])
         ref = torch.cat([model(h) for h in held])
         assert _cosine(got, ref) >= floor
         assert report.holdout["cosine"] == pytest.approx(_cosine(got, ref), abs=1e-9)
-        again, _ = pk.compress(model, report.recipe, example, progress=False)
+        again, _ = pk.compress(model, report.recipe, example, calibration=calib, progress=False)
         for h in held:
             assert torch.equal(again(h), out(h))
     assert len(report.choices) >= 1
@@ -164,7 +165,7 @@ def test_auto_mlp_on_digits_latency_and_bytes(tmp_path):
         out, rep = pk.compress(
             model, "auto", example, budget=budget, calibration=calib, holdout=held, progress=False
         )
-        _check(model, out, rep, example, held, 0.995)
+        _check(model, out, rep, example, held, 0.995, calib)
         assert "search" in str(rep) and "AutoReport(" in repr(rep)
         d = rep.to_dict()
         assert d["recipe"] == rep.recipe and len(d["trials"]) == len(rep.trials)
@@ -282,7 +283,7 @@ def test_auto_cnn_on_digits():
         cnn, "auto", example, budget=Budget(cosine=0.99), calibration=calib, holdout=held,
         progress=False,
     )  # fmt: skip
-    _check(cnn, out, rep, example, held, 0.99)
+    _check(cnn, out, rep, example, held, 0.99, calib)
     kinds = {c.step for c in rep.candidates}
     assert any(k.startswith("tucker") for k in kinds)
 
@@ -315,7 +316,13 @@ def test_auto_decoder_lm_from_config():
     with torch.no_grad():
         for i in ids[2:]:
             assert _cosine(out(input_ids=i).logits, lm(input_ids=i).logits) > 0.985
-        again, _ = pk.compress(lm, rep.recipe, {"input_ids": ids[0]}, progress=False)
+        again, _ = pk.compress(
+            lm,
+            rep.recipe,
+            {"input_ids": ids[0]},
+            calibration=[{"input_ids": ids[1]}],
+            progress=False,
+        )
         assert torch.equal(again(input_ids=ids[2]).logits, out(input_ids=ids[2]).logits)
     assert rep.holdout["cosine"] >= 0.99
     changed = [

@@ -356,3 +356,173 @@ def test_pruning_composes_with_the_other_steps(gen):
     assert torch.equal(run(both, x).last_hidden_state, run(again, x).last_hidden_state)
     rows = {r.name: r for r in report.layers}
     assert rows["encoder.layer.0.attention.self.query"].steps == ["prune:0.5", "int8:fuse=False"]
+
+
+# --- calibration-aware pruning: activation importance and least-squares re-fit ----
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).double().pow(2).sum() / b.double().pow(2).sum())
+
+
+def test_reconstruct_linear_is_the_least_squares_fit(gen):
+    """With no damping, the closed form equals a direct least-squares regression of
+    the layer's output on the kept inputs and a constant."""
+    from pykernels.compress.prune import reconstruct_linear
+
+    x = torch.randn(500, 12, generator=gen, dtype=torch.float64)
+    x = x @ torch.randn(12, 12, generator=gen, dtype=torch.float64)  # correlated inputs
+    x += torch.randn(12, generator=gen, dtype=torch.float64)  # and a mean to absorb
+    lin = nn.Linear(12, 5).double()
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / x.shape[0]
+    w, b = reconstruct_linear(lin.weight, lin.bias, keep, mu, cov, damp=0.0)
+    y = lin(x).detach()
+    a = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    sol = torch.linalg.lstsq(a, y).solution
+    assert torch.allclose(w, sol[:-1].T, atol=1e-8)
+    assert torch.allclose(b, sol[-1], atol=1e-8)
+    # and the fit is strictly better than dropping the columns
+    assert rel_err(x[:, keep] @ w.T + b, y) < rel_err(
+        x[:, keep] @ lin.weight[:, keep].T.detach() + lin.bias.detach(), y
+    )
+
+
+def test_reconstruct_linear_matches_another_target(gen):
+    """With a target output (the unpruned model's, where the inputs drifted), the
+    undamped re-fit is the least-squares regression of that target on the kept
+    inputs and a constant."""
+    from pykernels.compress.prune import reconstruct_linear
+
+    x = torch.randn(400, 10, generator=gen, dtype=torch.float64) + 0.5
+    y = torch.randn(400, 4, generator=gen, dtype=torch.float64) + x[:, :4] * 2
+    lin = nn.Linear(10, 4).double()
+    keep = torch.tensor([1, 2, 5, 6, 9])
+    mu, mu_y = x.mean(0), y.mean(0)
+    cov = (x - mu).T @ (x - mu) / x.shape[0]
+    cyx = (y - mu_y).T @ (x - mu) / x.shape[0]
+    w, b = reconstruct_linear(lin.weight, lin.bias, keep, mu, cov, damp=0.0, target=(mu_y, cyx))
+    a = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    sol = torch.linalg.lstsq(a, y).solution
+    assert torch.allclose(w, sol[:-1].T, atol=1e-8)
+    assert torch.allclose(b, sol[-1], atol=1e-8)
+
+
+def calib_mlp(gen, hidden=40, dead=()):
+    """A trained-looking chain: correlated hidden units (so a re-fit has something to
+    recover); ``dead`` hidden units of the first ReLU are always zero."""
+    m = mlp(hidden=hidden)
+    with torch.no_grad():
+        base = torch.randn(hidden, 6, generator=gen)
+        m[0].weight.copy_(base @ torch.randn(6, 24, generator=gen) * 0.3)
+        m[0].weight.add_(0.05 * torch.randn(hidden, 24, generator=gen))
+        for d in dead:
+            m[0].weight[d] = 0
+            m[0].bias[d] = -1.0
+    return m
+
+
+def test_reconstruction_is_strictly_closer_than_pruning_alone(gen):
+    seeded(gen)
+    m = calib_mlp(gen)
+    cal = [torch.randn(128, 24, generator=gen) for _ in range(4)]
+    test = torch.randn(256, 24, generator=gen)
+    kw = {"calibration": cal, "progress": False}
+    plain, _ = pk.compress(m, "prune:0.5:l2:reconstruct=False", cal[0], **kw)
+    fit, _ = pk.compress(m, "prune:0.5:l2:reconstruct=True", cal[0], **kw)
+    # the same units were kept (by weight norm) ...
+    assert kept_rows(fit[0].weight, m[0].weight) == kept_rows(plain[0].weight, m[0].weight)
+    assert fit[2].weight.shape == plain[2].weight.shape == (20, 20)
+    # ... and the re-fit consumers bring every output closer, on calibration and
+    # on fresh data from the same distribution
+    for x in (torch.cat(cal), test):
+        want = run(m, x)
+        assert rel_err(run(fit, x), want) < 0.9 * rel_err(run(plain, x), want)
+    # the default with calibration (units chosen by OBS on the activations, then
+    # re-fitted) beats magnitude pruning without calibration by far
+    act, _ = pk.compress(m, "prune:0.5", cal[0], **kw)
+    mag, _ = pk.compress(m, "prune:0.5", cal[0], progress=False)
+    want = run(m, test)
+    assert rel_err(run(act, test), want) < 0.5 * rel_err(run(mag, test), want)
+
+
+def test_reconstruction_is_exact_when_the_dropped_units_are_zero(gen):
+    seeded(gen)
+    dead = list(range(0, 40, 4))  # 10 of 40 units never fire
+    m = calib_mlp(gen, dead=dead)
+    cal = [torch.randn(96, 24, generator=gen) for _ in range(3)]
+    step = pk.recipes.PruneStructured(0.25, heads=False)
+    step_both = [pk.recipes.Scoped(step, ("0", "2"))]  # the first hidden layer only
+    out, _ = pk.compress(m, step_both, cal[0], calibration=cal, progress=False)
+    assert out[0].out_features == 30 and out[2].in_features == 30
+    keep = kept_rows(out[0].weight, m[0].weight)
+    assert sorted(set(range(40)) - set(keep)) == dead  # act importance drops the dead
+    # the consumer is the original's kept columns, the bias unchanged (up to the
+    # float32 rounding of the paired outputs the re-fit matches)
+    assert torch.allclose(out[2].weight, m[2].weight[:, keep], rtol=0, atol=1e-5)
+    assert torch.allclose(out[2].bias, m[2].bias, rtol=0, atol=1e-5)
+    x = torch.randn(64, 24, generator=gen)
+    assert torch.allclose(run(out, x), run(m, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bert_reconstruction_heads_and_ffn(gen, tmp_path):
+    seeded(gen)
+    m = tiny_bert(layers=2, heads=4, head_size=8, ffn=64)
+    cal = [bert_batch(gen, batch=6, seq=24) for _ in range(4)]
+    held = [bert_batch(gen, batch=6, seq=24) for _ in range(2)]
+    plain, _ = pk.compress(
+        m, "prune:0.5:l2:reconstruct=False", cal[0], calibration=cal, progress=False
+    )
+    fit, report = pk.compress(
+        m, "prune:0.5:l2:reconstruct=True", cal[0], calibration=cal, progress=False
+    )
+    for a, b in zip(fit.encoder.layer, plain.encoder.layer, strict=True):
+        assert a.attention.self.num_attention_heads == 2
+        assert torch.equal(a.attention.self.query.weight, b.attention.self.query.weight)
+        assert torch.equal(a.intermediate.dense.weight, b.intermediate.dense.weight)
+        # the consumers were re-fitted
+        assert not torch.equal(a.output.dense.weight, b.output.dense.weight)
+        assert not torch.equal(a.attention.output.dense.weight, b.attention.output.dense.weight)
+    # each block's residual branch is matched better: the last hidden state too
+    want = torch.cat([run(m, x).last_hidden_state for x in held])
+    e_fit = rel_err(torch.cat([run(fit, x).last_hidden_state for x in held]), want)
+    e_plain = rel_err(torch.cat([run(plain, x).last_hidden_state for x in held]), want)
+    assert e_fit < e_plain
+    assert {r.steps[0] for r in report.layers if r.steps} == {"prune:0.5:l2:reconstruct=True"}
+    # the default with calibration (OBS choice + re-fit) against magnitude pruning
+    act, _ = pk.compress(m, "prune:0.5", cal[0], calibration=cal, progress=False)
+    mag, _ = pk.compress(m, "prune:0.5", cal[0], progress=False)
+    e_act = rel_err(torch.cat([run(act, x).last_hidden_state for x in held]), want)
+    e_mag = rel_err(torch.cat([run(mag, x).last_hidden_state for x in held]), want)
+    assert e_act < e_mag
+    # save / load keeps the re-fitted weights and the head counts
+    path = tmp_path / "pruned"
+    pk.save(act, path)
+    back = pk.load(path, tiny_bert(layers=2, heads=4, head_size=8, ffn=64))
+    assert back.encoder.layer[0].attention.self.num_attention_heads == 2
+    for x in held:
+        assert torch.equal(run(back, x).last_hidden_state, run(act, x).last_hidden_state)
+
+
+def test_calibration_aware_pruning_refusals(gen):
+    seeded(gen)
+    m = calib_mlp(gen)
+    x = torch.randn(16, 24, generator=gen)
+    with pytest.raises(ValueError, match="calibration batch 0"):
+        pk.compress(m, "prune:0.5", x, calibration=[torch.randn(16, 7)], progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        pk.compress(m, "prune:0.5:act", x, progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        pk.compress(m, "prune:0.5:reconstruct=True", x, progress=False)
+    with pytest.raises(ValueError, match="reconstruct"):
+        pk.recipes.PruneStructured(0.5, reconstruct="yes")
+    with pytest.raises(ValueError, match="importance"):
+        pk.recipes.PruneStructured(0.5, importance="fisher")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        bad = torch.full((8, 24), float("nan"))
+        pk.compress(m, "prune:0.5", x, calibration=[bad], progress=False)
+    (s,) = pk.recipes.parse("prune:0.3:act:reconstruct=False")
+    assert s.importance == "act" and s.reconstruct is False
+    assert str(s) == "prune:0.3:act:reconstruct=False"
+    assert pk.recipes.parse(str(s)) == [s]

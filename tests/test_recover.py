@@ -81,11 +81,22 @@ def test_recover_layerwise_on_bert_from_config():
 
     train, held = [batch() for _ in range(8)], [batch() for _ in range(2)]
     student, _ = pk.compress(teacher, "prune:0.5", train[0], progress=False)
+    before = student.embeddings.word_embeddings.weight.detach().clone()
     _, hist = recover(
         student, teacher, train, minutes=0.1, holdout=held, progress=False, return_history=True
     )
     assert hist["layerwise"] is True
     assert hist["best_cosine"] > hist["start_cosine"] + 0.02
+    # embedding tables are not trained by default, and stay trainable for the caller
+    assert torch.equal(student.embeddings.word_embeddings.weight, before)
+    assert student.embeddings.word_embeddings.weight.requires_grad
+    _, hist = recover(
+        student, teacher, train, minutes=0.02, max_steps=2, progress=False,
+        train_embeddings=True, return_history=True,
+    )  # fmt: skip
+    assert not torch.equal(student.embeddings.word_embeddings.weight, before)
+    with pytest.raises(TypeError, match="train_embeddings"):
+        recover(student, teacher, train, minutes=0.02, train_embeddings=1)
 
 
 def test_recover_without_holdout_runs_to_the_budget():
@@ -147,6 +158,9 @@ def test_auto_with_recovery():
     assert cos >= 0.97
     assert rep.recovered is not None and rep.recipe.startswith("prune:0.3")
     assert rep.recovery["holdout_after"]["cosine"] >= 0.97
-    # the rest of the recipe reproduces the model on the recovered weights
-    again, _ = pk.compress(rep.recovered, rep.recipe_after_recovery, xtr[:128], progress=False)
+    # the rest of the recipe reproduces the model on the recovered weights (with the
+    # calibration batches: pruned groups are re-fitted on them)
+    again, _ = pk.compress(
+        rep.recovered, rep.recipe_after_recovery, xtr[:128], calibration=calib, progress=False
+    )
     assert torch.equal(again(held[0]), out(held[0]))

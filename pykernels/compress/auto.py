@@ -238,7 +238,9 @@ _LINEAR_LATENCY = ("int8",)
 _LINEAR_BYTES = ("int8", "cluster:16", "sparse:0.8", "lowrank:0.8")
 _EMBEDDING = ("int8",)
 _CONV = ("tucker:0.95", "tucker:0.8")
-PRUNE_RATIOS = (0.25, 0.5)
+# With calibration-aware pruning (units chosen on activations, consumers re-fitted) a
+# lightly pruned group costs little enough to fit in tight budgets: 1/8 is tried too.
+PRUNE_RATIOS = (0.125, 0.25, 0.5)
 # Single-unit changes tried after the bisection (each one whole-model build and
 # held-out check).
 REFINE_TRIES = 8
@@ -675,7 +677,7 @@ def compress_auto(
         torch.manual_seed(seed)
         source = model if recovered is None else recovered
         kw = {"filter_fn": filter_fn, "exclude": exclude, "progress": progress_bars}
-        work, ref_rep = compress(source, rest, example_inputs, **kw)
+        work, ref_rep = compress(source, rest, example_inputs, calibration=calib, **kw)
         if recovered is not None:
             # Layer rows against the recovered model (same shapes); the totals against
             # the original one, which the budget is about.
@@ -813,6 +815,9 @@ def _search(
             next(bar, None)
             work = copy.deepcopy(model)
             ctx = Context(work, example_inputs, selector, progress=False)
+            # Calibration-aware: the kept units chosen by their activations and the
+            # consumer re-fitted on them, as the final build does.
+            ctx.calibration = calib
             step = recipes.Scoped(recipes.PruneStructured(ratio=float(r)), tuple(members))
             run_steps(ctx, [step])
             if not ctx.changes:
@@ -860,6 +865,7 @@ def _search(
         work = copy.deepcopy(model)
         if rest:
             ctx = Context(work, example_inputs, selector, progress=False)
+            ctx.calibration = calib
             run_steps(ctx, recipes.parse(rest))
             work = ctx.model
         return work.eval()
@@ -983,7 +989,9 @@ def _prune_and_recover(model, example_inputs, calib, held, ref_held, budget, see
     hist: dict[str, Any] = {}
     for ratio in RECOVER_RATIOS:
         text = f"prune:{ratio:g}"
-        pruned, _ = compress(model, text, example_inputs, progress=False)
+        # With the calibration batches: units chosen by their activations and the
+        # consumers re-fitted, a much better start for the distillation.
+        pruned, _ = compress(model, text, example_inputs, calibration=calib, progress=False)
         student, hist = recover(
             pruned,
             model,

@@ -27,6 +27,8 @@ Groups are found two ways:
 
 from __future__ import annotations
 
+import copy
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -781,6 +783,323 @@ def _importance(ctx: Context, groups: list[Group], importance: str) -> dict[int,
     return {k: (v / len(losses)).sqrt() for k, v in acc.items()}
 
 
+# --- calibration-aware choice and reconstruction ------------------------------------
+
+# Ridge damping of the kept channels' covariance, relative to its mean diagonal (as
+# GPTQ's): keeps the solve stable where calibration rows are few or channels are
+# nearly collinear, at a negligible bias.
+RECONSTRUCT_DAMP = 0.01
+# Rounds of the greedy OBS choice of single neurons (see _obs_keep).
+OBS_ROUNDS = 32
+
+
+def _consumers(g: Group) -> list[Member] | None:
+    """The Linear layers reading the group's units (one feature per unit channel), or
+    None when some consumer is not such a Linear (a conv, a flattened input): those
+    groups are pruned without reconstruction."""
+    ins = [m for m in g.members if m.role == "in"]
+    if not ins or any(not isinstance(m.module, nn.Linear) or m.mult != 1 for m in ins):
+        return None
+    return ins
+
+
+@dataclass
+class _Moments:
+    rows: int = 0
+    total: Tensor | None = None  # float64 [K]: sum of x
+    xtx: Tensor | None = None  # float64 [K, K]: sum of x^T x
+    ysum: Tensor | None = None  # float64 [N]: sum of the target outputs y
+    ytx: Tensor | None = None  # float64 [N, K]: sum of y^T x
+
+    def add(self, x: Tensor, y: Tensor | None = None) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not x.shape[0]:
+            return
+        if y is not None:
+            y = y.detach().reshape(-1, y.shape[-1]).float()
+            if y.shape[0] != x.shape[0]:
+                y = None  # rows that do not pair up: fall back to the layer's own output
+        if y is not None:
+            yx, ys = (y.T @ x).double(), y.sum(0).double()
+            self.ytx = yx if self.ytx is None else self.ytx.add_(yx)
+            self.ysum = ys if self.ysum is None else self.ysum.add_(ys)
+            self.paired = getattr(self, "paired", 0) + x.shape[0]
+        # One float32 product per batch (fast), accumulated in float64.
+        part, col = (x.T @ x).double(), x.sum(0).double()
+        if not (bool(torch.isfinite(col).all()) and bool(torch.isfinite(part.diagonal()).all())):
+            raise ValueError(
+                "prune: calibration drives an input of a pruned layer to NaN or inf; the "
+                "calibration batches must be inputs the model computes finite values on"
+            )
+        self.rows += x.shape[0]
+        self.total = col if self.total is None else self.total.add_(col)
+        self.xtx = part if self.xtx is None else self.xtx.add_(part)
+
+    def stats(self, centered: bool) -> tuple[Tensor, Tensor]:
+        """The mean and the (centered, or raw second-moment) covariance, float64."""
+        assert self.total is not None and self.xtx is not None
+        mu = self.total / self.rows
+        c = self.xtx / self.rows
+        if centered:
+            c = c - torch.outer(mu, mu)
+        return mu, c
+
+
+class _Enough(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by the statistics hooks to stop a forward once every consumer fired."""
+
+
+def _moments(
+    ctx: Context,
+    batches: list[Any],
+    layers: list[tuple[str, nn.Linear]],
+    reference: nn.Module | None = None,
+) -> dict[int, _Moments]:
+    """The inputs' first and second moments of ``layers`` (fqn, module) over the
+    calibration batches, on the model as it is now (earlier groups already pruned and
+    re-fitted). With ``reference`` (the model before pruning), the same-named layer's
+    output there on the same batch is paired with each input row: the target the
+    re-fit matches, so that it also corrects what earlier groups' pruning changed
+    upstream (sequential reconstruction, as layer-wise post-training pruning does)."""
+    from .auto import output_rows
+
+    out = {id(m): _Moments() for _, m in layers}
+    targets: dict[int, Tensor] = {}
+    current: list[Any] = [None]
+
+    def run(model: nn.Module, mods: list[tuple[int, nn.Module]], pre: bool, i: int, b) -> None:
+        seen: set[int] = set()
+        hooks = []
+        for key, m in mods:
+            if pre:
+
+                def hook(mod, args, st=out[key], key=key):
+                    if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+                        # Padding tokens' rows left out: what the model computes there is
+                        # never read, and fitting it would spend the re-fit on noise.
+                        st.add(output_rows(args[0], current[0]), targets.pop(key, None))
+                    seen.add(key)
+                    if len(seen) == len(mods):
+                        # Every consumer has its input: the rest of the forward is not
+                        # needed (a layer's group costs the model up to that layer).
+                        raise _Enough
+
+                hooks.append(m.register_forward_pre_hook(hook))
+            else:
+
+                def fhook(mod, args, y, key=key):
+                    if isinstance(y, Tensor) and y.is_floating_point():
+                        targets[key] = output_rows(y, current[0])
+                    seen.add(key)
+                    if len(seen) == len(mods):
+                        raise _Enough
+
+                hooks.append(m.register_forward_hook(fhook))
+        try:
+            _call_calibration(model, b, i)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    ref_mods = []
+    if reference is not None:
+        for fqn, m in layers:
+            try:
+                ref_mods.append((id(m), reference.get_submodule(fqn)))
+            except AttributeError:
+                ref_mods = []
+                break
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            current[0] = b
+            targets.clear()
+            if ref_mods:
+                run(reference, ref_mods, False, i, b)
+            run(ctx.model, [(id(m), m) for _, m in layers], True, i, b)
+    return out
+
+
+def _call_calibration(model: nn.Module, b: Any, i: int) -> None:
+    from .context import call_model
+
+    try:
+        call_model(model, b)
+    except _Enough:
+        pass
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"prune: the model does not run on calibration batch {i} "
+            f"({type(e).__name__}: {e}); calibration batches must be inputs "
+            "shaped like example_inputs"
+        ) from e
+
+
+def _act_scores(g: Group, consumers: list[Member], mom: dict[int, _Moments]) -> Tensor:
+    """Per unit, the mean square of what removing it (alone) takes from the consumers'
+    outputs once its mean is folded into their bias: ``tr(W_S C_SS W_S^T)`` over the
+    unit's features S, with C the centered input covariance (FLAP's fluctuation
+    metric for one channel: ``var(x_j) ||W[:, j]||^2``)."""
+    total = torch.zeros(g.size, dtype=torch.float64)
+    w_ = g.width
+    for m in consumers:
+        _, c = mom[id(m.module)].stats(centered=m.module.bias is not None)
+        w = m.module.weight.detach().double().cpu()
+        if w_ == 1:
+            total += (w * w).sum(0) * c.diagonal()
+        else:
+            k = g.size
+            blocks_w = w.reshape(w.shape[0], k, w_).permute(1, 0, 2)  # [units, N, width]
+            blocks_c = c.reshape(k, w_, k, w_).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            # tr(W_S C_SS W_S^T) per unit
+            total += torch.einsum("unw,uwv,unv->u", blocks_w, blocks_c, blocks_w)
+    return total
+
+
+def _obs_keep(g: Group, consumers: list[Member], mom: dict[int, _Moments], keep: int) -> Tensor:
+    """The units to keep, chosen greedily as structured OBS (Optimal Brain Surgeon)
+    does: each time, the unit whose removal raises the consumers' output error the
+    least *after* the remaining inputs are re-fitted to compensate (with ``H`` the
+    inverse of the damped input covariance, ``tr(W_S (H_SS)^-1 W_S^T)`` over the
+    unit's features S), then the compensation applied and ``H`` downdated. Cheap in
+    closed form, and it accounts for the least-squares re-fit that follows, which
+    the per-unit contribution alone (:func:`_act_scores`) cannot: a unit its
+    neighbours can stand in for goes before a loud unit nobody else can replace."""
+    w_ = g.width
+    states = []
+    for m in consumers:
+        mu, c = mom[id(m.module)].stats(centered=m.module.bias is not None)
+        lam = RECONSTRUCT_DAMP * float(c.diagonal().mean().clamp_min(1e-12))
+        a = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
+        h = torch.cholesky_inverse(torch.linalg.cholesky(a))
+        states.append([m.module.weight.detach().double().cpu().clone(), h])
+    alive = torch.ones(g.size, dtype=torch.bool)
+    eye = torch.eye(w_, dtype=torch.float64)
+    # Single features (FFN neurons) go in OBS_ROUNDS rounds of the cheapest few, each
+    # round one block downdate (one at a time would cost hundreds of K x K updates);
+    # heads one at a time.
+    per = 1 if w_ > 1 else max(1, math.ceil((g.size - keep) / OBS_ROUNDS))
+    while int(alive.sum()) > keep:
+        err = torch.zeros(g.size, dtype=torch.float64)
+        for w, h in states:
+            if w_ == 1:
+                err += (w * w).sum(0) / h.diagonal().clamp_min(1e-300)
+            else:
+                k = g.size
+                hb = h.reshape(k, w_, k, w_).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+                wb = w.reshape(w.shape[0], k, w_).permute(1, 0, 2)  # [units, N, width]
+                inv = torch.linalg.inv(hb + 1e-12 * eye)  # removed units: identity-ish
+                err += torch.einsum("unw,uwv,unv->u", wb, inv, wb)
+        err[~alive] = math.inf
+        take = torch.argsort(err, stable=True)[: min(per, int(alive.sum()) - keep)]
+        alive[take] = False
+        s = _features(torch.sort(take).values, w_)
+        for st in states:
+            w, h = st
+            h_ss_inv = torch.linalg.inv(h[s][:, s])
+            # OBS: the other inputs absorb what the removed ones carried
+            w -= (w[:, s] @ h_ss_inv) @ h[s, :]
+            h -= h[:, s] @ h_ss_inv @ h[s, :]
+            w[:, s] = 0
+            h[s, :] = 0
+            h[:, s] = 0
+            h[s, s] = 1.0  # a placeholder on the removed features' diagonal
+    return alive.nonzero().flatten()
+
+
+def reconstruct_linear(
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: Tensor,
+    mean: Tensor,
+    cov: Tensor,
+    damp: float = RECONSTRUCT_DAMP,
+    target: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The weights over input features ``keep`` that best reproduce ``x -> W x + b``
+    (least squares over the calibration rows), and the matching bias.
+
+    ``mean`` and ``cov`` are the input's mean and covariance (centered when there is
+    a bias to absorb the dropped features' mean, else the raw second moment with
+    ``mean`` zero). With D the dropped features: ``W_K' = W_K + W_D C_DK (C_KK +
+    lambda I)^-1`` and ``b' = b + W_D mu_D - (W_K' - W_K) mu_K``, the closed form of
+    the regression of the dropped part on the kept one. Written as a correction to
+    ``W_K``, it is exactly ``W_K`` (and ``b``) when the dropped features are zero on
+    the calibration data, whatever the damping.
+
+    ``target``: ``(mu_y, C_yx)``, the mean of another output to match (the
+    unpruned model's, where the inputs have drifted) and its covariance with the
+    inputs; then ``W_K' = W_K + (C_yK - W_K C_KK) (C_KK + lambda I)^-1`` (ridge
+    regression toward ``W_K``) and ``b' = mu_y - W_K' mu_K``."""
+    k_in = weight.shape[1]
+    drop_mask = torch.ones(k_in, dtype=torch.bool)
+    drop_mask[keep.cpu()] = False
+    drop = drop_mask.nonzero().flatten()
+    keep = keep.cpu()
+    w = weight.detach().double().cpu()
+    w_k, w_d = w[:, keep], w[:, drop]
+    c_kk, c_dk = cov[keep][:, keep], cov[drop][:, keep]
+    lam = damp * float(c_kk.diagonal().mean().clamp_min(1e-12))
+    a = c_kk + lam * torch.eye(len(keep), dtype=c_kk.dtype)
+    if target is None:
+        rhs = (w_d @ c_dk).T  # [K, N]
+    else:
+        rhs = (target[1][:, keep] - w_k @ c_kk).T
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        delta = torch.cholesky_solve(rhs, chol).T
+    else:  # numerically singular even with damping: least squares instead
+        delta = torch.linalg.lstsq(a, rhs).solution.T
+    new_w = (w_k + delta).to(weight.dtype)
+    new_b = None
+    if bias is not None:
+        mu = mean.cpu()
+        if target is None:
+            b = bias.detach().double().cpu() + w_d @ mu[drop] - delta @ mu[keep]
+        else:
+            b = target[0] - (w_k + delta) @ mu[keep]
+        new_b = b.to(bias.dtype)
+    return new_w, new_b
+
+
+def _reconstruct(
+    g: Group, consumers: list[Member], mom: dict[int, _Moments], keep_units: Tensor
+) -> list[tuple[nn.Linear, Tensor, Tensor | None]]:
+    """New (weight, bias) of each consumer for the units kept; applied after slicing."""
+    feats = _features(keep_units, g.width)
+    out = []
+    for m in consumers:
+        lin = m.module
+        st = mom[id(lin)]
+        if not st.rows:
+            continue
+        centered = lin.bias is not None
+        mu, c = st.stats(centered=centered)
+        if not centered:
+            mu = torch.zeros_like(mu)
+        target = None
+        if st.ytx is not None and getattr(st, "paired", 0) == st.rows:
+            # E[(y - mu_y) x^T] (or E[y x^T] without a bias), y the reference's output
+            mu_y = st.ysum / st.rows
+            cyx = st.ytx / st.rows
+            if centered:
+                cyx = cyx - torch.outer(mu_y, st.total / st.rows)
+            else:
+                mu_y = torch.zeros_like(mu_y)
+            target = (mu_y, cyx)
+        w, b = reconstruct_linear(lin.weight, lin.bias, feats, mu, c, target=target)
+        out.append((lin, w, b))
+    return out
+
+
+def _set_linear(lin: nn.Linear, w: Tensor, b: Tensor | None) -> None:
+    with torch.no_grad():
+        lin.weight.copy_(w.to(lin.weight.device))
+        if b is not None and lin.bias is not None:
+            lin.bias.copy_(b.to(lin.bias.device))
+
+
 def prune_structured(ctx: Context, step: Any) -> None:
     """Applies :class:`pykernels.recipes.PruneStructured` to ``ctx.model``."""
     bert, bert_reasons = _bert_groups(ctx, step.heads)
@@ -821,11 +1140,61 @@ def prune_structured(ctx: Context, step: Any) -> None:
         for g in usable
     ]
     plan = [(g, k) for g, k in plan if k < g.size]
+    batches = getattr(ctx, "calibration", None)
+    reconstruct = step.reconstruct
+    if reconstruct is None:
+        reconstruct = bool(batches)
+    if reconstruct and not batches:
+        raise ValueError(
+            f"recipe step {str(step)!r} reconstructs from calibration data: call "
+            "pk.compress(model, recipe, example_inputs, calibration=batches) with batches "
+            "of inputs like example_inputs"
+        )
+    importance = step.importance or ("act" if batches else "l2")
+    if importance == "act" and not batches:
+        raise ValueError(
+            f"recipe step {str(step)!r}: importance='act' weighs each unit by its "
+            "activations on calibration data: pass calibration=batches to pk.compress"
+        )
     if plan:
-        scores = _importance(ctx, [g for g, _ in plan], step.importance)
+        # The model before pruning: each re-fit matches its consumer's output there.
+        reference = copy.deepcopy(ctx.model) if reconstruct else None
+        scores = {}
+        if importance != "act":
+            scores = _importance(ctx, [g for g, _ in plan], importance)
         for g, keep in ctx.progress(plan, "prune"):
-            order = torch.argsort(scores[id(g)], descending=True, stable=True)[:keep]
-            _apply_group(ctx, g, torch.sort(order).values)
+            consumers = _consumers(g) if (reconstruct or importance == "act") else None
+            mom = None
+            if consumers is not None:
+                # Each group's statistics on the model as pruned so far, so that a
+                # later group's reconstruction sees what the earlier ones left.
+                mom = _moments(ctx, batches, [(m.fqn, m.module) for m in consumers], reference)
+                if any(not mom[id(m.module)].rows for m in consumers):
+                    mom = None
+            s = None
+            if importance == "act" and not (reconstruct and mom is not None):
+                # A consumer the calibration never reaches (or one that is not a
+                # plain Linear): its unit's weights decide, as without calibration.
+                s = _act_scores(g, consumers, mom) if mom is not None else None
+                if s is None:
+                    w2 = {
+                        id(m.module.weight): m.module.weight.detach().float().pow(2)
+                        for m in g.members
+                    }
+                    s = _unit_scores(g, w2).sqrt()
+            elif importance != "act":
+                s = scores[id(g)]
+            if importance == "act" and reconstruct and mom is not None:
+                keep_units = _obs_keep(g, consumers, mom, keep)
+            else:
+                order = torch.argsort(s, descending=True, stable=True)[:keep]
+                keep_units = torch.sort(order).values
+            updates = []
+            if reconstruct and mom is not None:
+                updates = _reconstruct(g, consumers, mom, keep_units)
+            _apply_group(ctx, g, keep_units)
+            for lin, w, b in updates:
+                _set_linear(lin, w, b)
 
     # Every layer whose output width stays, and why (inputs may still have been pruned).
     narrowed = {m.fqn for g, _ in plan for m in g.members if m.role == "out"}

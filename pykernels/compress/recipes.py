@@ -804,19 +804,36 @@ class PruneStructured(Step):
     safely (a residual stream, a layer norm's input, an untraceable use) is
     left alone and listed in the report. See :mod:`pykernels.compress.prune`.
 
-    ``"prune:0.3"``, ``"prune:0.3:taylor"``, ``"prune:0.3:round_to=16"``."""
+    With ``calibration=`` batches (``pk.compress(..., calibration=batches)``),
+    pruning is calibration-aware by default: units are chosen by
+    ``importance="act"`` (what removing each one takes from its consumers'
+    outputs on the calibration activations, its mean folded into their bias:
+    ``var(x_j) ||W[:, j]||^2`` per neuron, the block sum per head, as FLAP), and
+    ``reconstruct`` re-fits the consumers (an FFN's second projection, the
+    attention output projection) by least squares on the calibration
+    activations of the kept units, so each block's output stays as close as a
+    linear map allows (:func:`pykernels.compress.prune.reconstruct_linear`).
+    Without calibration, ``importance`` defaults to ``"l2"`` and nothing is
+    re-fitted. ``reconstruct=False`` turns the re-fit off; ``importance="l2"``
+    or ``"taylor"`` chooses by weights (or gradients) even with calibration.
+
+    ``"prune:0.3"``, ``"prune:0.3:taylor"``, ``"prune:0.3:round_to=16"``,
+    ``"prune:0.3:act:reconstruct=False"``."""
 
     ratio: float = 0.0
-    importance: str = "l2"
+    importance: str | None = None
     round_to: int | None = None
     heads: bool = True
+    reconstruct: bool | None = None
     name: ClassVar[str] = "prune"
     positional: ClassVar[tuple[str, ...]] = ("ratio", "importance")
 
     def __post_init__(self) -> None:
         self.ratio = _fraction("ratio", self.ratio)
-        if self.importance not in ("l2", "taylor"):
-            raise ValueError(f"importance must be 'l2' or 'taylor', got {self.importance!r}")
+        if self.importance is not None and self.importance not in ("l2", "taylor", "act"):
+            raise ValueError(f"importance must be 'l2', 'taylor' or 'act', got {self.importance!r}")
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise ValueError(f"reconstruct must be a bool, got {self.reconstruct!r}")
         if self.round_to is not None and (
             not isinstance(self.round_to, int)
             or isinstance(self.round_to, bool)
@@ -828,12 +845,14 @@ class PruneStructured(Step):
 
     def __str__(self) -> str:
         s = f"prune:{_num(self.ratio)}"
-        if self.importance != "l2":
+        if self.importance is not None:
             s += f":{self.importance}"
         if self.round_to is not None:
             s += f":round_to={self.round_to}"
         if not self.heads:
             s += ":heads=False"
+        if self.reconstruct is not None:
+            s += f":reconstruct={self.reconstruct}"
         return s
 
     def apply(self, ctx: Context) -> None:
