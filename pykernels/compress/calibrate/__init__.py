@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..context import Context
+from ..context import Context, call_model
 from .activations import InputStats, check_calibration, collect
 from .gptq import ClusterGrid, GPTQResult, Grid, Int4Grid, Int8Grid, gptq
 
@@ -90,6 +90,62 @@ def hessians(ctx: Context, step: Any, layers: list[nn.Linear], desc: str) -> dic
     return out
 
 
+def call_groups(
+    model: nn.Module, batch: Any, layers: list[nn.Linear]
+) -> list[list[nn.Linear]] | None:
+    """``layers`` in the order ``model`` calls them on ``batch``, consecutive calls on
+    the same input tensor in one group (an attention's query, key and value): the
+    steps of sequential GPTQ. Layers the batch does not reach come last, as one
+    group. None when a layer is called more than once per forward (a shared
+    module: no single point in the forward where it is done)."""
+    seen: list[tuple[nn.Linear, Any]] = []
+    hooks = []
+    for m in layers:
+
+        def hook(mod, args):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor):
+                # the tensor itself is kept so its memory cannot be reused by a later
+                # input and mistaken for it
+                seen.append((mod, (x, x.data_ptr(), tuple(x.shape), x.stride())))
+            else:
+                seen.append((mod, None))
+
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    except Exception as e:
+        raise ValueError(
+            f"calibration: the model does not run on calibration batch 0: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        for h in hooks:
+            h.remove()
+    if len({id(m) for m, _ in seen}) != len(seen):
+        return None
+    groups: list[list[nn.Linear]] = []
+    prev = None
+    for m, key in seen:
+        same = key is not None and prev is not None and key[1:] == prev[1:]
+        if same:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+        prev = key
+    reached = {id(m) for m, _ in seen}
+    rest = [m for m in layers if id(m) not in reached]
+    if rest:
+        groups.append(rest)
+    return groups
+
+
+def _frozen_forward(m: nn.Linear, w_hat: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    w = w_hat.detach().to(m.weight.device, m.weight.dtype)
+    b = None if m.bias is None else m.bias.detach()
+    return lambda x: torch.nn.functional.linear(x, w, b)
+
+
 def run_gptq(
     ctx: Context,
     step: Any,
@@ -98,21 +154,59 @@ def run_gptq(
     desc: str,
     act_order: bool | None = None,
     damp: float | None = None,
+    sequential: bool | None = None,
 ) -> dict[int, tuple[GPTQResult, Grid]]:
     """GPTQ of each Linear onto ``make_grid(linear)``, keyed by ``id(linear)``. A Linear
-    the calibration batches never reach is rounded to nearest (identity Hessian)."""
-    stats = hessians(ctx, step, layers, f"{desc}: calibration")
+    the calibration batches never reach is rounded to nearest (identity Hessian).
+
+    ``sequential`` (default: the step's ``sequential``, else True): each Linear's
+    Hessian comes from the inputs it gets once the Linears before it in the forward
+    compute with their quantized weights (the GPTQ paper's sequential mode, group by
+    group of Linears sharing an input, see :func:`call_groups`), so a layer makes
+    up for the error of those before it; False: every Hessian from the float model,
+    in one pass. A model that calls a Linear twice per forward runs one pass."""
+    batches = batches_for(ctx, step)
     if act_order is None:
         act_order = step.act_order
     if damp is None:
         damp = step.damp
+    if sequential is None:
+        sequential = bool(getattr(step, "sequential", True))
+    unique = list({id(m): m for m in layers}.values())
+    groups = call_groups(ctx.model, batches[0], unique) if sequential else None
     out: dict[int, tuple[GPTQResult, Grid]] = {}
-    for m in ctx.progress(list({id(m): m for m in layers}.values()), desc):
-        st = stats[id(m)]
+
+    def solve(m: nn.Linear, st: InputStats) -> GPTQResult:
         w = m.weight.detach().float()
         h = st.hessian() if st.rows else torch.eye(m.in_features, dtype=torch.float64)
         grid = make_grid(m)
-        out[id(m)] = (gptq(w, h, grid, damp=damp, act_order=act_order), grid)
+        r = gptq(w, h, grid, damp=damp, act_order=act_order)
+        out[id(m)] = (r, grid)
+        return r
+
+    if groups is None:
+        stats = hessians(ctx, step, unique, f"{desc}: calibration")
+        for m in ctx.progress(unique, desc):
+            solve(m, stats[id(m)])
+        return out
+    try:
+        for i, group in enumerate(ctx.progress(groups, desc)):
+            nxt = groups[i + 1][0] if i + 1 < len(groups) else None
+            got = collect(
+                ctx.model,
+                batches,
+                {str(id(m)): m for m in group},
+                ("hessian",),
+                stop_before=nxt,
+            )
+            for m in group:
+                r = solve(m, got[str(id(m))])
+                # The later groups see this Linear quantized; an instance attribute
+                # leaves the parameters (perhaps tied to another module) untouched.
+                m.forward = _frozen_forward(m, r.w_hat)
+    finally:
+        for m in unique:
+            m.__dict__.pop("forward", None)
     return out
 
 
@@ -254,7 +348,9 @@ __all__ = [
     "Int4Grid",
     "Int8Grid",
     "batches_for",
+    "call_groups",
     "check_calibration",
     "collect",
     "gptq",
+    "run_gptq",
 ]
