@@ -172,3 +172,28 @@ def test_clip_search_inside_gptq_and_bad_clip(gen):
         assert err < float((x @ (plain.w_hat - w).T).norm())
     with pytest.raises(ValueError, match="clip"):
         Int4Grid(4, 32, 32, False, "max")
+
+
+def test_int4_gptq_step_runs_the_chosen_settings(gen):
+    import pykernels as pk
+    from pykernels.compress.calibrate import INT4_GPTQ
+
+    m = mlp(gen)
+    a = torch.randn(64, 64, generator=gen) / 8
+    cal = [torch.randn(128, 64, generator=gen) @ a for _ in range(2)]
+    out, _ = pk.compress(m, "int4:g32:weight_only:gptq", cal[0], calibration=cal, progress=False)
+    o = INT4_GPTQ
+    want = run_gptq(
+        context(m, cal),
+        STEP,
+        [m[0], m[2]],
+        lambda lin: Int4Grid(lin.out_features, lin.in_features, 32, False, o["clip"]),
+        "t",
+        act_order=o["act_order"],
+        damp=o["damp"],
+        sequential=o["sequential"],
+    )
+    for i in (0, 2):
+        r, grid = want[id(m[i])]
+        torch.testing.assert_close(out[i].scales.float(), grid.scales, rtol=0, atol=0)
+        torch.testing.assert_close(out[i].dequantized_weight(), r.w_hat, rtol=0, atol=0)

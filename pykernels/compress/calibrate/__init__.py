@@ -159,7 +159,7 @@ def run_gptq(
     """GPTQ of each Linear onto ``make_grid(linear)``, keyed by ``id(linear)``. A Linear
     the calibration batches never reach is rounded to nearest (identity Hessian).
 
-    ``sequential`` (default: the step's ``sequential``, else True): each Linear's
+    ``sequential`` (default: the step's ``sequential``, else False): each Linear's
     Hessian comes from the inputs it gets once the Linears before it in the forward
     compute with their quantized weights (the GPTQ paper's sequential mode, group by
     group of Linears sharing an input, see :func:`call_groups`), so a layer makes
@@ -171,7 +171,7 @@ def run_gptq(
     if damp is None:
         damp = step.damp
     if sequential is None:
-        sequential = bool(getattr(step, "sequential", True))
+        sequential = bool(getattr(step, "sequential", False))
     unique = list({id(m): m for m in layers}.values())
     groups = call_groups(ctx.model, batches[0], unique) if sequential else None
     out: dict[int, tuple[GPTQResult, Grid]] = {}
@@ -304,24 +304,35 @@ def cluster_gptq(ctx: Context, step: Any) -> None:
         ctx.baselines.setdefault(fqn, base)
 
 
+# The ``int4:g128:gptq`` step's GPTQ settings, chosen on all-MiniLM-L6-v2's held-out
+# error (benchmarks/RESULTS.md, issue 21 second pass): act_order with static groups,
+# each group's range clipped by the least-squares search, damping 0.1 (the shift
+# between calibration and other text makes stronger damping generalize better),
+# Hessians from the float model (sequential: small gain, several times the time).
+INT4_GPTQ = {"act_order": True, "clip": "mse", "damp": 0.1, "sequential": False}
+
+
 def int4_gptq(step: Any, ctx: Context, targets: list[tuple[str, nn.Linear]]):
-    """The ``int4:g128:gptq`` quantizer (registered with the int4 step): each group's
-    scale and zero point chosen from the error-compensated weights as GPTQ reaches
-    the group (as the reference's ``groupsize``; under ``act_order`` from the
-    original weights first), the codes by GPTQ. Yields ``(fqn, (packed, scales,
-    zeros))`` in :mod:`pykernels.ops.int4`'s format, and keeps round to nearest's
-    layer for the report."""
+    """The ``int4:g128:gptq`` quantizer (registered with the int4 step), with the
+    settings of :data:`INT4_GPTQ` unless the step carries its own (``act_order``,
+    ``damp``, ``clip``, ``sequential`` attributes): each group's scale and zero point
+    fixed from the original weights before the permuted pass (static groups), their
+    range clipped to the least squared rounding error, the codes by GPTQ. Yields
+    ``(fqn, (packed, scales, zeros))`` in :mod:`pykernels.ops.int4`'s format, and
+    keeps round to nearest's layer for the report."""
     from ...nn import Int4Linear
 
+    opts = {k: getattr(step, k, v) for k, v in INT4_GPTQ.items()}
     g, sym = int(step.group_size), bool(step.symmetric)
     res = run_gptq(
         ctx,
         step,
         [m for _, m in targets],
-        lambda m: Int4Grid(m.out_features, m.in_features, g, sym),
+        lambda m: Int4Grid(m.out_features, m.in_features, g, sym, opts["clip"]),
         "int4 gptq",
-        act_order=bool(getattr(step, "act_order", False)),
-        damp=float(getattr(step, "damp", 0.01)),
+        act_order=bool(opts["act_order"]),
+        damp=float(opts["damp"]),
+        sequential=bool(opts["sequential"]),
     )
     for fqn, m in targets:
         r, grid = res[id(m)]
@@ -343,6 +354,7 @@ _register()
 __all__ = [
     "ClusterGrid",
     "GPTQResult",
+    "INT4_GPTQ",
     "Grid",
     "InputStats",
     "Int4Grid",
