@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument(
         "--calib-sentences", type=int, default=256, help="from the corpus' first half (<= 768)"
     )
-    ap.add_argument("--quick", action="store_true", help="int4 GPTQ: first pass and default only")
+    ap.add_argument("--int4-only", action="store_true", help="only the int4 GPTQ variants")
+    ap.add_argument("--variants", help="comma-separated int4 GPTQ variants (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -157,8 +158,8 @@ def main() -> None:
         "default": dict(INT4_GPTQ),
         "default_sequential": {**INT4_GPTQ, "sequential": True},
     }
-    if args.quick:
-        variants = {k: variants[k] for k in ("first_pass", "default")}
+    if args.variants:
+        variants = {k: variants[k] for k in args.variants.split(",")}
     for label, opt in variants.items():
         ctx = Context(model, calib[0], Selector(model, None, None), False)
         ctx.calibration = calib
@@ -195,9 +196,8 @@ def main() -> None:
             f"cosine {row['cosine']:.4f} {seconds:.1f} s",
             flush=True,
         )
-    if args.quick:
+    if args.int4_only:
         res["load_after"] = os.getloadavg()
-        print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str)[:4000])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
