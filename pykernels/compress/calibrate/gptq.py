@@ -101,7 +101,8 @@ def int4_group_params(w: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
 
 
 # Clip search: each group's range shrunk by these factors (GPTQ's ``mse`` option
-# searches 1 down to 0.2 in 100 steps; past 0.6 nothing was ever chosen on MiniLM).
+# searches 1 down to 0.2 in 100 steps; over all of MiniLM's weight groups, with a
+# grid down to 0.2, no group chose below 0.78, so 0.6 leaves a margin at 21 steps).
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(21))
 
 
