@@ -308,8 +308,8 @@ def cluster_gptq(ctx: Context, step: Any) -> None:
 # text (benchmarks/RESULTS.md, issue 21 second pass): act_order with static groups
 # and each group's range clipped to the least squared rounding error gave the best
 # embedding cosine. Damping 0.1 brings the worst layer down (0.86x -> 0.80x of round
-# to nearest) but the cosine too; sequential Hessians gained little for several
-# times the calibration time.
+# to nearest) but the cosine too; sequential Hessians gained +0.0002 of cosine for
+# 25 partial calibration forwards instead of one.
 INT4_GPTQ = {"act_order": True, "clip": "mse", "damp": 0.01, "sequential": False}
 
 
