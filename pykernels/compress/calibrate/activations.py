@@ -20,6 +20,10 @@ from ..context import call_model, progress
 STATS = ("hessian", "absmean", "absmax", "sample")
 
 
+class _Stop(Exception):
+    """Ends a calibration forward early (``collect(stop_before=...)``)."""
+
+
 @dataclass
 class InputStats:
     """What one Linear saw on its input, over every calibration row (a row is one
@@ -132,14 +136,17 @@ def collect(
     show_progress: bool = False,
     desc: str = "calibrating",
     sample_rows: int = 2048,
+    stop_before: nn.Module | None = None,
 ) -> dict[str, InputStats]:
     """Runs ``model`` on every batch with hooks on ``layers`` (fqn -> module with an
     ``in_features``) and returns each one's :class:`InputStats` (``stats``: which of
     ``"hessian"``, ``"absmean"``, ``"absmax"``, ``"sample"``; about ``sample_rows``
     rows in all are sampled over the batches).
 
-    A layer the batches never reach comes back with ``rows == 0``. A batch the
-    model cannot run on raises ValueError naming it."""
+    ``stop_before``: a module whose call ends each batch's forward there (the
+    statistics wanted come before it in the model: sequential GPTQ saves the rest
+    of the forward). A layer the batches never reach comes back with ``rows == 0``.
+    A batch the model cannot run on raises ValueError naming it."""
     wanted = tuple(stats)
     bad = [s for s in wanted if s not in STATS]
     if bad:
@@ -157,11 +164,21 @@ def collect(
                 st.add(args[0])
 
         hooks.append(m.register_forward_pre_hook(hook))
+    if stop_before is not None:
+
+        def stop(mod, args):
+            raise _Stop
+
+        # Registered after the statistics hooks: a module both observed and the stop
+        # point still records its input.
+        hooks.append(stop_before.register_forward_pre_hook(stop))
     try:
         with torch.no_grad():
             for i, b in enumerate(progress(batches, desc, show_progress)):
                 try:
                     call_model(model, b)
+                except _Stop:
+                    pass
                 except Exception as e:
                     if str(e).startswith("calibration:"):
                         raise
