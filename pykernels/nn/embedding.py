@@ -91,14 +91,7 @@ class Int8Embedding(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
-        # .half() / .to(dtype) would convert the scales; keep them float32 and
-        # let the output dtype follow the conversion instead.
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = self.weight_scale.float()
-        probe = fn(torch.empty(0, dtype=self.dtype))
-        if probe.is_floating_point():
-            self.dtype = probe.dtype
-        return self
+        return _scales_stay_float32(self, "weight_scale", fn)
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,6 +108,18 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         w = w.float()
     return ops.quantize_per_row(w)
+
+
+def _scales_stay_float32(table: nn.Module, name: str, fn) -> nn.Module:
+    """After ``nn.Module._apply``: .half() / .to(dtype) would have converted the
+    scales; keep them float32 (the stored format) and let the output dtype follow
+    the conversion instead."""
+    if getattr(table, name).dtype != torch.float32:
+        setattr(table, name, getattr(table, name).float())
+    probe = fn(torch.empty(0, dtype=table.dtype))
+    if probe.is_floating_point():
+        table.dtype = probe.dtype
+    return table
 
 
 def _check_table_args(
@@ -279,11 +284,4 @@ class Int4Embedding(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
-        # .half() / .to(dtype) would convert the scales; the format keeps them
-        # float32 and the output dtype follows the conversion instead.
-        if self.scales.dtype != torch.float32:
-            self.scales = self.scales.float()
-        probe = fn(torch.empty(0, dtype=self.dtype))
-        if probe.is_floating_point():
-            self.dtype = probe.dtype
-        return self
+        return _scales_stay_float32(self, "scales", fn)
