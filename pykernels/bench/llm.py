@@ -119,8 +119,10 @@ def llama(quick: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32
 
 def greedy_no_cache(model: nn.Module, input_ids: Tensor, max_new_tokens: int) -> Tensor:
     """``max_new_tokens`` greedy tokens of a causal LM, each from a full forward over the
-    whole sequence without a KV cache: what ``model.generate(..., do_sample=False)``
-    must reproduce through its cache. Returns the new tokens [batch, max_new_tokens]."""
+    whole sequence without a KV cache: what ``model.generate(..., do_sample=False,
+    min_new_tokens=max_new_tokens)`` must reproduce through its cache (the
+    end-of-sequence token barred, as there). Returns the new tokens [batch,
+    max_new_tokens]."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"greedy_no_cache: input_ids must be a Tensor, got {type(input_ids)}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
@@ -139,9 +141,19 @@ def greedy_no_cache(model: nn.Module, input_ids: Tensor, max_new_tokens: int) ->
     ids = input_ids
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            logits = _bar_eos(model, model(input_ids=ids, use_cache=False).logits[:, -1].float())
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[:, input_ids.shape[1] :]
+
+
+def _bar_eos(model: nn.Module, logits: Tensor) -> Tensor:
+    """``logits`` with the model's end-of-sequence token(s) at -inf, as
+    ``generate(min_new_tokens=n)`` treats them for its first n tokens."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for t in [] if eos is None else [eos] if isinstance(eos, int) else eos:
+        if 0 <= t < logits.shape[-1]:
+            logits[..., t] = -torch.inf
+    return logits
 
 
 def greedy_consistent(
@@ -170,9 +182,7 @@ def greedy_consistent(
     seq = torch.cat([input_ids, new_tokens], dim=1)
     with torch.no_grad():
         logits = model(input_ids=seq, use_cache=False).logits[:, -n - 1 : -1].float()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for t in [] if eos is None else [eos] if isinstance(eos, int) else eos:
-        logits[..., t] = -torch.inf
+    logits = _bar_eos(model, logits)
     chosen = logits.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
     return bool((chosen >= logits.amax(-1) - atol).all())
 
