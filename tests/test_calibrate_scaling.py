@@ -62,7 +62,13 @@ def test_scaling_leaves_the_float_model_unchanged(gen, step):
     # folded where an op can take it, explicit behind the ReLU
     assert isinstance(ctx.model[3], InputScaled) and isinstance(ctx.model[1], nn.Linear)
     assert not torch.equal(ctx.model[0].weight, m[0].weight)  # 1/s is in the LayerNorm
-    assert not torch.equal(ctx.model[3].inner.weight, m[3].weight)  # rows took 1/s of [4]
+    # [4]'s input scale s went into [3]'s rows (1/s) and [4]'s columns (s) ([3]'s own
+    # explicit scale changes its columns too); AWQ's search may keep s = 1 where the
+    # inputs have no outliers, SmoothQuant always scales
+    rows = not torch.equal(ctx.model[3].inner.weight, m[3].weight)
+    cols = not torch.equal(ctx.model[4].weight, m[4].weight)
+    assert rows or not cols
+    assert rows or isinstance(step, AWQ)
 
 
 def test_scaling_folds_into_attention_values_of_a_bert_layer(gen):
