@@ -168,13 +168,6 @@ def _literal(text: str) -> Any:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def table_unfit(module: nn.Embedding) -> str | None:
-    """Why a quantized table step cannot take an embedding (None: it can)."""
-    if module.max_norm is not None:
-        return "max_norm renormalizes rows at lookup; kept in float"
-    return weight_unfit(module)
-
-
 def weight_unfit(
     module: nn.Module, finite: bool = True, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
 ) -> str | None:
@@ -506,7 +499,9 @@ class Int8(Step):
                 ctx.replace(fqn, Int8Embedding.from_embedding(m))
 
     def unfit(self, module: nn.Module) -> str | None:
-        return table_unfit(module) if isinstance(module, nn.Embedding) else weight_unfit(module)
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            return "max_norm renormalizes rows at lookup; kept in float"
+        return weight_unfit(module)
 
 
 # Calibrated int4 quantizers by option name (the ``:gptq`` option of the int4
@@ -655,10 +650,12 @@ class Int4(Step):
 
     def unfit(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Embedding):
+            if module.max_norm is not None:
+                return "max_norm renormalizes rows at lookup; kept in float"
             d = module.embedding_dim
             if d % self.group_size:
                 return f"embedding_dim = {d} is no multiple of group_size {self.group_size}"
-            return table_unfit(module)
+            return weight_unfit(module)
         k = module.in_features
         if k % self.group_size:
             return f"in_features = {k} is no multiple of group_size {self.group_size}"

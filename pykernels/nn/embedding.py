@@ -84,7 +84,10 @@ class Int8Embedding(nn.Module):
         return nbytes_of(self)
 
     def extra_repr(self) -> str:
-        return _table_repr(self, "int8 per-row")
+        s = f"{self.num_embeddings}, {self.embedding_dim}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        return s + f", dtype={self.dtype}, weight=int8 per-row, nbytes={self.nbytes()}"
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
@@ -105,13 +108,6 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         w = w.float()
     return ops.quantize_per_row(w)
-
-
-def _table_repr(table: nn.Module, weight: str) -> str:
-    s = f"{table.num_embeddings}, {table.embedding_dim}"
-    if table.padding_idx is not None:
-        s += f", padding_idx={table.padding_idx}"
-    return s + f", dtype={table.dtype}, weight={weight}, nbytes={table.nbytes()}"
 
 
 def _scales_stay_float32(table: nn.Module, name: str, fn) -> nn.Module:
@@ -277,8 +273,14 @@ class Int4Embedding(nn.Module):
         return nbytes_of(self)
 
     def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
         kind = "sym" if self.symmetric else "asym"
-        return _table_repr(self, f"int4 g{self.group_size} {kind}")
+        return (
+            s + f", dtype={self.dtype}, weight=int4 g{self.group_size} {kind}, "
+            f"nbytes={self.nbytes()}"
+        )
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
